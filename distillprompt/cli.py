@@ -1,0 +1,173 @@
+"""``distillprompt optimize`` and ``distillprompt evaluate``.
+
+Every setting of the settings tree is a flag (named like the field, with dashes); flags
+the user did not type leave the environment and the config file in charge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+from .errors import EndpointUnavailable, UserError
+from .progress import ConsoleProgress
+from .settings import ENV_PREFIX, Settings, load_settings, setting_specs
+
+GROUP_TITLES = {
+    "llm": "endpoint and models",
+    "data": "task and data",
+    "optimizer": "method",
+    "cache": "response cache",
+    None: "run",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end in one line that names the fix, and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    groups: dict[str | None, argparse._ArgumentGroup] = {}
+    for spec in setting_specs():
+        group = groups.get(spec.group)
+        if group is None:
+            group = groups[spec.group] = parser.add_argument_group(GROUP_TITLES.get(spec.group, spec.group))
+        info = spec.info
+        annotation = info.annotation
+        help_text = info.description or spec.name.replace("_", " ")
+        default = info.get_default(call_default_factory=True)
+        if default is not None and default != [] and not hasattr(default, "get_secret_value"):
+            shown = ",".join(default) if isinstance(default, list) else default
+            help_text += f" (default: {shown})"
+        help_text += f" [env {spec.env}]"
+        kwargs: dict[str, Any] = {"dest": "setting:" + ".".join(spec.path), "help": help_text, "default": argparse.SUPPRESS}
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+            if choices:
+                kwargs["choices"] = choices
+            kwargs["metavar"] = spec.name.upper() if not choices else None
+        group.add_argument(spec.flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="distillprompt",
+        description="Optimize an LLM prompt with the DistillPrompt method against any OpenAI-compatible endpoint.",
+        epilog=f"Settings come from flags, then {ENV_PREFIX}<GROUP>__<NAME> variables, then --config, then "
+        "OPENAI_API_KEY/OPENAI_BASE_URL, then defaults.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
+    optimize = commands.add_parser("optimize", help="find a better prompt for a task", description="Run DistillPrompt.")
+    evaluate = commands.add_parser(
+        "evaluate", help="score one prompt on the test sample", description="Score one prompt on the test sample."
+    )
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text to score")
+    source.add_argument("--prompt-file", type=Path, help="a file holding the prompt to score")
+    for command in (optimize, evaluate):
+        command.add_argument("--config", type=Path, help="TOML or YAML file with settings (tables llm, data, optimizer, cache)")
+        command.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
+        _add_setting_flags(command)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if not key.startswith("setting:"):
+            continue
+        *groups, name = key.removeprefix("setting:").split(".")
+        target = overrides
+        for group in groups:
+            target = target.setdefault(group, {})
+        target[name] = value
+    return load_settings(overrides, args.config)
+
+
+def _format_scores(scores: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+
+
+def _print_result(result: Any, folder: Path) -> None:
+    usage = result.usage
+    lines = [
+        "",
+        "initial prompt:",
+        f"  {result.initial_prompt}",
+        f"  train: {_format_scores(result.initial_scores['train'])}",
+        f"  test:  {_format_scores(result.initial_scores['test'])}",
+        f"final prompt (candidate {result.final.id}, {result.final.stage}, round {result.final.epoch}):",
+        f"  {result.final_prompt}",
+        f"  train: {_format_scores(result.final_scores['train'])}",
+        f"  test:  {_format_scores(result.final_scores['test'])}",
+        f"stopped by: {result.stop_reason}; {len(result.history)} candidates, wall time {result.wall_time:.1f}s",
+        f"LLM requests: {usage.requests} sent, {usage.cache_hits} from cache, {usage.retries} retried; "
+        f"tokens {usage.input_tokens} in, {usage.output_tokens} out; cost ${usage.cost:.4f}",
+        f"result: {folder / 'result.json'}",
+    ]
+    dropped = {stage: sum(r.values()) for stage, r in result.rejections.items() if sum(r.values())}
+    if dropped:
+        lines.insert(-1, "dropped meta-replies: " + ", ".join(f"{s} {n}" for s, n in dropped.items()))
+    print("\n".join(lines))
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        prompt = args.prompt
+    else:
+        try:
+            prompt = args.prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"cannot read --prompt-file {args.prompt_file} ({error.__class__.__name__}): check the path") from None
+    if not prompt.strip():
+        raise UserError("the prompt to evaluate is empty: pass a non-empty --prompt or --prompt-file")
+    return prompt.strip()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import runner
+
+    settings = settings_from_args(args)
+    progress = None if args.quiet else ConsoleProgress(epochs=settings.optimizer.epochs)
+    if args.command == "optimize":
+        result, folder = asyncio.run(runner.optimize(settings, progress=progress))
+        _print_result(result, folder)
+        return 0
+    prompt = _read_prompt(args)
+    score, task, usage = asyncio.run(runner.evaluate(settings, prompt, progress=progress))
+    print(f"\nprompt: {prompt}")
+    print(f"test ({len(task.test)} examples of {task.name}): {_format_scores(score.summary())}")
+    print(f"LLM requests: {usage['requests']} sent, {usage['cache_hits']} from cache")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "openai", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as error:
+        print(f"distillprompt: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except EndpointUnavailable as error:
+        print(f"distillprompt: error: the endpoint gave up: {error}; try again later or lower --concurrency", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("distillprompt: interrupted; replies received so far are in the response cache", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

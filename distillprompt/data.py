@@ -1,0 +1,314 @@
+"""Tasks: a dataset loaded through Hugging Face ``datasets``, its columns, labels and seeded samples."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .settings import DataSettings
+
+log = logging.getLogger(__name__)
+
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SPLIT_NAMES = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "dev"),
+    "test": ("test",),
+}
+MAX_CLASSES = 50
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row: its position in its split, its input columns and its label or reference."""
+
+    index: int
+    inputs: dict[str, str]
+    target: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "inputs": self.inputs, "target": self.target}
+
+
+@dataclass
+class Task:
+    name: str
+    source: str
+    task_type: str
+    input_columns: list[str]
+    label_column: str
+    labels: list[str]
+    train: list[Example]
+    test: list[Example]
+    train_split: str
+    test_split: str
+    generation_metric: str = "meteor"
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_classification(self) -> bool:
+        return self.task_type == "classification"
+
+    def digest(self) -> str:
+        """Identifies the exact samples: same digest, same train and test examples."""
+        payload = json.dumps(
+            [self.task_type, self.labels, [e.to_dict() for e in self.train], [e.to_dict() for e in self.test]],
+            sort_keys=True,
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "task": self.task_type,
+            "input_columns": self.input_columns,
+            "label_column": self.label_column,
+            "labels": self.labels,
+            "train_split": self.train_split,
+            "test_split": self.test_split,
+            "train_size": len(self.train),
+            "test_size": len(self.test),
+            "split_rows": self.sizes,
+            "digest": self.digest(),
+        }
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.startswith((".", "/", "~"))
+        or Path(spec).suffix.lower() in FILE_BUILDERS
+        or spec.count("/") > 1
+        or "\\" in spec
+    )
+
+
+def _split_files(folder: Path) -> tuple[str, dict[str, list[str]]]:
+    files: dict[str, list[str]] = {}
+    builders = set()
+    for split, names in SPLIT_NAMES.items():
+        for path in sorted(folder.iterdir()):
+            stem = path.name.split(".")[0]
+            base = re.sub(r"[-_]\d+(-of-\d+)?$", "", stem)
+            if base in names and path.suffix.lower() in FILE_BUILDERS and path.is_file():
+                files.setdefault(split, []).append(str(path))
+                builders.add(FILE_BUILDERS[path.suffix.lower()])
+    if not files:
+        raise UserError(
+            f"folder {folder} holds no train.*, validation.* or test.* file (csv, json, jsonl or parquet): "
+            "name the split files that way or pass one file as --dataset"
+        )
+    if len(builders) > 1:
+        raise UserError(f"folder {folder} mixes file types ({', '.join(sorted(builders))}): keep one type for all splits")
+    if "train" not in files:
+        raise UserError(f"folder {folder} has no train.* file: add one, the train sample comes from it")
+    return builders.pop(), files
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
+
+
+def load_splits(settings: DataSettings) -> tuple[Any, str, str]:
+    """Returns (DatasetDict, display name, source identity)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    spec = settings.dataset
+    if not spec:
+        raise UserError("no dataset given: pass --dataset with a hub id, a data file or a folder of split files")
+    path = Path(spec).expanduser()
+    try:
+        if path.exists():
+            if path.is_dir():
+                builder, files = _split_files(path)
+            else:
+                builder = FILE_BUILDERS.get(path.suffix.lower())
+                if builder is None:
+                    raise UserError(
+                        f"dataset file {path} has an unsupported type {path.suffix or '(none)'!r}: "
+                        "use .csv, .json, .jsonl or .parquet"
+                    )
+                files = {"train": [str(path)]}
+            splits = datasets.load_dataset(builder, data_files=files)
+            return splits, path.stem if path.is_file() else path.resolve().name, str(path.resolve())
+        if _looks_like_path(spec):
+            raise UserError(f"dataset path {spec} does not exist: check --dataset")
+        splits = datasets.load_dataset(spec, settings.dataset_config)
+        source = spec + (f":{settings.dataset_config}" if settings.dataset_config else "")
+        return splits, spec.split("/")[-1], source
+    except UserError:
+        raise
+    except UnicodeDecodeError:
+        raise UserError(f"dataset {spec} is not UTF-8 text: re-encode it, e.g. iconv -f latin1 -t utf-8") from None
+    except Exception as error:
+        reason = _first_line(error)
+        if "utf-8" in reason.lower() or "utf8" in reason.lower() or "invalid continuation" in reason.lower():
+            raise UserError(f"dataset {spec} is not UTF-8 text: re-encode it, e.g. iconv -f latin1 -t utf-8") from None
+        if path.exists():
+            raise UserError(f"dataset {spec} cannot be read ({reason}): check that the file is valid") from None
+        raise UserError(
+            f"dataset {spec!r} cannot be loaded from the Hugging Face hub ({reason}): check the id and "
+            "--dataset-config, or pass a local file"
+        ) from None
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _pick_test_split(available: list[str], requested: str | None, train_split: str) -> str | None:
+    if requested:
+        return requested
+    for name in ("test", "validation", "valid", "dev"):
+        if name in available and name != train_split:
+            return name
+    return None
+
+
+def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> Task:
+    """Loads the dataset and draws the seeded train and test samples.
+
+    With ``need_train=False`` (scoring a given prompt on the test sample) a train size
+    larger than the data is capped instead of refused; the test sample stays the one an
+    optimization run with the same settings would use."""
+    splits, name, source = load_splits(settings)
+    available = list(splits.keys())
+    train_split = settings.train_split or ("train" if "train" in available else available[0])
+    test_split = _pick_test_split(available, settings.test_split, train_split)
+    for split in (train_split, test_split):
+        if split is not None and split not in available:
+            raise UserError(f"dataset {name} has no split {split!r}: use one of {', '.join(available)}")
+    train_rows = splits[train_split]
+    columns = list(train_rows.column_names)
+    wanted = [*settings.text_column, settings.label_column]
+    missing = [column for column in wanted if column not in columns]
+    if missing:
+        raise UserError(
+            f"dataset {name} has no column {', '.join(map(repr, missing))}: set --text-column/--label-column to "
+            f"one of {', '.join(columns)}"
+        )
+    label_names = _class_names(train_rows.features[settings.label_column])
+    train_all = _examples(train_rows, settings, label_names, f"{name}/{train_split}")
+    if test_split is not None:
+        test_rows = splits[test_split]
+        absent = [column for column in wanted if column not in test_rows.column_names]
+        if absent:
+            raise UserError(
+                f"split {test_split!r} of {name} lacks column {', '.join(map(repr, absent))}: give a --test-split "
+                "with the same columns as the train split"
+            )
+        test_pool = _examples(test_rows, settings, label_names, f"{name}/{test_split}")
+    else:
+        test_pool = None
+    labels = _labels(settings, label_names, train_all, name)
+
+    train_size = settings.train_size
+    if train_size > len(train_all) and not need_train:
+        train_size = len(train_all)
+    if train_size > len(train_all):
+        raise UserError(
+            f"the train sample of {settings.train_size} is larger than the {len(train_all)} rows of split "
+            f"{train_split!r}: lower --train-size"
+        )
+    train_rng = random.Random(f"{seed}:train")
+    train_indices = sorted(train_rng.sample(range(len(train_all)), train_size))
+    train = [train_all[i] for i in train_indices]
+    if test_pool is None:
+        taken = set(train_indices)
+        test_pool = [example for i, example in enumerate(train_all) if i not in taken]
+        test_split = f"{train_split} (held out)"
+        if not test_pool:
+            raise UserError(
+                f"no rows are left for a test sample: {name} has only a {train_split!r} split and the train sample "
+                "takes it all; lower --train-size or add a test split"
+            )
+    test_size = min(settings.test_size, len(test_pool))
+    if test_size < settings.test_size:
+        log.warning("test sample capped at the %d rows of %s (asked for %d)", test_size, test_split, settings.test_size)
+    test_rng = random.Random(f"{seed}:test")
+    test = [test_pool[i] for i in sorted(test_rng.sample(range(len(test_pool)), test_size))]
+    if labels:
+        unknown = sorted({example.target for example in test} - set(labels))
+        if unknown:
+            raise UserError(
+                f"split {test_split!r} has labels the train split lacks ({', '.join(unknown[:5])}): "
+                "use splits with the same label set"
+            )
+    return Task(
+        name=name,
+        source=source,
+        task_type=settings.task,
+        input_columns=list(settings.text_column),
+        label_column=settings.label_column,
+        labels=labels,
+        train=train,
+        test=test,
+        train_split=train_split,
+        test_split=test_split,
+        generation_metric=settings.generation_metric,
+        sizes={split: len(splits[split]) for split in available},
+    )
+
+
+def _class_names(feature: Any) -> list[str] | None:
+    names = getattr(feature, "names", None)
+    return list(names) if names else None
+
+
+def _examples(rows: Any, settings: DataSettings, label_names: list[str] | None, where: str) -> list[Example]:
+    if len(rows) == 0:
+        raise UserError(f"split {where} is empty: give a split with rows (--train-split/--test-split)")
+    examples = []
+    columns = {column: rows[column] for column in (*settings.text_column, settings.label_column)}
+    for index in range(len(rows)):
+        raw = columns[settings.label_column][index]
+        if raw is None:
+            continue
+        if label_names is not None and isinstance(raw, int):
+            if not 0 <= raw < len(label_names):
+                continue  # -1 marks an unlabelled row in hub datasets
+            target = label_names[raw]
+        else:
+            target = _as_text(raw)
+        inputs = {column: _as_text(columns[column][index]) for column in settings.text_column}
+        examples.append(Example(index=index, inputs=inputs, target=target))
+    if not examples:
+        raise UserError(f"split {where} has no labelled row: check --label-column")
+    return examples
+
+
+def _labels(settings: DataSettings, label_names: list[str] | None, train: list[Example], name: str) -> list[str]:
+    if settings.task != "classification":
+        return []
+    if label_names is not None:
+        labels = label_names
+    else:
+        labels = sorted({example.target for example in train})
+    if len(labels) < 2:
+        raise UserError(
+            f"column {settings.label_column!r} of {name} has one label only ({labels[0] if labels else 'none'}): "
+            "classification needs at least two; check --label-column or use --task generation"
+        )
+    if len(labels) > MAX_CLASSES:
+        raise UserError(
+            f"column {settings.label_column!r} of {name} has {len(labels)} distinct values, too many for classification: "
+            "use --task generation or another --label-column"
+        )
+    if any(label == "" for label in labels):
+        raise UserError(f"column {settings.label_column!r} of {name} has empty labels: clean the data or drop those rows")
+    return labels

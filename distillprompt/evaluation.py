@@ -1,0 +1,116 @@
+"""Scoring prompts on examples: the ``Evaluator`` protocol and an in-process implementation."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from .data import Example, Task
+from .llm import LLM, SCORING
+from .metrics import answer_text, classification_scores, generation_scores, parse_label
+from .templates import answer_max_tokens, task_messages
+
+
+@dataclass
+class Score:
+    """How one prompt did on a list of examples, with every per-example output kept."""
+
+    value: float
+    metrics: dict[str, float]
+    outputs: list[str]
+    predictions: list[str | None]
+    targets: list[str]
+    parse_rate: float
+    per_example: list[float]  # correctness (classification) or the metric, per example
+
+    def summary(self) -> dict[str, Any]:
+        return {"score": self.value, **self.metrics, "parse_rate": self.parse_rate}
+
+
+@dataclass
+class ScoringRequest:
+    """One (prompt, example) pair to answer, with its position in the batch."""
+
+    prompt_index: int
+    example_index: int
+    messages: list[dict[str, str]] = field(repr=False)
+
+
+class Evaluator(Protocol):
+    """Scores each prompt on every example; ``stage`` names the work in usage reports."""
+
+    async def score(self, prompts: list[str], examples: list[Example], stage: str = "scoring") -> list[Score]: ...
+
+
+def scoring_requests(task: Task, prompts: list[str], examples: list[Example]) -> list[ScoringRequest]:
+    return [
+        ScoringRequest(p, e, task_messages(task, prompt, example))
+        for p, prompt in enumerate(prompts)
+        for e, example in enumerate(examples)
+    ]
+
+
+def score_outputs(task: Task, outputs: list[str], examples: list[Example]) -> Score:
+    """Parses the answers of one prompt and computes the task's metrics."""
+    targets = [example.target for example in examples]
+    if task.is_classification:
+        predictions = [parse_label(output, task.labels) for output in outputs]
+        metrics = classification_scores(predictions, targets, task.labels)
+        value = metrics["macro_f1"]
+        per_example = [float(p == t) for p, t in zip(predictions, targets)]
+    else:
+        predictions = [answer_text(output) or None for output in outputs]
+        metrics, per_example = generation_scores([p or "" for p in predictions], targets, task.generation_metric)
+        value = metrics[task.generation_metric]
+    parsed = sum(prediction is not None for prediction in predictions)
+    return Score(
+        value=value,
+        metrics=metrics,
+        outputs=list(outputs),
+        predictions=predictions,
+        targets=targets,
+        parse_rate=parsed / len(outputs) if outputs else 0.0,
+        per_example=per_example,
+    )
+
+
+def assemble(task: Task, prompts: list[str], examples: list[Example], outputs: list[str]) -> list[Score]:
+    """Splits a flat list of outputs (prompt-major order) into one Score per prompt."""
+    width = len(examples)
+    return [score_outputs(task, outputs[i * width : (i + 1) * width], examples) for i in range(len(prompts))]
+
+
+class InProcessEvaluator:
+    """Scores in this process's event loop, through the shared LLM client and its limiter."""
+
+    def __init__(
+        self,
+        task: Task,
+        llm: LLM,
+        *,
+        generation_max_tokens: int = 256,
+        on_request_done: Callable[[int], None] | None = None,
+        on_requests_planned: Callable[[int], None] | None = None,
+    ) -> None:
+        self.task = task
+        self.llm = llm
+        self.max_tokens = answer_max_tokens(task, generation_max_tokens)
+        self.on_request_done = on_request_done
+        self.on_requests_planned = on_requests_planned
+
+    async def score(self, prompts: list[str], examples: list[Example], stage: str = "scoring") -> list[Score]:
+        requests = scoring_requests(self.task, prompts, examples)
+        if self.on_requests_planned:
+            self.on_requests_planned(len(requests))
+
+        async def answer(request: ScoringRequest) -> str:
+            replies = await self.llm.complete(
+                request.messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, priority=SCORING
+            )
+            if self.on_request_done:
+                self.on_request_done(1)
+            return replies[0] if replies else ""
+
+        outputs = await asyncio.gather(*(answer(request) for request in requests))
+        return assemble(self.task, prompts, examples, list(outputs))

@@ -1,0 +1,462 @@
+"""The DistillPrompt loop.
+
+Each round: rewrite the best prompt, distill each rewrite on a few train examples, compress
+each distilled prompt, aggregate the compressed ones into one, paraphrase the aggregate,
+score every new distinct candidate on the train sample, and keep the best (ties keep the
+older). The optimizer knows nothing of where scoring runs or where results are recorded:
+it talks to an ``LLM`` for meta-prompts, an ``Evaluator`` for scores and ``Callback``s for
+everything else.
+
+Scoring of a stage's candidates starts as soon as the stage's replies are in, while the
+next stage's meta-prompts are written; meta-prompts overtake queued scoring requests in the
+shared request limiter, so the chain the round must wait for is never stuck behind scoring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import templates
+from .candidates import extract_candidate
+from .data import Example, Task
+from .evaluation import Evaluator, Score
+from .llm import LLM, META, Usage, UsageMeter
+from .settings import OptimizerSettings
+from .state import STAGES, Candidate, RunState, dedup_key
+
+TRAIN_SCORING = "scoring"
+TEST_SCORING = "test"
+
+
+@dataclass
+class StageEvent:
+    epoch: int
+    stage: str
+    candidates: list[Candidate]
+    rejected: dict[str, int]
+
+
+@dataclass
+class RoundResult:
+    epoch: int
+    candidates: list[Candidate]
+    best: Candidate
+    improved: bool
+    stage_stats: dict[str, dict[str, float]]
+    usage: Usage
+    usage_by_stage: dict[str, Usage]
+    rejections: dict[str, dict[str, int]]
+    wall_time: float
+    state: RunState
+    stop_reason: str | None = None
+
+
+@dataclass
+class RunResult:
+    task: dict[str, Any]
+    initial: Candidate
+    final: Candidate
+    initial_scores: dict[str, dict[str, float]]
+    final_scores: dict[str, dict[str, float]]
+    initial_test: Score
+    final_test: Score
+    history: list[Candidate]
+    rounds: list[dict[str, Any]]
+    usage: Usage
+    usage_by_stage: dict[str, Usage]
+    rejections: dict[str, dict[str, int]]
+    wall_time: float
+    stop_reason: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def initial_prompt(self) -> str:
+        return self.initial.prompt
+
+    @property
+    def final_prompt(self) -> str:
+        return self.final.prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "initial_prompt": self.initial.prompt,
+            "final_prompt": self.final.prompt,
+            "initial_scores": self.initial_scores,
+            "final_scores": self.final_scores,
+            "history": [candidate.to_dict() for candidate in self.history],
+            "usage": {
+                "total": self.usage.to_dict(),
+                "by_stage": {stage: usage.to_dict() for stage, usage in self.usage_by_stage.items()},
+            },
+            "rounds": self.rounds,
+            "rejections": self.rejections,
+            "task": self.task,
+            "final_candidate": self.final.id,
+            "wall_time_seconds": round(self.wall_time, 3),
+            "stop_reason": self.stop_reason,
+            "test_outputs": {
+                "initial": _outputs_record(self.initial_test),
+                "final": _outputs_record(self.final_test),
+            },
+            **self.extra,
+        }
+
+
+def _outputs_record(score: Score) -> list[dict[str, Any]]:
+    return [
+        {"output": output, "prediction": prediction, "target": target, "score": value}
+        for output, prediction, target, value in zip(score.outputs, score.predictions, score.targets, score.per_example)
+    ]
+
+
+class Callback:
+    """Receives the optimizer's events; every method is optional."""
+
+    def on_start(self, task: Task, initial: Candidate) -> None: ...
+
+    def on_stage(self, event: StageEvent) -> None: ...
+
+    def on_round(self, result: RoundResult) -> None: ...
+
+    def on_finish(self, result: RunResult) -> None: ...
+
+
+class Optimizer:
+    def __init__(
+        self,
+        task: Task,
+        llm: LLM,
+        evaluator: Evaluator,
+        settings: OptimizerSettings,
+        *,
+        seed: int,
+        meter: UsageMeter,
+        callbacks: list[Callback] | None = None,
+        meta_max_tokens: int = 1024,
+        state: RunState | None = None,
+    ) -> None:
+        self.task = task
+        self.llm = llm
+        self.evaluator = evaluator
+        self.settings = settings
+        self.seed = seed
+        self.meter = meter
+        self.callbacks = callbacks or []
+        self.meta_max_tokens = meta_max_tokens
+        self.state = state or RunState(seed=seed)
+        self.metric = "macro-F1" if task.is_classification else task.generation_metric
+        self._by_text: dict[str, Candidate] = {}
+        self._pending: list[asyncio.Task[None]] = []
+
+    # ----- public ------------------------------------------------------------------------
+
+    async def run(self, initial_prompt: str | None = None) -> RunResult:
+        started = time.perf_counter()
+        prompt = (initial_prompt or "").strip() or templates.default_initial_prompt(self.task)
+        state = self.state
+        if not state.history:
+            state.history.append(Candidate(id=0, prompt=prompt, stage="initial", epoch=0))
+        for candidate in state.history:
+            self._by_text.setdefault(dedup_key(candidate.prompt), candidate)
+        initial = state.history[0]
+        self._emit("on_start", self.task, initial)
+
+        initial_test = asyncio.create_task(self._score_test(initial.prompt))
+        try:
+            if initial.score is None:
+                await self._score_now([initial])
+            rounds: list[dict[str, Any]] = []
+            stop_reason = state.stop_reason
+            while stop_reason is None and state.epoch < self.settings.epochs:
+                result = await self._round(state.epoch + 1)
+                rounds.append(_round_summary(result))
+                stop_reason = result.stop_reason
+            stop_reason = stop_reason or "epochs"
+            state.stop_reason = stop_reason
+            final = state.best
+            initial_test_score = await initial_test
+            final_test_score = initial_test_score if final.id == initial.id else await self._score_test(final.prompt)
+        finally:
+            if not initial_test.done():
+                initial_test.cancel()
+            await self._cancel_pending()
+
+        usage_by_stage = self.meter.snapshot()
+        result = RunResult(
+            task=self.task.describe(),
+            initial=initial,
+            final=final,
+            initial_scores={"train": _train_metrics(initial), "test": initial_test_score.summary()},
+            final_scores={"train": _train_metrics(final), "test": final_test_score.summary()},
+            initial_test=initial_test_score,
+            final_test=final_test_score,
+            history=list(state.history),
+            rounds=rounds,
+            usage=self.meter.total(),
+            usage_by_stage=usage_by_stage,
+            rejections=state.rejections,
+            wall_time=time.perf_counter() - started,
+            stop_reason=stop_reason,
+        )
+        self._emit("on_finish", result)
+        return result
+
+    # ----- one round ---------------------------------------------------------------------
+
+    async def _round(self, epoch: int) -> RoundResult:
+        state = self.state
+        started = time.perf_counter()
+        usage_before = self.meter.snapshot()
+        rejections_before = {stage: dict(reasons) for stage, reasons in state.rejections.items()}
+        rng = state.rng()
+        best = state.best
+        new: list[Candidate] = []
+        stop_reason: str | None = None
+        settings = self.settings
+
+        # A reply that is dropped passes its parent on: the next stage still gets one input
+        # per reply, so a weak optimizer model thins the round out instead of ending it.
+        # rewrite: several new takes on the best prompt, told its score
+        meta = templates.rewrite(self.task, best.prompt, best.score or 0.0, self.metric)
+        replies = await self._ask(meta, settings.temperature_rewrite, settings.rewrites, f"{epoch}:rewrite")
+        rewrites = self._admit(replies, meta, [best], epoch, new)
+        stop_reason = await self._after_stage(epoch, "rewrite", rewrites, rejections_before)
+        sources = [candidate or best for candidate in rewrites]
+
+        if stop_reason is None:
+            # distill: each rewrite revised after studying a few random train examples
+            shown = [self._draw_examples(rng) for _ in sources]
+            metas = [templates.distill(self.task, source.prompt, examples) for source, examples in zip(sources, shown)]
+            distilled = await self._one_each(epoch, "distill", metas, sources, settings.temperature_distill, new)
+            stop_reason = await self._after_stage(epoch, "distill", distilled, rejections_before)
+            sources = [candidate or source for candidate, source in zip(distilled, sources)]
+        if stop_reason is None:
+            # compress: each distilled prompt cut to its key ideas
+            metas = [templates.compress(self.task, source.prompt) for source in sources]
+            compressed = await self._one_each(epoch, "compress", metas, sources, settings.temperature_compress, new)
+            stop_reason = await self._after_stage(epoch, "compress", compressed, rejections_before)
+            sources = [candidate or source for candidate, source in zip(compressed, sources)]
+        if stop_reason is None:
+            # aggregate: one prompt that merges all compressed ones (each distinct prompt once)
+            merged = list({dedup_key(s.prompt): self._original(s) for s in sources}.values())
+            meta = templates.aggregate(self.task, [source.prompt for source in merged])
+            replies = await self._ask(meta, settings.temperature_aggregate, 1, f"{epoch}:aggregate")
+            aggregated = self._admit(replies, meta, merged, epoch, new)
+            stop_reason = await self._after_stage(epoch, "aggregate", aggregated, rejections_before)
+            sources = [aggregated[0] or merged[0]]
+        if stop_reason is None:
+            # paraphrase: meaning-preserving variants of the aggregate
+            meta = templates.paraphrase(self.task, sources[0].prompt)
+            replies = await self._ask(meta, settings.temperature_paraphrase, settings.paraphrases, f"{epoch}:paraphrase")
+            paraphrased = self._admit(replies, meta, sources, epoch, new)
+            stop_reason = await self._after_stage(epoch, "paraphrase", paraphrased, rejections_before)
+
+        await self._wait_pending()
+        for candidate in new:
+            if candidate.duplicate_of is not None:
+                _copy_score(candidate, state.history[candidate.duplicate_of])
+        improved = False
+        for candidate in new:  # creation order, strict >: ties keep the older prompt
+            if candidate.score is not None and candidate.score > state.best.score:
+                state.best_id = candidate.id
+                improved = True
+        state.stale_epochs = 0 if improved else state.stale_epochs + 1
+        if stop_reason is None and settings.patience and state.stale_epochs >= settings.patience:
+            stop_reason = "patience"
+        state.epoch = epoch
+        state.keep_rng(rng)
+        state.stop_reason = stop_reason
+
+        by_stage = UsageMeter.since(self.meter.snapshot(), usage_before)
+        round_usage = Usage()
+        for usage in by_stage.values():
+            round_usage.add(usage)
+        result = RoundResult(
+            epoch=epoch,
+            candidates=new,
+            best=state.best,
+            improved=improved,
+            stage_stats=_stage_stats(new),
+            usage=round_usage,
+            usage_by_stage=by_stage,
+            rejections=_rejections_since(state.rejections, rejections_before),
+            wall_time=time.perf_counter() - started,
+            state=state,
+            stop_reason=stop_reason,
+        )
+        self._emit("on_round", result)
+        return result
+
+    # ----- stages ------------------------------------------------------------------------
+
+    async def _ask(self, meta: templates.MetaPrompt, temperature: float, n: int, sample: str) -> list[str]:
+        return await self.llm.complete(
+            meta.messages,
+            temperature=temperature,
+            n=n,
+            max_tokens=self.meta_max_tokens,
+            stage=meta.stage,
+            sample=sample,
+            priority=META,
+        )
+
+    async def _one_each(
+        self,
+        epoch: int,
+        stage: str,
+        metas: list[templates.MetaPrompt],
+        sources: list[Candidate],
+        temperature: float,
+        new: list[Candidate],
+    ) -> list[Candidate | None]:
+        replies = await asyncio.gather(
+            *(self._ask(meta, temperature, 1, f"{epoch}:{stage}:{i}") for i, meta in enumerate(metas))
+        )
+        admitted: list[Candidate | None] = []
+        for meta, source, reply in zip(metas, sources, replies):
+            admitted += self._admit(reply, meta, [source], epoch, new)
+        return admitted
+
+    def _admit(
+        self, replies: list[str], meta: templates.MetaPrompt, parents: list[Candidate], epoch: int, new: list[Candidate]
+    ) -> list[Candidate | None]:
+        """Cleans replies into candidates (None where a reply is dropped); new distinct ones are
+        sent to scoring at once."""
+        admitted: list[Candidate | None] = []
+        to_score: list[Candidate] = []
+        for reply in replies:
+            extraction = extract_candidate(
+                reply, meta, [parent.prompt for parent in parents], self.settings.max_length_ratio
+            )
+            if extraction.prompt is None:
+                self.state.reject(meta.stage, extraction.reason or "unusable")
+                admitted.append(None)
+                continue
+            candidate = Candidate(
+                id=len(self.state.history),
+                prompt=extraction.prompt,
+                stage=meta.stage,
+                epoch=epoch,
+                parents=[parent.id for parent in parents],
+            )
+            known = self._by_text.get(dedup_key(candidate.prompt))
+            if known is not None:
+                candidate.duplicate_of = known.id
+            else:
+                self._by_text[dedup_key(candidate.prompt)] = candidate
+                to_score.append(candidate)
+            self.state.history.append(candidate)
+            new.append(candidate)
+            admitted.append(candidate)
+        if to_score:
+            self._pending.append(asyncio.create_task(self._score_now(to_score)))
+        return admitted
+
+    def _original(self, candidate: Candidate) -> Candidate:
+        if candidate.duplicate_of is None:
+            return candidate
+        return self.state.history[candidate.duplicate_of]
+
+    def _draw_examples(self, rng: Any) -> list[Example]:
+        count = min(self.settings.distill_examples, len(self.task.train))
+        return [self.task.train[i] for i in sorted(rng.sample(range(len(self.task.train)), count))]
+
+    async def _after_stage(
+        self, epoch: int, stage: str, candidates: list[Candidate | None], rejections_before: dict[str, dict[str, int]]
+    ) -> str | None:
+        rejected = _rejections_since(self.state.rejections, rejections_before).get(stage, {})
+        kept = [candidate for candidate in candidates if candidate is not None]
+        self._emit("on_stage", StageEvent(epoch, stage, kept, rejected))
+        return await self._budget_reached()
+
+    async def _budget_reached(self) -> str | None:
+        if not (self.settings.max_calls or self.settings.max_total_tokens):
+            return None
+        # The budget counts every call the run made, served by the cache or not, so that a
+        # rerun stops at the same stage; scoring in flight is counted once it has finished.
+        await self._wait_pending()
+        spent = Usage()
+        for stage, usage in self.meter.snapshot().items():
+            if stage != TEST_SCORING:
+                spent.add(usage)
+        if self.settings.max_calls and spent.calls >= self.settings.max_calls:
+            return "budget_calls"
+        if self.settings.max_total_tokens and spent.tokens + spent.cached_tokens >= self.settings.max_total_tokens:
+            return "budget_tokens"
+        return None
+
+    # ----- scoring -----------------------------------------------------------------------
+
+    async def _score_now(self, candidates: list[Candidate]) -> None:
+        scores = await self.evaluator.score([c.prompt for c in candidates], self.task.train, stage=TRAIN_SCORING)
+        for candidate, score in zip(candidates, scores):
+            candidate.score = score.value
+            candidate.metrics = dict(score.metrics)
+            candidate.parse_rate = score.parse_rate
+
+    async def _score_test(self, prompt: str) -> Score:
+        (score,) = await self.evaluator.score([prompt], self.task.test, stage=TEST_SCORING)
+        return score
+
+    async def _wait_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
+
+    async def _cancel_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(*args)
+
+
+def _copy_score(duplicate: Candidate, original: Candidate) -> None:
+    duplicate.score = original.score
+    duplicate.metrics = dict(original.metrics)
+    duplicate.parse_rate = original.parse_rate
+
+
+def _train_metrics(candidate: Candidate) -> dict[str, float]:
+    return {"score": candidate.score or 0.0, **candidate.metrics, "parse_rate": candidate.parse_rate or 0.0}
+
+
+def _stage_stats(candidates: list[Candidate]) -> dict[str, dict[str, float]]:
+    stats: dict[str, dict[str, float]] = {}
+    for stage in STAGES:
+        scores = [c.score for c in candidates if c.stage == stage and c.score is not None]
+        if scores:
+            stats[stage] = {"best": max(scores), "mean": sum(scores) / len(scores), "count": float(len(scores))}
+    return stats
+
+
+def _rejections_since(now: dict[str, dict[str, int]], before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    delta: dict[str, dict[str, int]] = {}
+    for stage, reasons in now.items():
+        for reason, count in reasons.items():
+            extra = count - before.get(stage, {}).get(reason, 0)
+            if extra:
+                delta.setdefault(stage, {})[reason] = extra
+    return delta
+
+
+def _round_summary(result: RoundResult) -> dict[str, Any]:
+    return {
+        "epoch": result.epoch,
+        "best_id": result.best.id,
+        "best_score": result.best.score,
+        "improved": result.improved,
+        "candidates": len(result.candidates),
+        "scored": sum(1 for c in result.candidates if c.duplicate_of is None),
+        "stage_stats": result.stage_stats,
+        "usage": result.usage.to_dict(),
+        "rejections": result.rejections,
+        "wall_time_seconds": round(result.wall_time, 3),
+        "stop_reason": result.stop_reason,
+    }

@@ -1,0 +1,168 @@
+"""Wires one run together: settings → task → LLM clients → evaluator → optimizer → result.json.
+
+The CLI and the MLflow entry points both call these functions; they add their own
+callbacks (progress display, tracking) and evaluator factories (Ray), nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from .cache import ResponseCache
+from .data import Task, load_task
+from .errors import UserError
+from .evaluation import Evaluator, InProcessEvaluator, Score
+from .llm import ChatClient, PriorityLimiter, UsageMeter, check_endpoint
+from .optimizer import Callback, Optimizer, RunResult
+from .progress import ConsoleProgress
+from .settings import Settings
+from .state import RunState
+
+EvaluatorFactory = Callable[["RunContext"], Evaluator]
+
+
+@dataclass
+class RunContext:
+    """Everything a run shares: the task, the clients, the cache, the meter and the limiter."""
+
+    settings: Settings
+    task: Task
+    meter: UsageMeter
+    limiter: PriorityLimiter
+    cache: ResponseCache | None
+    meta_llm: ChatClient
+    target_llm: ChatClient
+    progress: ConsoleProgress | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def output_folder(settings: Settings) -> Path:
+    if settings.output is not None:
+        return Path(settings.output).expanduser()
+    return Path("distillprompt-output") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _require_endpoint(url: str | None) -> str:
+    if not url:
+        raise UserError(
+            "no LLM endpoint configured: pass --base-url (or set OPENAI_BASE_URL) to an OpenAI-compatible API"
+        )
+    return url
+
+
+async def _open_context(
+    settings: Settings, stack: AsyncExitStack, progress: ConsoleProgress | None, *, need_train: bool = True
+) -> RunContext:
+    target_url = _require_endpoint(settings.llm.base_url)
+    meta_url = _require_endpoint(settings.optimizer_base_url)
+    api_key = settings.llm.api_key.get_secret_value() if settings.llm.api_key else None
+    task = load_task(settings.data, settings.seed, need_train=need_train)
+    checks = {(target_url, settings.llm.model), (meta_url, settings.optimizer_model)}
+    await asyncio.gather(*(check_endpoint(url, api_key, model) for url, model in checks))
+
+    cache = ResponseCache(settings.cache.path) if settings.cache.enabled else None
+    if cache is not None:
+        stack.callback(cache.close)
+    meter = UsageMeter()
+    limiter = PriorityLimiter(settings.llm.concurrency)
+    common = dict(
+        api_key=api_key,
+        limiter=limiter,
+        meter=meter,
+        cache=cache,
+        timeout=settings.llm.timeout,
+        max_retries=settings.llm.max_retries,
+        backoff_base=settings.llm.backoff_base,
+        backoff_max=settings.llm.backoff_max,
+        n_mode=settings.llm.n_mode,
+        price_input=settings.llm.price_input,
+        price_output=settings.llm.price_output,
+        seed=settings.seed,
+    )
+    target = ChatClient(base_url=target_url, model=settings.llm.model, **common)
+    stack.push_async_callback(target.aclose)
+    if (meta_url, settings.optimizer_model) == (target_url, settings.llm.model):
+        meta = target
+    else:
+        meta = ChatClient(base_url=meta_url, model=settings.optimizer_model, **common)
+        stack.push_async_callback(meta.aclose)
+    return RunContext(settings, task, meter, limiter, cache, meta, target, progress)
+
+
+def in_process_evaluator(context: RunContext) -> Evaluator:
+    progress = context.progress
+    return InProcessEvaluator(
+        context.task,
+        context.target_llm,
+        generation_max_tokens=context.settings.llm.answer_max_tokens,
+        on_request_done=progress.requests_done if progress else None,
+        on_requests_planned=progress.requests_planned if progress else None,
+    )
+
+
+class CheckpointWriter(Callback):
+    """Saves the run state after every round, so a killed run loses at most the round in progress."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_round(self, result: Any) -> None:
+        result.state.save(self.path)
+
+
+async def optimize(
+    settings: Settings,
+    *,
+    callbacks: list[Callback] | None = None,
+    progress: ConsoleProgress | None = None,
+    evaluator_factory: EvaluatorFactory = in_process_evaluator,
+    state: RunState | None = None,
+) -> tuple[RunResult, Path]:
+    """Runs the optimizer and writes ``result.json``; returns the result and the output folder."""
+    folder = output_folder(settings)
+    async with AsyncExitStack() as stack:
+        context = await _open_context(settings, stack, progress)
+        evaluator = evaluator_factory(context)
+        everyone: list[Callback] = [*( [progress] if progress else []), CheckpointWriter(folder / "state.json"), *(callbacks or [])]
+        optimizer = Optimizer(
+            context.task,
+            context.meta_llm,
+            evaluator,
+            settings.optimizer,
+            seed=settings.seed,
+            meter=context.meter,
+            callbacks=everyone,
+            meta_max_tokens=settings.llm.meta_max_tokens,
+            state=state,
+        )
+        result = await optimizer.run(settings.optimizer.initial_prompt)
+        if context.cache is not None:
+            result.extra["cache"] = context.cache.stats()
+    result.extra["settings"] = settings.public_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
+    return result, folder
+
+
+async def evaluate(
+    settings: Settings,
+    prompt: str,
+    *,
+    progress: ConsoleProgress | None = None,
+    evaluator_factory: EvaluatorFactory = in_process_evaluator,
+) -> tuple[Score, Task, dict[str, Any]]:
+    """Scores one prompt on the test sample."""
+    async with AsyncExitStack() as stack:
+        context = await _open_context(settings, stack, progress, need_train=False)
+        started = time.perf_counter()
+        (score,) = await evaluator_factory(context).score([prompt], context.task.test, stage="test")
+        usage = context.meter.total().to_dict()
+        usage["wall_time_seconds"] = round(time.perf_counter() - started, 3)
+        return score, context.task, usage

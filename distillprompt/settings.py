@@ -1,0 +1,324 @@
+"""One settings tree for the whole package.
+
+Sources, strongest first:
+  1. CLI flags (only the ones the user typed),
+  2. environment variables ``DISTILLPROMPT_<GROUP>__<NAME>`` (for example
+     ``DISTILLPROMPT_LLM__MODEL``) and ``DISTILLPROMPT_SEED`` for top-level fields,
+  3. a TOML or YAML config file (``--config``), with the same groups as tables,
+  4. ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``,
+  5. the defaults below.
+
+Every field carries the help text of its CLI flag, so the flags, the config file and the
+MLflow params all use the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import UserError
+
+DEFAULT_CACHE_PATH = Path("~/.cache/distillprompt/cache.sqlite")
+ENV_PREFIX = "DISTILLPROMPT_"
+
+
+def flag(name: str) -> dict[str, Any]:
+    """Marks a field whose CLI flag is not simply ``--field-name``."""
+    return {"flag": name}
+
+
+class Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LLMSettings(Group):
+    base_url: str | None = Field(
+        None,
+        description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (also read from OPENAI_BASE_URL)",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="API key of the endpoint; prefer the OPENAI_API_KEY variable to the flag"
+    )
+    model: str = Field("gpt-4o-mini", description="target model: the one whose prompt is optimized and scored")
+    optimizer_model: str | None = Field(
+        None, description="model that writes candidate prompts (default: the target model)"
+    )
+    optimizer_base_url: str | None = Field(
+        None, description="endpoint of the optimizer model (default: --base-url)"
+    )
+    concurrency: int = Field(16, gt=0, description="LLM requests in flight at once, over the whole run")
+    timeout: float = Field(120.0, gt=0, description="seconds before one request is abandoned and retried")
+    max_retries: int = Field(8, ge=0, description="retries of a request after 429, 5xx, timeouts or lost connections")
+    backoff_base: float = Field(0.5, ge=0, description="first retry delay in seconds; doubles on each retry, with jitter")
+    backoff_max: float = Field(30.0, ge=0, description="longest delay between two retries, in seconds")
+    n_mode: Literal["auto", "native", "separate"] = Field(
+        "auto",
+        description="how several samples of one meta-prompt are asked for: one call with n (native), "
+        "n calls (separate), or native with a fallback when the endpoint returns fewer (auto)",
+    )
+    price_input: float = Field(0.0, ge=0, description="USD per 1M input tokens, for the cost report")
+    price_output: float = Field(0.0, ge=0, description="USD per 1M output tokens, for the cost report")
+    meta_max_tokens: int = Field(1024, gt=0, description="max_tokens of a meta-prompt reply (a new candidate)")
+    answer_max_tokens: int = Field(
+        256, gt=0, description="max_tokens of a scoring answer for generation tasks (classification derives it)"
+    )
+
+
+class DataSettings(Group):
+    dataset: str | None = Field(
+        None,
+        description="Hugging Face hub id, a CSV/JSON/JSONL/Parquet file, or a folder of train.*/validation.*/test.* files",
+    )
+    dataset_config: str | None = Field(None, description="configuration name of a hub dataset")
+    train_split: str | None = Field(None, description="split the train sample comes from (default: train)")
+    test_split: str | None = Field(
+        None, description="split the test sample comes from (default: test, else validation, else held out of train)"
+    )
+    text_column: list[str] = Field(
+        ["text"], description="input column(s); comma-separated for pair tasks, e.g. premise,hypothesis"
+    )
+    label_column: str = Field("label", description="column with the label (classification) or reference answer")
+    task: Literal["classification", "generation"] = Field("classification", description="task type")
+    generation_metric: Literal["meteor", "rouge_l", "exact_match", "numeric"] = Field(
+        "meteor", description="metric of generation tasks (numeric: exact match on the final number)"
+    )
+    train_size: int = Field(100, gt=0, description="examples in the train sample (prompts are selected on it)")
+    test_size: int = Field(200, gt=0, description="examples in the held-out test sample")
+
+    @field_validator("text_column", mode="before")
+    @classmethod
+    def _split_columns(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("text_column")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one input column")
+        return value
+
+
+class OptimizerSettings(Group):
+    initial_prompt: str | None = Field(
+        None, description="starting instruction (default: a one-sentence instruction built from the task)"
+    )
+    epochs: int = Field(5, gt=0, description="rounds of rewrite, distill, compress, aggregate, paraphrase")
+    rewrites: int = Field(4, gt=0, description="rewrites of the best prompt per round")
+    distill_examples: int = Field(5, gt=0, description="train examples shown to each distillation")
+    paraphrases: int = Field(3, gt=0, description="paraphrases of the aggregated prompt per round")
+    temperature_rewrite: float = Field(0.7, ge=0, le=2)
+    temperature_distill: float = Field(0.5, ge=0, le=2)
+    temperature_compress: float = Field(0.4, ge=0, le=2)
+    temperature_aggregate: float = Field(0.4, ge=0, le=2)
+    temperature_paraphrase: float = Field(0.7, ge=0, le=2)
+    patience: int = Field(0, ge=0, description="stop after this many rounds without improvement (0: never)")
+    max_calls: int = Field(0, ge=0, description="budget: stop after the stage that reaches this many LLM requests (0: none)")
+    max_total_tokens: int = Field(
+        0, ge=0, description="budget: stop after the stage that reaches this many tokens in+out (0: none)"
+    )
+    max_length_ratio: float = Field(
+        4.0, gt=0, description="reject a candidate longer than this many times its longest parent"
+    )
+
+
+class CacheSettings(Group):
+    enabled: bool = Field(True, description="reuse earlier LLM replies from the response cache", json_schema_extra=flag("--cache"))
+    path: Path = Field(DEFAULT_CACHE_PATH, description="response cache file (sqlite)", json_schema_extra=flag("--cache-path"))
+
+
+_config_file_data: ContextVar[dict[str, Any]] = ContextVar("_config_file_data", default={})
+
+
+class _MappingSource(PydanticBaseSettingsSource):
+    """A settings source that hands over an already parsed mapping."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._data
+
+
+def _openai_env() -> dict[str, Any]:
+    llm: dict[str, Any] = {}
+    if os.environ.get("OPENAI_API_KEY"):
+        llm["api_key"] = os.environ["OPENAI_API_KEY"]
+    if os.environ.get("OPENAI_BASE_URL"):
+        llm["base_url"] = os.environ["OPENAI_BASE_URL"]
+    return {"llm": llm} if llm else {}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    seed: int = Field(0, description="seed of every random choice; the same seed reproduces a run")
+    output: Path | None = Field(
+        None, description="folder for result.json (default: ./distillprompt-output/<timestamp>)"
+    )
+    executor: Literal["local"] = Field("local", description="where scoring runs: local (in this process)")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            _MappingSource(settings_cls, _config_file_data.get()),
+            _MappingSource(settings_cls, _openai_env()),
+        )
+
+    # ----- views used by the rest of the package -------------------------------------
+
+    @property
+    def optimizer_model(self) -> str:
+        return self.llm.optimizer_model or self.llm.model
+
+    @property
+    def optimizer_base_url(self) -> str | None:
+        return self.llm.optimizer_base_url or self.llm.base_url
+
+    def public_dict(self) -> dict[str, Any]:
+        """Every setting as ``flag_name -> value`` (the CLI flag with underscores), secrets left out."""
+        dumped = self.model_dump(mode="json")
+        flat: dict[str, Any] = {}
+        for spec in setting_specs():
+            if spec.secret:
+                continue
+            value = dumped[spec.group][spec.name] if spec.group else dumped[spec.name]
+            flat[spec.flag.lstrip("-").replace("-", "_")] = value
+        return flat
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One leaf of the settings tree, with the CLI flag and variable that set it."""
+
+    group: str | None
+    name: str
+    info: FieldInfo
+
+    @property
+    def flag(self) -> str:
+        extra = self.info.json_schema_extra
+        if isinstance(extra, dict) and "flag" in extra:
+            return str(extra["flag"])
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + (f"{self.group}__{self.name}" if self.group else self.name).upper()
+
+    @property
+    def secret(self) -> bool:
+        return "SecretStr" in str(self.info.annotation)
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return (self.group, self.name) if self.group else (self.name,)
+
+
+def setting_specs() -> list[SettingSpec]:
+    specs = []
+    for name, info in Settings.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Group):
+            specs.extend(SettingSpec(name, inner, inner_info) for inner, inner_info in annotation.model_fields.items())
+        else:
+            specs.append(SettingSpec(None, name, info))
+    return specs
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parses a TOML, YAML or JSON config file into the settings tree's shape."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"config file {file} does not exist: check the path given to --config")
+    suffix = file.suffix.lower()
+    try:
+        text = file.read_text(encoding="utf-8")
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UserError(f"config file {file} has an unsupported type {suffix!r}: use .toml, .yaml, .yml or .json")
+    except UserError:
+        raise
+    except Exception as exc:  # tomllib, yaml and json each raise their own error types
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"config file {file} cannot be parsed ({reason}): fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {file} must hold a table of settings, not a {type(data).__name__}")
+    return data
+
+
+def _how_to_set(location: list[str]) -> str:
+    for spec in setting_specs():
+        if list(spec.path) == location:
+            return f"flag {spec.flag}, variable {spec.env} or the config file"
+    return "config file"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = [str(part) for part in error.get("loc", ())]
+    message = error.get("msg", "invalid value")
+    if error.get("type") == "extra_forbidden":
+        group = Settings.model_fields.get(location[0]) if len(location) > 1 else None
+        known = (
+            sorted(group.annotation.model_fields)  # type: ignore[union-attr]
+            if group is not None
+            else sorted(Settings.model_fields)
+        )
+        return f"unknown setting {'.'.join(location)}: remove it or use one of {', '.join(known)}"
+    value = error.get("input")
+    shown = "" if location and location[-1] == "api_key" else f"={value!r}"
+    return f"invalid setting {'.'.join(location)}{shown}: {message}; fix the {_how_to_set(location)}"
+
+
+def load_settings(cli_overrides: dict[str, Any] | None = None, config_file: str | Path | None = None) -> Settings:
+    """Builds the settings tree from CLI overrides, environment, config file and defaults."""
+    data = read_config_file(config_file) if config_file else {}
+    token = _config_file_data.set(data)
+    try:
+        return Settings(**(cli_overrides or {}))
+    except ValidationError as exc:
+        raise UserError(_describe(exc.errors()[0])) from None
+    finally:
+        _config_file_data.reset(token)

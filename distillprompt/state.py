@@ -1,0 +1,93 @@
+"""Run state: every candidate with its lineage, the best so far, the random state; save and load."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("rewrite", "distill", "compress", "aggregate", "paraphrase")
+
+
+@dataclass
+class Candidate:
+    """A prompt the optimizer produced, where it came from, and how it scored on the train sample."""
+
+    id: int
+    prompt: str
+    stage: str  # "initial" or one of STAGES
+    epoch: int
+    parents: list[int] = field(default_factory=list)
+    score: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    parse_rate: float | None = None
+    duplicate_of: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Candidate:
+        return cls(**data)
+
+
+def dedup_key(prompt: str) -> str:
+    """Prompts that differ only in white space are the same prompt."""
+    return " ".join(prompt.split())
+
+
+@dataclass
+class RunState:
+    seed: int
+    history: list[Candidate] = field(default_factory=list)
+    best_id: int = 0
+    epoch: int = 0  # last finished epoch
+    stale_epochs: int = 0
+    rng_state: Any = None
+    rejections: dict[str, dict[str, int]] = field(default_factory=dict)
+    stop_reason: str | None = None
+
+    def rng(self) -> random.Random:
+        rng = random.Random(f"{self.seed}:optimizer")
+        if self.rng_state is not None:
+            version, internal, gauss = self.rng_state
+            rng.setstate((version, tuple(internal), gauss))
+        return rng
+
+    def keep_rng(self, rng: random.Random) -> None:
+        version, internal, gauss = rng.getstate()
+        self.rng_state = [version, list(internal), gauss]
+
+    @property
+    def best(self) -> Candidate:
+        return self.history[self.best_id]
+
+    def reject(self, stage: str, reason: str) -> None:
+        by_reason = self.rejections.setdefault(stage, {})
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["history"] = [candidate.to_dict() for candidate in self.history]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunState:
+        data = dict(data)
+        data["history"] = [Candidate.from_dict(item) for item in data["history"]]
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        """Writes atomically: a reader never sees half a checkpoint."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_suffix(target.suffix + ".tmp")
+        temporary.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
+        os.replace(temporary, target)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunState:
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,165 @@
+"""The task template and the five meta-prompts of the method, in this project's own words.
+
+Each meta-prompt builder returns a ``MetaPrompt``: the chat messages to send and the
+fragments of its own fixed text (instructions, score line, pasted examples) that a weak
+model may echo back, so that candidate hygiene can strip them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .data import Example, Task
+
+START, END = "<START>", "<END>"
+ANSWER_OPEN, ANSWER_CLOSE = "<ans>", "</ans>"
+
+
+@dataclass(frozen=True)
+class MetaPrompt:
+    stage: str
+    messages: list[dict[str, str]]
+    echo_fragments: list[str] = field(default_factory=list)
+    example_texts: list[str] = field(default_factory=list)
+
+
+# ----- the task template ---------------------------------------------------------------
+
+
+def default_initial_prompt(task: Task) -> str:
+    inputs = " and ".join(column.replace("_", " ") for column in task.input_columns)
+    if task.is_classification:
+        return f"Read the {inputs} and answer with the label that fits it best: {', '.join(task.labels)}."
+    return f"Read the {inputs} and write the answer."
+
+
+def render_inputs(task: Task, example: Example) -> str:
+    if len(task.input_columns) == 1:
+        return f"Input: {example.inputs[task.input_columns[0]]}"
+    return "\n".join(f"{column.replace('_', ' ').capitalize()}: {example.inputs[column]}" for column in task.input_columns)
+
+
+def task_messages(task: Task, instruction: str, example: Example) -> list[dict[str, str]]:
+    """The request that scores one instruction on one example.
+
+    The instruction comes first and the input last, so requests for one instruction share
+    a long prefix (servers with prefix caching reuse it).
+    """
+    parts = [instruction.strip()]
+    if task.is_classification:
+        parts.append(f"Possible answers: {', '.join(task.labels)}.")
+    parts.append(render_inputs(task, example))
+    if task.is_classification:
+        parts.append(f"Give only the answer, written as {ANSWER_OPEN}label{ANSWER_CLOSE}.")
+    else:
+        parts.append(f"Give the final answer between {ANSWER_OPEN} and {ANSWER_CLOSE}.")
+    return [{"role": "user", "content": "\n\n".join(parts)}]
+
+
+def answer_max_tokens(task: Task, generation_max_tokens: int) -> int:
+    """Room for the longest label inside the answer tags plus a small margin."""
+    if not task.is_classification:
+        return generation_max_tokens
+    longest = max(len(label) for label in task.labels)
+    # A token holds at least one character; tags cost about 6 tokens; allow a short preamble.
+    return min(generation_max_tokens, longest + 16)
+
+
+# ----- meta-prompts --------------------------------------------------------------------
+
+_REPLY_FORMAT = f"Write only the new instruction, starting with {START} and ending with {END}."
+
+
+def _task_summary(task: Task) -> str:
+    inputs = ", ".join(task.input_columns)
+    if task.is_classification:
+        return f"The model reads a {inputs} and must answer with one of these labels: {', '.join(task.labels)}."
+    return f"The model reads a {inputs} and must write an answer."
+
+
+def _meta(stage: str, lines: list[str], fixed: list[str], examples: list[str] | None = None) -> MetaPrompt:
+    return MetaPrompt(
+        stage=stage,
+        messages=[{"role": "user", "content": "\n\n".join(lines)}],
+        echo_fragments=fixed,
+        example_texts=examples or [],
+    )
+
+
+def rewrite(task: Task, prompt: str, score: float, metric: str) -> MetaPrompt:
+    fixed = [
+        "You improve instructions that are given to a language model.",
+        _task_summary(task),
+        f"On a set of labelled examples the instruction below reached a {metric} of {score:.3f} out of 1.000.",
+        "Propose a different and better instruction for the same task. You may change its wording, structure and "
+        "emphasis; keep what works and fix what could confuse the model.",
+        _REPLY_FORMAT,
+    ]
+    lines = fixed[:3] + [f"Instruction:\n{prompt}"] + fixed[3:]
+    return _meta("rewrite", lines, fixed)
+
+
+def distill(task: Task, prompt: str, examples: list[Example]) -> MetaPrompt:
+    shown = [f"{render_inputs(task, example)}\nCorrect answer: {example.target}" for example in examples]
+    fixed = [
+        "You improve instructions that are given to a language model.",
+        _task_summary(task),
+        "Study the solved examples below and work out what a model must pay attention to in order to answer them "
+        "correctly.",
+        "Then rewrite the instruction so that it teaches those general rules. Do not copy the examples or their "
+        "answers into the instruction.",
+        _REPLY_FORMAT,
+    ]
+    lines = fixed[:3] + ["Examples:\n" + "\n\n".join(shown), f"Instruction:\n{prompt}"] + fixed[3:]
+    texts = [value for example in examples for value in example.inputs.values()]
+    return _meta("distill", lines, fixed + ["Correct answer:"], texts)
+
+
+def compress(task: Task, prompt: str) -> MetaPrompt:
+    fixed = [
+        "You shorten instructions that are given to a language model.",
+        _task_summary(task),
+        "Condense the instruction below into two or three sentences. Keep every idea that matters for solving the "
+        "task and drop repetition and filler.",
+        _REPLY_FORMAT,
+    ]
+    lines = fixed[:3] + [f"Instruction:\n{prompt}"] + fixed[3:]
+    return _meta("compress", lines, fixed)
+
+
+def aggregate(task: Task, prompts: list[str]) -> MetaPrompt:
+    numbered = "\n\n".join(f"Instruction {i}:\n{prompt}" for i, prompt in enumerate(prompts, 1))
+    fixed = [
+        "You combine instructions that are given to a language model.",
+        _task_summary(task),
+        "Below are several instructions written for the same task. Merge them into a single instruction that keeps "
+        "the strongest ideas of each and stays clear and concise.",
+        _REPLY_FORMAT,
+    ]
+    lines = fixed[:3] + [numbered] + fixed[3:]
+    return _meta("aggregate", lines, fixed)
+
+
+def paraphrase(task: Task, prompt: str) -> MetaPrompt:
+    fixed = [
+        "You paraphrase instructions that are given to a language model.",
+        _task_summary(task),
+        "Say the instruction below in other words. Its meaning and every requirement in it must stay the same.",
+        _REPLY_FORMAT,
+    ]
+    lines = fixed[:3] + [f"Instruction:\n{prompt}"] + fixed[3:]
+    return _meta("paraphrase", lines, fixed)
+
+
+def meta_prompt_texts(task: Task) -> dict[str, str]:
+    """The meta-prompts with placeholders, for a record of what the method asks."""
+    placeholder = "{instruction}"
+    example = Example(index=0, inputs={c: "{" + c + "}" for c in task.input_columns}, target="{answer}")
+    return {
+        "rewrite": rewrite(task, placeholder, 0.0, "score").messages[0]["content"].replace("0.000", "{score}"),
+        "distill": distill(task, placeholder, [example]).messages[0]["content"],
+        "compress": compress(task, placeholder).messages[0]["content"],
+        "aggregate": aggregate(task, [placeholder + "_1", placeholder + "_2"]).messages[0]["content"],
+        "paraphrase": paraphrase(task, placeholder).messages[0]["content"],
+        "task": task_messages(task, placeholder, example)[0]["content"],
+    }

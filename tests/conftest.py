@@ -1,0 +1,72 @@
+"""Shared fixtures: a scripted OpenAI-compatible endpoint on loopback and small datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.endpoint import ScriptedEndpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = ["great", "wonderful", "excellent", "delightful", "superb", "charming", "fun", "beautiful"]
+BAD = ["terrible", "awful", "boring", "dull", "tedious", "horrible", "disappointing", "lame"]
+THINGS = ["film", "soundtrack", "cast", "story", "ending", "script", "camera work", "pacing", "dialogue", "finale"]
+
+
+def review_rows(count: int, seed: int) -> list[dict[str, str]]:
+    """Short labelled reviews whose sentiment word decides the label."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        positive = i % 2 == 0
+        word = rng.choice(GOOD if positive else BAD)
+        thing = rng.choice(THINGS)
+        rows.append({"text": f"The {thing} was {word} (review {seed}-{i}).", "label": "positive" if positive else "negative"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reviews_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder dataset: train.jsonl (80 rows) and test.jsonl (40 rows)."""
+    folder = tmp_path_factory.mktemp("reviews")
+    write_jsonl(folder / "train.jsonl", review_rows(80, seed=1))
+    write_jsonl(folder / "test.jsonl", review_rows(40, seed=2))
+    return folder
+
+
+@pytest.fixture()
+def endpoint():
+    with ScriptedEndpoint() as server:
+        yield server
+
+
+@pytest.fixture()
+def cache_path(tmp_path: Path) -> Path:
+    return tmp_path / "cache.sqlite"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs the installed console script in a child process, as a user would."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILLPROMPT_", "OPENAI_"))}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "distillprompt", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        timeout=timeout,
+    )

@@ -1,0 +1,420 @@
+"""A scripted, deterministic OpenAI-compatible endpoint for tests and benchmarks.
+
+It speaks HTTP/1.1 on a loopback socket (``/v1/models``, ``/v1/chat/completions``) and
+answers like a tiny, predictable model:
+
+* scoring requests (they list "Possible answers:") get ``<ans>label</ans>``; the label is
+  right (by a sentiment word list) with a probability that grows with the number of
+  helpful words in the instruction, decided by a hash, so the same request always gets the
+  same answer;
+* meta-prompts (they ask for ``<START>``/``<END>``) get a new instruction built from the
+  one they quote, different per stage and per sample, again decided by hashes.
+
+Faults can be injected: a scripted queue (``script``) for exact sequences, or rates per
+kind (``rates``) decided by a hash of the request body and how often it was seen, so that a
+run under faults is as reproducible as a clean one. ``latency`` and ``capacity`` make it a
+slow endpoint that serves at most ``capacity`` requests at once (for benchmarks).
+
+Run it alone with ``python -m tests.endpoint --port 8001 --latency 0.2 --capacity 32``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+POSITIVE = {
+    "good", "great", "excellent", "love", "loved", "wonderful", "best", "fun", "delightful", "enjoyable",
+    "brilliant", "charming", "superb", "moving", "funny", "beautiful", "fantastic", "perfect", "happy", "fine",
+}
+NEGATIVE = {
+    "bad", "terrible", "awful", "boring", "worst", "hate", "hated", "dull", "poor", "waste", "mess", "stupid",
+    "tedious", "ugly", "disappointing", "horrible", "lame", "broken", "sad", "annoying",
+}
+HELPFUL = ["sentiment", "tone", "overall", "opinion", "emotion", "attitude", "feeling", "polarity"]
+HINTS = [
+    "Focus on the overall sentiment of the text.",
+    "Judge the writer's tone and attitude.",
+    "Look at the opinion words, not the plot.",
+    "Weigh the emotion the author expresses.",
+    "Decide the polarity of the feeling as a whole.",
+    "Read carefully before you decide.",
+    "Be brief.",
+    "Consider the whole text.",
+]
+
+Responder = Callable[[dict[str, Any], str, str], "str | None"]
+
+
+def digest(*parts: Any) -> int:
+    text = "\x1f".join(str(part) for part in parts)
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:12], 16)
+
+
+def fraction(*parts: Any) -> float:
+    return digest(*parts) % 10_000 / 10_000
+
+
+def request_kind(content: str) -> tuple[str, str]:
+    """('scoring'|'meta'|'other', stage) of a request, from the text it carries."""
+    if "Possible answers:" in content or "<ans>" in content:
+        return "scoring", "scoring"
+    if "<START>" in content:
+        for marker, stage in (
+            ("Study the solved examples", "distill"),
+            ("You shorten", "compress"),
+            ("You combine", "aggregate"),
+            ("You paraphrase", "paraphrase"),
+            ("You improve", "rewrite"),
+        ):
+            if marker in content:
+                return "meta", stage
+        return "meta", "unknown"
+    return "other", "other"
+
+
+def quoted_instruction(content: str) -> str:
+    match = re.search(r"Instruction:\n(.*?)\n\n", content, re.DOTALL)
+    return match.group(1).strip() if match else ""
+
+
+def quoted_instructions(content: str) -> list[str]:
+    return [m.strip() for m in re.findall(r"Instruction \d+:\n(.*?)(?=\n\nInstruction \d+:|\n\nWrite only)", content, re.DOTALL)]
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+
+
+def true_label(text: str, labels: list[str]) -> str:
+    words = re.findall(r"[a-z']+", text.lower())
+    score = sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
+    lowered = [label.lower() for label in labels]
+    if "positive" in lowered and "negative" in lowered:
+        return labels[lowered.index("positive" if score >= 0 else "negative")]
+    return labels[digest(text) % len(labels)]
+
+
+def answer_scoring(content: str) -> str:
+    labels_match = re.search(r"Possible answers: (.*?)\.\n", content)
+    labels = [label.strip() for label in labels_match.group(1).split(",")] if labels_match else ["yes", "no"]
+    instruction = content.split("\n\nPossible answers:")[0]
+    text_match = re.search(r"Input: (.*?)\n\n", content, re.DOTALL)
+    text = text_match.group(1) if text_match else content
+    helpful = sum(word in instruction.lower() for word in HELPFUL)
+    quality = min(0.95, 0.45 + 0.1 * helpful)
+    right = true_label(text, labels)
+    if fraction("answer", instruction, text) < quality:
+        label = right
+    else:
+        others = [label for label in labels if label != right] or labels
+        label = others[digest("wrong", instruction, text) % len(others)]
+    return f"<ans>{label}</ans>"
+
+
+def write_meta(content: str, stage: str, index: int, seed: Any) -> str:
+    salt = (stage, index, seed, content)
+    if stage == "aggregate":
+        pieces: list[str] = []
+        for instruction in quoted_instructions(content):
+            for sentence in sentences(instruction):
+                if sentence not in pieces:
+                    pieces.append(sentence)
+        new = " ".join(pieces[:4])
+    else:
+        base = quoted_instruction(content)
+        parts = sentences(base)
+        if stage == "compress":
+            new = " ".join(parts[:3])
+        elif stage == "paraphrase":
+            swaps = [("Read", "Study"), ("answer", "reply"), ("label", "category"), ("text", "passage")]
+            old, replacement = swaps[digest(*salt) % len(swaps)]
+            new = base.replace(old, replacement, 1) if old in base else base + " Answer with one label."
+        else:
+            hint = HINTS[digest(*salt) % len(HINTS)]
+            new = base if hint in base else f"{base} {hint}".strip()
+    return f"<START>{new}<END>"
+
+
+@dataclass
+class Logged:
+    kind: str
+    stage: str
+    n: int
+    status: int
+    body_hash: str
+    time: float
+    temperature: float | None = None
+    max_tokens: int | None = None
+    content: str = ""
+
+
+@dataclass
+class ScriptedEndpoint:
+    models: list[str] = field(default_factory=lambda: ["test-model"])
+    api_key: str | None = None
+    support_n: bool = True
+    latency: float = 0.0
+    capacity: int = 0  # 0: unbounded
+    script: list[str] = field(default_factory=list)  # "429", "429:2" (Retry-After 2 s), "500", "drop", "empty", "tagless", "ok"
+    rates: dict[str, float] = field(default_factory=dict)  # same names, as fractions of all requests
+    responder: Responder | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self.log: list[Logged] = []
+        self.counts: Counter[str] = Counter()
+        self._seen: defaultdict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._limit: asyncio.Semaphore | None = None
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    # ----- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> ScriptedEndpoint:
+        ready = threading.Event()
+
+        def serve() -> None:
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            self._limit = asyncio.Semaphore(self.capacity) if self.capacity else None
+            self._server = self._loop.run_until_complete(
+                asyncio.start_server(self._handle, self.host, self.port, backlog=1024)
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, name="scripted-endpoint", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+            self._loop.stop()  # type: ignore[union-attr]
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop)
+        if self._thread:
+            self._thread.join(10)
+        self._loop = None
+
+    def __enter__(self) -> ScriptedEndpoint:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.log.clear()
+            self.counts.clear()
+            self._seen.clear()
+
+    def requests(self, kind: str | None = None, stage: str | None = None, status: int | None = 200) -> list[Logged]:
+        with self._lock:
+            return [
+                entry
+                for entry in self.log
+                if (kind is None or entry.kind == kind)
+                and (stage is None or entry.stage == stage)
+                and (status is None or entry.status == status)
+            ]
+
+    # ----- HTTP --------------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request_line = await reader.readline()
+                if not request_line:
+                    break
+                method, path, _ = request_line.decode("latin1").split(" ", 2)
+                headers: dict[str, str] = {}
+                while True:
+                    line = await reader.readline()
+                    if line in (b"\r\n", b"\n", b""):
+                        break
+                    name, _, value = line.decode("latin1").partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+                keep = await self._respond(method, path, headers, body, writer)
+                if not keep:
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, status: int, payload: Any, extra: dict[str, str] | None = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        reasons = {200: "OK", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}
+        head = [f"HTTP/1.1 {status} {reasons.get(status, 'Status')}", "Content-Type: application/json", f"Content-Length: {len(data)}"]
+        head += [f"{k}: {v}" for k, v in (extra or {}).items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        await writer.drain()
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        return self.api_key is None or headers.get("authorization") == f"Bearer {self.api_key}"
+
+    async def _respond(self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter) -> bool:
+        if not self._authorized(headers):
+            await self._send(writer, 401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+            return True
+        if method == "GET" and path.rstrip("/").endswith("/models"):
+            await self._send(writer, 200, {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
+            return True
+        if method != "POST" or not path.rstrip("/").endswith("/chat/completions"):
+            await self._send(writer, 404, {"error": {"message": f"no route {path}"}})
+            return True
+        request = json.loads(body or b"{}")
+        if request.get("model") not in self.models:
+            await self._send(writer, 404, {"error": {"message": f"model {request.get('model')} not found"}})
+            return True
+        if self._limit is not None:
+            async with self._limit:
+                return await self._complete(request, body, writer)
+        return await self._complete(request, body, writer)
+
+    def _fault(self, body: bytes) -> str:
+        body_hash = hashlib.sha256(body).hexdigest()
+        with self._lock:
+            if self.script:
+                return self.script.pop(0)
+            attempt = self._seen[body_hash]
+            self._seen[body_hash] += 1
+        position = fraction("fault", body_hash, attempt)
+        for name, rate in self.rates.items():
+            if position < rate:
+                return name
+            position -= rate
+        return "ok"
+
+    async def _complete(self, request: dict[str, Any], body: bytes, writer: asyncio.StreamWriter) -> bool:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            if self.latency:
+                await asyncio.sleep(self.latency)
+            content = "\n".join(str(m.get("content", "")) for m in request.get("messages", []))
+            kind, stage = request_kind(content)
+            fault = self._fault(body)
+            n = int(request.get("n") or 1)
+            status = 200
+            if fault.startswith("429"):
+                status = 429
+                retry_after = fault.partition(":")[2]
+                await self._send(writer, 429, {"error": {"message": "slow down"}}, {"Retry-After": retry_after} if retry_after else None)
+            elif fault == "500":
+                status = 500
+                await self._send(writer, 500, {"error": {"message": "boom"}})
+            elif fault == "drop":
+                status = 0
+            self._record(kind, stage, n, status, body, request, content)
+            if status == 0:
+                writer.transport.abort()
+                return False
+            if status != 200:
+                return True
+            count = n if self.support_n else 1
+            texts = [self._text(request, content, kind, stage, i, fault) for i in range(count)]
+            prompt_tokens = max(1, len(content) // 4)
+            await self._send(
+                writer,
+                200,
+                {
+                    "id": f"cmpl-{digest(body, time.time())}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": request.get("model"),
+                    "choices": [
+                        {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                        for i, t in enumerate(texts)
+                    ],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": sum(max(1, len(t) // 4) for t in texts),
+                        "total_tokens": prompt_tokens + sum(max(1, len(t) // 4) for t in texts),
+                    },
+                },
+            )
+            return True
+        finally:
+            self.in_flight -= 1
+
+    def _record(self, kind: str, stage: str, n: int, status: int, body: bytes, request: dict[str, Any], content: str) -> None:
+        entry = Logged(
+            kind, stage, n, status, hashlib.sha256(body).hexdigest(), time.time(),
+            request.get("temperature"), request.get("max_tokens"), content,
+        )
+        with self._lock:
+            self.log.append(entry)
+            self.counts[f"{kind}:{status}"] += 1
+
+    def _text(self, request: dict[str, Any], content: str, kind: str, stage: str, index: int, fault: str) -> str:
+        if fault == "empty":
+            return ""
+        if self.responder is not None:
+            scripted = self.responder(request, kind, stage)
+            if scripted is not None:
+                return scripted
+        if kind == "scoring":
+            text = answer_scoring(content)
+        elif kind == "meta":
+            text = write_meta(content, stage, index, request.get("seed"))
+        else:
+            text = "OK"
+        if fault == "tagless":
+            text = re.sub(r"</?ans>|<START>|<END>", "", text)
+        return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Scripted OpenAI-compatible endpoint for tests and benchmarks.")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds each request waits")
+    parser.add_argument("--capacity", type=int, default=0, help="requests served at once (0: no bound)")
+    parser.add_argument("--model", action="append", default=None)
+    parser.add_argument("--no-n", action="store_true", help="ignore n, like llama.cpp's server")
+    parser.add_argument("--fault", action="append", default=[], help="NAME=RATE, e.g. 429=0.1 500=0.05 drop=0.05")
+    args = parser.parse_args()
+    rates = {name: float(rate) for name, rate in (item.split("=") for item in args.fault)}
+    endpoint = ScriptedEndpoint(
+        models=args.model or ["test-model"], support_n=not args.no_n, latency=args.latency,
+        capacity=args.capacity, rates=rates, port=args.port,
+    ).start()
+    print(f"serving {endpoint.base_url}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        endpoint.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""The LLM layer and the response cache, against the scripted endpoint over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from distillprompt.cache import CachedReply, ResponseCache, request_key
+from distillprompt.errors import EndpointUnavailable, UserError
+from distillprompt.llm import META, SCORING, ChatClient, PriorityLimiter, UsageMeter, check_endpoint
+from tests.endpoint import ScriptedEndpoint, answer_scoring
+
+SCORING_MESSAGES = [
+    {"role": "user", "content": "Classify it.\n\nPossible answers: negative, positive.\n\nInput: a great film\n\nGive only the answer."}
+]
+
+
+def make_client(endpoint: ScriptedEndpoint, **overrides) -> ChatClient:
+    options = dict(
+        base_url=endpoint.base_url,
+        api_key=endpoint.api_key,
+        model="test-model",
+        limiter=PriorityLimiter(overrides.pop("concurrency", 8)),
+        meter=UsageMeter(),
+        backoff_base=0.01,
+        backoff_max=0.05,
+        max_retries=4,
+        timeout=5,
+    )
+    options.update(overrides)
+    return ChatClient(**options)
+
+
+def complete(client: ChatClient, messages=SCORING_MESSAGES, **kwargs) -> list[str]:
+    async def go():
+        try:
+            return await client.complete(messages, temperature=kwargs.pop("temperature", 0.0), max_tokens=20, **kwargs)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def test_transient_errors_are_retried_until_an_answer(endpoint):
+    endpoint.script = ["429", "500", "drop", "ok"]
+    client = make_client(endpoint)
+    assert complete(client) == [answer_scoring(SCORING_MESSAGES[0]["content"])]
+    statuses = [entry.status for entry in endpoint.requests(status=None)]
+    assert statuses == [429, 500, 0, 200]
+    total = client.meter.total()
+    assert (total.requests, total.retries, total.failed) == (1, 3, 0)
+
+
+def test_retry_after_header_sets_the_wait(endpoint):
+    endpoint.script = ["429:1"]
+    client = make_client(endpoint, backoff_base=0.0, backoff_max=0.0)
+    started = time.monotonic()
+    complete(client)
+    first, second = endpoint.requests(status=None)
+    # Backoff alone would retry at once (base 0); the endpoint asked for one second.
+    assert second.time - first.time >= 0.95
+    assert time.monotonic() - started >= 0.95
+
+
+@pytest.mark.parametrize("status_script", [["500"] * 10, ["429"] * 10])
+def test_errors_beyond_the_retry_budget_raise_endpoint_unavailable(endpoint, status_script):
+    endpoint.script = status_script
+    client = make_client(endpoint, max_retries=2)
+    with pytest.raises(EndpointUnavailable, match="after 2 retries"):
+        complete(client)
+    assert len(endpoint.requests(status=None)) == 3
+    assert client.meter.total().failed == 1
+
+
+def test_timeouts_are_retried_then_reported():
+    with ScriptedEndpoint(latency=1.0) as slow:
+        client = make_client(slow, timeout=0.2, max_retries=1)
+        with pytest.raises(EndpointUnavailable, match="APITimeoutError"):
+            complete(client)
+        time.sleep(1.2)  # let the abandoned requests reach the log
+        assert len(slow.requests(status=None)) == 2
+
+
+def test_wrong_api_key_is_a_user_error_without_retry():
+    with ScriptedEndpoint(api_key="right-key") as guarded:
+        client = make_client(guarded, api_key="wrong-key")
+        with pytest.raises(UserError, match="rejected the API key.*OPENAI_API_KEY"):
+            complete(client)
+        assert len(guarded.log) == 0  # 401 is answered before the request is logged as a completion
+        assert client.meter.total().retries == 0
+
+
+def test_unknown_model_is_a_user_error(endpoint):
+    client = make_client(endpoint, model="no-such-model")
+    with pytest.raises(UserError, match="404.*--model"):
+        complete(client)
+    assert client.meter.total().retries == 0
+
+
+def test_global_bound_on_requests_in_flight():
+    with ScriptedEndpoint(latency=0.1) as slow:
+        limiter = PriorityLimiter(4)
+        meter = UsageMeter()
+        client = make_client(slow, limiter=limiter, meter=meter)
+        other = make_client(slow, limiter=limiter, meter=meter)  # a second client shares the bound
+
+        async def go():
+            messages = [
+                [{"role": "user", "content": SCORING_MESSAGES[0]["content"].replace("great", f"great {i}")}]
+                for i in range(24)
+            ]
+            await asyncio.gather(
+                *(
+                    (client if i % 2 else other).complete(m, temperature=0, max_tokens=5, priority=SCORING)
+                    for i, m in enumerate(messages)
+                )
+            )
+            await client.aclose()
+            await other.aclose()
+
+        asyncio.run(go())
+        assert slow.peak_in_flight == 4
+        assert meter.total().requests == 24
+
+
+def test_priority_limiter_serves_meta_before_queued_scoring():
+    async def go():
+        limiter = PriorityLimiter(1)
+        order: list[str] = []
+        await limiter.acquire(SCORING)  # the only slot is busy
+
+        async def worker(name: str, priority: int):
+            await limiter.acquire(priority)
+            order.append(name)
+            limiter.release()
+
+        tasks = [asyncio.create_task(worker(f"score{i}", SCORING)) for i in range(3)]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(worker("meta", META)))
+        await asyncio.sleep(0)
+        limiter.release()
+        await asyncio.gather(*tasks)
+        return order, limiter.in_flight
+
+    order, in_flight = asyncio.run(go())
+    assert order == ["meta", "score0", "score1", "score2"]
+    assert in_flight == 0
+
+
+META_MESSAGES = [{"role": "user", "content": "You improve instructions.\n\nInstruction:\nSay it.\n\nWrite between <START> and <END>."}]
+
+
+def test_n_samples_in_one_call_when_supported(endpoint):
+    client = make_client(endpoint, seed=1)
+    texts = complete(client, META_MESSAGES, n=4, temperature=0.7)
+    assert len(texts) == 4
+    assert [entry.n for entry in endpoint.requests()] == [4]
+
+
+def test_n_samples_fall_back_to_separate_calls():
+    with ScriptedEndpoint(support_n=False) as plain:
+        client = make_client(plain, seed=1)
+        texts = complete(client, META_MESSAGES, n=3, temperature=0.7)
+        assert len(texts) == 3
+        # one try with n=3 (answered with one sample), then the two missing samples alone
+        assert [entry.n for entry in plain.requests()] == [3, 1, 1]
+        assert client.native_n is False
+
+
+def test_native_n_mode_refuses_an_endpoint_that_ignores_n():
+    with ScriptedEndpoint(support_n=False) as plain:
+        client = make_client(plain, n_mode="native")
+        with pytest.raises(UserError, match="--n-mode"):
+            complete(client, META_MESSAGES, n=3, temperature=0.7)
+
+
+def test_usage_and_cost_come_from_the_response(endpoint):
+    client = make_client(endpoint, price_input=2.0, price_output=10.0)
+    (text,) = complete(client)
+    total = client.meter.total()
+    expected_in = len(SCORING_MESSAGES[0]["content"]) // 4  # the endpoint's token rule
+    expected_out = len(text) // 4
+    assert (total.input_tokens, total.output_tokens) == (expected_in, expected_out)
+    assert total.cost == pytest.approx((expected_in * 2.0 + expected_out * 10.0) / 1_000_000)
+
+
+def test_cached_request_costs_nothing_and_survives_a_reopen(endpoint, cache_path):
+    first = make_client(endpoint, cache=ResponseCache(cache_path))
+    answer = complete(first)
+    assert len(endpoint.requests()) == 1
+    second = make_client(endpoint, cache=ResponseCache(cache_path))  # a new process would open it the same way
+    assert complete(second) == answer
+    assert len(endpoint.requests()) == 1
+    total = second.meter.total()
+    assert (total.requests, total.cache_hits) == (0, 1)
+    assert total.cached_tokens > 0
+    assert second.cache.stats() == {"hits": 1, "misses": 0}
+
+
+def test_cache_key_separates_what_shapes_a_reply(endpoint, cache_path):
+    client = make_client(endpoint, cache=ResponseCache(cache_path), seed=3)
+
+    async def go():
+        for kwargs in (dict(temperature=0.0), dict(temperature=0.5), dict(temperature=0.0, sample=1), dict(temperature=0.0)):
+            await client.complete(SCORING_MESSAGES, max_tokens=20, **kwargs)
+        await client.complete(SCORING_MESSAGES, max_tokens=21, temperature=0.0)
+        await client.aclose()
+
+    asyncio.run(go())
+    # five calls, one repeat: four reach the endpoint
+    assert len(endpoint.requests()) == 4
+    assert client.cache.stats() == {"hits": 1, "misses": 4}
+
+
+def test_no_cache_means_every_call_is_sent(endpoint):
+    client = make_client(endpoint, cache=None)
+
+    async def go():
+        for _ in range(3):
+            await client.complete(SCORING_MESSAGES, temperature=0, max_tokens=20)
+        await client.aclose()
+
+    asyncio.run(go())
+    assert len(endpoint.requests()) == 3
+
+
+def test_cache_is_safe_for_concurrent_writers(cache_path):
+    cache = ResponseCache(cache_path)
+    errors: list[BaseException] = []
+
+    def writer(worker: int) -> None:
+        try:
+            for i in range(50):
+                key = request_key(endpoint="e", model="m", messages=[{"role": "user", "content": f"{worker}-{i}"}],
+                                  temperature=0, max_tokens=1, n=1)
+                cache.put(key, CachedReply([f"reply {worker}-{i}"], 1, 1))
+                assert cache.get(key).texts == [f"reply {worker}-{i}"]
+        except BaseException as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(cache) == 400
+    assert len(ResponseCache(cache_path)) == 400
+
+
+def test_unwritable_cache_path_is_a_user_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="--cache-path"):
+        ResponseCache(blocker / "cache.sqlite")
+
+
+def test_check_endpoint_names_the_fix(endpoint):
+    asyncio.run(check_endpoint(endpoint.base_url, None, "test-model"))
+    with pytest.raises(UserError, match="does not serve model 'gpt-x'.*test-model"):
+        asyncio.run(check_endpoint(endpoint.base_url, None, "gpt-x"))
+    port = endpoint.port
+    endpoint.stop()
+    with pytest.raises(UserError, match="cannot reach the endpoint .*--base-url"):
+        asyncio.run(check_endpoint(f"http://127.0.0.1:{port}/v1", None, "test-model", timeout=2))
+
+
+def test_check_endpoint_rejects_a_wrong_key():
+    with ScriptedEndpoint(api_key="right-key") as guarded:
+        with pytest.raises(UserError, match="401"):
+            asyncio.run(check_endpoint(guarded.base_url, "wrong", "test-model"))

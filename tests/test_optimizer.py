@@ -1,0 +1,186 @@
+"""The DistillPrompt loop end to end through the runner, against the scripted endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+import pytest
+
+from distillprompt import runner
+from distillprompt.settings import load_settings
+from distillprompt.state import STAGES
+from tests.endpoint import ScriptedEndpoint
+
+
+def optimize(endpoint: ScriptedEndpoint, dataset, tmp_path, **optimizer):
+    seed = optimizer.pop("seed", 0)
+    data = {"dataset": str(dataset), "train_size": optimizer.pop("train_size", 12), "test_size": optimizer.pop("test_size", 10)}
+    settings = load_settings(
+        {
+            "llm": {"base_url": endpoint.base_url, "model": "test-model", "backoff_base": 0.01, **optimizer.pop("llm", {})},
+            "data": data,
+            "optimizer": {"epochs": optimizer.pop("epochs", 1), **optimizer},
+            "cache": {"path": str(tmp_path / "cache.sqlite"), "enabled": optimizer.pop("cache", True)},
+            "seed": seed,
+            "output": str(tmp_path / "out"),
+        }
+    )
+    return asyncio.run(runner.optimize(settings))
+
+
+def meta_requests(endpoint: ScriptedEndpoint) -> Counter:
+    return Counter(entry.stage for entry in endpoint.requests(kind="meta"))
+
+
+def test_one_round_runs_every_stage_with_its_lineage(endpoint, reviews_dir, tmp_path):
+    result, folder = optimize(endpoint, reviews_dir, tmp_path)
+    history = result.history
+    by_stage = {stage: [c for c in history if c.stage == stage] for stage in ("initial", *STAGES)}
+    assert [len(by_stage[s]) for s in ("initial", *STAGES)] == [1, 4, 4, 4, 1, 3]
+    ids = {stage: {c.id for c in cands} for stage, cands in by_stage.items()}
+    assert all(c.parents == [0] for c in by_stage["rewrite"])
+    assert [c.parents for c in by_stage["distill"]] == [[i] for i in sorted(ids["rewrite"])]
+    assert [c.parents for c in by_stage["compress"]] == [[i] for i in sorted(ids["distill"])]
+    originals = {c.id if c.duplicate_of is None else c.duplicate_of for c in by_stage["compress"]}
+    assert set(by_stage["aggregate"][0].parents) == originals  # each distinct compressed prompt once
+    assert all(c.parents == [by_stage["aggregate"][0].id] for c in by_stage["paraphrase"])
+    assert all(c.score is not None and c.epoch == 1 for c in history[1:])
+    # 11 meta-requests per round when the endpoint honours n: 1 + 4 + 4 + 1 + 1
+    assert meta_requests(endpoint) == {"rewrite": 1, "distill": 4, "compress": 4, "aggregate": 1, "paraphrase": 1}
+    assert [e.n for e in endpoint.requests(kind="meta", stage="rewrite")] == [4]
+    assert [e.n for e in endpoint.requests(kind="meta", stage="paraphrase")] == [3]
+    saved = json.loads((folder / "result.json").read_text())
+    assert {"initial_prompt", "final_prompt", "initial_scores", "final_scores", "history", "usage"} <= set(saved)
+    assert saved["final_prompt"] == result.final_prompt
+
+
+def test_stage_temperatures_and_max_tokens_reach_the_endpoint(endpoint, reviews_dir, tmp_path):
+    optimize(endpoint, reviews_dir, tmp_path, temperature_rewrite=0.9, temperature_compress=0.1)
+    temperatures = {e.stage: e.temperature for e in endpoint.requests(kind="meta")}
+    assert temperatures == {"rewrite": 0.9, "distill": 0.5, "compress": 0.1, "aggregate": 0.4, "paraphrase": 0.7}
+    scoring = endpoint.requests(kind="scoring")
+    # classification caps answers: longest label ("negative", 8) + 16
+    assert {e.max_tokens for e in scoring} == {24}
+    assert {e.temperature for e in scoring} == {0.0}
+
+
+def test_without_native_n_each_sample_is_its_own_request(reviews_dir, tmp_path):
+    with ScriptedEndpoint(support_n=False) as plain:
+        result, _ = optimize(plain, reviews_dir, tmp_path)
+    counts = meta_requests(plain)
+    # the first rewrite call tries n=4 and learns the endpoint ignores it; 16 calls in all
+    assert counts == {"rewrite": 4, "distill": 4, "compress": 4, "aggregate": 1, "paraphrase": 3}
+    assert len([c for c in result.history if c.stage == "paraphrase"]) == 3
+
+
+def test_distinct_prompts_are_scored_once(endpoint, reviews_dir, tmp_path):
+    result, _ = optimize(endpoint, reviews_dir, tmp_path, train_size=12, test_size=10, epochs=2)
+    distinct = [c for c in result.history if c.duplicate_of is None]
+    duplicates = [c for c in result.history if c.duplicate_of is not None]
+    assert duplicates, "the scripted endpoint repeats prompts; this test needs some"
+    train_requests = len(endpoint.requests(kind="scoring")) - 10 * (1 if result.final.id == 0 else 2)
+    assert train_requests == 12 * len(distinct)
+    for duplicate in duplicates:
+        original = result.history[duplicate.duplicate_of]
+        assert original.id < duplicate.id and original.prompt.split() == duplicate.prompt.split()
+        assert duplicate.score == original.score
+
+
+def test_best_is_the_highest_train_score_and_ties_keep_the_older(reviews_dir, tmp_path):
+    def responder(request, kind, stage):
+        if kind == "scoring":
+            return "<ans>positive</ans>"  # every prompt scores the same
+        return None
+
+    with ScriptedEndpoint(responder=responder) as flat:
+        result, _ = optimize(flat, reviews_dir, tmp_path, epochs=2)
+    scores = {c.score for c in result.history}
+    assert len(scores) == 1
+    assert result.final.id == 0 and result.final_prompt == result.initial_prompt
+    assert result.stop_reason == "epochs"
+
+
+def test_selection_takes_the_best_scoring_candidate(endpoint, reviews_dir, tmp_path):
+    result, _ = optimize(endpoint, reviews_dir, tmp_path, epochs=2)
+    best = max(c.score for c in result.history)
+    first_best = min(c.id for c in result.history if c.score == best)
+    assert result.final.id == first_best
+    assert result.final_scores["train"]["score"] == best
+    assert best > result.initial_scores["train"]["score"]
+
+
+def test_same_seed_same_run_other_seed_other_examples(reviews_dir, tmp_path):
+    runs = []
+    for seed, folder in ((5, "a"), (5, "b"), (6, "c")):
+        with ScriptedEndpoint() as fresh:
+            result, _ = optimize(fresh, reviews_dir, tmp_path / folder, seed=seed)
+            shown = [e.content for e in fresh.requests(kind="meta", stage="distill")]
+            runs.append(([c.prompt for c in result.history], sorted(shown), result.task["digest"]))
+    assert runs[0] == runs[1]
+    assert runs[0][2] != runs[2][2]  # another seed draws another train sample
+    assert runs[0][1] != runs[2][1]
+
+
+def test_a_rerun_is_served_from_the_cache(endpoint, reviews_dir, tmp_path):
+    first, _ = optimize(endpoint, reviews_dir, tmp_path)
+    sent = len(endpoint.requests())
+    second, _ = optimize(endpoint, reviews_dir, tmp_path)
+    assert len(endpoint.requests()) == sent
+    assert second.usage.requests == 0 and second.usage.cache_hits == first.usage.calls
+    assert second.final_prompt == first.final_prompt
+    assert [c.to_dict() for c in second.history] == [c.to_dict() for c in first.history]
+
+
+def test_call_budget_stops_after_the_stage_that_reaches_it(endpoint, reviews_dir, tmp_path):
+    # initial scoring takes 12 calls and the rewrite stage 1 + 4×12 more: a budget of 20
+    # is crossed inside the rewrite stage, so the run stops once that stage is scored
+    result, _ = optimize(endpoint, reviews_dir, tmp_path, epochs=3, max_calls=20)
+    assert result.stop_reason == "budget_calls"
+    assert {c.stage for c in result.history} == {"initial", "rewrite"}
+    assert all(c.score is not None for c in result.history)
+    assert result.final.score == max(c.score for c in result.history)
+    assert meta_requests(endpoint) == {"rewrite": 1}
+    assert result.final_scores["test"]["score"] is not None
+
+
+def test_token_budget_stops_cleanly(endpoint, reviews_dir, tmp_path):
+    result, _ = optimize(endpoint, reviews_dir, tmp_path, epochs=3, max_total_tokens=1)
+    assert result.stop_reason == "budget_tokens"
+    assert meta_requests(endpoint) == {"rewrite": 1}
+
+
+def test_patience_stops_a_run_that_does_not_improve(reviews_dir, tmp_path):
+    def responder(request, kind, stage):
+        return "<ans>positive</ans>" if kind == "scoring" else None
+
+    with ScriptedEndpoint(responder=responder) as flat:
+        result, _ = optimize(flat, reviews_dir, tmp_path, epochs=5, patience=2)
+        rounds = Counter(e.stage for e in flat.requests(kind="meta"))
+    assert result.stop_reason == "patience"
+    assert len(result.rounds) == 2
+    assert rounds["rewrite"] == 2
+
+
+def test_unusable_replies_are_dropped_and_counted(reviews_dir, tmp_path):
+    def responder(request, kind, stage):
+        if stage == "rewrite":
+            return ""  # every rewrite comes back empty
+        if stage == "compress":
+            return "<START>Classify the review. <ans>positive</ans><END>"  # leftover answer tags
+        if stage == "paraphrase":
+            return "The instruction scored 0.500 out of 1.000."  # only an echo of the score line
+        return None
+
+    with ScriptedEndpoint(responder=responder) as weak:
+        result, _ = optimize(weak, reviews_dir, tmp_path)
+    assert result.rejections == {"rewrite": {"empty": 4}, "compress": {"tags": 4}, "paraphrase": {"echo": 3}}
+    stages = Counter(c.stage for c in result.history)
+    assert stages == {"initial": 1, "distill": 4, "aggregate": 1}
+    # a dropped reply passes its parent on: with no rewrite left, each distillation works
+    # from the best prompt itself, and aggregation from the distilled prompts
+    distilled = [c for c in result.history if c.stage == "distill"]
+    assert all(c.parents == [0] for c in distilled)
+    (aggregate,) = [c for c in result.history if c.stage == "aggregate"]
+    assert set(aggregate.parents) == {c.duplicate_of or c.id for c in distilled}
