@@ -17,8 +17,14 @@ from .templates import MetaPrompt
 START_TAG = re.compile(r"<\s*start\s*>", re.IGNORECASE)
 END_TAG = re.compile(r"<\s*/?\s*end\s*>", re.IGNORECASE)
 ANY_TAG = re.compile(r"<\s*/?\s*(start|end|ans)\s*>", re.IGNORECASE)
+# A sentence that reports how the prompt scored: it names the prompt and a score, or gives a
+# number "out of 1" / "being the maximum", as meta-prompts put it. A task rule that mentions
+# a score ("a rating of 4.5 or more is positive") is not one.
 SCORE_LINE = re.compile(
-    r"\b(scored?|scoring|f1|accuracy|performance)\b.{0,60}?\d*\.\d+|\d\.\d+\s*(out of|being the max)", re.IGNORECASE
+    r"\b(prompt|instruction)\b.{0,40}\b(scored|reached|achieved|score|f1|accuracy)\b.{0,40}?\d*\.\d+"
+    r"|\d*\.\d+\s*(out of 1\b|out of 1\.0|being the max|/\s*1(\.0+)?\b)"
+    r"|\bmacro[- ]?f1\b.{0,30}?\d*\.\d+",
+    re.IGNORECASE,
 )
 LABEL_LINE = re.compile(
     r"^\s*(new |improved |final |rewritten |merged |paraphrased |compressed )?"
@@ -30,7 +36,7 @@ LEADING_LABEL = re.compile(
     re.IGNORECASE,
 )
 PREAMBLE = re.compile(r"^\s*(sure|certainly|of course|okay|ok|here('s| is| are)\b)[^\n]*:\s*$", re.IGNORECASE)
-EXAMPLE_LINE = re.compile(r"^\s*(input|correct answer|text|label)\s*:", re.IGNORECASE)
+EXAMPLE_LINE = re.compile(r"^\s*correct answer\s*:", re.IGNORECASE)
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 

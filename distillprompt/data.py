@@ -140,6 +140,7 @@ def load_splits(settings: DataSettings) -> tuple[Any, str, str]:
                         "use .csv, .json, .jsonl or .parquet"
                     )
                 files = {"train": [str(path)]}
+            _refuse_empty_files(files)
             splits = datasets.load_dataset(builder, data_files=files)
             return splits, path.stem if path.is_file() else path.resolve().name, str(path.resolve())
         if _looks_like_path(spec):
@@ -149,11 +150,9 @@ def load_splits(settings: DataSettings) -> tuple[Any, str, str]:
         return splits, spec.split("/")[-1], source
     except UserError:
         raise
-    except UnicodeDecodeError:
-        raise UserError(f"dataset {spec} is not UTF-8 text: re-encode it, e.g. iconv -f latin1 -t utf-8") from None
     except Exception as error:
-        reason = _first_line(error)
-        if "utf-8" in reason.lower() or "utf8" in reason.lower() or "invalid continuation" in reason.lower():
+        reason = _first_line(_innermost(error))
+        if _caused_by_encoding(error):
             raise UserError(f"dataset {spec} is not UTF-8 text: re-encode it, e.g. iconv -f latin1 -t utf-8") from None
         if path.exists():
             raise UserError(f"dataset {spec} cannot be read ({reason}): check that the file is valid") from None
@@ -161,6 +160,56 @@ def load_splits(settings: DataSettings) -> tuple[Any, str, str]:
             f"dataset {spec!r} cannot be loaded from the Hugging Face hub ({reason}): check the id and "
             "--dataset-config, or pass a local file"
         ) from None
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _innermost(error: BaseException) -> BaseException:
+    return _chain(error)[-1]
+
+
+def _caused_by_encoding(error: BaseException) -> bool:
+    """datasets wraps decoding errors in its own; look through the whole chain."""
+    for link in _chain(error):
+        text = str(link).lower()
+        if isinstance(link, UnicodeDecodeError) or "utf-8" in text or "utf8" in text or "invalid continuation" in text:
+            return True
+    return False
+
+
+def _has_no_rows(path: Path) -> bool:
+    """True for a data file without a single row (blank, header only, ``[]``, empty Parquet)."""
+    try:
+        if path.stat().st_size == 0:
+            return True
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        with path.open("rb") as handle:
+            head = handle.read(1 << 16)
+        if suffix == ".csv":
+            lines = [line for line in head.splitlines() if line.strip()]
+            return len(lines) <= 1 and len(head) < (1 << 16)
+        return head.strip() in (b"", b"[]", b"{}")
+    except Exception:
+        return False  # let the real reader report what is wrong
+
+
+def _refuse_empty_files(files: dict[str, list[str]]) -> None:
+    for split, paths in files.items():
+        if all(_has_no_rows(Path(path)) for path in paths):
+            raise UserError(
+                f"split {split!r} ({', '.join(Path(p).name for p in paths)}) is empty: add rows to it or remove the file"
+            )
 
 
 def _as_text(value: Any) -> str:

@@ -249,6 +249,33 @@ class ChatClient:
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.price_input + output_tokens * self.price_output) / 1_000_000
 
+    def cache_key(self, messages: Messages, *, temperature: float, max_tokens: int, n: int, sample: int | str) -> str:
+        return request_key(
+            endpoint=self.cache_identity,
+            model=self.model,
+            messages=messages,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            n=n,
+            sample=sample,
+        )
+
+    def lookup(self, key: str, stage: str) -> list[str] | None:
+        """The cached reply of a request, counted as a hit, or None."""
+        if self.cache is None:
+            return None
+        cached = self.cache.get(key)
+        if cached is None:
+            return None
+        self.meter.record(stage, Usage(cache_hits=1, cached_tokens=cached.input_tokens + cached.output_tokens))
+        return list(cached.texts)
+
+    def store(self, key: str, texts: list[str], spent: Usage, stage: str) -> None:
+        """Counts what a reply cost and keeps it for the next identical request."""
+        self.meter.record(stage, spent)
+        if self.cache is not None:
+            self.cache.put(key, CachedReply(texts, spent.input_tokens, spent.output_tokens))
+
     async def complete(
         self,
         messages: Messages,
@@ -260,55 +287,56 @@ class ChatClient:
         sample: int | str = 0,
         priority: int = META,
     ) -> list[str]:
-        key = request_key(
-            endpoint=self.cache_identity,
-            model=self.model,
-            messages=messages,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            n=n,
-            sample=sample,
-        )
-        if self.cache is not None:
-            cached = self.cache.get(key)
-            if cached is not None:
-                self.meter.record(
-                    stage, Usage(cache_hits=1, cached_tokens=cached.input_tokens + cached.output_tokens)
-                )
-                return list(cached.texts)
-        texts, input_tokens, output_tokens = await self._sample(messages, temperature, n, max_tokens, stage, sample, priority)
-        if self.cache is not None:
-            self.cache.put(key, CachedReply(texts, input_tokens, output_tokens))
+        key = self.cache_key(messages, temperature=temperature, max_tokens=max_tokens, n=n, sample=sample)
+        cached = self.lookup(key, stage)
+        if cached is not None:
+            return cached
+        spent = Usage()
+        try:
+            texts = await self.fetch(messages, temperature=temperature, n=n, max_tokens=max_tokens, sample=sample,
+                                     priority=priority, spent=spent)
+        except BaseException:
+            self.meter.record(stage, spent)
+            raise
+        self.store(key, texts, spent, stage)
         return texts
 
-    async def _sample(
-        self, messages: Messages, temperature: float, n: int, max_tokens: int, stage: str, sample: int | str, priority: int
-    ) -> tuple[list[str], int, int]:
+    async def fetch(
+        self,
+        messages: Messages,
+        *,
+        temperature: float,
+        n: int,
+        max_tokens: int,
+        sample: int | str,
+        priority: int,
+        spent: Usage,
+    ) -> list[str]:
+        """Asks the endpoint (no cache): n samples, retried as the rules say; adds what it
+        cost, retries and failures included, to ``spent``."""
         seed = self._request_seed(sample)
         if n == 1 or self.native_n is False:
             replies = await asyncio.gather(
-                *(self._request(messages, temperature, 1, max_tokens, stage, priority, _offset(seed, i)) for i in range(n))
+                *(self._request(messages, temperature, 1, max_tokens, priority, _offset(seed, i), spent) for i in range(n))
             )
         else:
-            first = await self._request(messages, temperature, n, max_tokens, stage, priority, seed)
+            first = await self._request(messages, temperature, n, max_tokens, priority, seed, spent)
             replies = [first]
-            missing = n - len(first[0])
-            if missing > 0:
+            if len(first) < n:
                 if self.native_n is True:
                     raise UserError(
-                        f"the endpoint {self.base_url} returned {len(first[0])} of {n} samples: use --n-mode separate or auto"
+                        f"the endpoint {self.base_url} returned {len(first)} of {n} samples: use --n-mode separate or auto"
                     )
                 self.native_n = False
                 replies += await asyncio.gather(
                     *(
-                        self._request(messages, temperature, 1, max_tokens, stage, priority, _offset(seed, i))
-                        for i in range(len(first[0]), n)
+                        self._request(messages, temperature, 1, max_tokens, priority, _offset(seed, i), spent)
+                        for i in range(len(first), n)
                     )
                 )
             elif self.native_n is None:
                 self.native_n = True
-        texts = [text for reply in replies for text in reply[0]][:n]
-        return texts, sum(r[1] for r in replies), sum(r[2] for r in replies)
+        return [text for reply in replies for text in reply][:n]
 
     def _request_seed(self, sample: int | str) -> int | None:
         if self.seed is None:
@@ -322,10 +350,10 @@ class ChatClient:
         temperature: float,
         n: int,
         max_tokens: int,
-        stage: str,
         priority: int,
         seed: int | None,
-    ) -> tuple[list[str], int, int]:
+        spent: Usage,
+    ) -> list[str]:
         arguments: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
@@ -347,21 +375,21 @@ class ChatClient:
                 if error.status_code >= 500 or error.status_code in (408, 409, 425):
                     last_error = error
                 else:
-                    self.meter.record(stage, Usage(failed=1))
+                    spent.failed += 1
                     raise _status_error(error, self.base_url, self.model) from None
             else:
-                return self._read(response, stage)
+                return self._read(response, spent)
             finally:
                 self.limiter.release()
             if attempt < self.max_retries:
-                self.meter.record(stage, Usage(retries=1))
+                spent.retries += 1
                 await asyncio.sleep(retry_delay(last_error, attempt, self.backoff_base, self.backoff_max, self._jitter))
-        self.meter.record(stage, Usage(failed=1))
+        spent.failed += 1
         raise EndpointUnavailable(
             f"{self.base_url} kept failing after {self.max_retries} retries ({_describe_error(last_error)})"
         )
 
-    def _read(self, response: Any, stage: str) -> tuple[list[str], int, int]:
+    def _read(self, response: Any, spent: Usage) -> list[str]:
         choices = getattr(response, "choices", None)
         if not isinstance(choices, list):
             raise UserError(
@@ -372,16 +400,11 @@ class ChatClient:
         usage = getattr(response, "usage", None)
         input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        self.meter.record(
-            stage,
-            Usage(
-                requests=1,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                cost=self.cost(input_tokens, output_tokens),
-            ),
-        )
-        return texts, input_tokens, output_tokens
+        spent.requests += 1
+        spent.input_tokens += input_tokens
+        spent.output_tokens += output_tokens
+        spent.cost += self.cost(input_tokens, output_tokens)
+        return texts
 
 
 def _offset(seed: int | None, index: int) -> int | None:

@@ -37,8 +37,9 @@ def answer_text(reply: str) -> str:
 
 def parse_label(reply: str, labels: list[str]) -> str | None:
     """The label a reply gives, or None when it names none of them."""
+    reply = reply if isinstance(reply, str) else ("" if reply is None else str(reply))
     normalized_labels = {normalize(label): label for label in labels}
-    for candidate in (answer_text(reply), reply or ""):
+    for candidate in (answer_text(reply), reply):
         text = normalize(candidate)
         if not text:
             continue

@@ -20,11 +20,11 @@ import tomllib
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from .errors import UserError
 
@@ -84,7 +84,7 @@ class DataSettings(Group):
     test_split: str | None = Field(
         None, description="split the test sample comes from (default: test, else validation, else held out of train)"
     )
-    text_column: list[str] = Field(
+    text_column: Annotated[list[str], NoDecode] = Field(
         ["text"], description="input column(s); comma-separated for pair tasks, e.g. premise,hypothesis"
     )
     label_column: str = Field("label", description="column with the label (classification) or reference answer")
@@ -98,6 +98,11 @@ class DataSettings(Group):
     @field_validator("text_column", mode="before")
     @classmethod
     def _split_columns(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError("write the list as JSON, e.g. [\"premise\", \"hypothesis\"], or comma-separated") from None
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
@@ -320,5 +325,7 @@ def load_settings(cli_overrides: dict[str, Any] | None = None, config_file: str 
         return Settings(**(cli_overrides or {}))
     except ValidationError as exc:
         raise UserError(_describe(exc.errors()[0])) from None
+    except SettingsError as exc:  # an environment variable pydantic-settings cannot decode
+        raise UserError(f"{exc}: fix the {ENV_PREFIX}… variable (lists and tables are written as JSON)") from None
     finally:
         _config_file_data.reset(token)

@@ -78,10 +78,12 @@ def _task_summary(task: Task) -> str:
 
 
 def _meta(stage: str, lines: list[str], fixed: list[str], examples: list[str] | None = None) -> MetaPrompt:
+    # The task summary (fixed[1]) states the task and its labels: a candidate may well say
+    # the same, so it is not treated as an echo.
     return MetaPrompt(
         stage=stage,
         messages=[{"role": "user", "content": "\n\n".join(lines)}],
-        echo_fragments=fixed,
+        echo_fragments=[fixed[0], *fixed[2:]],
         example_texts=examples or [],
     )
 
