@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 import typing
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -59,6 +60,14 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(spec.flag, **kwargs)
 
 
+COMMAND_PLUGINS = "distillprompt.commands"
+
+
+def command_plugins() -> dict[str, Any]:
+    """Subcommands that adapters add (``submit`` from ray_jobs …), by entry point."""
+    return {entry.name: entry.load()() for entry in entry_points(group=COMMAND_PLUGINS)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="distillprompt",
@@ -74,7 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text to score")
     source.add_argument("--prompt-file", type=Path, help="a file holding the prompt to score")
-    for command in (optimize, evaluate):
+    plugins = command_plugins()
+    with_settings = [optimize, evaluate]
+    for name, plugin in plugins.items():
+        command = commands.add_parser(name, help=plugin.help, description=plugin.help)
+        plugin.configure(command)
+        with_settings.append(command)
+    for command in with_settings:
         command.add_argument("--config", type=Path, help="TOML or YAML file with settings (tables llm, data, optimizer, cache)")
         command.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
         _add_setting_flags(command)
@@ -138,6 +153,8 @@ def _run(args: argparse.Namespace) -> int:
     from . import runner
 
     settings = settings_from_args(args)
+    if args.command not in ("optimize", "evaluate"):
+        return command_plugins()[args.command].run(args, settings)
     progress = None if args.quiet else ConsoleProgress(epochs=settings.optimizer.epochs)
     if args.command == "optimize":
         result, folder = asyncio.run(runner.optimize(settings, progress=progress))
@@ -153,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpx2", "openai", "datasets", "filelock"):
+    for noisy in ("httpx", "httpx2", "openai", "datasets", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:

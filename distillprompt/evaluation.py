@@ -81,23 +81,25 @@ def assemble(task: Task, prompts: list[str], examples: list[Example], outputs: l
     return [score_outputs(task, outputs[i * width : (i + 1) * width], examples) for i in range(len(prompts))]
 
 
-class InProcessEvaluator:
-    """Scores in this process's event loop, through the shared LLM client and its limiter."""
+class RequestEvaluator:
+    """Scores by answering one request per (prompt, example), all of them at once; where
+    each request is answered is up to ``answer``."""
 
     def __init__(
         self,
         task: Task,
-        llm: LLM,
         *,
         generation_max_tokens: int = 256,
         on_request_done: Callable[[int], None] | None = None,
         on_requests_planned: Callable[[int], None] | None = None,
     ) -> None:
         self.task = task
-        self.llm = llm
         self.max_tokens = answer_max_tokens(task, generation_max_tokens)
         self.on_request_done = on_request_done
         self.on_requests_planned = on_requests_planned
+
+    async def answer(self, messages: list[dict[str, str]], stage: str) -> str:
+        raise NotImplementedError
 
     async def score(self, prompts: list[str], examples: list[Example], stage: str = "scoring") -> list[Score]:
         requests = scoring_requests(self.task, prompts, examples)
@@ -105,12 +107,24 @@ class InProcessEvaluator:
             self.on_requests_planned(len(requests))
 
         async def answer(request: ScoringRequest) -> str:
-            replies = await self.llm.complete(
-                request.messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, priority=SCORING
-            )
+            text = await self.answer(request.messages, stage)
             if self.on_request_done:
                 self.on_request_done(1)
-            return replies[0] if replies else ""
+            return text
 
         outputs = await asyncio.gather(*(answer(request) for request in requests))
         return assemble(self.task, prompts, examples, list(outputs))
+
+
+class InProcessEvaluator(RequestEvaluator):
+    """Answers in this process's event loop, through the shared LLM client and its limiter."""
+
+    def __init__(self, task: Task, llm: LLM, **options: Any) -> None:
+        super().__init__(task, **options)
+        self.llm = llm
+
+    async def answer(self, messages: list[dict[str, str]], stage: str) -> str:
+        replies = await self.llm.complete(
+            messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, priority=SCORING
+        )
+        return replies[0] if replies else ""

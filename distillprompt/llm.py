@@ -291,10 +291,28 @@ class ChatClient:
         cached = self.lookup(key, stage)
         if cached is not None:
             return cached
+        return await self.fetch_and_store(
+            key, messages, temperature=temperature, n=n, max_tokens=max_tokens, stage=stage, sample=sample, priority=priority
+        )
+
+    async def fetch_and_store(
+        self,
+        key: str,
+        messages: Messages,
+        *,
+        temperature: float,
+        n: int,
+        max_tokens: int,
+        stage: str,
+        sample: int | str,
+        priority: int,
+    ) -> list[str]:
+        """A cache miss: asks the endpoint, counts what it cost (failures too) and caches it."""
         spent = Usage()
         try:
-            texts = await self.fetch(messages, temperature=temperature, n=n, max_tokens=max_tokens, sample=sample,
-                                     priority=priority, spent=spent)
+            texts = await self.fetch(
+                messages, temperature=temperature, n=n, max_tokens=max_tokens, sample=sample, priority=priority, spent=spent
+            )
         except BaseException:
             self.meter.record(stage, spent)
             raise
@@ -314,7 +332,7 @@ class ChatClient:
     ) -> list[str]:
         """Asks the endpoint (no cache): n samples, retried as the rules say; adds what it
         cost, retries and failures included, to ``spent``."""
-        seed = self._request_seed(sample)
+        seed = self._request_seed(sample) if temperature > 0 else None
         if n == 1 or self.native_n is False:
             replies = await asyncio.gather(
                 *(self._request(messages, temperature, 1, max_tokens, priority, _offset(seed, i), spent) for i in range(n))

@@ -121,6 +121,9 @@ class Callback:
 
     def on_round(self, result: RoundResult) -> None: ...
 
+    def on_rounds_done(self, state: RunState) -> None:
+        """The last round is over: only the test-sample scoring is left."""
+
     def on_finish(self, result: RunResult) -> None: ...
 
 
@@ -176,6 +179,7 @@ class Optimizer:
                 stop_reason = result.stop_reason
             stop_reason = stop_reason or "epochs"
             state.stop_reason = stop_reason
+            self._emit("on_rounds_done", state)
             final = state.best
             initial_test_score = await initial_test
             final_test_score = initial_test_score if final.id == initial.id else await self._score_test(final.prompt)
@@ -270,7 +274,9 @@ class Optimizer:
         state.keep_rng(rng)
         state.stop_reason = stop_reason
 
+        # Test-sample scoring runs beside the rounds; it belongs to the run, not to a round.
         by_stage = UsageMeter.since(self.meter.snapshot(), usage_before)
+        by_stage.pop(TEST_SCORING, None)
         round_usage = Usage()
         for usage in by_stage.values():
             round_usage.add(usage)

@@ -13,7 +13,8 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from importlib.metadata import entry_points
+from typing import Any, Protocol
 
 from .cache import ResponseCache
 from .data import Task, load_task
@@ -25,7 +26,7 @@ from .progress import ConsoleProgress
 from .settings import Settings
 from .state import RunState
 
-EvaluatorFactory = Callable[["RunContext"], Evaluator]
+EXECUTOR_PLUGINS = "distillprompt.executors"
 
 
 @dataclass
@@ -45,8 +46,19 @@ class RunContext:
 
 def output_folder(settings: Settings) -> Path:
     if settings.output is not None:
-        return Path(settings.output).expanduser()
-    return Path("distillprompt-output") / datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path(settings.output).expanduser().resolve()
+    return (Path("distillprompt-output") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+
+
+def anchor_paths(settings: Settings) -> Settings:
+    """The settings with local paths made absolute, so that nothing that changes the working
+    directory later (ray.init inside a Ray Job does) moves them."""
+    anchored = settings.model_copy(deep=True)
+    dataset = anchored.data.dataset
+    if dataset and Path(dataset).expanduser().exists():
+        anchored.data.dataset = str(Path(dataset).expanduser().resolve())
+    anchored.cache.path = Path(anchored.cache.path).expanduser().resolve()
+    return anchored
 
 
 def _require_endpoint(url: str | None) -> str:
@@ -57,7 +69,7 @@ def _require_endpoint(url: str | None) -> str:
     return url
 
 
-async def _open_context(
+async def open_context(
     settings: Settings, stack: AsyncExitStack, progress: ConsoleProgress | None, *, need_train: bool = True
 ) -> RunContext:
     target_url = _require_endpoint(settings.llm.base_url)
@@ -96,15 +108,49 @@ async def _open_context(
     return RunContext(settings, task, meter, limiter, cache, meta, target, progress)
 
 
-def in_process_evaluator(context: RunContext) -> Evaluator:
+class Executor(Protocol):
+    """Where scoring runs. Opened before the task is loaded, so slow start-ups overlap it."""
+
+    def evaluator(self, context: RunContext) -> Evaluator: ...
+
+    async def aclose(self) -> None: ...
+
+
+def evaluator_options(context: RunContext) -> dict[str, Any]:
     progress = context.progress
-    return InProcessEvaluator(
-        context.task,
-        context.target_llm,
+    return dict(
         generation_max_tokens=context.settings.llm.answer_max_tokens,
         on_request_done=progress.requests_done if progress else None,
         on_requests_planned=progress.requests_planned if progress else None,
     )
+
+
+class LocalExecutor:
+    """Scores in this process: for small runs, notebooks and tests."""
+
+    def evaluator(self, context: RunContext) -> Evaluator:
+        return InProcessEvaluator(context.task, context.target_llm, **evaluator_options(context))
+
+    async def aclose(self) -> None:
+        return None
+
+
+def open_executor(settings: Settings) -> Executor:
+    """The executor the settings name; others than ``local`` are plugins (entry points)."""
+    if settings.executor == "local":
+        return LocalExecutor()
+    for entry in entry_points(group=EXECUTOR_PLUGINS):
+        if entry.name == settings.executor:
+            return entry.load()(settings)
+    raise UserError(
+        f"executor {settings.executor!r} is not installed: reinstall the package (pip install -e .) or use --executor local"
+    )
+
+
+def _own(stack: AsyncExitStack, executor: Executor) -> Executor:
+    """Closes an executor this run opened (one handed in stays open for its owner)."""
+    stack.push_async_callback(executor.aclose)
+    return executor
 
 
 class CheckpointWriter(Callback):
@@ -122,15 +168,22 @@ async def optimize(
     *,
     callbacks: list[Callback] | None = None,
     progress: ConsoleProgress | None = None,
-    evaluator_factory: EvaluatorFactory = in_process_evaluator,
+    executor: Executor | None = None,
     state: RunState | None = None,
 ) -> tuple[RunResult, Path]:
     """Runs the optimizer and writes ``result.json``; returns the result and the output folder."""
+    settings = anchor_paths(settings)
     folder = output_folder(settings)
     async with AsyncExitStack() as stack:
-        context = await _open_context(settings, stack, progress)
-        evaluator = evaluator_factory(context)
-        everyone: list[Callback] = [*( [progress] if progress else []), CheckpointWriter(folder / "state.json"), *(callbacks or [])]
+        executor = executor or _own(stack, open_executor(settings))
+        context = await open_context(settings, stack, progress)
+        evaluator = executor.evaluator(context)
+        everyone: list[Callback] = [
+            *([progress] if progress else []),
+            CheckpointWriter(folder / "state.json"),
+            *([executor] if isinstance(executor, Callback) else []),  # an executor may follow the run too
+            *(callbacks or []),
+        ]
         optimizer = Optimizer(
             context.task,
             context.meta_llm,
@@ -156,13 +209,15 @@ async def evaluate(
     prompt: str,
     *,
     progress: ConsoleProgress | None = None,
-    evaluator_factory: EvaluatorFactory = in_process_evaluator,
+    executor: Executor | None = None,
 ) -> tuple[Score, Task, dict[str, Any]]:
     """Scores one prompt on the test sample."""
+    settings = anchor_paths(settings)
     async with AsyncExitStack() as stack:
-        context = await _open_context(settings, stack, progress, need_train=False)
+        executor = executor or _own(stack, open_executor(settings))
+        context = await open_context(settings, stack, progress, need_train=False)
         started = time.perf_counter()
-        (score,) = await evaluator_factory(context).score([prompt], context.task.test, stage="test")
+        (score,) = await executor.evaluator(context).score([prompt], context.task.test, stage="test")
         usage = context.meter.total().to_dict()
         usage["wall_time_seconds"] = round(time.perf_counter() - started, 3)
         return score, context.task, usage

@@ -5,7 +5,7 @@ Sources, strongest first:
   2. environment variables ``DISTILLPROMPT_<GROUP>__<NAME>`` (for example
      ``DISTILLPROMPT_LLM__MODEL``) and ``DISTILLPROMPT_SEED`` for top-level fields,
   3. a TOML or YAML config file (``--config``), with the same groups as tables,
-  4. ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``,
+  4. ``OPENAI_API_KEY``, ``OPENAI_BASE_URL`` and ``RAY_ADDRESS``,
   5. the defaults below.
 
 Every field carries the help text of its CLI flag, so the flags, the config file and the
@@ -160,13 +160,19 @@ class _MappingSource(PydanticBaseSettingsSource):
         return self._data
 
 
-def _openai_env() -> dict[str, Any]:
+def _standard_env() -> dict[str, Any]:
+    """OPENAI_API_KEY, OPENAI_BASE_URL and RAY_ADDRESS, the variables other tools use too."""
+    found: dict[str, Any] = {}
     llm: dict[str, Any] = {}
     if os.environ.get("OPENAI_API_KEY"):
         llm["api_key"] = os.environ["OPENAI_API_KEY"]
     if os.environ.get("OPENAI_BASE_URL"):
         llm["base_url"] = os.environ["OPENAI_BASE_URL"]
-    return {"llm": llm} if llm else {}
+    if llm:
+        found["llm"] = llm
+    if os.environ.get("RAY_ADDRESS"):
+        found["ray_address"] = os.environ["RAY_ADDRESS"]
+    return found
 
 
 class Settings(BaseSettings):
@@ -185,7 +191,13 @@ class Settings(BaseSettings):
     output: Path | None = Field(
         None, description="folder for result.json (default: ./distillprompt-output/<timestamp>)"
     )
-    executor: Literal["local"] = Field("local", description="where scoring runs: local (in this process)")
+    executor: Literal["ray", "local"] = Field(
+        "ray", description="where scoring runs: ray (actors on a local instance or a cluster) or local (this process)"
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to use, e.g. ray://head:10001 or auto (also RAY_ADDRESS; default: start a local one)"
+    )
+    ray_actors: int = Field(0, ge=0, description="scoring actors in the Ray pool (0: two per node)")
 
     @classmethod
     def settings_customise_sources(
@@ -200,7 +212,7 @@ class Settings(BaseSettings):
             init_settings,
             env_settings,
             _MappingSource(settings_cls, _config_file_data.get()),
-            _MappingSource(settings_cls, _openai_env()),
+            _MappingSource(settings_cls, _standard_env()),
         )
 
     # ----- views used by the rest of the package -------------------------------------

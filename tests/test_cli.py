@@ -23,6 +23,7 @@ def base_args(endpoint: ScriptedEndpoint, dataset, tmp_path, *extra: str) -> lis
         "--test-size", "20",
         "--cache-path", str(tmp_path / "cache.sqlite"),
         "--output", str(tmp_path / "out"),
+        "--executor", "local",
         *extra,
     ]
 
@@ -63,6 +64,7 @@ def test_settings_from_env_and_config_file(endpoint, reviews_dir, tmp_path):
     config.write_text(f'[data]\ndataset = "{reviews_dir}"\ntrain_size = 10\ntest_size = 10\n[optimizer]\nepochs = 1\n')
     completed = run_cli(
         "optimize", "--config", str(config), "--output", str(tmp_path / "out"), "--cache-path", str(tmp_path / "c.sqlite"),
+        "--executor", "local",
         env={"OPENAI_BASE_URL": endpoint.base_url, "DISTILLPROMPT_LLM__MODEL": "test-model"},
     )
     assert completed.returncode == 0, completed.stderr
@@ -74,7 +76,7 @@ def test_evaluate_scores_one_prompt_on_the_test_sample(endpoint, reviews_dir, tm
     completed = run_cli(
         "evaluate", "--prompt", "Judge the overall sentiment and tone.", "--dataset", str(reviews_dir),
         "--base-url", endpoint.base_url, "--model", "test-model", "--test-size", "15",
-        "--cache-path", str(tmp_path / "c.sqlite"),
+        "--cache-path", str(tmp_path / "c.sqlite"), "--executor", "local",
     )
     assert completed.returncode == 0, completed.stderr
     assert "test (15 examples of" in completed.stdout and "macro_f1" in completed.stdout

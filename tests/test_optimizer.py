@@ -25,6 +25,7 @@ def optimize(endpoint: ScriptedEndpoint, dataset, tmp_path, **optimizer):
             "cache": {"path": str(tmp_path / "cache.sqlite"), "enabled": optimizer.pop("cache", True)},
             "seed": seed,
             "output": str(tmp_path / "out"),
+            "executor": "local",
         }
     )
     return asyncio.run(runner.optimize(settings))

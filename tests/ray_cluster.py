@@ -1,0 +1,88 @@
+"""A two-node Ray cluster on this machine, started and stopped with the ``ray`` CLI."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _port_block(size: int) -> int:
+    """The first port of ``size`` free consecutive ports."""
+    for _ in range(200):
+        base = random.randrange(40000, 60000 - size)
+        if all(_free(base + i) for i in range(0, size, max(1, size // 8))) and _free(base + size - 1):
+            return base
+    raise RuntimeError("no free port block")
+
+
+@dataclass
+class TwoNodeCluster:
+    head_port: int
+    dashboard_port: int
+    temp_dir: str
+    env: dict[str, str]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.head_port}"
+
+    @property
+    def job_address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @classmethod
+    def start(cls) -> TwoNodeCluster:
+        base = _port_block(1200)
+        temp_dir = f"/tmp/rt{os.getpid()}"
+        env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        cluster = cls(base, base + 1, temp_dir, env)
+        head = [
+            RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={base}",
+            "--num-cpus=1", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={base + 1}",
+            f"--ray-client-server-port={base + 2}", f"--dashboard-agent-listen-port={base + 3}",
+            f"--min-worker-port={base + 100}", f"--max-worker-port={base + 599}",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        ]
+        worker = [
+            RAY, "start", f"--address=127.0.0.1:{base}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+            '--resources={"second_node": 1}', f"--dashboard-agent-listen-port={base + 4}",
+            f"--min-worker-port={base + 600}", f"--max-worker-port={base + 1099}", "--disable-usage-stats",
+        ]
+        for command in (head, worker):
+            subprocess.run(command, env=env, check=True, capture_output=True, timeout=120)
+        cluster.wait_for_nodes(2)
+        return cluster
+
+    def wait_for_nodes(self, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = subprocess.run(
+                [RAY, "status", f"--address={self.address}"], env=self.env, capture_output=True, text=True, timeout=60
+            )
+            if status.stdout.count(" node_") >= count:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"the cluster did not reach {count} nodes")
+
+    def stop(self) -> None:
+        subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -1,0 +1,148 @@
+"""Scoring on a real two-node Ray cluster: placement, equality with in-process scoring,
+an actor killed mid-scoring, and a Ray Job submitted end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections import Counter
+from contextlib import AsyncExitStack
+
+import pytest
+
+from distillprompt import runner
+from distillprompt.runner import LocalExecutor
+from distillprompt.settings import load_settings
+from ray_jobs.executor import RayExecutor
+from tests.conftest import run_cli
+from tests.endpoint import ScriptedEndpoint
+from tests.ray_cluster import TwoNodeCluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = TwoNodeCluster.start()
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        yield started
+    finally:
+        started.stop()
+        if previous is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous
+
+
+def settings_for(endpoint, dataset, tmp_path, **top):
+    return load_settings(
+        {
+            "llm": {"base_url": endpoint.base_url, "model": "test-model", "backoff_base": 0.01, "concurrency": 8},
+            "data": {"dataset": str(dataset), "train_size": 12, "test_size": 10},
+            "optimizer": {"epochs": 1},
+            "cache": {"path": str(tmp_path / "cache.sqlite")},
+            "output": str(tmp_path / "out"),
+            **top,
+        }
+    )
+
+
+def test_actors_spread_over_both_nodes_and_score_like_in_process(cluster, endpoint, reviews_dir, tmp_path):
+    settings = settings_for(endpoint, reviews_dir, tmp_path / "ray", ray_address=cluster.address, ray_actors=4)
+
+    async def on_ray():
+        executor = RayExecutor(settings)
+        try:
+            placement = await executor.placement()
+            result, _ = await runner.optimize(settings, executor=executor)
+            return placement, result
+        finally:
+            await executor.aclose()
+
+    placement, on_cluster = asyncio.run(on_ray())
+    assert len({actor["node_id"] for actor in placement}) == 2
+    ray_requests = Counter(e.body_hash for e in endpoint.requests())
+
+    endpoint.reset()
+    local_settings = settings_for(endpoint, reviews_dir, tmp_path / "local", executor="local")
+    in_process, _ = asyncio.run(runner.optimize(local_settings, executor=LocalExecutor()))
+    local_requests = Counter(e.body_hash for e in endpoint.requests())
+
+    assert [c.to_dict() for c in on_cluster.history] == [c.to_dict() for c in in_process.history]
+    assert on_cluster.final_scores == in_process.final_scores
+    assert on_cluster.initial_scores == in_process.initial_scores
+    assert ray_requests == local_requests  # the same requests, each sent once
+
+
+def test_an_actor_killed_mid_scoring_loses_and_repeats_nothing(cluster, reviews_dir, tmp_path):
+    prompts = [f"Decide the sentiment of the review, variant {i}." for i in range(6)]
+    with ScriptedEndpoint(latency=0.05) as slow:
+        settings = settings_for(slow, reviews_dir, tmp_path, ray_address=cluster.address, ray_actors=2)
+
+        async def score_with_a_kill():
+            executor = RayExecutor(settings)
+            try:
+                pids = [actor["pid"] for actor in await executor.placement()]
+                async with AsyncExitStack() as stack:
+                    context = await runner.open_context(settings, stack, None)
+                    scoring = asyncio.create_task(executor.evaluator(context).score(prompts, context.task.train))
+                    while len(slow.requests()) < 20:
+                        await asyncio.sleep(0.01)
+                    os.kill(pids[0], signal.SIGKILL)
+                    scores = await scoring
+                    restarted = [actor["pid"] for actor in await executor.placement()]
+                    return scores, context.meter.total(), len(context.cache), pids, restarted
+            finally:
+                await executor.aclose()
+
+        scores, usage, cached, pids, restarted = asyncio.run(score_with_a_kill())
+        sent_to_endpoint = len(slow.requests())
+
+        async def score_in_process():
+            async with AsyncExitStack() as stack:
+                context = await runner.open_context(settings.model_copy(update={"executor": "local"}), stack, None)
+                context.cache = None
+                return await LocalExecutor().evaluator(context).score(prompts, context.task.train)
+
+        context_free = asyncio.run(score_in_process())
+
+    pairs = len(prompts) * 12
+    assert [s.outputs for s in scores] == [s.outputs for s in context_free]
+    assert [s.value for s in scores] == [s.value for s in context_free]
+    assert usage.requests == pairs  # each reply counted once, whatever was re-sent
+    assert cached == pairs
+    assert restarted[0] != pids[0] and restarted[1] == pids[1]  # Ray brought the killed actor back
+    assert sent_to_endpoint > pairs  # the killed actor's unanswered requests were sent again
+
+
+def test_submit_runs_a_ray_job_to_the_end(cluster, endpoint, reviews_dir, tmp_path):
+    completed = run_cli(
+        "submit", "--job-address", cluster.job_address,
+        "--dataset", str(reviews_dir), "--base-url", endpoint.base_url, "--model", "test-model",
+        "--epochs", "1", "--train-size", "10", "--test-size", "10", "--no-cache",
+        env={"RAY_AUTH_MODE": "disabled", "PATH": cluster.env["PATH"]},
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "submitted Ray job raysubmit_" in completed.stdout
+    assert "final prompt" in completed.stdout and "SUCCEEDED" in completed.stdout
+    assert Counter(e.stage for e in endpoint.requests(kind="meta"))["rewrite"] == 1
+
+
+def test_submit_without_a_jobs_address_names_the_fix(reviews_dir, tmp_path):
+    completed = run_cli("submit", "--dataset", str(reviews_dir), "--base-url", "http://127.0.0.1:9/v1")
+    assert completed.returncode == 2
+    assert "--job-address" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_job_config_carries_no_secret(reviews_dir, tmp_path):
+    from ray_jobs.submit import build_job
+
+    settings = load_settings({"llm": {"api_key": "sk-planted-secret", "base_url": "http://x/v1"}, "data": {"dataset": str(reviews_dir)}})
+    entrypoint, runtime_env = build_job(settings, tmp_path)
+    shipped = (tmp_path / "distillprompt-job.json").read_text()
+    assert "sk-planted-secret" not in shipped + entrypoint + json.dumps(runtime_env)
+    assert json.loads(shipped)["data"]["dataset"] == "data/" + reviews_dir.name
+    assert (tmp_path / "data" / reviews_dir.name / "train.jsonl").is_file()
