@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sys
 import typing
 from importlib.metadata import entry_points
@@ -24,6 +25,7 @@ GROUP_TITLES = {
     "data": "task and data",
     "optimizer": "method",
     "cache": "response cache",
+    "mlflow": "MLflow tracking and registry",
     None: "run",
 }
 
@@ -61,11 +63,34 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
 
 
 COMMAND_PLUGINS = "distillprompt.commands"
+CALLBACK_PLUGINS = "distillprompt.callbacks"
+PROMPT_SOURCES = "distillprompt.prompt_sources"
 
 
 def command_plugins() -> dict[str, Any]:
     """Subcommands that adapters add (``submit`` from ray_jobs …), by entry point."""
     return {entry.name: entry.load()() for entry in entry_points(group=COMMAND_PLUGINS)}
+
+
+def callback_plugins(settings: Settings) -> list[Any]:
+    """Callbacks that adapters add to a run (MLflow tracking …); each decides from the
+    settings whether it takes part."""
+    found = []
+    for entry in entry_points(group=CALLBACK_PLUGINS):
+        callback = entry.load()(settings)
+        if callback is not None:
+            found.append(callback)
+    return found
+
+
+def resolve_prompt(text: str) -> str:
+    """A prompt given as a URI (``prompts:/NAME@alias``) is fetched by the plugin of its scheme."""
+    scheme = re.match(r"^([a-z][a-z0-9+.-]*):/", text)
+    if scheme:
+        for entry in entry_points(group=PROMPT_SOURCES):
+            if entry.name == scheme.group(1):
+                return entry.load()(text)
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, plugin in plugins.items():
         command = commands.add_parser(name, help=plugin.help, description=plugin.help)
         plugin.configure(command)
-        with_settings.append(command)
+        if getattr(plugin, "takes_settings", True):
+            with_settings.append(command)
     for command in with_settings:
         command.add_argument("--config", type=Path, help="TOML or YAML file with settings (tables llm, data, optimizer, cache)")
         command.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
@@ -152,16 +178,29 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def _run(args: argparse.Namespace) -> int:
     from . import runner
 
-    settings = settings_from_args(args)
     if args.command not in ("optimize", "evaluate"):
-        return command_plugins()[args.command].run(args, settings)
+        plugin = command_plugins()[args.command]
+        settings = settings_from_args(args) if getattr(plugin, "takes_settings", True) else None
+        return plugin.run(args, settings)
+    settings = settings_from_args(args)
     progress = None if args.quiet else ConsoleProgress(epochs=settings.optimizer.epochs)
     if args.command == "optimize":
-        result, folder = asyncio.run(runner.optimize(settings, progress=progress))
+        callbacks = callback_plugins(settings)
+        result, folder = asyncio.run(runner.optimize(settings, progress=progress, callbacks=callbacks))
         _print_result(result, folder)
         return 0
-    prompt = _read_prompt(args)
-    score, task, usage = asyncio.run(runner.evaluate(settings, prompt, progress=progress))
+    prompt = resolve_prompt(_read_prompt(args))
+    callbacks = callback_plugins(settings)
+    try:
+        score, task, usage = asyncio.run(runner.evaluate(settings, prompt, progress=progress))
+        for callback in callbacks:
+            getattr(callback, "on_evaluation", lambda *a: None)(task, prompt, score, usage)
+    except BaseException:
+        for callback in callbacks:
+            callback.on_end(False)
+        raise
+    for callback in callbacks:
+        callback.on_end(True)
     print(f"\nprompt: {prompt}")
     print(f"test ({len(task.test)} examples of {task.name}): {_format_scores(score.summary())}")
     print(f"LLM requests: {usage['requests']} sent, {usage['cache_hits']} from cache")

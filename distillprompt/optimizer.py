@@ -126,6 +126,9 @@ class Callback:
 
     def on_finish(self, result: RunResult) -> None: ...
 
+    def on_end(self, succeeded: bool) -> None:
+        """The run is over, finished or failed (called by the runner, also on errors)."""
+
 
 class Optimizer:
     def __init__(

@@ -171,37 +171,45 @@ async def optimize(
     executor: Executor | None = None,
     state: RunState | None = None,
 ) -> tuple[RunResult, Path]:
-    """Runs the optimizer and writes ``result.json``; returns the result and the output folder."""
+    """Runs the optimizer and writes ``result.json``; returns the result and the output folder.
+
+    Every callback hears ``on_end`` once, whether the run finished or failed."""
     settings = anchor_paths(settings)
     folder = output_folder(settings)
-    async with AsyncExitStack() as stack:
-        executor = executor or _own(stack, open_executor(settings))
-        context = await open_context(settings, stack, progress)
-        evaluator = executor.evaluator(context)
-        everyone: list[Callback] = [
-            *([progress] if progress else []),
-            CheckpointWriter(folder / "state.json"),
-            *([executor] if isinstance(executor, Callback) else []),  # an executor may follow the run too
-            *(callbacks or []),
-        ]
-        optimizer = Optimizer(
-            context.task,
-            context.meta_llm,
-            evaluator,
-            settings.optimizer,
-            seed=settings.seed,
-            meter=context.meter,
-            callbacks=everyone,
-            meta_max_tokens=settings.llm.meta_max_tokens,
-            state=state,
-        )
-        result = await optimizer.run(settings.optimizer.initial_prompt)
-        if context.cache is not None:
-            result.extra["cache"] = context.cache.stats()
-    result.extra["settings"] = settings.public_dict()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
-    return result, folder
+    extra = list(callbacks or [])
+    succeeded = False
+    try:
+        async with AsyncExitStack() as stack:
+            executor = executor or _own(stack, open_executor(settings))
+            context = await open_context(settings, stack, progress)
+            everyone: list[Callback] = [
+                *([progress] if progress else []),
+                CheckpointWriter(folder / "state.json"),
+                *([executor] if isinstance(executor, Callback) else []),  # an executor may follow the run too
+                *extra,
+            ]
+            optimizer = Optimizer(
+                context.task,
+                context.meta_llm,
+                executor.evaluator(context),
+                settings.optimizer,
+                seed=settings.seed,
+                meter=context.meter,
+                callbacks=everyone,
+                meta_max_tokens=settings.llm.meta_max_tokens,
+                state=state,
+            )
+            result = await optimizer.run(settings.optimizer.initial_prompt)
+            if context.cache is not None:
+                result.extra["cache"] = context.cache.stats()
+        result.extra["settings"] = settings.public_dict()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
+        succeeded = True
+        return result, folder
+    finally:
+        for callback in extra:
+            callback.on_end(succeeded)
 
 
 async def evaluate(

@@ -143,6 +143,23 @@ class CacheSettings(Group):
     path: Path = Field(DEFAULT_CACHE_PATH, description="response cache file (sqlite)", json_schema_extra=flag("--cache-path"))
 
 
+class TrackingSettings(Group):
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking server or store, e.g. sqlite:///mlflow.db (default: MLFLOW_TRACKING_URI; "
+        "runs are tracked when either is set, or inside `mlflow run`)",
+    )
+    experiment: str = Field("distillprompt", description="MLflow experiment of runs started here")
+    run_name: str | None = Field(None, description="name of the MLflow run (default: dataset and date)")
+    prompt_name: str | None = Field(
+        None, description="registry name of the final prompt and its model (default: derived from the dataset)"
+    )
+    register_result: bool = Field(
+        True, description="register the final prompt and a model applying it", json_schema_extra=flag("--register")
+    )
+    trace: bool = Field(False, description="record every LLM call as an MLflow trace")
+
+
 _config_file_data: ContextVar[dict[str, Any]] = ContextVar("_config_file_data", default={})
 
 
@@ -187,6 +204,7 @@ class Settings(BaseSettings):
     data: DataSettings = Field(default_factory=DataSettings)
     optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    mlflow: TrackingSettings = Field(default_factory=TrackingSettings)
     seed: int = Field(0, description="seed of every random choice; the same seed reproduces a run")
     output: Path | None = Field(
         None, description="folder for result.json (default: ./distillprompt-output/<timestamp>)"

@@ -39,12 +39,23 @@ def render_inputs(task: Task, example: Example) -> str:
     return "\n".join(f"{column.replace('_', ' ').capitalize()}: {example.inputs[column]}" for column in task.input_columns)
 
 
+def is_full_template(task: Task, prompt: str) -> bool:
+    """A prompt with a ``{{column}}`` placeholder for every input is a whole request template
+    (as registered), not an instruction to wrap."""
+    return all("{{" + column + "}}" in prompt for column in task.input_columns)
+
+
 def task_messages(task: Task, instruction: str, example: Example) -> list[dict[str, str]]:
     """The request that scores one instruction on one example.
 
     The instruction comes first and the input last, so requests for one instruction share
-    a long prefix (servers with prefix caching reuse it).
+    a long prefix (servers with prefix caching reuse it). A full template is filled as is.
     """
+    if is_full_template(task, instruction):
+        content = instruction
+        for column in task.input_columns:
+            content = content.replace("{{" + column + "}}", example.inputs[column])
+        return [{"role": "user", "content": content}]
     parts = [instruction.strip()]
     if task.is_classification:
         parts.append(f"Possible answers: {', '.join(task.labels)}.")

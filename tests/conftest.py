@@ -70,3 +70,71 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         cwd=cwd or ROOT,
         timeout=timeout,
     )
+
+
+def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process that must find this venv's `python` and `mlflow`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILLPROMPT_", "OPENAI_", "MLFLOW_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 90) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `mlflow server` on loopback with a sqlite database and an artifact folder."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = (folder / "server.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")), "server",
+            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination", str(folder / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, env=venv_env(), cwd=folder, start_new_session=True,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health")
+        yield {"uri": f"http://127.0.0.1:{port}", "db": folder / "mlflow.db", "artifacts": folder / "artifacts"}
+    finally:
+        stop_group(server)
+        log.close()
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stops a child started with start_new_session=True and everything it started."""
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

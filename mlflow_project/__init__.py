@@ -1,0 +1,1 @@
+"""MLflow adapter of distillprompt: tracking callback, prompt and model registry, MLproject entry points."""

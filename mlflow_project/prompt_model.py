@@ -1,0 +1,74 @@
+"""An MLflow "model from code" that applies a registered prompt and returns parsed answers.
+
+Logged by ``registry.register_result`` with ``python_model=<this file>`` and a
+``model_config`` holding the prompt template (``{{column}}`` placeholders), the target
+model's settings and the labels. Nothing is pickled. ``predict`` takes a DataFrame with the
+task's input columns and returns one answer per row: a label for classification (None when
+the reply names none), the answer text for generation.
+
+The endpoint is the one of the run, unless ``OPENAI_BASE_URL`` is set where the model is
+served; the key comes from ``OPENAI_API_KEY`` there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
+
+
+class PromptModel(PythonModel):
+    def load_context(self, context: Any) -> None:
+        import openai
+
+        config = dict((context.model_config or {}).get("distillprompt") or {})
+        self.template: str = config["template"]
+        self.model: str = config["model"]
+        self.labels: list[str] = list(config.get("labels") or [])
+        self.max_tokens = int(config.get("max_tokens", 64))
+        self.concurrency = int(config.get("concurrency", 8))
+        base_url = os.environ.get("OPENAI_BASE_URL") or config["base_url"]
+        self.client = openai.OpenAI(
+            base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY") or "not-needed", max_retries=4, timeout=120
+        )
+
+    def fill(self, row: dict[str, Any]) -> str:
+        def value(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in row:
+                raise KeyError(f"input column {name!r} is missing: give a DataFrame with columns {self.columns()}")
+            return str(row[name])
+
+        return PLACEHOLDER.sub(value, self.template)
+
+    def columns(self) -> list[str]:
+        return list(dict.fromkeys(PLACEHOLDER.findall(self.template)))
+
+    def answer(self, row: dict[str, Any]) -> str | None:
+        from distillprompt.metrics import answer_text, parse_label
+
+        reply = self.client.chat.completions.create(
+            model=self.model,
+            messages=[{"role": "user", "content": self.fill(row)}],
+            temperature=0.0,
+            max_tokens=self.max_tokens,
+        )
+        text = reply.choices[0].message.content or ""
+        return parse_label(text, self.labels) if self.labels else answer_text(text)
+
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
+        import pandas
+
+        frame = model_input if isinstance(model_input, pandas.DataFrame) else pandas.DataFrame(model_input)
+        rows = frame.to_dict(orient="records")
+        with ThreadPoolExecutor(max(1, min(self.concurrency, len(rows)))) as pool:
+            return list(pool.map(self.answer, rows))
+
+
+mlflow.models.set_model(PromptModel())

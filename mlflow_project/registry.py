@@ -1,0 +1,188 @@
+"""Registration of a run's final prompt, and promotion of a version to production.
+
+Two registry entries per run:
+* the prompt, in the MLflow Prompt Registry under NAME: the task template with the final
+  instruction and ``{{column}}`` placeholders, the target model's settings as its model
+  config, tags with the run, dataset, metric and scores; linked to the run; alias
+  ``candidate``;
+* a pyfunc model applying it, in the Model Registry under NAME-model ("models from code":
+  ``prompt_model.py`` plus a config, nothing pickled); alias ``candidate`` too.
+
+The model cannot share the prompt's name: MLflow 3.17 keeps prompts as registered models,
+so a model registered under the same name would become a version of the prompt.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distillprompt import templates
+from distillprompt.data import Example, Task
+from distillprompt.errors import UserError
+from distillprompt.optimizer import RunResult
+from distillprompt.settings import Settings
+
+CANDIDATE = "candidate"
+PRODUCTION = "production"
+MODEL_SUFFIX = "-model"
+CONFIG_KEY = "distillprompt"  # one key: MLflow logs a model config's top-level keys as run params
+NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "distillprompt"
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    prompt_version: int
+    model_name: str
+    model_version: int
+
+    @property
+    def prompt_uri(self) -> str:
+        return f"prompts:/{self.name}/{self.prompt_version}"
+
+
+def default_name(task: Task) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", task.name).strip("-._") or "task"
+    return f"distillprompt-{cleaned}"[:200]
+
+
+def check_name(name: str) -> str:
+    if not NAME_RULE.match(name):
+        raise UserError(
+            f"registry name {name!r} is not allowed: use letters, digits, '-', '_' and '.', starting with a letter or digit"
+        )
+    return name
+
+
+def prompt_template(task: Task, instruction: str) -> str:
+    """The scoring request of the task with ``{{column}}`` where each input goes."""
+    placeholders = Example(index=0, inputs={c: "{{" + c + "}}" for c in task.input_columns}, target="")
+    return templates.task_messages(task, instruction, placeholders)[0]["content"]
+
+
+def register_result(result: RunResult, task: Task, settings: Settings, run_id: str) -> Registered:
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    name = check_name(settings.mlflow.prompt_name or default_name(task))
+    max_tokens = templates.answer_max_tokens(task, settings.llm.answer_max_tokens)
+    metric = "macro_f1" if task.is_classification else task.generation_metric
+    scores = {
+        "train_score": result.final_scores["train"]["score"],
+        "test_score": result.final_scores["test"]["score"],
+        "initial_test_score": result.initial_scores["test"]["score"],
+    }
+    tags = {
+        "run_id": run_id,
+        "dataset": task.source,
+        "dataset_digest": task.digest(),
+        "metric": metric,
+        "method": "distillprompt",
+        "target_model": settings.llm.model,
+        **{key: f"{value:.6f}" for key, value in scores.items()},
+    }
+    template = prompt_template(task, result.final_prompt)
+    version = mlflow.genai.register_prompt(
+        name=name,
+        template=template,
+        commit_message=f"final prompt of run {run_id} ({metric} on test {scores['test_score']:.4f})",
+        tags=dict(tags),  # register_prompt adds its own keys to the dict it is given
+        model_config={
+            "provider": "openai",
+            "model_name": settings.llm.model,
+            "temperature": 0.0,
+            "max_tokens": max_tokens,
+            "extra_params": {"base_url": settings.llm.base_url, "labels": task.labels, "task": task.task_type},
+        },
+    )
+    client = MlflowClient()
+    client.link_prompt_version_to_run(run_id, version)
+    mlflow.genai.set_prompt_alias(name, CANDIDATE, version.version)
+
+    model_name = name + MODEL_SUFFIX
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", column) for column in task.input_columns]), outputs=Schema([ColSpec("string")])
+    )
+    model_config = {
+        "template": template,
+        "prompt_uri": f"prompts:/{name}/{version.version}",
+        "base_url": settings.llm.base_url,
+        "model": settings.llm.model,
+        "labels": task.labels,
+        "task": task.task_type,
+        "max_tokens": max_tokens,
+        "concurrency": min(settings.llm.concurrency, 16),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no input example on purpose: it would call the endpoint
+        info = mlflow.pyfunc.log_model(
+            name="prompt_model",
+            python_model=str(Path(__file__).with_name("prompt_model.py")),
+            model_config={CONFIG_KEY: model_config},
+            code_paths=[str(PACKAGE_DIR)],
+            pip_requirements=[f"mlflow=={mlflow.__version__}", "openai>=3,<4", "pandas"],
+            signature=signature,
+            registered_model_name=model_name,
+            prompts=[version],
+            tags={"prompt_version": str(version.version), **tags},
+        )
+    model_version = int(info.registered_model_version)
+    client.set_registered_model_alias(model_name, CANDIDATE, model_version)
+    mlflow.genai.set_prompt_version_tag(name, version.version, "model_version", str(model_version))
+    registered = Registered(name, int(version.version), model_name, model_version)
+    mlflow.set_tags(
+        {
+            "distillprompt.prompt_uri": registered.prompt_uri,
+            "distillprompt.model_uri": f"models:/{model_name}/{model_version}",
+        }
+    )
+    return registered
+
+
+def promote(name: str, version: int, *, alias: str = PRODUCTION, force: bool = False) -> str:
+    """Moves ``alias`` to ``version`` if it scores at least the current holder on test."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    check_name(name)
+    try:
+        chosen = mlflow.genai.load_prompt(f"prompts:/{name}/{version}")
+    except Exception:
+        raise UserError(f"prompt {name} has no version {version}: check the name and version to promote") from None
+    current = mlflow.genai.load_prompt(f"prompts:/{name}@{alias}", allow_missing=True)
+    new_score = float(chosen.tags.get("test_score", "nan"))
+    if current is not None and int(current.version) != int(version) and not force:
+        held = float(current.tags.get("test_score", "nan"))
+        if not new_score >= held:
+            raise UserError(
+                f"version {version} of {name} scores {new_score:.4f} on test, below {alias} version {current.version} "
+                f"({held:.4f}): pass --force to promote it anyway"
+            )
+        if chosen.tags.get("dataset_digest") != current.tags.get("dataset_digest"):
+            print(f"note: versions {version} and {current.version} were scored on different test samples")
+    mlflow.genai.set_prompt_alias(name, alias, int(version))
+    model_version = chosen.tags.get("model_version")
+    if model_version:
+        MlflowClient().set_registered_model_alias(name + MODEL_SUFFIX, alias, int(model_version))
+    before = f"from version {current.version}" if current is not None else "(new alias)"
+    return f"{name}@{alias} -> version {version} {before}; test score {new_score:.4f}"
+
+
+def load_prompt_text(uri: str) -> str:
+    """Entry point ``distillprompt.prompt_sources: prompts``: the template of a registered
+    prompt, e.g. ``prompts:/NAME@production`` or ``prompts:/NAME/3``."""
+    import mlflow
+
+    try:
+        prompt = mlflow.genai.load_prompt(uri)
+    except Exception as error:
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(f"cannot load {uri} ({reason}): check the name, version or alias and the tracking URI") from None
+    return prompt.template

@@ -1,0 +1,359 @@
+"""MLflow tracking of a DistillPrompt run: a ``Callback`` that records every round.
+
+Inside ``mlflow run`` it logs into the run MLflow created (``MLFLOW_RUN_ID``); elsewhere it
+starts a run in ``--experiment`` when a tracking URI is known (``--tracking-uri`` or
+``MLFLOW_TRACKING_URI``). Params are the settings (secrets left out); metrics use
+``step = epoch``; each round adds a candidate table and a checkpoint of the run state; the
+end adds prompts, scores, a bootstrap interval, a score plot and the winner's lineage, then
+registers the final prompt (see ``registry.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from distillprompt import templates
+from distillprompt.data import Task
+from distillprompt.errors import UserError
+from distillprompt.optimizer import Callback, RoundResult, RunResult
+from distillprompt.settings import Settings
+from distillprompt.state import STAGES, Candidate
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoints/state.json"
+CANDIDATE_ALIAS = "candidate"
+BOOTSTRAP_SAMPLES = 2000
+
+
+def tracking_requested(settings: Settings) -> bool:
+    return bool(settings.mlflow.tracking_uri or os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def paired_bootstrap(before: list[float], after: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """Mean of after − before per example, with a 95% percentile interval (paired resampling)."""
+    differences = [b - a for a, b in zip(before, after)]
+    if not differences:
+        return 0.0, 0.0, 0.0
+    rng = random.Random(f"{seed}:bootstrap")
+    count = len(differences)
+    means = sorted(sum(differences[rng.randrange(count)] for _ in range(count)) / count for _ in range(BOOTSTRAP_SAMPLES))
+    return sum(differences) / count, means[int(0.025 * BOOTSTRAP_SAMPLES)], means[int(0.975 * BOOTSTRAP_SAMPLES) - 1]
+
+
+def lineage(history: list[Candidate], final: Candidate) -> list[Candidate]:
+    """The winner and every candidate it was derived from, oldest first."""
+    by_id = {candidate.id: candidate for candidate in history}
+    seen: dict[int, Candidate] = {}
+    stack = [final.duplicate_of if final.duplicate_of is not None else final.id]
+    while stack:
+        current = by_id[stack.pop()]
+        if current.id in seen:
+            continue
+        seen[current.id] = current
+        for parent in current.parents:
+            original = by_id[parent]
+            stack.append(original.duplicate_of if original.duplicate_of is not None else original.id)
+    return sorted(seen.values(), key=lambda c: c.id)
+
+
+def _short(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+class MlflowTracker(Callback):
+    def __init__(self, settings: Settings) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        self.settings = settings
+        self.task: Task | None = None
+        self.rounds: list[dict[str, float]] = []
+        if settings.mlflow.tracking_uri:
+            mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+        run_id = os.environ.get("MLFLOW_RUN_ID")
+        try:
+            if run_id:
+                self.run = mlflow.start_run(run_id=run_id)
+            else:
+                mlflow.set_experiment(settings.mlflow.experiment)
+                self.run = mlflow.start_run(run_name=settings.mlflow.run_name)
+        except Exception as error:
+            reason = " ".join(str(error).split())[:200]
+            raise UserError(
+                f"cannot reach the MLflow tracking store {mlflow.get_tracking_uri()} ({reason}): start the server or fix "
+                "--tracking-uri / MLFLOW_TRACKING_URI"
+            ) from None
+        self.run_id = self.run.info.run_id
+        self.registered: Any = None
+        self._closed = False
+
+    # ----- events ------------------------------------------------------------------------
+
+    def on_start(self, task: Task, initial: Candidate) -> None:
+        mlflow = self.mlflow
+        self.task = task
+        params = {name: json.dumps(value) if isinstance(value, list) else value for name, value in self.settings.public_dict().items()}
+        params.update(
+            dataset_name=task.name,
+            dataset_source=task.source,
+            dataset_digest=task.digest(),
+            train_examples=len(task.train),
+            test_examples=len(task.test),
+            labels=",".join(task.labels),
+            initial_prompt_text=initial.prompt,
+        )
+        self._log_params(params)
+        mlflow.set_tags({"distillprompt.method": "distillprompt", "distillprompt.dataset": task.name})
+        if self.settings.mlflow.run_name is None and not os.environ.get("MLFLOW_RUN_ID"):
+            mlflow.set_tag("mlflow.runName", f"{task.name}-{datetime.now():%Y%m%d-%H%M%S}")
+        self._log_dataset(task)
+        mlflow.log_dict(templates.meta_prompt_texts(task), "method/meta_prompts.json")
+        mlflow.log_dict(task.describe(), "method/task.json")
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        """Logs the effective settings. Inside `mlflow run`, MLflow has logged the raw MLproject
+        parameters under the same names already; where the effective value differs (an empty
+        parameter left to a default), it goes in as ``effective_<name>``."""
+        values = {name: "" if value is None else str(value) for name, value in params.items()}
+        existing = self.mlflow.get_run(self.run_id).data.params
+        fresh = {}
+        for name, value in values.items():
+            if name not in existing:
+                fresh[name] = value
+            elif existing[name] != value and existing[name].strip("'\"") != value:
+                fresh[f"effective_{name}"] = value
+        if fresh:
+            self.mlflow.log_params(fresh)
+        self.mlflow.log_dict(values, "settings.json")
+
+    def _log_dataset(self, task: Task) -> None:
+        import mlflow.data
+        import pandas
+
+        for context, examples in (("train", task.train), ("test", task.test)):
+            frame = pandas.DataFrame([{**e.inputs, task.label_column: e.target} for e in examples])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a local path "can be interpreted in multiple ways"
+                dataset = mlflow.data.from_pandas(
+                    frame, source=task.source, name=f"{task.name}-{context}", targets=task.label_column
+                )
+            self.mlflow.log_input(dataset, context=context)
+
+    def on_round(self, result: RoundResult) -> None:
+        usage = result.usage
+        scored = [c for c in result.candidates if c.duplicate_of is None and c.score is not None]
+        metrics: dict[str, float] = {
+            "best_train_score": result.best.score or 0.0,
+            "candidates": len(result.candidates),
+            "candidates_scored": len(scored),
+            "llm_requests": usage.requests,
+            "cache_hits": usage.cache_hits,
+            "tokens_in": usage.input_tokens,
+            "tokens_out": usage.output_tokens,
+            "cost_usd": usage.cost,
+            "retries": usage.retries,
+            "failed_requests": usage.failed,
+            "round_wall_time_s": result.wall_time,
+            "dropped_replies": sum(sum(r.values()) for r in result.rejections.values()),
+        }
+        if scored:
+            metrics["parse_rate"] = sum(c.parse_rate or 0.0 for c in scored) / len(scored)
+        for stage, stats in result.stage_stats.items():
+            metrics[f"{stage}_best_score"] = stats["best"]
+            metrics[f"{stage}_mean_score"] = stats["mean"]
+        self.mlflow.log_metrics(metrics, step=result.epoch)
+        self.rounds.append({"epoch": result.epoch, **metrics})
+        rows = [
+            {
+                "epoch": c.epoch,
+                "stage": c.stage,
+                "candidate": c.id,
+                "parents": ",".join(map(str, c.parents)),
+                "prompt": c.prompt,
+                "train_score": c.score,
+                "duplicate_of": c.duplicate_of,
+            }
+            for c in result.candidates
+        ]
+        if rows:
+            self.mlflow.log_table(data=_columns(rows), artifact_file=f"candidates/round_{result.epoch:03d}.json")
+        self.mlflow.log_dict(result.state.to_dict(), CHECKPOINT)
+
+    def on_finish(self, result: RunResult) -> None:
+        mlflow = self.mlflow
+        initial, final = result.initial_scores, result.final_scores
+        mean, low, high = paired_bootstrap(result.initial_test.per_example, result.final_test.per_example, self.settings.seed)
+        usage = result.usage
+        metrics = {
+            "initial_parse_rate": initial["train"].get("parse_rate", 0.0),
+            "initial_train_score": initial["train"]["score"],
+            "initial_test_score": initial["test"]["score"],
+            "final_train_score": final["train"]["score"],
+            "final_test_score": final["test"]["score"],
+            "test_improvement": final["test"]["score"] - initial["test"]["score"],
+            "test_improvement_ci_low": low,
+            "test_improvement_ci_high": high,
+            "paired_mean_difference": mean,
+            "total_llm_requests": usage.requests,
+            "total_cache_hits": usage.cache_hits,
+            "total_tokens_in": usage.input_tokens,
+            "total_tokens_out": usage.output_tokens,
+            "total_cost_usd": usage.cost,
+            "wall_time_s": result.wall_time,
+        }
+        for split in ("train", "test"):
+            for name, value in final[split].items():
+                if name not in ("score",):
+                    metrics[f"final_{split}_{name}"] = value
+            for name, value in initial[split].items():
+                if name not in ("score",):
+                    metrics[f"initial_{split}_{name}"] = value
+        mlflow.log_metrics(metrics)
+        mlflow.log_metric("initial_parse_rate", metrics["initial_parse_rate"], step=0)
+        mlflow.set_tag("distillprompt.stop_reason", result.stop_reason)
+        mlflow.log_text(result.initial_prompt, "prompts/initial.txt")
+        mlflow.log_text(result.final_prompt, "prompts/final.txt")
+        mlflow.log_dict(result.to_dict(), "result.json")
+        with tempfile.TemporaryDirectory() as folder:
+            mlflow.log_artifact(self._plot_rounds(result, Path(folder)), "plots")
+            mlflow.log_artifact(self._plot_lineage(result, Path(folder)), "plots")
+        mlflow.log_text(self._lineage_text(result), "lineage.md")
+        if self.settings.mlflow.register_result and self.task is not None:
+            from .registry import register_result
+
+            self.registered = register_result(result, self.task, self.settings, self.run_id)
+
+    def on_evaluation(self, task: Task, prompt: str, score: Any, usage: dict[str, Any]) -> None:
+        """Records a stand-alone evaluation (``distillprompt evaluate`` / ``-e evaluate``)."""
+        mlflow = self.mlflow
+        params = {name: json.dumps(value) if isinstance(value, list) else value for name, value in self.settings.public_dict().items()}
+        params.update(dataset_name=task.name, dataset_digest=task.digest(), test_examples=len(task.test))
+        self._log_params(params)
+        mlflow.set_tags({"distillprompt.method": "evaluate", "distillprompt.dataset": task.name})
+        mlflow.log_metrics({f"test_{name}": value for name, value in score.summary().items()})
+        mlflow.log_metrics({"llm_requests": usage["requests"], "cache_hits": usage["cache_hits"]})
+        mlflow.log_text(prompt, "prompts/evaluated.txt")
+        rows = [
+            {"output": o, "prediction": p, "target": t, "score": v}
+            for o, p, t, v in zip(score.outputs, score.predictions, score.targets, score.per_example)
+        ]
+        if rows:
+            mlflow.log_table(data=_columns(rows), artifact_file="evaluation/test_outputs.json")
+
+    # ----- artifacts ---------------------------------------------------------------------
+
+    def _plot_rounds(self, result: RunResult, folder: Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(7, 4))
+        epochs = [0] + [r["epoch"] for r in self.rounds]
+        best = [result.initial_scores["train"]["score"]] + [r["best_train_score"] for r in self.rounds]
+        axis.plot(epochs, best, marker="o", linewidth=2, label="best train score")
+        for stage in STAGES:
+            points = [(r["epoch"], r[f"{stage}_best_score"]) for r in self.rounds if f"{stage}_best_score" in r]
+            if points:
+                axis.plot(*zip(*points), marker=".", linestyle="--", alpha=0.7, label=f"{stage} best")
+        axis.axhline(result.final_scores["test"]["score"], color="black", linestyle=":", label="final test score")
+        axis.set_xlabel("round")
+        axis.set_ylabel("score")
+        axis.set_title(f"DistillPrompt on {result.task['name']}")
+        axis.legend(fontsize=8, loc="lower right")
+        axis.grid(alpha=0.3)
+        path = folder / "score_per_round.png"
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return path
+
+    def _plot_lineage(self, result: RunResult, folder: Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        chain = lineage(result.history, result.final)
+        order = {"initial": 0, **{stage: i + 1 for i, stage in enumerate(STAGES)}}
+        columns: dict[tuple[int, int], list[Candidate]] = {}
+        for candidate in chain:
+            columns.setdefault((candidate.epoch, order[candidate.stage]), []).append(candidate)
+        keys = sorted(columns)
+        position: dict[int, tuple[float, float]] = {}
+        for x, key in enumerate(keys):
+            for y, candidate in enumerate(columns[key]):
+                position[candidate.id] = (x, -y)
+        figure, axis = plt.subplots(figsize=(max(6, 1.9 * len(keys)), max(3, 1.2 * max(len(v) for v in columns.values()) + 1.5)))
+        for candidate in chain:
+            for parent in candidate.parents:
+                source = result.history[parent]
+                source_id = source.duplicate_of if source.duplicate_of is not None else source.id
+                if source_id in position:
+                    axis.annotate(
+                        "", xy=position[candidate.id], xytext=position[source_id],
+                        arrowprops={"arrowstyle": "->", "color": "grey", "shrinkA": 18, "shrinkB": 18},
+                    )
+        for candidate in chain:
+            x, y = position[candidate.id]
+            winner = candidate.id == result.final.id or candidate.id == result.final.duplicate_of
+            axis.text(
+                x, y, f"#{candidate.id} {candidate.stage}\nround {candidate.epoch}\nscore {candidate.score or 0:.3f}",
+                ha="center", va="center", fontsize=7,
+                bbox={"boxstyle": "round", "facecolor": "gold" if winner else "white", "edgecolor": "black"},
+            )
+        axis.set_xlim(-0.7, len(keys) - 0.3)
+        axis.set_ylim(min(p[1] for p in position.values()) - 0.7, 0.7)
+        axis.axis("off")
+        axis.set_title("How the final prompt was derived")
+        path = folder / "lineage.png"
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return path
+
+    def _lineage_text(self, result: RunResult) -> str:
+        lines = ["# Lineage of the final prompt", ""]
+        for candidate in lineage(result.history, result.final):
+            parents = ", ".join(f"#{p}" for p in candidate.parents) or "none"
+            lines.append(
+                f"- **#{candidate.id}** {candidate.stage}, round {candidate.epoch}, train score "
+                f"{candidate.score or 0:.4f}, from {parents}: {candidate.prompt}"
+            )
+        return "\n".join(lines) + "\n"
+
+    # ----- end ---------------------------------------------------------------------------
+
+    def on_end(self, succeeded: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.registered is not None:
+            print(
+                f"registered prompt {self.registered.name} version {self.registered.prompt_version} "
+                f"(alias {CANDIDATE_ALIAS}) and model {self.registered.model_name} version {self.registered.model_version}",
+                file=sys.stderr,
+            )
+        self.mlflow.end_run(status="FINISHED" if succeeded else "FAILED")
+
+
+def make_tracker(settings: Settings) -> MlflowTracker | None:
+    """Entry point ``distillprompt.callbacks: mlflow``: a tracker when tracking was asked for."""
+    if not tracking_requested(settings):
+        return None
+    return MlflowTracker(settings)
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {key: [row[key] for row in rows] for key in rows[0]}

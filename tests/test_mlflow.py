@@ -1,0 +1,256 @@
+"""MLflow end to end against a real `mlflow server` (sqlite behind it): `mlflow run`, the
+per-round record, the registered prompt and model, promotion, serving, and secrets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port, run_cli, stop_group, venv_env, wait_for_http
+from tests.endpoint import ScriptedEndpoint
+
+PLANTED_KEY = "sk-planted-e2e-9f3c1a7b"
+PROMPT_NAME = "e2e-reviews"
+
+
+def mlflow_run(server, endpoint, dataset, *params: str, entry: str = "optimize", experiment: str = "e2e"):
+    command = [
+        str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", entry, "--env-manager", "local",
+        "--experiment-name", experiment,
+        "-P", f"dataset={dataset}", "-P", f"base_url={endpoint.base_url}", "-P", "model=test-model",
+        "-P", "executor=local", *[item for param in params for item in ("-P", param)],
+    ]
+    env = venv_env({"MLFLOW_TRACKING_URI": server["uri"], "OPENAI_API_KEY": PLANTED_KEY})
+    env["DISTILLPROMPT_CACHE__ENABLED"] = "false"
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def in_fresh_python(server, code: str) -> str:
+    """Runs code in a new interpreter, as production code fetching the prompt would."""
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, env=venv_env({"MLFLOW_TRACKING_URI": server["uri"]}), timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+@pytest.fixture(scope="module")
+def keyed_endpoint():
+    with ScriptedEndpoint(api_key=PLANTED_KEY) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def first_run(mlflow_server, keyed_endpoint, reviews_dir):
+    completed = mlflow_run(
+        mlflow_server, keyed_endpoint, reviews_dir,
+        "epochs=2", "train_size=12", "test_size=10", f"prompt_name={PROMPT_NAME}",
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server["uri"])
+    (run,) = mlflow.search_runs(experiment_names=["e2e"], output_format="list", order_by=["start_time ASC"])[:1]
+    return {"run": run, "output": completed.stdout + completed.stderr}
+
+
+def test_run_records_settings_rounds_and_artifacts(first_run, mlflow_server):
+    import mlflow
+    from mlflow import MlflowClient
+
+    run = first_run["run"]
+    client = MlflowClient(mlflow_server["uri"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["epochs"] == "2" and params["model"] == "test-model" and params["rewrites"] == "4"
+    assert params["dataset_digest"] and params["train_examples"] == "12"
+    assert "api_key" not in params
+    history = client.get_metric_history(run.info.run_id, "best_train_score")
+    assert [m.step for m in history] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "rewrite_mean_score")] == [1, 2]
+    for name in ("llm_requests", "cache_hits", "tokens_in", "tokens_out", "cost_usd", "round_wall_time_s", "parse_rate"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == 2, name
+    metrics = run.data.metrics
+    assert metrics["final_train_score"] >= metrics["initial_train_score"]
+    assert metrics["test_improvement_ci_low"] <= metrics["paired_mean_difference"] <= metrics["test_improvement_ci_high"]
+    artifacts = {
+        item.path
+        for folder in ("", "prompts", "plots", "candidates", "checkpoints", "method")
+        for item in client.list_artifacts(run.info.run_id, folder or None)
+    }
+    for expected in (
+        "prompts/initial.txt", "prompts/final.txt", "plots/score_per_round.png", "plots/lineage.png", "lineage.md",
+        "candidates/round_001.json", "candidates/round_002.json", "checkpoints/state.json",
+        "method/meta_prompts.json", "result.json",
+    ):
+        assert expected in artifacts, expected
+    table = mlflow.artifacts.load_dict(run.info.artifact_uri + "/candidates/round_001.json")
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert {row["stage"] for row in rows} == {"rewrite", "distill", "compress", "aggregate", "paraphrase"}
+    assert {"epoch", "parents", "prompt", "train_score"} <= set(table["columns"])
+    assert "candidates/round_001.json" in run.data.tags["mlflow.loggedArtifacts"]  # shown as a table in the UI
+    contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
+    assert contexts == ["test", "train"]
+
+
+def test_registered_prompt_and_model_are_fetched_by_alias(first_run, mlflow_server):
+    run = first_run["run"]
+    final = json.loads(
+        in_fresh_python(
+            mlflow_server,
+            f"""
+            import json, mlflow
+            prompt = mlflow.genai.load_prompt("prompts:/{PROMPT_NAME}@candidate")
+            run = mlflow.get_run(prompt.tags["run_id"])
+            final = mlflow.artifacts.load_text(run.info.artifact_uri + "/prompts/final.txt")
+            print(json.dumps({{"template": prompt.template, "tags": prompt.tags, "final": final,
+                              "config": prompt.model_config, "linked": run.data.tags.get("mlflow.linkedPrompts")}}))
+            """,
+        ).splitlines()[-1]
+    )
+    assert final["tags"]["run_id"] == run.info.run_id
+    assert final["final"] in final["template"] and "{{text}}" in final["template"]
+    assert float(final["tags"]["test_score"]) == pytest.approx(run.data.metrics["final_test_score"], abs=1e-6)
+    assert final["config"]["model_name"] == "test-model"
+    assert PROMPT_NAME in (final["linked"] or "")
+
+
+def test_pyfunc_model_returns_labels(first_run, mlflow_server, keyed_endpoint):
+    output = in_fresh_python(
+        mlflow_server,
+        f"""
+        import os, pandas, mlflow
+        os.environ["OPENAI_API_KEY"] = "{PLANTED_KEY}"
+        model = mlflow.pyfunc.load_model("models:/{PROMPT_NAME}-model@candidate")
+        print(list(model.predict(pandas.DataFrame({{"text": ["The film was wonderful.", "The cast was awful."]}}))))
+        """,
+    )
+    predictions = eval(output.strip().splitlines()[-1])
+    assert len(predictions) == 2 and set(predictions) <= {"positive", "negative"}
+
+
+def test_served_model_answers_invocations(first_run, mlflow_server, keyed_endpoint, tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{PROMPT_NAME}-model@candidate",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=venv_env({"MLFLOW_TRACKING_URI": mlflow_server["uri"], "OPENAI_API_KEY": PLANTED_KEY}),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, start_new_session=True,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", timeout=120)
+        body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [["A delightful, charming story."]]}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    finally:
+        stop_group(server)
+    assert answer["predictions"][0] in ("positive", "negative")
+
+
+def test_promote_refuses_a_worse_version_unless_forced(first_run, mlflow_server, reviews_dir):
+    def always_wrong(request, kind, stage):
+        return "<ans>nonsense</ans>" if kind == "scoring" else None
+
+    with ScriptedEndpoint(api_key=PLANTED_KEY, responder=always_wrong) as broken:
+        completed = mlflow_run(mlflow_server, broken, reviews_dir, "epochs=1", "train_size=12", "test_size=10",
+                               f"prompt_name={PROMPT_NAME}")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    env = {"MLFLOW_TRACKING_URI": mlflow_server["uri"]}
+    promoted = run_cli("promote", "--prompt-name", PROMPT_NAME, "--version", "1", env=env)
+    assert promoted.returncode == 0, promoted.stderr
+    assert f"{PROMPT_NAME}@production -> version 1" in promoted.stdout
+    refused = run_cli("promote", "--prompt-name", PROMPT_NAME, "--version", "2", env=env)
+    assert refused.returncode == 2
+    assert "below production version 1" in refused.stderr and "--force" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    forced = run_cli("promote", "--prompt-name", PROMPT_NAME, "--version", "2", "--force", env=env)
+    assert forced.returncode == 0, forced.stderr
+    production = in_fresh_python(
+        mlflow_server,
+        f"""
+        import mlflow
+        from mlflow import MlflowClient
+        print(mlflow.genai.load_prompt("prompts:/{PROMPT_NAME}@production").version,
+              MlflowClient().get_model_version_by_alias("{PROMPT_NAME}-model", "production").version)
+        """,
+    )
+    assert production.split() == ["2", "2"]
+
+
+def test_two_runs_compare_on_the_same_metrics(first_run, mlflow_server, keyed_endpoint, reviews_dir):
+    import mlflow
+
+    completed = mlflow_run(mlflow_server, keyed_endpoint, reviews_dir, "epochs=2", "train_size=12", "test_size=10",
+                           "seed=7", f"prompt_name={PROMPT_NAME}")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    runs = mlflow.search_runs(experiment_names=["e2e"], filter_string="params.seed = '7'", output_format="list")
+    assert runs
+    first, second = first_run["run"], runs[0]
+    shared = {"best_train_score", "final_test_score", "llm_requests", "rewrite_best_score"}
+    assert shared <= set(first.data.metrics) & set(second.data.metrics)
+    assert set(first.data.params) == set(second.data.params)
+    assert first.data.params["dataset_digest"] != second.data.params["dataset_digest"]  # another seed, another sample
+
+
+def test_evaluate_entry_point_scores_a_registered_prompt(first_run, mlflow_server, keyed_endpoint, reviews_dir):
+    import mlflow
+
+    completed = mlflow_run(
+        mlflow_server, keyed_endpoint, reviews_dir, f"prompt=prompts:/{PROMPT_NAME}/1", "test_size=10",
+        entry="evaluate", experiment="e2e-evaluate",
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (run,) = mlflow.search_runs(experiment_names=["e2e-evaluate"], output_format="list")
+    assert run.data.metrics["test_score"] == pytest.approx(first_run["run"].data.metrics["final_test_score"])
+    assert run.data.tags["distillprompt.method"] == "evaluate"
+
+
+def test_cli_tracking_uri_starts_its_own_run(mlflow_server, keyed_endpoint, reviews_dir, tmp_path):
+    import mlflow
+
+    completed = run_cli(
+        "optimize", "--dataset", str(reviews_dir), "--base-url", keyed_endpoint.base_url, "--model", "test-model",
+        "--epochs", "1", "--train-size", "10", "--test-size", "10", "--executor", "local", "--no-cache",
+        "--tracking-uri", mlflow_server["uri"], "--experiment", "from-cli", "--no-register",
+        "--output", str(tmp_path / "out"),
+        env={"OPENAI_API_KEY": PLANTED_KEY},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (run,) = mlflow.search_runs(experiment_names=["from-cli"], output_format="list")
+    assert run.info.status == "FINISHED" and run.data.params["register"] == "False"
+    assert "distillprompt.prompt_uri" not in run.data.tags  # --no-register
+
+
+def test_failed_run_registers_nothing(mlflow_server, reviews_dir, tmp_path):
+    import mlflow
+
+    with ScriptedEndpoint(api_key=PLANTED_KEY) as endpoint:
+        completed = mlflow_run(mlflow_server, endpoint, reviews_dir, "epochs=1", "train_size=500",
+                               "prompt_name=never-registered", experiment="e2e-failed")
+    assert completed.returncode != 0
+    assert "--train-size" in completed.stderr
+    from mlflow import MlflowClient
+
+    assert mlflow.genai.load_prompt("prompts:/never-registered@candidate", allow_missing=True) is None
+    assert not MlflowClient(mlflow_server["uri"]).search_registered_models(filter_string="name = 'never-registered-model'")
+
+
+def test_the_key_never_reaches_the_store(first_run, mlflow_server):
+    """Run last in this module: every run above had the key in its environment."""
+    assert PLANTED_KEY not in first_run["output"]
+    found = []
+    for path in [mlflow_server["db"], *Path(mlflow_server["artifacts"]).rglob("*")]:
+        if path.is_file() and PLANTED_KEY.encode() in path.read_bytes():
+            found.append(str(path))
+    assert not found
+    assert Path(mlflow_server["db"]).stat().st_size > 0
