@@ -28,18 +28,22 @@ def request_key(
     max_tokens: int,
     n: int,
     sample: str | int = 0,
+    stop: tuple[str, ...] = (),
 ) -> str:
     """The cache key of one request: a SHA-256 over everything that shapes its reply."""
+    fields = {
+        "endpoint": endpoint.rstrip("/"),
+        "model": model,
+        "messages": messages,
+        "temperature": round(float(temperature), 6),
+        "max_tokens": int(max_tokens),
+        "n": int(n),
+        "sample": str(sample),
+    }
+    if stop:
+        fields["stop"] = list(stop)
     payload = json.dumps(
-        {
-            "endpoint": endpoint.rstrip("/"),
-            "model": model,
-            "messages": messages,
-            "temperature": round(float(temperature), 6),
-            "max_tokens": int(max_tokens),
-            "n": int(n),
-            "sample": str(sample),
-        },
+        fields,
         sort_keys=True,
         ensure_ascii=False,
     )

@@ -35,7 +35,11 @@ LEADING_LABEL = re.compile(
     r"^\s*(new |improved |final |rewritten |merged |paraphrased |compressed )?(instruction|prompt)( \d+)?\s*:\s*",
     re.IGNORECASE,
 )
-PREAMBLE = re.compile(r"^\s*(sure|certainly|of course|okay|ok|here('s| is| are)\b)[^\n]*:\s*$", re.IGNORECASE)
+PREAMBLE = re.compile(
+    r"^\s*((sure|certainly|of course|okay|ok|here('s| is| are)\b)[^\n]*"
+    r"|(\S+\s+){0,5}(example|instruction|prompt|version|rewrite|paraphrase|output|result)s?(\s+\S+){0,3})\s*:\s*$",
+    re.IGNORECASE,
+)
 EXAMPLE_LINE = re.compile(r"^\s*correct answer\s*:", re.IGNORECASE)
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Protocol
 from .data import Example, Task
 from .llm import LLM, SCORING
 from .metrics import answer_text, classification_scores, generation_scores, parse_label
-from .templates import answer_max_tokens, task_messages
+from .templates import ANSWER_STOP, answer_max_tokens, task_messages
 
 
 @dataclass
@@ -95,6 +95,7 @@ class RequestEvaluator:
     ) -> None:
         self.task = task
         self.max_tokens = answer_max_tokens(task, generation_max_tokens)
+        self.stop = ANSWER_STOP  # the reply is complete once the answer tag closes
         self.on_request_done = on_request_done
         self.on_requests_planned = on_requests_planned
 
@@ -125,6 +126,6 @@ class InProcessEvaluator(RequestEvaluator):
 
     async def answer(self, messages: list[dict[str, str]], stage: str) -> str:
         replies = await self.llm.complete(
-            messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, priority=SCORING
+            messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, priority=SCORING, stop=self.stop
         )
         return replies[0] if replies else ""

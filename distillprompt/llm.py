@@ -50,6 +50,7 @@ class LLM(Protocol):
         stage: str = "",
         sample: int | str = 0,
         priority: int = META,
+        stop: tuple[str, ...] = (),
     ) -> list[str]: ...
 
 
@@ -249,7 +250,9 @@ class ChatClient:
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.price_input + output_tokens * self.price_output) / 1_000_000
 
-    def cache_key(self, messages: Messages, *, temperature: float, max_tokens: int, n: int, sample: int | str) -> str:
+    def cache_key(
+        self, messages: Messages, *, temperature: float, max_tokens: int, n: int, sample: int | str, stop: tuple[str, ...] = ()
+    ) -> str:
         return request_key(
             endpoint=self.cache_identity,
             model=self.model,
@@ -258,6 +261,7 @@ class ChatClient:
             max_tokens=max_tokens,
             n=n,
             sample=sample,
+            stop=stop,
         )
 
     def lookup(self, key: str, stage: str) -> list[str] | None:
@@ -286,13 +290,15 @@ class ChatClient:
         stage: str = "",
         sample: int | str = 0,
         priority: int = META,
+        stop: tuple[str, ...] = (),
     ) -> list[str]:
-        key = self.cache_key(messages, temperature=temperature, max_tokens=max_tokens, n=n, sample=sample)
+        key = self.cache_key(messages, temperature=temperature, max_tokens=max_tokens, n=n, sample=sample, stop=stop)
         cached = self.lookup(key, stage)
         if cached is not None:
             return cached
         return await self.fetch_and_store(
-            key, messages, temperature=temperature, n=n, max_tokens=max_tokens, stage=stage, sample=sample, priority=priority
+            key, messages, temperature=temperature, n=n, max_tokens=max_tokens, stage=stage, sample=sample,
+            priority=priority, stop=stop,
         )
 
     async def fetch_and_store(
@@ -306,12 +312,14 @@ class ChatClient:
         stage: str,
         sample: int | str,
         priority: int,
+        stop: tuple[str, ...] = (),
     ) -> list[str]:
         """A cache miss: asks the endpoint, counts what it cost (failures too) and caches it."""
         spent = Usage()
         try:
             texts = await self.fetch(
-                messages, temperature=temperature, n=n, max_tokens=max_tokens, sample=sample, priority=priority, spent=spent
+                messages, temperature=temperature, n=n, max_tokens=max_tokens, sample=sample, priority=priority,
+                spent=spent, stop=stop,
             )
         except BaseException:
             self.meter.record(stage, spent)
@@ -329,16 +337,17 @@ class ChatClient:
         sample: int | str,
         priority: int,
         spent: Usage,
+        stop: tuple[str, ...] = (),
     ) -> list[str]:
         """Asks the endpoint (no cache): n samples, retried as the rules say; adds what it
         cost, retries and failures included, to ``spent``."""
         seed = self._request_seed(sample) if temperature > 0 else None
         if n == 1 or self.native_n is False:
             replies = await asyncio.gather(
-                *(self._request(messages, temperature, 1, max_tokens, priority, _offset(seed, i), spent) for i in range(n))
+                *(self._request(messages, temperature, 1, max_tokens, priority, _offset(seed, i), spent, stop) for i in range(n))
             )
         else:
-            first = await self._request(messages, temperature, n, max_tokens, priority, seed, spent)
+            first = await self._request(messages, temperature, n, max_tokens, priority, seed, spent, stop)
             replies = [first]
             if len(first) < n:
                 if self.native_n is True:
@@ -348,7 +357,7 @@ class ChatClient:
                 self.native_n = False
                 replies += await asyncio.gather(
                     *(
-                        self._request(messages, temperature, 1, max_tokens, priority, _offset(seed, i), spent)
+                        self._request(messages, temperature, 1, max_tokens, priority, _offset(seed, i), spent, stop)
                         for i in range(len(first), n)
                     )
                 )
@@ -371,6 +380,7 @@ class ChatClient:
         priority: int,
         seed: int | None,
         spent: Usage,
+        stop: tuple[str, ...] = (),
     ) -> list[str]:
         arguments: dict[str, Any] = {
             "model": self.model,
@@ -382,6 +392,8 @@ class ChatClient:
             arguments["n"] = n
         if seed is not None:
             arguments["seed"] = seed
+        if stop:
+            arguments["stop"] = list(stop)
         last_error: Exception | None = None
         for attempt in range(self.max_retries + 1):
             await self.limiter.acquire(priority)

@@ -115,6 +115,9 @@ def _outputs_record(score: Score) -> list[dict[str, Any]]:
 class Callback:
     """Receives the optimizer's events; every method is optional."""
 
+    def on_settings(self, settings: Any) -> None:
+        """The settings the run actually uses (demo defaults and the embedded endpoint applied)."""
+
     def on_start(self, task: Task, initial: Candidate) -> None: ...
 
     def on_stage(self, event: StageEvent) -> None: ...
@@ -310,6 +313,7 @@ class Optimizer:
             stage=meta.stage,
             sample=sample,
             priority=META,
+            stop=templates.META_STOP,
         )
 
     async def _one_each(

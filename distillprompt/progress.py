@@ -63,6 +63,9 @@ class ConsoleProgress(Callback):
 
     # optimizer events --------------------------------------------------------------------
 
+    def on_settings(self, settings: object) -> None:
+        self.epochs = settings.optimizer.epochs  # type: ignore[attr-defined]
+
     def on_start(self, task: Task, initial: Candidate) -> None:
         labels = f", labels {', '.join(task.labels)}" if task.labels else ""
         self._line(

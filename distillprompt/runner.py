@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +21,7 @@ from .data import Task, load_task
 from .errors import UserError
 from .evaluation import Evaluator, InProcessEvaluator, Score
 from .llm import ChatClient, PriorityLimiter, UsageMeter, check_endpoint
+from .local_llm import LocalServer, bundled_model, custom_model
 from .optimizer import Callback, Optimizer, RunResult
 from .progress import ConsoleProgress
 from .settings import Settings
@@ -50,6 +51,43 @@ def output_folder(settings: Settings) -> Path:
     return (Path("distillprompt-output") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
 
 
+DEMO_DATASET = Path(__file__).resolve().parent / "demo"
+# Sized so that the whole demo (embedded 135M model, 2 cores) ends within minutes.
+DEMO_SIZES = {"data": {"train_size": 20, "test_size": 50}, "optimizer": {"epochs": 2}}
+
+
+def with_demo_defaults(settings: Settings) -> Settings:
+    """No dataset (or ``--dataset demo``) means the bundled demo task, with the demo's sizes
+    for every size the user did not set."""
+    if settings.data.dataset not in (None, "", "demo"):
+        return settings
+    demo = settings.model_copy(deep=True)
+    demo.data.dataset = str(DEMO_DATASET)
+    for group, sizes in DEMO_SIZES.items():
+        section = getattr(demo, group)
+        for name, value in sizes.items():
+            if name not in getattr(settings, group).model_fields_set:
+                setattr(section, name, value)
+    return demo
+
+
+def start_local_llm(settings: Settings, stack: ExitStack | AsyncExitStack) -> tuple[Settings, LocalServer | None]:
+    """Starts the embedded server when the settings ask for it (it then serves both roles,
+    unless the optimizer has an endpoint of its own); returns settings pointing at it."""
+    if not settings.uses_local_llm:
+        return settings, None
+    model = custom_model(settings.llm.local_model) if settings.llm.local_model else bundled_model()
+    server = LocalServer(model, threads=settings.llm.local_threads, context=settings.llm.local_context).start()
+    stack.callback(server.stop)
+    local = settings.model_copy(deep=True)
+    local.llm.backend = "local"
+    local.llm.base_url = server.base_url
+    local.llm.model = model.alias
+    if not settings.llm.optimizer_base_url:
+        local.llm.optimizer_model = None
+    return local, server
+
+
 def anchor_paths(settings: Settings) -> Settings:
     """The settings with local paths made absolute, so that nothing that changes the working
     directory later (ray.init inside a Ray Job does) moves them."""
@@ -70,12 +108,18 @@ def _require_endpoint(url: str | None) -> str:
 
 
 async def open_context(
-    settings: Settings, stack: AsyncExitStack, progress: ConsoleProgress | None, *, need_train: bool = True
+    settings: Settings,
+    stack: AsyncExitStack,
+    progress: ConsoleProgress | None,
+    *,
+    need_train: bool = True,
+    local: LocalServer | None = None,
 ) -> RunContext:
     target_url = _require_endpoint(settings.llm.base_url)
     meta_url = _require_endpoint(settings.optimizer_base_url)
     api_key = settings.llm.api_key.get_secret_value() if settings.llm.api_key else None
-    task = load_task(settings.data, settings.seed, need_train=need_train)
+    ready = asyncio.to_thread(local.wait_ready) if local is not None else asyncio.sleep(0)
+    task, _ = await asyncio.gather(asyncio.to_thread(load_task, settings.data, settings.seed, need_train=need_train), ready)
     checks = {(target_url, settings.llm.model), (meta_url, settings.optimizer_model)}
     await asyncio.gather(*(check_endpoint(url, api_key, model) for url, model in checks))
 
@@ -98,12 +142,14 @@ async def open_context(
         price_output=settings.llm.price_output,
         seed=settings.seed,
     )
-    target = ChatClient(base_url=target_url, model=settings.llm.model, **common)
+    identity = local.model.identity if local is not None else None
+    target = ChatClient(base_url=target_url, model=settings.llm.model, cache_identity=identity, **common)
     stack.push_async_callback(target.aclose)
     if (meta_url, settings.optimizer_model) == (target_url, settings.llm.model):
         meta = target
     else:
-        meta = ChatClient(base_url=meta_url, model=settings.optimizer_model, **common)
+        meta_identity = identity if meta_url == target_url else None
+        meta = ChatClient(base_url=meta_url, model=settings.optimizer_model, cache_identity=meta_identity, **common)
         stack.push_async_callback(meta.aclose)
     return RunContext(settings, task, meter, limiter, cache, meta, target, progress)
 
@@ -174,14 +220,17 @@ async def optimize(
     """Runs the optimizer and writes ``result.json``; returns the result and the output folder.
 
     Every callback hears ``on_end`` once, whether the run finished or failed."""
-    settings = anchor_paths(settings)
+    settings = anchor_paths(with_demo_defaults(settings))
     folder = output_folder(settings)
     extra = list(callbacks or [])
     succeeded = False
     try:
         async with AsyncExitStack() as stack:
+            settings, local = start_local_llm(settings, stack)
+            for callback in [*([progress] if progress else []), *extra]:
+                callback.on_settings(settings)
             executor = executor or _own(stack, open_executor(settings))
-            context = await open_context(settings, stack, progress)
+            context = await open_context(settings, stack, progress, local=local)
             everyone: list[Callback] = [
                 *([progress] if progress else []),
                 CheckpointWriter(folder / "state.json"),
@@ -220,10 +269,11 @@ async def evaluate(
     executor: Executor | None = None,
 ) -> tuple[Score, Task, dict[str, Any]]:
     """Scores one prompt on the test sample."""
-    settings = anchor_paths(settings)
+    settings = anchor_paths(with_demo_defaults(settings))
     async with AsyncExitStack() as stack:
+        settings, local = start_local_llm(settings, stack)
         executor = executor or _own(stack, open_executor(settings))
-        context = await open_context(settings, stack, progress, need_train=False)
+        context = await open_context(settings, stack, progress, need_train=False, local=local)
         started = time.perf_counter()
         (score,) = await executor.evaluator(context).score([prompt], context.task.test, stage="test")
         usage = context.meter.total().to_dict()

@@ -44,8 +44,19 @@ class Group(BaseModel):
 class LLMSettings(Group):
     base_url: str | None = Field(
         None,
-        description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (also read from OPENAI_BASE_URL)",
+        description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (also read from OPENAI_BASE_URL; "
+        "none: the embedded local model)",
     )
+    backend: Literal["auto", "local", "endpoint"] = Field(
+        "auto",
+        description="auto: the endpoint at --base-url, else the embedded model; local: always the embedded model",
+        json_schema_extra=flag("--llm"),
+    )
+    local_model: Path | None = Field(
+        None, description="GGUF file for the embedded llama.cpp server (default: the bundled SmolLM2-135M-Instruct)"
+    )
+    local_threads: int = Field(0, ge=0, description="threads of the embedded server (0: every core this process may use)")
+    local_context: int = Field(4096, ge=512, description="context size of the embedded server, in tokens")
     api_key: SecretStr | None = Field(
         None, description="API key of the endpoint; prefer the OPENAI_API_KEY variable to the flag"
     )
@@ -234,6 +245,10 @@ class Settings(BaseSettings):
         )
 
     # ----- views used by the rest of the package -------------------------------------
+
+    @property
+    def uses_local_llm(self) -> bool:
+        return self.llm.backend == "local" or (self.llm.backend == "auto" and not self.llm.base_url)
 
     @property
     def optimizer_model(self) -> str:

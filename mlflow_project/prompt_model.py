@@ -34,9 +34,26 @@ class PromptModel(PythonModel):
         self.max_tokens = int(config.get("max_tokens", 64))
         self.concurrency = int(config.get("concurrency", 8))
         base_url = os.environ.get("OPENAI_BASE_URL") or config["base_url"]
+        if base_url == "local":
+            base_url = self._start_embedded(config.get("local_model"))
         self.client = openai.OpenAI(
             base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY") or "not-needed", max_retries=4, timeout=120
         )
+
+    def _start_embedded(self, local_model: str | None) -> str:
+        """A model registered from a run on the embedded endpoint starts that endpoint itself;
+        it stops with this process."""
+        import atexit
+        from pathlib import Path
+
+        from distillprompt.local_llm import LocalServer, bundled_model, custom_model
+
+        model = custom_model(Path(local_model)) if local_model else bundled_model()
+        server = LocalServer(model).start()
+        atexit.register(server.stop)
+        server.wait_ready()
+        self.model = model.alias
+        return server.base_url
 
     def fill(self, row: dict[str, Any]) -> str:
         def value(match: re.Match[str]) -> str:
@@ -58,6 +75,7 @@ class PromptModel(PythonModel):
             messages=[{"role": "user", "content": self.fill(row)}],
             temperature=0.0,
             max_tokens=self.max_tokens,
+            stop=["</ans>"],
         )
         text = reply.choices[0].message.content or ""
         return parse_label(text, self.labels) if self.labels else answer_text(text)

@@ -29,6 +29,7 @@ from distillprompt.settings import Settings
 CANDIDATE = "candidate"
 PRODUCTION = "production"
 MODEL_SUFFIX = "-model"
+LOCAL = "local"  # base URL of a model that runs the embedded llama.cpp server itself
 CONFIG_KEY = "distillprompt"  # one key: MLflow logs a model config's top-level keys as run params
 NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "distillprompt"
@@ -99,7 +100,11 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
             "model_name": settings.llm.model,
             "temperature": 0.0,
             "max_tokens": max_tokens,
-            "extra_params": {"base_url": settings.llm.base_url, "labels": task.labels, "task": task.task_type},
+            "extra_params": {
+                "base_url": LOCAL if settings.llm.backend == "local" else settings.llm.base_url,
+                "labels": task.labels,
+                "task": task.task_type,
+            },
         },
     )
     client = MlflowClient()
@@ -110,10 +115,13 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", column) for column in task.input_columns]), outputs=Schema([ColSpec("string")])
     )
+    local = settings.llm.backend == "local"
     model_config = {
         "template": template,
         "prompt_uri": f"prompts:/{name}/{version.version}",
-        "base_url": settings.llm.base_url,
+        # the embedded server's port lives as long as the run: the model starts its own
+        "base_url": LOCAL if local else settings.llm.base_url,
+        "local_model": str(settings.llm.local_model) if local and settings.llm.local_model else None,
         "model": settings.llm.model,
         "labels": task.labels,
         "task": task.task_type,

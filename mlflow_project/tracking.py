@@ -100,6 +100,9 @@ class MlflowTracker(Callback):
 
     # ----- events ------------------------------------------------------------------------
 
+    def on_settings(self, settings: Settings) -> None:
+        self.settings = settings  # what the run really uses: demo defaults, embedded endpoint
+
     def on_start(self, task: Task, initial: Candidate) -> None:
         mlflow = self.mlflow
         self.task = task

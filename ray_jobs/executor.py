@@ -59,11 +59,11 @@ class ScoringWorker:
         # The driver bounds requests in flight; the actor's own limiter never blocks.
         self.client = ChatClient(limiter=PriorityLimiter(max(concurrency, 1) * 4), meter=UsageMeter(), **options)
 
-    async def answer(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    async def answer(self, messages: list[dict[str, str]], max_tokens: int, stop: tuple[str, ...]) -> dict[str, Any]:
         spent = Usage()
         try:
             texts = await self.client.fetch(
-                messages, temperature=0.0, n=1, max_tokens=max_tokens, sample=0, priority=SCORING, spent=spent
+                messages, temperature=0.0, n=1, max_tokens=max_tokens, sample=0, priority=SCORING, spent=spent, stop=stop
             )
         except EndpointUnavailable as error:
             return {"error": str(error), "kind": "unavailable", "usage": asdict(spent)}
@@ -181,7 +181,7 @@ class RayEvaluator(RequestEvaluator):
         self._order = itertools.count()
 
     async def answer(self, messages: list[dict[str, str]], stage: str) -> str:
-        key = self.client.cache_key(messages, temperature=0.0, max_tokens=self.max_tokens, n=1, sample=0)
+        key = self.client.cache_key(messages, temperature=0.0, max_tokens=self.max_tokens, n=1, sample=0, stop=self.stop)
         cached = self.client.lookup(key, stage)
         if cached is not None:
             return cached[0] if cached else ""
@@ -189,7 +189,8 @@ class RayEvaluator(RequestEvaluator):
             # The driver answers itself, under the same limiter, cache and retry rules.
             self.executor.answered["driver"] += 1
             texts = await self.client.fetch_and_store(
-                key, messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, sample=0, priority=SCORING
+                key, messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, sample=0, priority=SCORING,
+                stop=self.stop,
             )
             return texts[0] if texts else ""
         self.executor.answered["actors"] += 1
@@ -217,7 +218,7 @@ class RayEvaluator(RequestEvaluator):
             index = min(rotation, key=lambda i: in_flight.get(i, 0))
             in_flight[index] = in_flight.get(index, 0) + 1
             try:
-                return await actors[index].answer.remote(messages, self.max_tokens)
+                return await actors[index].answer.remote(messages, self.max_tokens, self.stop)
             except (RayActorError, ActorDiedError, ActorUnavailableError) as error:
                 last = error  # this actor is gone for good: another one takes the request
                 log.warning("scoring actor %d failed (%s); sending its request elsewhere", index, type(error).__name__)

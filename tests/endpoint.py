@@ -392,6 +392,9 @@ class ScriptedEndpoint:
             text = "OK"
         if fault == "tagless":
             text = re.sub(r"</?ans>|<START>|<END>", "", text)
+        for stop in request.get("stop") or []:  # like real servers: the stop sequence ends the reply, unseen
+            if stop in text:
+                text = text[: text.index(stop)]
         return text
 
 
