@@ -136,7 +136,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _format_scores(scores: dict[str, float]) -> str:
-    return ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+    return ", ".join(f"{name} {value:.4f}" for name, value in scores.items()) or "not scored"
 
 
 def _print_result(result: Any, folder: Path) -> None:
@@ -186,8 +186,25 @@ def _run(args: argparse.Namespace) -> int:
     progress = None if args.quiet else ConsoleProgress(epochs=settings.optimizer.epochs)
     if args.command == "optimize":
         callbacks = callback_plugins(settings)
-        result, folder = asyncio.run(runner.optimize(settings, progress=progress, callbacks=callbacks))
+        state = None
+        if settings.resume:
+            resumers = [c for c in callbacks if getattr(c, "resumed", None) is not None]
+            if not resumers:
+                raise UserError("--resume needs MLflow tracking: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+            settings, state = resumers[0].resumed
+            if progress:
+                progress.epochs = settings.optimizer.epochs
+        result, folder = asyncio.run(
+            runner.optimize(settings, progress=progress, callbacks=callbacks, state=state)
+        )
         _print_result(result, folder)
+        if result.failure:
+            print(
+                f"distillprompt: error: the endpoint gave up ({result.failure}); the best prompt of the finished rounds "
+                f"is in {folder / 'result.json'}; rerun the same command later to continue from the cache",
+                file=sys.stderr,
+            )
+            return 1
         return 0
     prompt = resolve_prompt(_read_prompt(args))
     callbacks = callback_plugins(settings)

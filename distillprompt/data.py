@@ -349,6 +349,11 @@ def _labels(settings: DataSettings, label_names: list[str] | None, train: list[E
         labels = label_names
     else:
         labels = sorted({example.target for example in train})
+        if any(re.fullmatch(r"-?\d*\.\d+", label) for label in labels):
+            raise UserError(
+                f"column {settings.label_column!r} of {name} holds fractional numbers ({', '.join(labels[:3])} …), not "
+                "classes: use --task generation for numeric answers, or another --label-column"
+            )
     if len(labels) < 2:
         raise UserError(
             f"column {settings.label_column!r} of {name} has one label only ({labels[0] if labels else 'none'}): "

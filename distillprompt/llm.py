@@ -17,7 +17,7 @@ import random
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import openai
 
@@ -112,6 +112,19 @@ class UsageMeter:
     @staticmethod
     def since(now: dict[str, Usage], before: dict[str, Usage]) -> dict[str, Usage]:
         return {stage: usage.minus(before.get(stage, Usage())) for stage, usage in now.items()}
+
+
+@dataclass(frozen=True)
+class LLMCall:
+    """One answered request, for observers such as per-request tracing (never the key)."""
+
+    stage: str
+    model: str
+    messages: Messages
+    texts: list[str]
+    usage: Usage
+    started: float
+    ended: float
 
 
 class PriorityLimiter:
@@ -240,6 +253,7 @@ class ChatClient:
         self.price_output = price_output
         self.seed = seed
         self._jitter = random.Random()
+        self.observers: list[Callable[[LLMCall], None]] = []
         self._client = openai.AsyncOpenAI(
             base_url=self.base_url, api_key=api_key or "not-needed", max_retries=0, timeout=timeout
         )
@@ -274,11 +288,18 @@ class ChatClient:
         self.meter.record(stage, Usage(cache_hits=1, cached_tokens=cached.input_tokens + cached.output_tokens))
         return list(cached.texts)
 
-    def store(self, key: str, texts: list[str], spent: Usage, stage: str) -> None:
-        """Counts what a reply cost and keeps it for the next identical request."""
+    def store(
+        self, key: str, texts: list[str], spent: Usage, stage: str, messages: Messages | None = None, started: float = 0.0
+    ) -> None:
+        """Counts what a reply cost, keeps it for the next identical request, and tells the
+        observers (per-request tracing) about it."""
         self.meter.record(stage, spent)
         if self.cache is not None:
             self.cache.put(key, CachedReply(texts, spent.input_tokens, spent.output_tokens))
+        if self.observers:
+            call = LLMCall(stage, self.model, messages or [], texts, spent, started or time.time(), time.time())
+            for observe in self.observers:
+                observe(call)
 
     async def complete(
         self,
@@ -316,6 +337,7 @@ class ChatClient:
     ) -> list[str]:
         """A cache miss: asks the endpoint, counts what it cost (failures too) and caches it."""
         spent = Usage()
+        started = time.time()
         try:
             texts = await self.fetch(
                 messages, temperature=temperature, n=n, max_tokens=max_tokens, sample=sample, priority=priority,
@@ -324,7 +346,7 @@ class ChatClient:
         except BaseException:
             self.meter.record(stage, spent)
             raise
-        self.store(key, texts, spent, stage)
+        self.store(key, texts, spent, stage, messages, started)
         return texts
 
     async def fetch(

@@ -15,6 +15,7 @@ shared request limiter, so the chain the round must wait for is never stuck behi
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +24,13 @@ from . import templates
 from .candidates import extract_candidate
 from .data import Example, Task
 from .evaluation import Evaluator, Score
+from .errors import EndpointUnavailable
 from .llm import LLM, META, Usage, UsageMeter
 from .settings import OptimizerSettings
 from .state import STAGES, Candidate, RunState, dedup_key
 
 TRAIN_SCORING = "scoring"
+ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
 TEST_SCORING = "test"
 
 
@@ -61,8 +64,8 @@ class RunResult:
     final: Candidate
     initial_scores: dict[str, dict[str, float]]
     final_scores: dict[str, dict[str, float]]
-    initial_test: Score
-    final_test: Score
+    initial_test: Score | None  # None when the endpoint gave up before the test scoring
+    final_test: Score | None
     history: list[Candidate]
     rounds: list[dict[str, Any]]
     usage: Usage
@@ -70,6 +73,7 @@ class RunResult:
     rejections: dict[str, dict[str, int]]
     wall_time: float
     stop_reason: str
+    failure: str | None = None  # what made the endpoint give up, when it did
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -101,11 +105,14 @@ class RunResult:
                 "initial": _outputs_record(self.initial_test),
                 "final": _outputs_record(self.final_test),
             },
+            "failure": self.failure,
             **self.extra,
         }
 
 
-def _outputs_record(score: Score) -> list[dict[str, Any]]:
+def _outputs_record(score: Score | None) -> list[dict[str, Any]]:
+    if score is None:
+        return []
     return [
         {"output": output, "prediction": prediction, "target": target, "score": value}
         for output, prediction, target, value in zip(score.outputs, score.predictions, score.targets, score.per_example)
@@ -174,21 +181,36 @@ class Optimizer:
         self._emit("on_start", self.task, initial)
 
         initial_test = asyncio.create_task(self._score_test(initial.prompt))
+        self.failure: str | None = None
         try:
             if initial.score is None:
                 await self._score_now([initial])
             rounds: list[dict[str, Any]] = []
             stop_reason = state.stop_reason
             while stop_reason is None and state.epoch < self.settings.epochs:
-                result = await self._round(state.epoch + 1)
+                checkpoint = copy.deepcopy(state)
+                try:
+                    result = await self._round(state.epoch + 1)
+                except EndpointUnavailable as error:
+                    # The endpoint gave up beyond every retry: forget the unfinished round and
+                    # stop with the best prompt of the finished ones.
+                    await self._cancel_pending()
+                    self._restore(checkpoint)
+                    state = self.state
+                    self.failure = str(error)
+                    stop_reason = ENDPOINT_UNAVAILABLE
+                    break
                 rounds.append(_round_summary(result))
                 stop_reason = result.stop_reason
             stop_reason = stop_reason or "epochs"
             state.stop_reason = stop_reason
             self._emit("on_rounds_done", state)
             final = state.best
-            initial_test_score = await initial_test
-            final_test_score = initial_test_score if final.id == initial.id else await self._score_test(final.prompt)
+            initial_test_score = await self._unless_unavailable(initial_test)
+            if final.id == initial.id:
+                final_test_score = initial_test_score
+            else:
+                final_test_score = await self._unless_unavailable(self._score_test(final.prompt))
         finally:
             if not initial_test.done():
                 initial_test.cancel()
@@ -199,8 +221,8 @@ class Optimizer:
             task=self.task.describe(),
             initial=initial,
             final=final,
-            initial_scores={"train": _train_metrics(initial), "test": initial_test_score.summary()},
-            final_scores={"train": _train_metrics(final), "test": final_test_score.summary()},
+            initial_scores={"train": _train_metrics(initial), "test": _test_metrics(initial_test_score)},
+            final_scores={"train": _train_metrics(final), "test": _test_metrics(final_test_score)},
             initial_test=initial_test_score,
             final_test=final_test_score,
             history=list(state.history),
@@ -210,6 +232,7 @@ class Optimizer:
             rejections=state.rejections,
             wall_time=time.perf_counter() - started,
             stop_reason=stop_reason,
+            failure=self.failure,
         )
         self._emit("on_finish", result)
         return result
@@ -414,6 +437,19 @@ class Optimizer:
         (score,) = await self.evaluator.score([prompt], self.task.test, stage=TEST_SCORING)
         return score
 
+    async def _unless_unavailable(self, scoring: Any) -> Score | None:
+        try:
+            return await scoring
+        except EndpointUnavailable as error:
+            self.failure = self.failure or str(error)
+            return None
+
+    def _restore(self, checkpoint: RunState) -> None:
+        self.state = checkpoint
+        self._by_text = {}
+        for candidate in checkpoint.history:
+            self._by_text.setdefault(dedup_key(candidate.prompt), candidate)
+
     async def _wait_pending(self) -> None:
         pending, self._pending = self._pending, []
         if pending:
@@ -434,6 +470,10 @@ def _copy_score(duplicate: Candidate, original: Candidate) -> None:
     duplicate.score = original.score
     duplicate.metrics = dict(original.metrics)
     duplicate.parse_rate = original.parse_rate
+
+
+def _test_metrics(score: Score | None) -> dict[str, float]:
+    return score.summary() if score is not None else {}
 
 
 def _train_metrics(candidate: Candidate) -> dict[str, float]:

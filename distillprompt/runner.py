@@ -231,6 +231,10 @@ async def optimize(
                 callback.on_settings(settings)
             executor = executor or _own(stack, open_executor(settings))
             context = await open_context(settings, stack, progress, local=local)
+            for callback in extra:  # per-request observers (tracing), when a callback wants them
+                if hasattr(callback, "on_llm_call"):
+                    for client in {id(c): c for c in (context.target_llm, context.meta_llm)}.values():
+                        client.observers.append(callback.on_llm_call)
             everyone: list[Callback] = [
                 *([progress] if progress else []),
                 CheckpointWriter(folder / "state.json"),
@@ -254,7 +258,7 @@ async def optimize(
         result.extra["settings"] = settings.public_dict()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
-        succeeded = True
+        succeeded = result.failure is None
         return result, folder
     finally:
         for callback in extra:

@@ -227,6 +227,11 @@ class Settings(BaseSettings):
         None, description="Ray cluster to use, e.g. ray://head:10001 or auto (also RAY_ADDRESS; default: start a local one)"
     )
     ray_actors: int = Field(0, ge=0, description="scoring actors in the Ray pool (0: two per node)")
+    resume: str | None = Field(
+        None,
+        description="MLflow run id of a run to continue from its last finished round, with its own settings "
+        "(replies it already received come from the response cache)",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -26,11 +26,12 @@ from distillprompt.data import Task
 from distillprompt.errors import UserError
 from distillprompt.optimizer import Callback, RoundResult, RunResult
 from distillprompt.settings import Settings
-from distillprompt.state import STAGES, Candidate
+from distillprompt.state import STAGES, Candidate, RunState
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoints/state.json"
+SETTINGS_TREE = "settings_tree.json"  # the settings as a tree, secrets left out: what --resume restarts from
 CANDIDATE_ALIAS = "candidate"
 BOOTSTRAP_SAMPLES = 2000
 
@@ -81,9 +82,19 @@ class MlflowTracker(Callback):
         self.rounds: list[dict[str, float]] = []
         if settings.mlflow.tracking_uri:
             mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+        if settings.mlflow.prompt_name:
+            from .registry import check_name
+
+            check_name(settings.mlflow.prompt_name)  # before any work: the name is used at the very end
+        _check_reachable(mlflow.get_tracking_uri())
         run_id = os.environ.get("MLFLOW_RUN_ID")
+        self.resumed: tuple[Settings, RunState | None] | None = None
         try:
-            if run_id:
+            if settings.resume:
+                self.run = mlflow.start_run(run_id=settings.resume)
+                if run_id and run_id != settings.resume:  # `mlflow run` made a run of its own: point it here
+                    mlflow.MlflowClient().set_tag(run_id, "distillprompt.resumed_run", settings.resume)
+            elif run_id:
                 self.run = mlflow.start_run(run_id=run_id)
             else:
                 mlflow.set_experiment(settings.mlflow.experiment)
@@ -97,6 +108,32 @@ class MlflowTracker(Callback):
         self.run_id = self.run.info.run_id
         self.registered: Any = None
         self._closed = False
+        if settings.resume:
+            self.resumed = self._load_resume_point(settings)
+
+    def _load_resume_point(self, given: Settings) -> tuple[Settings, RunState | None]:
+        """The settings the run started with (secrets from this environment) and its last checkpoint."""
+        from distillprompt.settings import load_settings
+
+        artifacts = self.run.info.artifact_uri
+        try:
+            tree = self.mlflow.artifacts.load_dict(f"{artifacts}/{SETTINGS_TREE}")
+        except Exception:
+            raise UserError(
+                f"run {given.resume} has no recorded settings ({SETTINGS_TREE}): it was not started by distillprompt; "
+                "check the run id given to --resume"
+            ) from None
+        if tree["llm"].get("backend") == "local":
+            tree["llm"]["base_url"] = None  # the embedded server of the killed run is gone; a new one starts
+        tree["resume"] = given.resume
+        tree["output"] = str(given.output) if given.output else None
+        settings = load_settings(tree)
+        try:
+            state = RunState.from_dict(self.mlflow.artifacts.load_dict(f"{artifacts}/{CHECKPOINT}"))
+        except Exception:
+            state = None  # killed before its first round finished: it starts again, from the cache
+        self.mlflow.set_tag("distillprompt.resumed_from_round", state.epoch if state else 0)
+        return settings, state
 
     # ----- events ------------------------------------------------------------------------
 
@@ -139,6 +176,9 @@ class MlflowTracker(Callback):
         if fresh:
             self.mlflow.log_params(fresh)
         self.mlflow.log_dict(values, "settings.json")
+        self.mlflow.log_dict(
+            json.loads(self.settings.model_dump_json(exclude={"llm": {"api_key"}})), SETTINGS_TREE
+        )
 
     def _log_dataset(self, task: Task) -> None:
         import mlflow.data
@@ -196,25 +236,32 @@ class MlflowTracker(Callback):
     def on_finish(self, result: RunResult) -> None:
         mlflow = self.mlflow
         initial, final = result.initial_scores, result.final_scores
-        mean, low, high = paired_bootstrap(result.initial_test.per_example, result.final_test.per_example, self.settings.seed)
         usage = result.usage
         metrics = {
             "initial_parse_rate": initial["train"].get("parse_rate", 0.0),
             "initial_train_score": initial["train"]["score"],
-            "initial_test_score": initial["test"]["score"],
             "final_train_score": final["train"]["score"],
-            "final_test_score": final["test"]["score"],
-            "test_improvement": final["test"]["score"] - initial["test"]["score"],
-            "test_improvement_ci_low": low,
-            "test_improvement_ci_high": high,
-            "paired_mean_difference": mean,
             "total_llm_requests": usage.requests,
             "total_cache_hits": usage.cache_hits,
+            "total_failed_requests": usage.failed,
+            "total_retries": usage.retries,
             "total_tokens_in": usage.input_tokens,
             "total_tokens_out": usage.output_tokens,
             "total_cost_usd": usage.cost,
             "wall_time_s": result.wall_time,
         }
+        if result.initial_test is not None and result.final_test is not None:
+            mean, low, high = paired_bootstrap(
+                result.initial_test.per_example, result.final_test.per_example, self.settings.seed
+            )
+            metrics.update(
+                initial_test_score=initial["test"]["score"],
+                final_test_score=final["test"]["score"],
+                test_improvement=final["test"]["score"] - initial["test"]["score"],
+                test_improvement_ci_low=low,
+                test_improvement_ci_high=high,
+                paired_mean_difference=mean,
+            )
         for split in ("train", "test"):
             for name, value in final[split].items():
                 if name not in ("score",):
@@ -225,6 +272,8 @@ class MlflowTracker(Callback):
         mlflow.log_metrics(metrics)
         mlflow.log_metric("initial_parse_rate", metrics["initial_parse_rate"], step=0)
         mlflow.set_tag("distillprompt.stop_reason", result.stop_reason)
+        if result.failure:
+            mlflow.set_tag("distillprompt.failure", result.failure[:5000])
         mlflow.log_text(result.initial_prompt, "prompts/initial.txt")
         mlflow.log_text(result.final_prompt, "prompts/final.txt")
         mlflow.log_dict(result.to_dict(), "result.json")
@@ -232,7 +281,7 @@ class MlflowTracker(Callback):
             mlflow.log_artifact(self._plot_rounds(result, Path(folder)), "plots")
             mlflow.log_artifact(self._plot_lineage(result, Path(folder)), "plots")
         mlflow.log_text(self._lineage_text(result), "lineage.md")
-        if self.settings.mlflow.register_result and self.task is not None:
+        if self.settings.mlflow.register_result and self.task is not None and result.failure is None:
             from .registry import register_result
 
             self.registered = register_result(result, self.task, self.settings, self.run_id)
@@ -253,6 +302,22 @@ class MlflowTracker(Callback):
         ]
         if rows:
             mlflow.log_table(data=_columns(rows), artifact_file="evaluation/test_outputs.json")
+
+    def on_llm_call(self, call: Any) -> None:
+        """With --trace: one MLflow trace per answered LLM request (prompt, reply, tokens)."""
+        if not self.settings.mlflow.trace:
+            return
+        span = self.mlflow.start_span_no_context(
+            name=f"llm.{call.stage or 'call'}",
+            span_type="CHAT_MODEL",
+            inputs={"messages": call.messages, "model": call.model},
+            attributes={"stage": call.stage, "tokens_in": call.usage.input_tokens, "tokens_out": call.usage.output_tokens},
+            tags={"mlflow.sourceRun": self.run_id},
+            experiment_id=self.run.info.experiment_id,
+            start_time_ns=int(call.started * 1e9),
+        )
+        span.set_outputs({"choices": call.texts})
+        span.end(end_time_ns=int(call.ended * 1e9))
 
     # ----- artifacts ---------------------------------------------------------------------
 
@@ -349,6 +414,26 @@ class MlflowTracker(Callback):
                 file=sys.stderr,
             )
         self.mlflow.end_run(status="FINISHED" if succeeded else "FAILED")
+
+
+def _check_reachable(uri: str) -> None:
+    """A tracking server that does not answer fails the run at once, not after MLflow's own
+    minutes of retries."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+            return
+    except urllib.error.HTTPError:
+        return  # it answers (a server with another health route, or auth in front): let MLflow tell
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise UserError(
+            f"cannot reach the MLflow tracking server {uri} ({reason}): start it or fix --tracking-uri / MLFLOW_TRACKING_URI"
+        ) from None
 
 
 def make_tracker(settings: Settings) -> MlflowTracker | None:

@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -194,6 +195,7 @@ class RayEvaluator(RequestEvaluator):
             )
             return texts[0] if texts else ""
         self.executor.answered["actors"] += 1
+        started = time.time()
         await self.limiter.acquire(SCORING)
         try:
             reply = await self._dispatch(messages)
@@ -203,7 +205,7 @@ class RayEvaluator(RequestEvaluator):
         if "error" in reply:
             self.client.meter.record(stage, spent)
             raise (UserError if reply["kind"] == "user" else EndpointUnavailable)(reply["error"])
-        self.client.store(key, reply["texts"], spent, stage)
+        self.client.store(key, reply["texts"], spent, stage, messages, started)
         return reply["texts"][0] if reply["texts"] else ""
 
     async def _dispatch(self, messages: list[dict[str, str]]) -> dict[str, Any]:

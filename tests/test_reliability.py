@@ -1,0 +1,268 @@
+"""Reliability: a killed run resumed, faulty endpoints, an endpoint that gives up, and secrets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli, venv_env
+from tests.endpoint import ScriptedEndpoint
+
+TRANSPORT_FAULTS = {"429": 0.05, "429:0.1": 0.05, "500": 0.05, "drop": 0.05}
+
+
+def optimize_args(endpoint, dataset, tmp_path, *extra: str, cache: str = "cache.sqlite") -> list[str]:
+    return [
+        "optimize", "--dataset", str(dataset), "--base-url", endpoint.base_url, "--model", "test-model",
+        "--train-size", "12", "--test-size", "10", "--seed", "3", "--executor", "local",
+        "--cache-path", str(tmp_path / cache), "--backoff-base", "0.01", "--backoff-max", "0.05",
+        *extra,
+    ]
+
+
+def result_of(folder: Path) -> dict:
+    return json.loads((folder / "result.json").read_text())
+
+
+def same_outcome(a: dict, b: dict) -> None:
+    assert a["final_prompt"] == b["final_prompt"]
+    assert a["final_scores"] == b["final_scores"]
+    assert a["initial_scores"] == b["initial_scores"]
+    assert [c["prompt"] for c in a["history"]] == [c["prompt"] for c in b["history"]]
+
+
+def test_transport_faults_are_retried_never_scored(reviews_dir, tmp_path):
+    with ScriptedEndpoint() as clean:
+        assert run_cli(*optimize_args(clean, reviews_dir, tmp_path, "--epochs", "2", "--output", str(tmp_path / "clean"),
+                                      cache="clean.sqlite")).returncode == 0
+        clean_requests = Counter(e.body_hash for e in clean.requests())
+    with ScriptedEndpoint(rates=dict(TRANSPORT_FAULTS)) as faulty:
+        completed = run_cli(*optimize_args(faulty, reviews_dir, tmp_path, "--epochs", "2", "--output", str(tmp_path / "faulty"),
+                                           cache="faulty.sqlite"))
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        answered = Counter(e.body_hash for e in faulty.requests())  # status 200 only
+        statuses = Counter(e.status for e in faulty.requests(status=None))
+    assert statuses[429] and statuses[500] and statuses[0], statuses  # every kind of fault happened
+    same_outcome(result_of(tmp_path / "faulty"), result_of(tmp_path / "clean"))
+    assert answered == clean_requests  # each request answered exactly once: none lost, none twice
+    usage = result_of(tmp_path / "faulty")["usage"]["total"]
+    assert usage["retries"] == statuses[429] + statuses[500] + statuses[0] and usage["failed"] == 0
+
+
+def test_content_faults_complete_and_are_counted(reviews_dir, tmp_path):
+    with ScriptedEndpoint(rates={**TRANSPORT_FAULTS, "empty": 0.03, "tagless": 0.02}) as faulty:
+        completed = run_cli(*optimize_args(faulty, reviews_dir, tmp_path, "--epochs", "2", "--output", str(tmp_path / "out")))
+        empty_or_tagless = [e for e in faulty.requests()]  # all answered once each
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = result_of(tmp_path / "out")
+    scored = [c for c in result["history"] if c["duplicate_of"] is None]
+    assert all(c["score"] is not None for c in scored)
+    assert len({e.body_hash for e in empty_or_tagless}) == len(empty_or_tagless)
+
+
+def test_an_endpoint_that_gives_up_stops_the_run_cleanly(reviews_dir, tmp_path):
+    state = {"round_two": False}
+
+    def failing_in_round_two(request, kind, stage):
+        return None
+
+    with ScriptedEndpoint(responder=failing_in_round_two) as endpoint:
+        # round 1 runs clean; from the first request of round 2 on, everything answers 500
+        args = optimize_args(endpoint, reviews_dir, tmp_path, "--epochs", "3", "--max-retries", "2",
+                             "--output", str(tmp_path / "out"))
+        process = subprocess.Popen([sys.executable, "-m", "distillprompt", *args], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=venv_env(), cwd=ROOT)
+        while not state["round_two"]:
+            rewrites = endpoint.requests(kind="meta", stage="rewrite", status=None)
+            if len(rewrites) >= 1 and len(endpoint.requests(kind="meta", stage="paraphrase")) >= 1:
+                endpoint.rates = {"500": 1.0}
+                state["round_two"] = True
+            time.sleep(0.005)
+        stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("distillprompt: error")]
+    assert len(lines) == 1 and "gave up" in lines[0] and "result.json" in lines[0]
+    result = result_of(tmp_path / "out")
+    assert result["stop_reason"] == "endpoint_unavailable" and "500" in result["failure"]
+    assert {c["epoch"] for c in result["history"]} <= {0, 1}  # the unfinished round is not kept
+    assert result["final_prompt"] == max(result["history"], key=lambda c: (c["score"], -c["id"]))["prompt"]
+    assert result["usage"]["total"]["failed"] >= 1
+
+
+@pytest.fixture()
+def slow_endpoint():
+    with ScriptedEndpoint(latency=0.02) as server:
+        yield server
+
+
+def test_a_run_killed_in_round_two_resumes_to_the_same_result(mlflow_server, slow_endpoint, reviews_dir, tmp_path):
+    import mlflow
+
+    endpoint = slow_endpoint
+    mlflow.set_tracking_uri(mlflow_server["uri"])
+    env = {"MLFLOW_TRACKING_URI": mlflow_server["uri"]}
+    base = optimize_args(endpoint, reviews_dir, tmp_path, "--epochs", "3", "--experiment", "resume", "--no-register",
+                         "--output", str(tmp_path / "killed"))
+    process = subprocess.Popen([sys.executable, "-m", "distillprompt", *base], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=venv_env(env), cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # mid round 2: its distillation requests are being answered
+        if len(endpoint.requests(kind="meta", stage="distill")) >= 6:
+            break
+        time.sleep(0.005)
+    process.kill()
+    process.wait(30)
+    time.sleep(0.5)  # requests the killed process left in flight reach the log
+    killed_part = {e.body_hash for e in endpoint.requests()}
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "cache.sqlite") as db:  # the replies the killed process received and kept
+        completed = db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+    in_flight = len(killed_part) - completed  # sent, but killed before the reply was kept
+    assert completed > 0 and in_flight >= 0
+    (run,) = mlflow.search_runs(experiment_names=["resume"], output_format="list")
+    assert run.info.status == "RUNNING"
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "best_train_score")) == 1
+
+    endpoint.reset()
+    resumed = run_cli("optimize", "--resume", run.info.run_id, "--output", str(tmp_path / "resumed"), env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed_part = {e.body_hash for e in endpoint.requests()}
+    # Nothing the killed part completed is asked again: the only repeats are the requests
+    # it had in flight when it was killed.
+    assert resumed_part and len(resumed_part & killed_part) <= in_flight
+
+    endpoint.reset()
+    straight = run_cli(*optimize_args(endpoint, reviews_dir, tmp_path, "--epochs", "3", "--no-register",
+                                      "--experiment", "straight", "--output", str(tmp_path / "straight"),
+                                      cache="straight.sqlite"), env=env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    same_outcome(result_of(tmp_path / "resumed"), result_of(tmp_path / "straight"))
+
+    finished = mlflow.get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED"
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "best_train_score")]
+    assert steps == [1, 2, 3]  # the same MLflow run, every round once
+    assert finished.data.tags["distillprompt.resumed_from_round"] == "1"
+
+
+# ----- bad input: one line naming the fix, exit code 2 ------------------------------------
+
+
+class HtmlServer:
+    """An HTTP server that is not an OpenAI-compatible API (a web page on every route)."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = b"<html><body>Welcome</body></html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def one_line_error(completed, *fragments: str) -> None:
+    assert completed.returncode == 2, (completed.stdout[-1000:], completed.stderr[-2000:])
+    lines = [line for line in completed.stderr.splitlines() if line.strip() and "WARNING" not in line]
+    assert len(lines) == 1 and "Traceback" not in completed.stderr, completed.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_fractional_labels_are_not_classes(endpoint, tmp_path):
+    data = tmp_path / "scores.jsonl"
+    data.write_text("".join(json.dumps({"text": f"t{i}", "label": i / 7}) + "\n" for i in range(40)))
+    one_line_error(run_cli(*optimize_args(endpoint, data, tmp_path)), "--task generation")
+
+
+def test_an_endpoint_that_is_not_openai_compatible(reviews_dir, tmp_path):
+    with HtmlServer() as page:
+        one_line_error(run_cli(*optimize_args(page, reviews_dir, tmp_path)), "OpenAI-compatible", "--base-url")
+
+
+def test_a_model_the_endpoint_does_not_serve(endpoint, reviews_dir, tmp_path):
+    args = optimize_args(endpoint, reviews_dir, tmp_path)
+    args[args.index("test-model")] = "gpt-nonexistent"
+    one_line_error(run_cli(*args), "does not serve model 'gpt-nonexistent'", "test-model")
+
+
+def test_an_unreachable_tracking_server(endpoint, reviews_dir, tmp_path):
+    with ScriptedEndpoint() as gone:
+        pass
+    completed = run_cli(*optimize_args(endpoint, reviews_dir, tmp_path, "--tracking-uri", f"http://127.0.0.1:{gone.port}"))
+    one_line_error(completed, "cannot reach the MLflow tracking server", "--tracking-uri")
+
+
+def test_a_registry_name_that_is_not_allowed(endpoint, reviews_dir, tmp_path):
+    completed = run_cli(*optimize_args(endpoint, reviews_dir, tmp_path, "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                                       "--prompt-name", "my prompt/v1"))
+    one_line_error(completed, "registry name 'my prompt/v1' is not allowed")
+    assert not endpoint.requests()  # refused before any paid work
+
+
+def test_resume_without_tracking(endpoint, reviews_dir, tmp_path):
+    one_line_error(run_cli(*optimize_args(endpoint, reviews_dir, tmp_path, "--resume", "abc123")), "--tracking-uri")
+
+
+# ----- secrets ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["env", "flag", "config"])
+def test_a_planted_key_reaches_no_log_run_artifact_trace_or_checkpoint(mlflow_server, reviews_dir, tmp_path, source):
+    import mlflow
+
+    key = f"sk-planted-{source}-5e1d0c"
+    with ScriptedEndpoint(api_key=key) as guarded:
+        env = {"MLFLOW_TRACKING_URI": mlflow_server["uri"]}
+        extra: list[str] = ["--epochs", "1", "--trace", "--experiment", f"secrets-{source}",
+                            "--prompt-name", f"secret-check-{source}", "--output", str(tmp_path / "out")]
+        if source == "env":
+            env["OPENAI_API_KEY"] = key
+        elif source == "flag":
+            extra += ["--api-key", key]
+        else:
+            config = tmp_path / "run.toml"
+            config.write_text(f'[llm]\napi_key = "{key}"\n')
+            extra += ["--config", str(config)]
+        completed = run_cli(*optimize_args(guarded, reviews_dir, tmp_path, *extra), env=env)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        # a failing run: its error message must not carry the key either
+        failed = run_cli(*optimize_args(guarded, reviews_dir, tmp_path, "--train-size", "999", *extra), env=env)
+        assert failed.returncode == 2
+    mlflow.set_tracking_uri(mlflow_server["uri"])
+    (run,) = mlflow.search_runs(experiment_names=[f"secrets-{source}"], filter_string="status = 'FINISHED'",
+                                output_format="list")
+    traces = mlflow.search_traces(locations=[run.info.experiment_id], return_type="list")
+    assert traces, "--trace recorded no trace"
+    texts = [completed.stdout, completed.stderr, failed.stdout, failed.stderr,
+             json.dumps(run.data.params), json.dumps(run.data.tags),
+             json.dumps([trace.to_dict() for trace in traces], default=str)]
+    files = [mlflow_server["db"], *Path(mlflow_server["artifacts"]).rglob("*"), *(tmp_path / "out").rglob("*")]
+    assert (tmp_path / "out" / "state.json").is_file() and (tmp_path / "out" / "result.json").is_file()
+    leaks = [i for i, text in enumerate(texts) if key in text]
+    leaks += [str(path) for path in files if path.is_file() and key.encode() in path.read_bytes()]
+    assert not leaks
