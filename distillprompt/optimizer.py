@@ -141,6 +141,11 @@ class Callback:
 
 
 class Optimizer:
+    """DistillPrompt. Other methods (``baselines.py``) override ``_propose``, ``rounds`` and
+    ``patience`` and share everything else: scoring, selection, events, budgets, resume."""
+
+    method = "distillprompt"
+
     def __init__(
         self,
         task: Task,
@@ -187,7 +192,7 @@ class Optimizer:
                 await self._score_now([initial])
             rounds: list[dict[str, Any]] = []
             stop_reason = state.stop_reason
-            while stop_reason is None and state.epoch < self.settings.epochs:
+            while stop_reason is None and state.epoch < self.rounds:
                 checkpoint = copy.deepcopy(state)
                 try:
                     result = await self._round(state.epoch + 1)
@@ -239,17 +244,69 @@ class Optimizer:
 
     # ----- one round ---------------------------------------------------------------------
 
+    @property
+    def rounds(self) -> int:
+        return self.settings.epochs
+
+    @property
+    def patience(self) -> int:
+        return self.settings.patience
+
     async def _round(self, epoch: int) -> RoundResult:
+        """One round: ``_propose`` adds candidates (sent to scoring as they come), then the
+        best is selected on train scores, ties keeping the older prompt."""
         state = self.state
         started = time.perf_counter()
         usage_before = self.meter.snapshot()
         rejections_before = {stage: dict(reasons) for stage, reasons in state.rejections.items()}
         rng = state.rng()
-        best = state.best
         new: list[Candidate] = []
-        stop_reason: str | None = None
-        settings = self.settings
+        stop_reason = await self._propose(epoch, rng, new, rejections_before)
 
+        await self._wait_pending()
+        for candidate in new:
+            if candidate.duplicate_of is not None:
+                _copy_score(candidate, state.history[candidate.duplicate_of])
+        improved = False
+        for candidate in new:  # creation order, strict >: ties keep the older prompt
+            if candidate.score is not None and candidate.score > state.best.score:
+                state.best_id = candidate.id
+                improved = True
+        state.stale_epochs = 0 if improved else state.stale_epochs + 1
+        if stop_reason is None and self.patience and state.stale_epochs >= self.patience:
+            stop_reason = "patience"
+        state.epoch = epoch
+        state.keep_rng(rng)
+        state.stop_reason = stop_reason
+
+        # Test-sample scoring runs beside the rounds; it belongs to the run, not to a round.
+        by_stage = UsageMeter.since(self.meter.snapshot(), usage_before)
+        by_stage.pop(TEST_SCORING, None)
+        round_usage = Usage()
+        for usage in by_stage.values():
+            round_usage.add(usage)
+        result = RoundResult(
+            epoch=epoch,
+            candidates=new,
+            best=state.best,
+            improved=improved,
+            stage_stats=_stage_stats(new),
+            usage=round_usage,
+            usage_by_stage=by_stage,
+            rejections=_rejections_since(state.rejections, rejections_before),
+            wall_time=time.perf_counter() - started,
+            state=state,
+            stop_reason=stop_reason,
+        )
+        self._emit("on_round", result)
+        return result
+
+    async def _propose(
+        self, epoch: int, rng: Any, new: list[Candidate], rejections_before: dict[str, dict[str, int]]
+    ) -> str | None:
+        """The five DistillPrompt stages; returns a stop reason when a budget ran out."""
+        best = self.state.best
+        settings = self.settings
         # A reply that is dropped passes its parent on: the next stage still gets one input
         # per reply, so a weak optimizer model thins the round out instead of ending it.
         # rewrite: several new takes on the best prompt, told its score
@@ -286,44 +343,7 @@ class Optimizer:
             replies = await self._ask(meta, settings.temperature_paraphrase, settings.paraphrases, f"{epoch}:paraphrase")
             paraphrased = self._admit(replies, meta, sources, epoch, new)
             stop_reason = await self._after_stage(epoch, "paraphrase", paraphrased, rejections_before)
-
-        await self._wait_pending()
-        for candidate in new:
-            if candidate.duplicate_of is not None:
-                _copy_score(candidate, state.history[candidate.duplicate_of])
-        improved = False
-        for candidate in new:  # creation order, strict >: ties keep the older prompt
-            if candidate.score is not None and candidate.score > state.best.score:
-                state.best_id = candidate.id
-                improved = True
-        state.stale_epochs = 0 if improved else state.stale_epochs + 1
-        if stop_reason is None and settings.patience and state.stale_epochs >= settings.patience:
-            stop_reason = "patience"
-        state.epoch = epoch
-        state.keep_rng(rng)
-        state.stop_reason = stop_reason
-
-        # Test-sample scoring runs beside the rounds; it belongs to the run, not to a round.
-        by_stage = UsageMeter.since(self.meter.snapshot(), usage_before)
-        by_stage.pop(TEST_SCORING, None)
-        round_usage = Usage()
-        for usage in by_stage.values():
-            round_usage.add(usage)
-        result = RoundResult(
-            epoch=epoch,
-            candidates=new,
-            best=state.best,
-            improved=improved,
-            stage_stats=_stage_stats(new),
-            usage=round_usage,
-            usage_by_stage=by_stage,
-            rejections=_rejections_since(state.rejections, rejections_before),
-            wall_time=time.perf_counter() - started,
-            state=state,
-            stop_reason=stop_reason,
-        )
-        self._emit("on_round", result)
-        return result
+        return stop_reason
 
     # ----- stages ------------------------------------------------------------------------
 
@@ -371,25 +391,38 @@ class Optimizer:
                 self.state.reject(meta.stage, extraction.reason or "unusable")
                 admitted.append(None)
                 continue
-            candidate = Candidate(
-                id=len(self.state.history),
-                prompt=extraction.prompt,
-                stage=meta.stage,
-                epoch=epoch,
-                parents=[parent.id for parent in parents],
-            )
-            known = self._by_text.get(dedup_key(candidate.prompt))
-            if known is not None:
-                candidate.duplicate_of = known.id
-            else:
-                self._by_text[dedup_key(candidate.prompt)] = candidate
-                to_score.append(candidate)
-            self.state.history.append(candidate)
-            new.append(candidate)
-            admitted.append(candidate)
-        if to_score:
-            self._pending.append(asyncio.create_task(self._score_now(to_score)))
+            admitted.append(self._add(extraction.prompt, meta.stage, epoch, parents, new, to_score))
+        self._score_soon(to_score)
         return admitted
+
+    def _add(
+        self,
+        prompt: str,
+        stage: str,
+        epoch: int,
+        parents: list[Candidate],
+        new: list[Candidate],
+        to_score: list[Candidate],
+        note: str | None = None,
+    ) -> Candidate:
+        """Records a candidate; a prompt seen before is a duplicate and is not scored again."""
+        candidate = Candidate(
+            id=len(self.state.history), prompt=prompt, stage=stage, epoch=epoch,
+            parents=[parent.id for parent in parents], note=note,
+        )
+        known = self._by_text.get(dedup_key(candidate.prompt))
+        if known is not None:
+            candidate.duplicate_of = known.id
+        else:
+            self._by_text[dedup_key(candidate.prompt)] = candidate
+            to_score.append(candidate)
+        self.state.history.append(candidate)
+        new.append(candidate)
+        return candidate
+
+    def _score_soon(self, candidates: list[Candidate]) -> None:
+        if candidates:
+            self._pending.append(asyncio.create_task(self._score_now(candidates)))
 
     def _original(self, candidate: Candidate) -> Candidate:
         if candidate.duplicate_of is None:
@@ -482,7 +515,7 @@ def _train_metrics(candidate: Candidate) -> dict[str, float]:
 
 def _stage_stats(candidates: list[Candidate]) -> dict[str, dict[str, float]]:
     stats: dict[str, dict[str, float]] = {}
-    for stage in STAGES:
+    for stage in dict.fromkeys(c.stage for c in candidates):
         scores = [c.score for c in candidates if c.stage == stage and c.score is not None]
         if scores:
             stats[stage] = {"best": max(scores), "mean": sum(scores) / len(scores), "count": float(len(scores))}

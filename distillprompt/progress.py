@@ -64,7 +64,10 @@ class ConsoleProgress(Callback):
     # optimizer events --------------------------------------------------------------------
 
     def on_settings(self, settings: object) -> None:
-        self.epochs = settings.optimizer.epochs  # type: ignore[attr-defined]
+        method = settings.optimizer  # type: ignore[attr-defined]
+        self.epochs = {"distillprompt": method.epochs, "grips": method.grips_iterations, "fewshot": 1}.get(
+            method.method, 0
+        )
 
     def on_start(self, task: Task, initial: Candidate) -> None:
         labels = f", labels {', '.join(task.labels)}" if task.labels else ""

@@ -22,7 +22,8 @@ from .errors import UserError
 from .evaluation import Evaluator, InProcessEvaluator, Score
 from .llm import ChatClient, PriorityLimiter, UsageMeter, check_endpoint
 from .local_llm import LocalServer, bundled_model, custom_model
-from .optimizer import Callback, Optimizer, RunResult
+from .baselines import METHODS
+from .optimizer import Callback, RunResult
 from .progress import ConsoleProgress
 from .settings import Settings
 from .state import RunState
@@ -229,6 +230,7 @@ async def optimize(
             settings, local = start_local_llm(settings, stack)
             for callback in [*([progress] if progress else []), *extra]:
                 callback.on_settings(settings)
+            owned = executor is None
             executor = executor or _own(stack, open_executor(settings))
             context = await open_context(settings, stack, progress, local=local)
             for callback in extra:  # per-request observers (tracing), when a callback wants them
@@ -238,10 +240,11 @@ async def optimize(
             everyone: list[Callback] = [
                 *([progress] if progress else []),
                 CheckpointWriter(folder / "state.json"),
-                *([executor] if isinstance(executor, Callback) else []),  # an executor may follow the run too
+                # an executor the run opened may follow it too (to wind down early)
+                *([executor] if owned and isinstance(executor, Callback) else []),
                 *extra,
             ]
-            optimizer = Optimizer(
+            optimizer = METHODS[settings.optimizer.method](
                 context.task,
                 context.meta_llm,
                 executor.evaluator(context),

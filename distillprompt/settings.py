@@ -127,6 +127,11 @@ class DataSettings(Group):
 
 
 class OptimizerSettings(Group):
+    method: Literal["distillprompt", "grips", "fewshot", "initial"] = Field(
+        "distillprompt",
+        description="distillprompt; grips (edit search, Prasad et al. 2022); fewshot (initial prompt + train "
+        "examples); initial (no optimization)",
+    )
     initial_prompt: str | None = Field(
         None, description="starting instruction (default: a one-sentence instruction built from the task)"
     )
@@ -144,6 +149,11 @@ class OptimizerSettings(Group):
     max_total_tokens: int = Field(
         0, ge=0, description="budget: stop after the stage that reaches this many tokens in+out (0: none)"
     )
+    fewshot_examples: int = Field(3, gt=0, description="fewshot: train examples added to the initial prompt")
+    grips_candidates: int = Field(5, gt=0, description="grips: candidates per iteration")
+    grips_edits: int = Field(2, gt=0, description="grips: edits composed per candidate")
+    grips_iterations: int = Field(7, gt=0, description="grips: most iterations")
+    grips_patience: int = Field(2, ge=0, description="grips: stop after this many iterations without improvement")
     max_length_ratio: float = Field(
         4.0, gt=0, description="reject a candidate longer than this many times its longest parent"
     )

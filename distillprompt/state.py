@@ -25,6 +25,7 @@ class Candidate:
     metrics: dict[str, float] = field(default_factory=dict)
     parse_rate: float | None = None
     duplicate_of: int | None = None
+    note: str | None = None  # how it was made, where the stage alone does not say (GrIPS edits)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,6 +50,7 @@ class RunState:
     rng_state: Any = None
     rejections: dict[str, dict[str, int]] = field(default_factory=dict)
     stop_reason: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)  # what a method keeps between rounds
 
     def rng(self) -> random.Random:
         rng = random.Random(f"{self.seed}:optimizer")

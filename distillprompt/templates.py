@@ -172,6 +172,24 @@ def paraphrase(task: Task, prompt: str) -> MetaPrompt:
     return _meta("paraphrase", lines, fixed)
 
 
+def paraphrase_phrase(task: Task, phrase: str) -> MetaPrompt:
+    """GrIPS's paraphrase edit: one chunk of an instruction in other words."""
+    fixed = [
+        "You paraphrase parts of instructions that are given to a language model.",
+        "Say the phrase below in other words. Keep its meaning and keep it about as short.",
+        _REPLY_FORMAT.replace("instruction", "phrase"),
+    ]
+    lines = fixed[:2] + [f"Phrase:\n{phrase}"] + fixed[2:]
+    return MetaPrompt(stage="grips_paraphrase", messages=[{"role": "user", "content": "\n\n".join(lines)}],
+                      echo_fragments=fixed)
+
+
+def with_examples(task: Task, instruction: str, examples: list[Example]) -> str:
+    """The few-shot baseline: the instruction followed by solved train examples."""
+    shown = [f"{render_inputs(task, example)}\nAnswer: {ANSWER_OPEN}{example.target}{ANSWER_CLOSE}" for example in examples]
+    return instruction.strip() + "\n\nExamples:\n\n" + "\n\n".join(shown)
+
+
 def meta_prompt_texts(task: Task) -> dict[str, str]:
     """The meta-prompts with placeholders, for a record of what the method asks."""
     placeholder = "{instruction}"
@@ -183,4 +201,5 @@ def meta_prompt_texts(task: Task) -> dict[str, str]:
         "aggregate": aggregate(task, [placeholder + "_1", placeholder + "_2"]).messages[0]["content"],
         "paraphrase": paraphrase(task, placeholder).messages[0]["content"],
         "task": task_messages(task, placeholder, example)[0]["content"],
+        "grips_paraphrase": paraphrase_phrase(task, "{phrase}").messages[0]["content"],
     }

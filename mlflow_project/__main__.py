@@ -13,7 +13,7 @@ import sys
 
 from distillprompt.cli import main as cli_main
 
-COMMANDS = {"optimize", "evaluate", "promote"}
+COMMANDS = {"optimize", "evaluate", "promote", "compare"}
 FLAG_FOR = {"resume_run_id": "--resume"}
 SWITCHES = {"--register", "--cache", "--trace"}  # --x / --no-x flags
 

@@ -73,7 +73,7 @@ def _short(text: str, width: int = 60) -> str:
 
 
 class MlflowTracker(Callback):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, parent_run_id: str | None = None, run_name: str | None = None) -> None:
         import mlflow
 
         self.mlflow = mlflow
@@ -94,6 +94,8 @@ class MlflowTracker(Callback):
                 self.run = mlflow.start_run(run_id=settings.resume)
                 if run_id and run_id != settings.resume:  # `mlflow run` made a run of its own: point it here
                     mlflow.MlflowClient().set_tag(run_id, "distillprompt.resumed_run", settings.resume)
+            elif parent_run_id:  # a child of a comparison
+                self.run = mlflow.start_run(run_name=run_name, nested=True, parent_run_id=parent_run_id)
             elif run_id:
                 self.run = mlflow.start_run(run_id=run_id)
             else:
@@ -106,6 +108,7 @@ class MlflowTracker(Callback):
                 "--tracking-uri / MLFLOW_TRACKING_URI"
             ) from None
         self.run_id = self.run.info.run_id
+        self.nested = parent_run_id is not None
         self.registered: Any = None
         self._closed = False
         if settings.resume:
@@ -154,8 +157,8 @@ class MlflowTracker(Callback):
             initial_prompt_text=initial.prompt,
         )
         self._log_params(params)
-        mlflow.set_tags({"distillprompt.method": "distillprompt", "distillprompt.dataset": task.name})
-        if self.settings.mlflow.run_name is None and not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_tags({"distillprompt.method": self.settings.optimizer.method, "distillprompt.dataset": task.name})
+        if self.settings.mlflow.run_name is None and not os.environ.get("MLFLOW_RUN_ID") and not self.nested:
             mlflow.set_tag("mlflow.runName", f"{task.name}-{datetime.now():%Y%m%d-%H%M%S}")
         self._log_dataset(task)
         mlflow.log_dict(templates.meta_prompt_texts(task), "method/meta_prompts.json")
@@ -331,14 +334,16 @@ class MlflowTracker(Callback):
         epochs = [0] + [r["epoch"] for r in self.rounds]
         best = [result.initial_scores["train"]["score"]] + [r["best_train_score"] for r in self.rounds]
         axis.plot(epochs, best, marker="o", linewidth=2, label="best train score")
-        for stage in STAGES:
+        stages = [s for s in dict.fromkeys(c.stage for c in result.history) if s != "initial"]
+        for stage in stages:
             points = [(r["epoch"], r[f"{stage}_best_score"]) for r in self.rounds if f"{stage}_best_score" in r]
             if points:
                 axis.plot(*zip(*points), marker=".", linestyle="--", alpha=0.7, label=f"{stage} best")
-        axis.axhline(result.final_scores["test"]["score"], color="black", linestyle=":", label="final test score")
+        if "score" in result.final_scores["test"]:
+            axis.axhline(result.final_scores["test"]["score"], color="black", linestyle=":", label="final test score")
         axis.set_xlabel("round")
         axis.set_ylabel("score")
-        axis.set_title(f"DistillPrompt on {result.task['name']}")
+        axis.set_title(f"{self.settings.optimizer.method} on {result.task['name']}")
         axis.legend(fontsize=8, loc="lower right")
         axis.grid(alpha=0.3)
         path = folder / "score_per_round.png"
@@ -355,6 +360,8 @@ class MlflowTracker(Callback):
 
         chain = lineage(result.history, result.final)
         order = {"initial": 0, **{stage: i + 1 for i, stage in enumerate(STAGES)}}
+        for candidate in chain:
+            order.setdefault(candidate.stage, len(order))
         columns: dict[tuple[int, int], list[Candidate]] = {}
         for candidate in chain:
             columns.setdefault((candidate.epoch, order[candidate.stage]), []).append(candidate)

@@ -72,6 +72,7 @@ def request_kind(content: str) -> tuple[str, str]:
             ("Study the solved examples", "distill"),
             ("You shorten", "compress"),
             ("You combine", "aggregate"),
+            ("You paraphrase parts", "grips_paraphrase"),
             ("You paraphrase", "paraphrase"),
             ("You improve", "rewrite"),
         ):
@@ -120,8 +121,16 @@ def answer_scoring(content: str) -> str:
     return f"<ans>{label}</ans>"
 
 
+SYNONYMS = {"Read": "Study", "text": "passage", "answer": "reply", "label": "category", "best": "most", "the": "this"}
+
+
 def write_meta(content: str, stage: str, index: int, seed: Any) -> str:
     salt = (stage, index, seed, content)
+    if stage == "grips_paraphrase":
+        match = re.search(r"Phrase:\n(.*?)\n\n", content, re.DOTALL)
+        phrase = match.group(1).strip() if match else ""
+        words = [SYNONYMS.get(word, word) for word in phrase.split()]
+        return f"<START>{' '.join(words) if words != phrase.split() else phrase + ' carefully'}<END>"
     if stage == "aggregate":
         pieces: list[str] = []
         for instruction in quoted_instructions(content):

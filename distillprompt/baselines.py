@@ -1,0 +1,180 @@
+"""The methods DistillPrompt is compared with, in the same harness.
+
+Each is an ``Optimizer`` with its own ``_propose``: the LLM layer, cache, evaluator (Ray),
+selection on train scores (ties keep the older prompt), callbacks (MLflow), budgets and
+resume are shared, so runs of any two methods compare directly.
+
+* ``grips`` — GrIPS (Prasad et al., 2022): edit search over the instruction. Each iteration
+  makes ``grips_candidates`` (5) candidates from the current best, each by composing
+  ``grips_edits`` (2) random edits on phrase-level chunks (word-level when the instruction
+  has fewer than three phrases): delete a chunk, swap two chunks, paraphrase a chunk (by the
+  optimizer LLM), or add back a chunk deleted earlier. A candidate replaces the best only
+  if it scores higher; the search stops after ``grips_iterations`` (7) iterations or
+  ``grips_patience`` (2) iterations without improvement. It is scored with the task's
+  metric (macro-F1), as every method here, not with GrIPS's own entropy-weighted score.
+* ``fewshot`` — the initial instruction followed by ``fewshot_examples`` (3) random
+  examples of the train sample with their answers.
+* ``initial`` — no optimization: the reference score of the initial prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from . import templates
+from .candidates import extract_tagged
+from .optimizer import Optimizer
+from .state import Candidate
+
+EDIT_OPERATIONS = ("delete", "swap", "paraphrase", "add")
+PHRASE_BREAK = re.compile(r"(?<=[,;:.!?])\s+|\s+(?=\b(?:and|or|but|then|so)\b\s)")
+DELETED = "grips_deleted"
+
+
+def chunks(text: str) -> list[str]:
+    """Phrase-level chunks (split after punctuation and before conjunctions), or words when
+    the text has fewer than three phrases."""
+    phrases = [part.strip() for part in PHRASE_BREAK.split(text.strip()) if part and part.strip()]
+    return phrases if len(phrases) >= 3 else text.split()
+
+
+def join(parts: list[str]) -> str:
+    text = " ".join(part for part in parts if part)
+    return re.sub(r"\s+([,;:.!?])", r"\1", text).strip()
+
+
+@dataclass(frozen=True)
+class Edit:
+    operation: str
+    index: int
+    other: int = 0  # swap: the second position; add: which deleted chunk
+
+
+def plan_edits(count: int, size: int, deleted: int, rng: Any) -> list[Edit]:
+    """Draws ``count`` edits for a text of ``size`` chunks; the draws depend only on sizes,
+    so a plan is fixed before any paraphrase is written."""
+    plan = []
+    for _ in range(count):
+        allowed = [
+            op
+            for op in EDIT_OPERATIONS
+            if (op != "add" or deleted) and (op != "swap" or size >= 2) and (op != "delete" or size >= 2)
+        ]
+        operation = rng.choice(allowed)
+        if operation == "add":
+            plan.append(Edit("add", rng.randrange(size + 1), rng.randrange(deleted)))
+            size += 1
+        elif operation == "swap":
+            first, second = rng.sample(range(size), 2)
+            plan.append(Edit("swap", first, second))
+        else:
+            plan.append(Edit(operation, rng.randrange(size)))
+            if operation == "delete":
+                size -= 1
+                deleted += 1
+    return plan
+
+
+class GripsSearch(Optimizer):
+    method = "grips"
+
+    @property
+    def rounds(self) -> int:
+        return self.settings.grips_iterations
+
+    @property
+    def patience(self) -> int:
+        return self.settings.grips_patience
+
+    async def _propose(
+        self, epoch: int, rng: Any, new: list[Candidate], rejections_before: dict[str, dict[str, int]]
+    ) -> str | None:
+        base = self.state.best
+        pool: list[str] = self.state.extras.setdefault(DELETED, [])
+        plans = [plan_edits(self.settings.grips_edits, len(chunks(base.prompt)), len(pool), rng) for _ in range(
+            self.settings.grips_candidates
+        )]
+        edited = await asyncio.gather(
+            *(self._apply(base.prompt, plan, list(pool), f"{epoch}:{i}") for i, plan in enumerate(plans))
+        )
+        to_score: list[Candidate] = []
+        for prompt, notes, removed in edited:
+            pool.extend(chunk for chunk in removed if chunk not in pool)
+            if not prompt.strip():
+                self.state.reject("grips", "empty")
+                continue
+            self._add(prompt, "grips", epoch, [base], new, to_score, note="; ".join(notes))
+        self._score_soon(to_score)
+        return await self._after_stage(epoch, "grips", list(new), rejections_before)
+
+    async def _apply(self, prompt: str, plan: list[Edit], pool: list[str], sample: str) -> tuple[str, list[str], list[str]]:
+        """Applies a plan of edits in order; returns the text, what each edit did, and the
+        chunks it deleted."""
+        parts = chunks(prompt)
+        notes: list[str] = []
+        removed: list[str] = []
+        for step, edit in enumerate(plan):
+            if edit.operation == "delete":
+                chunk = parts.pop(edit.index)
+                removed.append(chunk)
+                pool.append(chunk)
+                notes.append(f"delete {chunk!r}")
+            elif edit.operation == "swap":
+                parts[edit.index], parts[edit.other] = parts[edit.other], parts[edit.index]
+                notes.append(f"swap {parts[edit.other]!r} <-> {parts[edit.index]!r}")
+            elif edit.operation == "add":
+                chunk = pool[edit.other]
+                parts.insert(edit.index, chunk)
+                notes.append(f"add {chunk!r}")
+            else:
+                original = parts[edit.index]
+                meta = templates.paraphrase_phrase(self.task, original)
+                (reply,) = await self._ask(meta, self.settings.temperature_paraphrase, 1, f"{sample}:{step}")
+                rewritten = " ".join(extract_tagged(reply).split())
+                if rewritten and "<" not in rewritten and len(rewritten) <= 4 * len(original) + 20:
+                    parts[edit.index] = rewritten
+                    notes.append(f"paraphrase {original!r} -> {rewritten!r}")
+                else:
+                    self.state.reject("grips_paraphrase", "unusable")
+                    notes.append(f"paraphrase {original!r} failed")
+        return join(parts), notes, removed
+
+
+class FewShot(Optimizer):
+    method = "fewshot"
+
+    @property
+    def rounds(self) -> int:
+        return 1
+
+    async def _propose(
+        self, epoch: int, rng: Any, new: list[Candidate], rejections_before: dict[str, dict[str, int]]
+    ) -> str | None:
+        base = self.state.history[0]
+        count = min(self.settings.fewshot_examples, len(self.task.train))
+        examples = [self.task.train[i] for i in sorted(rng.sample(range(len(self.task.train)), count))]
+        prompt = templates.with_examples(self.task, base.prompt, examples)
+        to_score: list[Candidate] = []
+        note = "examples " + ", ".join(f"train row {example.index}" for example in examples)
+        self._add(prompt, "fewshot", epoch, [base], new, to_score, note=note)
+        self._score_soon(to_score)
+        return await self._after_stage(epoch, "fewshot", list(new), rejections_before)
+
+
+class InitialOnly(Optimizer):
+    method = "initial"
+
+    @property
+    def rounds(self) -> int:
+        return 0
+
+
+METHODS: dict[str, type[Optimizer]] = {
+    "distillprompt": Optimizer,
+    "grips": GripsSearch,
+    "fewshot": FewShot,
+    "initial": InitialOnly,
+}

@@ -1,0 +1,174 @@
+"""``distillprompt compare``: every method with every seed, under one parent MLflow run.
+
+Each (method, seed) is a child run recorded like any single run (same metrics, tables and
+artifacts, tagged with its method). The parent holds the comparison: test score (mean and
+standard deviation over seeds), LLM calls, tokens, and the paired bootstrap interval of
+DistillPrompt minus each baseline on the same test examples. Calls and tokens count what
+each run asked for, whether the endpoint or the response cache answered, so a rerun with
+the same seeds reproduces the table exactly and sends nothing; wall times, which no rerun
+reproduces, are in a table of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distillprompt import runner
+from distillprompt.errors import UserError
+from distillprompt.progress import ConsoleProgress
+from distillprompt.settings import Settings
+
+from .tracking import MlflowTracker, paired_bootstrap
+
+REFERENCE = "distillprompt"
+KNOWN = ("distillprompt", "grips", "fewshot", "initial")
+
+
+@dataclass
+class Outcome:
+    method: str
+    seed: int
+    run_id: str
+    test_score: float
+    calls: int
+    tokens: int
+    sent: int
+    wall_time: float
+    per_example: list[float]
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in KNOWN]
+    if unknown or not methods:
+        raise UserError(f"unknown method {', '.join(unknown) or '(none)'}: --methods takes a comma list of {', '.join(KNOWN)}")
+    return list(dict.fromkeys(methods))
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def comparison_tables(outcomes: list[Outcome], methods: list[str], seed: int = 0) -> tuple[list[dict[str, Any]], str, str]:
+    rows = []
+    for method in methods:
+        mine = [o for o in outcomes if o.method == method]
+        scores = [o.test_score for o in mine]
+        row: dict[str, Any] = {
+            "method": method,
+            "runs": len(mine),
+            "test_score_mean": statistics.fmean(scores),
+            "test_score_std": _std(scores),
+            "llm_calls": round(statistics.fmean(o.calls for o in mine), 1),
+            "tokens": round(statistics.fmean(o.tokens for o in mine), 1),
+        }
+        reference = [o for o in outcomes if o.method == REFERENCE]
+        if method != REFERENCE and reference:
+            before: list[float] = []
+            after: list[float] = []
+            for ours in reference:
+                theirs = next((o for o in mine if o.seed == ours.seed), None)
+                if theirs is not None:
+                    before += theirs.per_example
+                    after += ours.per_example
+            mean, low, high = paired_bootstrap(before, after, seed)
+            row.update(diff_vs_distillprompt=mean, diff_ci_low=low, diff_ci_high=high)
+        rows.append(row)
+    lines = [
+        "| method | runs | test score (mean ± std) | LLM calls | tokens | DistillPrompt − method [95% CI] |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        difference = (
+            f"{row['diff_vs_distillprompt']:+.4f} [{row['diff_ci_low']:+.4f}, {row['diff_ci_high']:+.4f}]"
+            if "diff_vs_distillprompt" in row
+            else "—"
+        )
+        lines.append(
+            f"| {row['method']} | {row['runs']} | {row['test_score_mean']:.4f} ± {row['test_score_std']:.4f} | "
+            f"{row['llm_calls']:g} | {row['tokens']:g} | {difference} |"
+        )
+    timing = ["| method | wall time s (mean) | requests sent (sum) |", "|---|---:|---:|"]
+    for method in methods:
+        mine = [o for o in outcomes if o.method == method]
+        timing.append(f"| {method} | {statistics.fmean(o.wall_time for o in mine):.1f} | {sum(o.sent for o in mine)} |")
+    return rows, "\n".join(lines), "\n".join(timing)
+
+
+def compare(settings: Settings, methods: list[str], seeds: int, *, quiet: bool = False) -> tuple[str, str, str]:
+    import mlflow
+
+    parent = MlflowTracker(settings)
+    succeeded = False
+    outcomes: list[Outcome] = []
+    try:
+        parent._log_params({**settings.public_dict(), "methods": ",".join(methods), "seeds": seeds})
+        mlflow.set_tag("distillprompt.method", "compare")
+        for offset in range(seeds):
+            for method in methods:
+                child = settings.model_copy(deep=True)
+                child.seed = settings.seed + offset
+                child.optimizer.method = method
+                child.mlflow.register_result = False
+                if child.output is not None:
+                    child.output = Path(child.output) / f"{method}-seed{child.seed}"
+                tracker = MlflowTracker(child, parent_run_id=parent.run_id, run_name=f"{method}-seed{child.seed}")
+                progress = None if quiet else ConsoleProgress()
+                print(f"== {method}, seed {child.seed} ==", file=sys.stderr, flush=True)
+                result, _ = asyncio.run(runner.optimize(child, callbacks=[tracker], progress=progress))
+                if result.failure or result.final_test is None:
+                    raise UserError(f"{method} with seed {child.seed} did not finish ({result.failure}): see its child run")
+                usage = result.usage
+                outcomes.append(
+                    Outcome(
+                        method=method,
+                        seed=child.seed,
+                        run_id=tracker.run_id,
+                        test_score=result.final_scores["test"]["score"],
+                        calls=usage.calls,
+                        tokens=usage.tokens + usage.cached_tokens,
+                        sent=usage.requests,
+                        wall_time=result.wall_time,
+                        per_example=result.final_test.per_example,
+                    )
+                )
+        rows, table, timing = comparison_tables(outcomes, methods, settings.seed)
+        mlflow.log_table(data={k: [row.get(k) for row in rows] for k in dict.fromkeys(k for r in rows for k in r)},
+                         artifact_file="comparison/table.json")
+        mlflow.log_text(table + "\n\n" + timing + "\n", "comparison/table.md")
+        mlflow.log_dict([o.__dict__ for o in outcomes], "comparison/runs.json")
+        for row in rows:
+            mlflow.log_metric(f"{row['method']}_test_score_mean", row["test_score_mean"])
+            mlflow.log_metric(f"{row['method']}_test_score_std", row["test_score_std"])
+        succeeded = True
+        return table, timing, parent.run_id
+    finally:
+        parent.on_end(succeeded)
+
+
+class CompareCommand:
+    name = "compare"
+    help = "run several methods with several seeds under one MLflow run and compare them"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--methods", default=",".join(KNOWN), help=f"comma list of {', '.join(KNOWN)}")
+        parser.add_argument("--seeds", type=int, default=3, help="seeds per method, starting at --seed (default 3)")
+
+    def run(self, args: argparse.Namespace, settings: Settings) -> int:
+        if args.seeds < 1:
+            raise UserError("--seeds must be at least 1")
+        methods = parse_methods(args.methods)
+        table, timing, run_id = compare(settings, methods, args.seeds, quiet=args.quiet)
+        print(f"\n{table}\n\n{timing}\n\nMLflow parent run: {run_id}")
+        if settings.output is not None:
+            folder = Path(settings.output)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "comparison.md").write_text(table + "\n\n" + timing + "\n")
+        return 0
+

@@ -1,0 +1,159 @@
+"""The baselines in the same harness: GrIPS edits and patience, few-shot examples, the
+initial prompt, and `compare` under one parent MLflow run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections import Counter
+from contextlib import AsyncExitStack
+
+import pytest
+
+from distillprompt import runner
+from distillprompt.baselines import Edit, GripsSearch, chunks, join, plan_edits
+from distillprompt.llm import UsageMeter
+from distillprompt.runner import LocalExecutor
+from distillprompt.settings import load_settings
+from tests.conftest import run_cli
+from tests.endpoint import ScriptedEndpoint
+
+BASE = "Read the review carefully, decide how the writer feels, and answer with one label."
+
+
+def settings_for(endpoint, dataset, tmp_path, **optimizer):
+    return load_settings(
+        {
+            "llm": {"base_url": endpoint.base_url, "model": "test-model"},
+            "data": {"dataset": str(dataset), "train_size": 12, "test_size": 10},
+            "optimizer": optimizer,
+            "cache": {"path": str(tmp_path / "cache.sqlite")},
+            "output": str(tmp_path / "out"),
+            "executor": "local",
+        }
+    )
+
+
+def test_chunks_are_phrases_or_words():
+    assert chunks(BASE) == ["Read the review carefully,", "decide how the writer feels,", "and answer with one label."]
+    assert chunks("Classify the sentiment.") == ["Classify", "the", "sentiment."]
+    assert join(["Read it", ",", "then answer ."]) == "Read it, then answer."
+
+
+def test_edit_plans_respect_what_is_possible():
+    rng = random.Random(0)
+    for _ in range(200):
+        plan = plan_edits(2, 3, 0, rng)
+        assert all(edit.operation != "add" for edit in plan[:1])  # nothing deleted yet: no add first
+        size = 3
+        for edit in plan:
+            assert 0 <= edit.index <= size
+            size += {"delete": -1, "add": 1}.get(edit.operation, 0)
+    assert {e.operation for _ in range(200) for e in plan_edits(2, 4, 2, rng)} == {"delete", "swap", "paraphrase", "add"}
+
+
+def test_each_grips_edit_does_what_it_claims(endpoint, reviews_dir, tmp_path):
+    settings = settings_for(endpoint, reviews_dir, tmp_path, method="grips")
+
+    async def apply(plan, pool):
+        async with AsyncExitStack() as stack:
+            context = await runner.open_context(settings, stack, None)
+            search = GripsSearch(context.task, context.meta_llm, LocalExecutor().evaluator(context), settings.optimizer,
+                                 seed=0, meter=UsageMeter())
+            return await search._apply(BASE, plan, pool, "t")
+
+    first, second, third = chunks(BASE)
+    text, notes, removed = asyncio.run(apply([Edit("delete", 1)], []))
+    assert text == join([first, third]) and removed == [second] and notes == [f"delete {second!r}"]
+    text, notes, _ = asyncio.run(apply([Edit("swap", 0, 2)], []))
+    assert text == join([third, second, first])
+    text, notes, _ = asyncio.run(apply([Edit("add", 3, 0)], ["Be brief."]))
+    assert text == join([first, second, third, "Be brief."]) and notes == ["add 'Be brief.'"]
+    text, notes, _ = asyncio.run(apply([Edit("paraphrase", 0)], []))
+    rewritten = chunks(text)[0]
+    assert rewritten != first and text.endswith(join([second, third]))
+    assert notes == [f"paraphrase {first!r} -> {rewritten!r}"]
+    meta = endpoint.requests(kind="meta")
+    assert [e.stage for e in meta] == ["grips_paraphrase"] and first in meta[0].content
+    text, notes, removed = asyncio.run(apply([Edit("delete", 0), Edit("add", 0, 0)], []))
+    assert text == BASE and removed == [first]  # composed: deleted, then added back at the same place
+
+
+def test_grips_search_scores_five_candidates_an_iteration_and_stops_on_patience(reviews_dir, tmp_path):
+    def flat(request, kind, stage):
+        return "<ans>positive</ans>" if kind == "scoring" else None
+
+    with ScriptedEndpoint(responder=flat) as endpoint:
+        result, _ = asyncio.run(runner.optimize(settings_for(endpoint, reviews_dir, tmp_path, method="grips",
+                                                             initial_prompt=BASE)))
+    assert result.stop_reason == "patience" and len(result.rounds) == 2  # grips_patience 2, of 7 iterations
+    per_round = Counter(c.epoch for c in result.history if c.stage == "grips")
+    assert per_round == {1: 5, 2: 5}
+    assert all(c.note and c.parents == [0] for c in result.history if c.stage == "grips")
+    assert result.final.id == 0
+
+
+def test_fewshot_examples_come_from_the_train_sample_only(endpoint, reviews_dir, tmp_path):
+    from distillprompt.data import load_task
+
+    settings = settings_for(endpoint, reviews_dir, tmp_path, method="fewshot", fewshot_examples=4)
+    result, _ = asyncio.run(runner.optimize(settings))
+    (shot,) = [c for c in result.history if c.stage == "fewshot"]
+    assert shot.prompt.startswith(result.initial_prompt)
+    shown = [line.removeprefix("Input: ") for line in shot.prompt.splitlines() if line.startswith("Input: ")]
+    task = load_task(settings.data, settings.seed)  # the same seeded samples the run drew
+    train = {e.inputs["text"]: e.target for e in task.train}
+    assert len(shown) == 4 and all(text in train for text in shown)
+    assert not set(shown) & {e.inputs["text"] for e in task.test}
+    for text in shown:  # each example carries its own train label
+        assert f"Input: {text}\nAnswer: <ans>{train[text]}</ans>" in shot.prompt
+    assert not endpoint.requests(kind="meta")  # few-shot needs no optimizer model
+
+
+def test_initial_method_only_scores_the_initial_prompt(endpoint, reviews_dir, tmp_path):
+    result, _ = asyncio.run(runner.optimize(settings_for(endpoint, reviews_dir, tmp_path, method="initial")))
+    assert result.final.id == 0 and len(result.history) == 1 and result.rounds == []
+    assert not endpoint.requests(kind="meta")
+    assert len(endpoint.requests(kind="scoring")) == 12 + 10
+
+
+def test_compare_records_children_per_method_and_seed_and_reruns_for_free(mlflow_server, endpoint, reviews_dir, tmp_path):
+    import mlflow
+
+    args = [
+        "compare", "--methods", "distillprompt,grips,initial", "--seeds", "2", "--dataset", str(reviews_dir),
+        "--base-url", endpoint.base_url, "--model", "test-model", "--executor", "local", "--epochs", "1",
+        "--train-size", "12", "--test-size", "10", "--grips-iterations", "2", "--experiment", "compare",
+        "--cache-path", str(tmp_path / "cache.sqlite"), "--quiet",
+    ]
+    env = {"MLFLOW_TRACKING_URI": mlflow_server["uri"]}
+    first = run_cli(*args, env=env, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    sent = len(endpoint.requests())
+    second = run_cli(*args, env=env, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(endpoint.requests()) == sent  # the rerun costs no LLM request
+
+    def table(output: str) -> str:
+        return output[output.index("| method | runs"): output.index("| method | wall time")]
+
+    assert table(first.stdout) == table(second.stdout)
+    assert "DistillPrompt − method" in first.stdout and "| grips | 2 |" in first.stdout
+
+    mlflow.set_tracking_uri(mlflow_server["uri"])
+    parent_id = first.stdout.strip().splitlines()[-1].split()[-1]
+    children = mlflow.search_runs(experiment_names=["compare"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                                  output_format="list")
+    assert Counter(r.data.tags["distillprompt.method"] for r in children) == {"distillprompt": 2, "grips": 2, "initial": 2}
+    assert {r.data.params["seed"] for r in children} == {"0", "1"}
+    assert all("final_test_score" in r.data.metrics for r in children)
+    parent = mlflow.get_run(parent_id)
+    assert "comparison/table.json" in parent.data.tags["mlflow.loggedArtifacts"]
+    assert parent.data.tags["distillprompt.method"] == "compare"
+
+
+@pytest.mark.parametrize("methods", ["distillprompt,bogus", ""])
+def test_compare_refuses_unknown_methods(methods):
+    completed = run_cli("compare", "--methods", methods, "--dataset", "x.jsonl")
+    assert completed.returncode == 2 and "--methods" in completed.stderr
