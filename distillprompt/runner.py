@@ -108,6 +108,20 @@ def _require_endpoint(url: str | None) -> str:
     return url
 
 
+def client_options(settings: Settings) -> dict[str, Any]:
+    """The endpoint options every ChatClient of a run shares (the driver's and Ray actors')."""
+    llm = settings.llm
+    return dict(
+        api_key=llm.api_key.get_secret_value() if llm.api_key else None,
+        timeout=llm.timeout,
+        max_retries=llm.max_retries,
+        backoff_base=llm.backoff_base,
+        backoff_max=llm.backoff_max,
+        price_input=llm.price_input,
+        price_output=llm.price_output,
+    )
+
+
 async def open_context(
     settings: Settings,
     stack: AsyncExitStack,
@@ -130,18 +144,7 @@ async def open_context(
     meter = UsageMeter()
     limiter = PriorityLimiter(settings.llm.concurrency)
     common = dict(
-        api_key=api_key,
-        limiter=limiter,
-        meter=meter,
-        cache=cache,
-        timeout=settings.llm.timeout,
-        max_retries=settings.llm.max_retries,
-        backoff_base=settings.llm.backoff_base,
-        backoff_max=settings.llm.backoff_max,
-        n_mode=settings.llm.n_mode,
-        price_input=settings.llm.price_input,
-        price_output=settings.llm.price_output,
-        seed=settings.seed,
+        client_options(settings), limiter=limiter, meter=meter, cache=cache, n_mode=settings.llm.n_mode, seed=settings.seed
     )
     identity = local.model.identity if local is not None else None
     target = ChatClient(base_url=target_url, model=settings.llm.model, cache_identity=identity, **common)

@@ -25,7 +25,7 @@ from distillprompt.errors import EndpointUnavailable, UserError
 from distillprompt.evaluation import RequestEvaluator
 from distillprompt.llm import SCORING, Usage
 from distillprompt.optimizer import Callback
-from distillprompt.runner import RunContext, evaluator_options
+from distillprompt.runner import RunContext, client_options, evaluator_options
 from distillprompt.settings import Settings
 
 from .cluster import Connection, connect, disconnect
@@ -38,17 +38,7 @@ MAX_RESUBMITS = 5
 def endpoint_options(settings: Settings) -> dict[str, Any]:
     """What an actor needs to build its client for the target model (the key included: it
     travels as an actor argument, never in a runtime env, log or job spec)."""
-    return dict(
-        base_url=settings.llm.base_url,
-        api_key=settings.llm.api_key.get_secret_value() if settings.llm.api_key else None,
-        model=settings.llm.model,
-        timeout=settings.llm.timeout,
-        max_retries=settings.llm.max_retries,
-        backoff_base=settings.llm.backoff_base,
-        backoff_max=settings.llm.backoff_max,
-        price_input=settings.llm.price_input,
-        price_output=settings.llm.price_output,
-    )
+    return dict(client_options(settings), base_url=settings.llm.base_url, model=settings.llm.model)
 
 
 class ScoringWorker:
@@ -105,15 +95,21 @@ class RayExecutor(Callback):
     def _start(self) -> list[Any]:
         import ray
 
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         self.connection = connect(self.settings.ray_address)
-        count = self.settings.ray_actors or 2 * max(1, len([n for n in ray.nodes() if n.get("Alive")]))
-        count = min(count, self.settings.llm.concurrency)
+        nodes = sorted(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
+        count = min(self.settings.ray_actors or 2 * max(1, len(nodes)), self.settings.llm.concurrency)
         remote = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(ScoringWorker)
         options = endpoint_options(self.settings)
         per_actor = -(-self.settings.llm.concurrency // count)
+        # Round-robin over the nodes (soft: a lost node's actors restart elsewhere).
         self.actors = [
-            remote.options(max_concurrency=per_actor * 2 + 8, scheduling_strategy="SPREAD").remote(options, per_actor)
-            for _ in range(count)
+            remote.options(
+                max_concurrency=per_actor * 2 + 8,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) if nodes else "SPREAD",
+            ).remote(options, per_actor)
+            for i in range(count)
         ]
         return self.actors
 
