@@ -13,7 +13,7 @@ resume are shared, so runs of any two methods compare directly.
   ``grips_patience`` (2) iterations without improvement. It is scored with the task's
   metric (macro-F1), as every method here, not with GrIPS's own entropy-weighted score.
 * ``fewshot`` — the initial instruction followed by ``fewshot_examples`` (3) random
-  examples of the train sample with their answers.
+  examples of the train sample with their answers; that prompt is the result (no search).
 * ``initial`` — no optimization: the reference score of the initial prompt.
 """
 
@@ -144,11 +144,17 @@ class GripsSearch(Optimizer):
 
 
 class FewShot(Optimizer):
+    """Not a search: the few-shot prompt is the result, whatever its train score."""
+
     method = "fewshot"
 
     @property
     def rounds(self) -> int:
         return 1
+
+    def _select(self, new: list[Candidate]) -> bool:
+        self.state.best_id = new[-1].id
+        return True
 
     async def _propose(
         self, epoch: int, rng: Any, new: list[Candidate], rejections_before: dict[str, dict[str, int]]

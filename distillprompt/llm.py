@@ -66,11 +66,13 @@ class Usage:
     retries: int = 0
     failed: int = 0
     cached_tokens: int = 0  # tokens of the replies the cache served (not paid again)
+    answered: int = 0  # calls the endpoint answered (one call asking n samples may take n requests)
 
     @property
     def calls(self) -> int:
-        """Logical calls, whether the cache or the endpoint answered them."""
-        return self.requests + self.cache_hits
+        """Logical calls, whether the cache or the endpoint answered them: the same count on a
+        rerun from the cache, whatever the endpoint's handling of n."""
+        return self.answered + self.cache_hits
 
     @property
     def tokens(self) -> int:
@@ -293,6 +295,7 @@ class ChatClient:
     ) -> None:
         """Counts what a reply cost, keeps it for the next identical request, and tells the
         observers (per-request tracing) about it."""
+        spent.answered += 1
         self.meter.record(stage, spent)
         if self.cache is not None:
             self.cache.put(key, CachedReply(texts, spent.input_tokens, spent.output_tokens))

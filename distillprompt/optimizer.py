@@ -267,11 +267,7 @@ class Optimizer:
         for candidate in new:
             if candidate.duplicate_of is not None:
                 _copy_score(candidate, state.history[candidate.duplicate_of])
-        improved = False
-        for candidate in new:  # creation order, strict >: ties keep the older prompt
-            if candidate.score is not None and candidate.score > state.best.score:
-                state.best_id = candidate.id
-                improved = True
+        improved = self._select(new)
         state.stale_epochs = 0 if improved else state.stale_epochs + 1
         if stop_reason is None and self.patience and state.stale_epochs >= self.patience:
             stop_reason = "patience"
@@ -300,6 +296,15 @@ class Optimizer:
         )
         self._emit("on_round", result)
         return result
+
+    def _select(self, new: list[Candidate]) -> bool:
+        """Keeps the best by train score, in creation order, strict >: ties keep the older."""
+        improved = False
+        for candidate in new:
+            if candidate.score is not None and candidate.score > self.state.best.score:
+                self.state.best_id = candidate.id
+                improved = True
+        return improved
 
     async def _propose(
         self, epoch: int, rng: Any, new: list[Candidate], rejections_before: dict[str, dict[str, int]]

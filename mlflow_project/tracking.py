@@ -94,8 +94,12 @@ class MlflowTracker(Callback):
                 self.run = mlflow.start_run(run_id=settings.resume)
                 if run_id and run_id != settings.resume:  # `mlflow run` made a run of its own: point it here
                     mlflow.MlflowClient().set_tag(run_id, "distillprompt.resumed_run", settings.resume)
-            elif parent_run_id:  # a child of a comparison
-                self.run = mlflow.start_run(run_name=run_name, nested=True, parent_run_id=parent_run_id)
+            elif parent_run_id:  # a child of a comparison (created by id: MLFLOW_RUN_ID names the parent)
+                parent = mlflow.get_run(parent_run_id)
+                child = mlflow.MlflowClient().create_run(
+                    parent.info.experiment_id, run_name=run_name, tags={"mlflow.parentRunId": parent_run_id}
+                )
+                self.run = mlflow.start_run(run_id=child.info.run_id, nested=True)
             elif run_id:
                 self.run = mlflow.start_run(run_id=run_id)
             else:
@@ -146,7 +150,7 @@ class MlflowTracker(Callback):
     def on_start(self, task: Task, initial: Candidate) -> None:
         mlflow = self.mlflow
         self.task = task
-        params = {name: json.dumps(value) if isinstance(value, list) else value for name, value in self.settings.public_dict().items()}
+        params: dict[str, Any] = dict(self.settings.public_dict())
         params.update(
             dataset_name=task.name,
             dataset_source=task.source,
@@ -168,7 +172,10 @@ class MlflowTracker(Callback):
         """Logs the effective settings. Inside `mlflow run`, MLflow has logged the raw MLproject
         parameters under the same names already; where the effective value differs (an empty
         parameter left to a default), it goes in as ``effective_<name>``."""
-        values = {name: "" if value is None else str(value) for name, value in params.items()}
+        values = {
+            name: "" if value is None else json.dumps(value) if isinstance(value, list) else str(value)
+            for name, value in params.items()
+        }
         existing = self.mlflow.get_run(self.run_id).data.params
         fresh = {}
         for name, value in values.items():
@@ -292,7 +299,7 @@ class MlflowTracker(Callback):
     def on_evaluation(self, task: Task, prompt: str, score: Any, usage: dict[str, Any]) -> None:
         """Records a stand-alone evaluation (``distillprompt evaluate`` / ``-e evaluate``)."""
         mlflow = self.mlflow
-        params = {name: json.dumps(value) if isinstance(value, list) else value for name, value in self.settings.public_dict().items()}
+        params: dict[str, Any] = dict(self.settings.public_dict())
         params.update(dataset_name=task.name, dataset_digest=task.digest(), test_examples=len(task.test))
         self._log_params(params)
         mlflow.set_tags({"distillprompt.method": "evaluate", "distillprompt.dataset": task.name})
@@ -329,6 +336,7 @@ class MlflowTracker(Callback):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
         figure, axis = plt.subplots(figsize=(7, 4))
         epochs = [0] + [r["epoch"] for r in self.rounds]
@@ -342,6 +350,7 @@ class MlflowTracker(Callback):
         if "score" in result.final_scores["test"]:
             axis.axhline(result.final_scores["test"]["score"], color="black", linestyle=":", label="final test score")
         axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.set_ylabel("score")
         axis.set_title(f"{self.settings.optimizer.method} on {result.task['name']}")
         axis.legend(fontsize=8, loc="lower right")
@@ -378,7 +387,7 @@ class MlflowTracker(Callback):
                 if source_id in position:
                     axis.annotate(
                         "", xy=position[candidate.id], xytext=position[source_id],
-                        arrowprops={"arrowstyle": "->", "color": "grey", "shrinkA": 18, "shrinkB": 18},
+                        arrowprops={"arrowstyle": "-|>", "color": "grey", "shrinkA": 28, "shrinkB": 28, "mutation_scale": 14},
                     )
         for candidate in chain:
             x, y = position[candidate.id]

@@ -101,6 +101,7 @@ def test_fewshot_examples_come_from_the_train_sample_only(endpoint, reviews_dir,
     result, _ = asyncio.run(runner.optimize(settings))
     (shot,) = [c for c in result.history if c.stage == "fewshot"]
     assert shot.prompt.startswith(result.initial_prompt)
+    assert result.final.id == shot.id  # the few-shot prompt is the result, not a contender
     shown = [line.removeprefix("Input: ") for line in shot.prompt.splitlines() if line.startswith("Input: ")]
     task = load_task(settings.data, settings.seed)  # the same seeded samples the run drew
     train = {e.inputs["text"]: e.target for e in task.train}
@@ -157,3 +158,32 @@ def test_compare_records_children_per_method_and_seed_and_reruns_for_free(mlflow
 def test_compare_refuses_unknown_methods(methods):
     completed = run_cli("compare", "--methods", methods, "--dataset", "x.jsonl")
     assert completed.returncode == 2 and "--methods" in completed.stderr
+
+
+def test_mlflow_run_compare_nests_children_under_its_own_run(mlflow_server, endpoint, reviews_dir, tmp_path):
+    """Inside `mlflow run`, MLFLOW_RUN_ID names the parent: children must still get runs of their own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlflow
+
+    from tests.conftest import ROOT, venv_env
+
+    completed = subprocess.run(
+        [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "compare", "--env-manager", "local",
+         "--experiment-name", "compare-project", "-P", "methods=initial,fewshot", "-P", "seeds=1",
+         "-P", f"dataset={reviews_dir}", "-P", f"base_url={endpoint.base_url}", "-P", "model=test-model",
+         "-P", "train_size=12", "-P", "test_size=10"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env=venv_env({"MLFLOW_TRACKING_URI": mlflow_server["uri"], "DISTILLPROMPT_CACHE__PATH": str(tmp_path / "c.sqlite")}),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    mlflow.set_tracking_uri(mlflow_server["uri"])
+    runs = mlflow.search_runs(experiment_names=["compare-project"], output_format="list")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["fewshot-seed0", "initial-seed0"]
+    assert "comparison/table.md" in parent.data.tags["mlflow.loggedArtifacts"] or mlflow.artifacts.load_text(
+        parent.info.artifact_uri + "/comparison/table.md"
+    )
