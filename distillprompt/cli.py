@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import os
 import logging
 import re
 import sys
@@ -242,5 +244,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> NoReturn:
+    """The console script: ``main`` then a quick exit. The exit handlers run (they flush
+    MLflow's trace queue and stop Ray, among others); the interpreter's own teardown, which
+    with Ray and gRPC loaded takes most of a second, is skipped."""
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
