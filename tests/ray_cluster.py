@@ -70,6 +70,7 @@ class TwoNodeCluster:
         for command in (head, worker):
             subprocess.run(command, env=env, check=True, capture_output=True, timeout=120)
         cluster.wait_for_nodes(2)
+        cluster.wait_for_scheduling()
         return cluster
 
     def wait_for_nodes(self, count: int, timeout: float = 60) -> None:
@@ -82,6 +83,32 @@ class TwoNodeCluster:
                 return
             time.sleep(1)
         raise RuntimeError(f"the cluster did not reach {count} nodes")
+
+    def wait_for_scheduling(self, timeout: float = 60) -> None:
+        """Wait until a driver on the head node places work on the worker node.
+
+        ``ray status`` lists a node as soon as it has registered, while the head's scheduler
+        learns of it a moment later; a soft node-affinity placement made in between falls
+        back to the head.
+        """
+        probe = (
+            "import sys, time, ray\n"
+            "from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Affinity\n"
+            "ray.init(address=sys.argv[1], logging_level='ERROR')\n"
+            "worker = next(n['NodeID'] for n in ray.nodes() if n['Alive'] and 'second_node' in n['Resources'])\n"
+            "where = lambda: ray.get_runtime_context().get_node_id()\n"
+            "deadline = time.monotonic() + float(sys.argv[2])\n"
+            "while time.monotonic() < deadline:\n"
+            "    task = ray.remote(num_cpus=0)(where).options(scheduling_strategy=Affinity(worker, soft=True))\n"
+            "    if ray.get(task.remote()) == worker:\n"
+            "        sys.exit(0)\n"
+            "    time.sleep(0.5)\n"
+            "sys.exit(1)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", probe, self.address, str(timeout)], env=self.env,
+                              capture_output=True, text=True, timeout=timeout + 60)
+        if done.returncode:
+            raise RuntimeError(f"the head never placed work on the worker node: {done.stderr[-2000:]}")
 
     def stop(self) -> None:
         subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
