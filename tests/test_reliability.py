@@ -68,29 +68,57 @@ def test_content_faults_complete_and_are_counted(reviews_dir, tmp_path):
     assert result["usage"]["total"]["retries"] == statuses[429] + statuses[500] + statuses[0]
 
 
-def test_an_endpoint_that_gives_up_stops_the_run_cleanly(reviews_dir, tmp_path):
-    state = {"round_two": False}
+def test_an_outage_stops_the_run_cleanly_and_mlflow_run_resumes_it(mlflow_server, reviews_dir, tmp_path):
+    import mlflow
+
+    env = {"MLFLOW_TRACKING_URI": mlflow_server["uri"]}
     with ScriptedEndpoint() as endpoint:
         # round 1 runs clean; from the first request of round 2 on, everything answers 500
         args = optimize_args(endpoint, reviews_dir, tmp_path, "--epochs", "3", "--max-retries", "2",
-                             "--output", str(tmp_path / "out"))
+                             "--experiment", "outage", "--prompt-name", "outage-prompt", "--output", str(tmp_path / "out"))
         process = subprocess.Popen([sys.executable, "-m", "distillprompt", *args], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=venv_env(), cwd=ROOT)
-        while not state["round_two"]:
-            rewrites = endpoint.requests(kind="meta", stage="rewrite", status=None)
-            if len(rewrites) >= 1 and len(endpoint.requests(kind="meta", stage="paraphrase")) >= 1:
-                endpoint.rates = {"500": 1.0}
-                state["round_two"] = True
-            time.sleep(0.005)
+                                   stderr=subprocess.PIPE, text=True, env=venv_env(env), cwd=ROOT)
+        progress = []
+        for line in process.stderr:  # the progress display reports each finished round
+            progress.append(line)
+            if line.startswith("round 1 done"):
+                break
+        endpoint.rates = {"500": 1.0}
         stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 1, stderr[-2000:]
-    lines = [line for line in stderr.splitlines() if line.startswith("distillprompt: error")]
-    assert len(lines) == 1 and "gave up" in lines[0] and "result.json" in lines[0]
-    result = result_of(tmp_path / "out")
-    assert result["stop_reason"] == "endpoint_unavailable" and "500" in result["failure"]
-    assert {c["epoch"] for c in result["history"]} <= {0, 1}  # the unfinished round is not kept
-    assert result["final_prompt"] == max(result["history"], key=lambda c: (c["score"], -c["id"]))["prompt"]
-    assert result["usage"]["total"]["failed"] >= 1
+        stderr = "".join(progress) + stderr
+        assert process.returncode == 1, stderr[-2000:]
+        lines = [line for line in stderr.splitlines() if line.startswith("distillprompt: error")]
+        assert len(lines) == 1 and "gave up" in lines[0] and "result.json" in lines[0]
+        result = result_of(tmp_path / "out")
+        assert result["stop_reason"] == "endpoint_unavailable" and "500" in result["failure"]
+        assert {c["epoch"] for c in result["history"]} <= {0, 1}  # the unfinished round is not kept
+        assert result["final_prompt"] == max(result["history"], key=lambda c: (c["score"], -c["id"]))["prompt"]
+        assert result["usage"]["total"]["failed"] >= 1
+
+        mlflow.set_tracking_uri(mlflow_server["uri"])
+        client = mlflow.MlflowClient()
+        (run,) = mlflow.search_runs(experiment_names=["outage"], output_format="list")
+        assert run.info.status == "FAILED"
+        assert run.data.tags["distillprompt.stop_reason"] == "endpoint_unavailable"
+        assert "500" in run.data.tags["distillprompt.failure"]
+        assert run.data.metrics["total_failed_requests"] >= 1
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "best_train_score")] == [1]
+        assert mlflow.genai.load_prompt("prompts:/outage-prompt@candidate", allow_missing=True) is None
+
+        # The endpoint is back: `mlflow run -P resume_run_id=...` continues the same run from round 2.
+        paid = {e.body_hash for e in endpoint.requests()}
+        endpoint.rates = {}
+        endpoint.reset()
+        resumed = subprocess.run(
+            [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "optimize", "--env-manager", "local",
+             "--experiment-name", "outage", "-P", f"resume_run_id={run.info.run_id}"],
+            capture_output=True, text=True, env=venv_env(env), cwd=ROOT, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert endpoint.requests() and not paid & {e.body_hash for e in endpoint.requests()}  # nothing paid twice
+    finished = mlflow.get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED" and finished.data.tags["distillprompt.stop_reason"] == "epochs"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "best_train_score")] == [1, 2, 3]
+    assert mlflow.genai.load_prompt("prompts:/outage-prompt@candidate").template
 
 
 @pytest.fixture()
