@@ -40,6 +40,15 @@ PREAMBLE = re.compile(
     r"|(\S+\s+){0,5}(example|instruction|prompt|version|rewrite|paraphrase|output|result)s?(\s+\S+){0,3})\s*:\s*$",
     re.IGNORECASE,
 )
+# An untagged reply that introduces its answer and then quotes it: 'Here is a new version of
+# the instruction: "..."', 'The new instruction reads:\n\n"..."'. The introduction is the
+# sentence right before the colon; the quote closes the reply.
+QUOTED_ANSWER = re.compile(r'(?P<intro>[^\n.!?]*):\s*["\u201c](?P<quote>[^"\u201c\u201d\n]{12,})["\u201d]\s*$')
+INTRO = re.compile(
+    r"\b(here|below|following|new|rewritten|improved|alternative|revised|paraphrased|compressed|merged|version|edit"
+    r"|instruction|prompt|text|sentence)\b",
+    re.IGNORECASE,
+)
 EXAMPLE_LINE = re.compile(r"^\s*correct answer\s*:", re.IGNORECASE)
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
@@ -65,6 +74,14 @@ def extract_tagged(reply: str) -> str:
     if ends:
         return text[: ends[0].start()].strip()
     return text.strip()
+
+
+def quoted_answer(text: str) -> str | None:
+    """The quote that closes a reply after an introduction ending in a colon, if there is one."""
+    found = QUOTED_ANSWER.search(text)
+    if found and INTRO.search(found.group("intro")) and len(found.group("quote").split()) >= 3:
+        return found.group("quote").strip()
+    return None
 
 
 def _strip_wrapping(text: str) -> str:
@@ -118,6 +135,8 @@ def clean(text: str, meta: MetaPrompt) -> str:
 def extract_candidate(reply: str, meta: MetaPrompt, parents: list[str], max_length_ratio: float) -> Extraction:
     """Turns one meta-prompt reply into a candidate prompt, or says why it is dropped."""
     raw = extract_tagged(reply)
+    if raw == (reply or "").strip():  # no tag: the model may have chatted around a quoted answer
+        raw = quoted_answer(raw) or raw
     if not _strip_wrapping(raw):
         return Extraction(None, "empty")
     prompt = clean(raw, meta)

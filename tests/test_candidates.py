@@ -232,3 +232,31 @@ def test_instruction_mentioning_a_rating_score_is_kept() -> None:
 def test_instruction_restating_the_labels_is_kept() -> None:
     good = "Answer with one of these labels: negative, positive."
     assert extract(f"<START>{good}<END>") == Extraction(good, None)
+
+
+# ----- an untagged reply that quotes its answer -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        f'Here is a new version of the instruction:\n\n"{NEW}"',
+        f'You can say it differently. Here\'s an alternative edit of the original instruction:\n\n"{NEW}"',
+        f'The original text read: "{PARENT}" The new instruction is:\n\n\u201c{NEW}\u201d',
+        f'The example text reads: "{NEW}"',
+    ],
+)
+def test_an_untagged_reply_that_introduces_and_quotes_its_answer(reply: str) -> None:
+    assert extract(reply) == Extraction(NEW, None)
+
+
+def test_a_quote_inside_tags_is_part_of_the_prompt() -> None:
+    prompt = f'{NEW} A review that reads: "the cast was wonderful" is positive.'
+    assert extract(f"<START>{prompt}<END>").prompt == prompt
+    tagged_quote = 'Label the review. For instance the text reads: "the cast was wonderful and fun"'
+    assert extract(f"<START>{tagged_quote}<END>").prompt == tagged_quote
+
+
+def test_a_closing_quote_without_an_introduction_is_kept() -> None:
+    prompt = f'{NEW} Example: "The pacing was tedious from start to end"'
+    assert extract(prompt, stage="rewrite").prompt == prompt
