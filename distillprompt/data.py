@@ -56,6 +56,11 @@ class Task:
     def is_classification(self) -> bool:
         return self.task_type == "classification"
 
+    @property
+    def metric(self) -> str:
+        """The metric a prompt's score is: macro-F1 for classification, else the generation metric."""
+        return "macro-F1" if self.is_classification else self.generation_metric
+
     def digest(self) -> str:
         """Identifies the exact samples: same digest, same train and test examples."""
         payload = json.dumps(
@@ -70,6 +75,7 @@ class Task:
             "name": self.name,
             "source": self.source,
             "task": self.task_type,
+            "metric": self.metric,
             "input_columns": self.input_columns,
             "label_column": self.label_column,
             "labels": self.labels,

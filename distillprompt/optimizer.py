@@ -168,7 +168,7 @@ class Optimizer:
         self.callbacks = callbacks or []
         self.meta_max_tokens = meta_max_tokens
         self.state = state or RunState(seed=seed)
-        self.metric = "macro-F1" if task.is_classification else task.generation_metric
+        self.metric = task.metric
         self._by_text: dict[str, Candidate] = {}
         self._pending: list[asyncio.Task[None]] = []
 

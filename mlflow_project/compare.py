@@ -41,6 +41,7 @@ class Outcome:
     sent: int
     wall_time: float
     per_example: list[float]
+    metric: str = "score"
 
 
 def parse_methods(text: str) -> list[str]:
@@ -80,8 +81,9 @@ def comparison_tables(outcomes: list[Outcome], methods: list[str], seed: int = 0
             mean, low, high = paired_bootstrap(before, after, seed)
             row.update(diff_vs_distillprompt=mean, diff_ci_low=low, diff_ci_high=high)
         rows.append(row)
+    metric = outcomes[0].metric if outcomes else "score"
     lines = [
-        "| method | runs | test score (mean ± std) | LLM calls | tokens | DistillPrompt − method [95% CI] |",
+        f"| method | runs | test {metric} (mean ± std) | LLM calls | tokens | DistillPrompt − method [95% CI] |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -136,12 +138,15 @@ def compare(settings: Settings, methods: list[str], seeds: int, *, quiet: bool =
                         sent=usage.requests,
                         wall_time=result.wall_time,
                         per_example=result.final_test.per_example,
+                        metric=result.task.get("metric", "score"),
                     )
                 )
         rows, table, timing = comparison_tables(outcomes, methods, settings.seed)
         mlflow.log_table(data={k: [row.get(k) for row in rows] for k in dict.fromkeys(k for r in rows for k in r)},
                          artifact_file="comparison/table.json")
         mlflow.log_text(table + "\n\n" + timing + "\n", "comparison/table.md")
+        # The run's description (Markdown on its Overview page in the UI): the table itself.
+        mlflow.set_tag("mlflow.note.content", f"{table}\n\n{timing}\n\nChild runs: one per method and seed.")
         mlflow.log_dict([o.__dict__ for o in outcomes], "comparison/runs.json")
         for row in rows:
             mlflow.log_metric(f"{row['method']}_test_score_mean", row["test_score_mean"])

@@ -31,6 +31,8 @@ from distillprompt.state import STAGES, Candidate, RunState
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoints/state.json"
+NOTE = "mlflow.note.content"  # a run's description in the MLflow UI
+NOTE_MARK = "<!-- distillprompt -->"
 SETTINGS_TREE = "settings_tree.json"  # the settings as a tree, secrets left out: what --resume restarts from
 CANDIDATE_ALIAS = "candidate"
 BOOTSTRAP_SAMPLES = 2000
@@ -295,6 +297,35 @@ class MlflowTracker(Callback):
             from .registry import register_result
 
             self.registered = register_result(result, self.task, self.settings, self.run_id)
+        self._describe(result)
+
+    def _describe(self, result: RunResult) -> None:
+        """The run's description (Markdown on its Overview page): the outcome at a glance.
+
+        A description the user wrote (``mlflow.note.content``) is left alone."""
+        current = self.mlflow.get_run(self.run_id).data.tags.get(NOTE)
+        if current and not current.startswith(NOTE_MARK):
+            return
+        initial, final = result.initial_scores, result.final_scores
+        metric = self.task.metric if self.task is not None else "score"
+
+        def scores(split: str) -> str:
+            before, after = (initial.get(split) or {}).get("score"), (final.get(split) or {}).get("score")
+            return " → ".join("—" if value is None else f"{value:.4f}" for value in (before, after))
+
+        quote = lambda text: "\n".join("> " + line for line in text.splitlines() or [""])  # noqa: E731
+        lines = [
+            NOTE_MARK,
+            f"**{self.settings.optimizer.method}**, {metric}: test {scores('test')}, train {scores('train')}; "
+            f"stopped by {result.stop_reason}, {len(result.history)} candidates.",
+        ]
+        if result.failure:
+            lines.append(f"\n**Failed**: {result.failure[:500]} (nothing registered; `--resume {self.run_id}` continues).")
+        if self.registered is not None:
+            lines.append(f"\nRegistered as `{self.registered.prompt_uri}` and `models:/{self.registered.model_name}/"
+                         f"{self.registered.model_version}` (alias `{CANDIDATE_ALIAS}`).")
+        lines += ["\nFinal prompt:\n", quote(result.final_prompt), "\nInitial prompt:\n", quote(result.initial_prompt)]
+        self.mlflow.set_tag(NOTE, "\n".join(lines))
 
     def on_evaluation(self, task: Task, prompt: str, score: Any, usage: dict[str, Any]) -> None:
         """Records a stand-alone evaluation (``distillprompt evaluate`` / ``-e evaluate``)."""

@@ -141,6 +141,7 @@ def test_compare_records_children_per_method_and_seed_and_reruns_for_free(mlflow
 
     assert table(first.stdout) == table(second.stdout)
     assert "DistillPrompt − method" in first.stdout and "| grips | 2 |" in first.stdout
+    assert "| test macro-F1 (mean ± std) |" in first.stdout  # the table names the metric it compares
 
     mlflow.set_tracking_uri(mlflow_server["uri"])
     parent_id = first.stdout.strip().splitlines()[-1].split()[-1]

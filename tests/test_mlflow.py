@@ -96,6 +96,10 @@ def test_run_records_settings_rounds_and_artifacts(first_run, mlflow_server):
     assert {row["stage"] for row in rows} == {"rewrite", "distill", "compress", "aggregate", "paraphrase"}
     assert {"epoch", "parents", "prompt", "train_score"} <= set(table["columns"])
     assert "candidates/round_001.json" in run.data.tags["mlflow.loggedArtifacts"]  # shown as a table in the UI
+    note = run.data.tags["mlflow.note.content"]  # the run's description on its Overview page
+    final = mlflow.artifacts.load_text(run.info.artifact_uri + "/prompts/final.txt")
+    assert f"> {final.splitlines()[0]}" in note and f"`prompts:/{PROMPT_NAME}/1`" in note
+    assert f"macro-F1: test {metrics['initial_test_score']:.4f} → {metrics['final_test_score']:.4f}" in note
     contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
     assert contexts == ["test", "train"]
 

@@ -1,5 +1,6 @@
 """The MLflow UI, rendered by headless Chromium, shows what `mlflow run -e optimize` recorded:
-both runs on the experiment's runs page and the registered prompt on the prompts pages.
+both runs on the experiment's runs page and the registered prompt on the prompts pages; and
+what `distillprompt compare` recorded: a parent run listing its children and the table.
 
 The MLflow 3.17 UI is a single-page app, so the pages are rendered with
 `chromium --headless --virtual-time-budget=... --dump-dom` and the visible text of the DOM
@@ -120,3 +121,28 @@ def test_prompts_page_shows_the_registered_prompt(two_runs, mlflow_server, tmp_p
 
     missing = visible_texts(f"{uri}/#/prompts/{NEVER_REGISTERED_PROMPT}", tmp_path / "missing")
     assert "Page Not Found" in missing and "Version 1" not in missing, missing[:80]
+
+
+def test_compare_parent_page_lists_its_children_and_shows_the_table(mlflow_server, reviews_dir, tmp_path):
+    import mlflow
+
+    with ScriptedEndpoint() as endpoint:
+        completed = subprocess.run(
+            [sys.executable, "-m", "distillprompt", "compare", "--methods", "initial,fewshot", "--seeds", "2",
+             "--dataset", str(reviews_dir), "--base-url", endpoint.base_url, "--model", "test-model",
+             "--executor", "local", "--train-size", "12", "--test-size", "10", "--experiment", "ui-compare",
+             "--no-cache", "--quiet"],
+            capture_output=True, text=True, env=venv_env({"MLFLOW_TRACKING_URI": mlflow_server["uri"]}), cwd=ROOT,
+            timeout=600,
+        )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    parent_id = completed.stdout.strip().splitlines()[-1].split()[-1]
+    experiment_id = mlflow.MlflowClient(mlflow_server["uri"]).get_run(parent_id).info.experiment_id
+    texts = visible_texts(f"{mlflow_server['uri']}/#/experiments/{experiment_id}/runs/{parent_id}", tmp_path / "parent")
+    assert "Child runs" in texts, texts[:80]
+    page = " ".join(texts)
+    for child in ("initial-seed0", "initial-seed1", "fewshot-seed0", "fewshot-seed1"):
+        assert child in page, f"child run {child!r} is not on the parent's page"
+    assert "test macro-F1 (mean ± std)" in page  # the description renders the comparison table
+    fewshot_row = next(line for line in completed.stdout.splitlines() if line.startswith("| fewshot | 2 |"))
+    assert fewshot_row.split("|")[3].strip() in page  # its mean ± std, as printed

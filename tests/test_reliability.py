@@ -88,7 +88,7 @@ def test_an_outage_stops_the_run_cleanly_and_mlflow_run_resumes_it(mlflow_server
         stderr = "".join(progress) + stderr
         assert process.returncode == 1, stderr[-2000:]
         lines = [line for line in stderr.splitlines() if line.startswith("distillprompt: error")]
-        assert len(lines) == 1 and "gave up" in lines[0] and "result.json" in lines[0]
+        assert len(lines) == 1 and "gave up" in lines[0] and "result.json" in lines[0], stderr[-3000:]
         result = result_of(tmp_path / "out")
         assert result["stop_reason"] == "endpoint_unavailable" and "500" in result["failure"]
         assert {c["epoch"] for c in result["history"]} <= {0, 1}  # the unfinished round is not kept
@@ -104,6 +104,7 @@ def test_an_outage_stops_the_run_cleanly_and_mlflow_run_resumes_it(mlflow_server
         assert run.data.metrics["total_failed_requests"] >= 1
         assert [m.step for m in client.get_metric_history(run.info.run_id, "best_train_score")] == [1]
         assert mlflow.genai.load_prompt("prompts:/outage-prompt@candidate", allow_missing=True) is None
+        assert f"`--resume {run.info.run_id}` continues" in run.data.tags["mlflow.note.content"]
 
         # The endpoint is back: `mlflow run -P resume_run_id=...` continues the same run from round 2.
         paid = {e.body_hash for e in endpoint.requests()}
@@ -119,6 +120,7 @@ def test_an_outage_stops_the_run_cleanly_and_mlflow_run_resumes_it(mlflow_server
     assert finished.info.status == "FINISHED" and finished.data.tags["distillprompt.stop_reason"] == "epochs"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "best_train_score")] == [1, 2, 3]
     assert mlflow.genai.load_prompt("prompts:/outage-prompt@candidate").template
+    assert "Failed" not in finished.data.tags["mlflow.note.content"]  # the description tells the final outcome
 
 
 @pytest.fixture()
