@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/state.json"
 NOTE = "mlflow.note.content"  # a run's description in the MLflow UI
 NOTE_MARK = "<!-- distillprompt -->"
+NOTE_LIMIT = 8000  # MLflow's longest tag value
 SETTINGS_TREE = "settings_tree.json"  # the settings as a tree, secrets left out: what --resume restarts from
 CANDIDATE_ALIAS = "candidate"
 BOOTSTRAP_SAMPLES = 2000
@@ -325,7 +326,10 @@ class MlflowTracker(Callback):
             lines.append(f"\nRegistered as `{self.registered.prompt_uri}` and `models:/{self.registered.model_name}/"
                          f"{self.registered.model_version}` (alias `{CANDIDATE_ALIAS}`).")
         lines += ["\nFinal prompt:\n", quote(result.final_prompt), "\nInitial prompt:\n", quote(result.initial_prompt)]
-        self.mlflow.set_tag(NOTE, "\n".join(lines))
+        note = "\n".join(lines)
+        if len(note) > NOTE_LIMIT:  # MLflow refuses longer tag values; the prompts are whole in prompts/
+            note = note[: NOTE_LIMIT - 80] + "\n\n… (cut here: the whole prompts are in `prompts/`)"
+        self.mlflow.set_tag(NOTE, note)
 
     def on_evaluation(self, task: Task, prompt: str, score: Any, usage: dict[str, Any]) -> None:
         """Records a stand-alone evaluation (``distillprompt evaluate`` / ``-e evaluate``)."""

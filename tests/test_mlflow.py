@@ -235,6 +235,26 @@ def test_cli_tracking_uri_starts_its_own_run(mlflow_server, keyed_endpoint, revi
     assert "distillprompt.prompt_uri" not in run.data.tags  # --no-register
 
 
+def test_long_prompts_still_end_in_a_described_registered_run(mlflow_server, keyed_endpoint, reviews_dir, tmp_path):
+    import mlflow
+
+    initial = " ".join(["Classify the sentiment of the review as positive or negative."] * 150)  # ~9,500 characters
+    completed = run_cli(
+        "optimize", "--dataset", str(reviews_dir), "--base-url", keyed_endpoint.base_url, "--model", "test-model",
+        "--executor", "local", "--epochs", "1", "--train-size", "8", "--test-size", "6", "--no-cache",
+        "--initial-prompt", initial, "--tracking-uri", mlflow_server["uri"], "--experiment", "long-prompts",
+        "--prompt-name", "long-prompt", "--output", str(tmp_path / "out"),
+        env={"OPENAI_API_KEY": PLANTED_KEY},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    mlflow.set_tracking_uri(mlflow_server["uri"])
+    (run,) = mlflow.search_runs(experiment_names=["long-prompts"], output_format="list")
+    note = run.data.tags["mlflow.note.content"]
+    assert len(note) <= 8000 and note.endswith("the whole prompts are in `prompts/`)")
+    assert mlflow.artifacts.load_text(run.info.artifact_uri + "/prompts/initial.txt") == initial
+    assert mlflow.genai.load_prompt("prompts:/long-prompt@candidate").template
+
+
 def test_failed_run_registers_nothing(mlflow_server, reviews_dir, tmp_path):
     import mlflow
 
