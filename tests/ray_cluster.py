@@ -24,11 +24,26 @@ def _free(port: int) -> bool:
     return True
 
 
+def _above_ephemeral() -> int:
+    """The first port above the kernel's ephemeral range (outgoing connections take ports there)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[1]) + 1
+    except (OSError, ValueError, IndexError):
+        return 61000
+
+
 def _port_block(size: int) -> int:
-    """The first port of ``size`` free consecutive ports."""
+    """The first port of ``size`` free consecutive ports, above the ephemeral range.
+
+    Ray's worker processes bind ports of the given ranges; a port that an outgoing connection
+    of an earlier test holds makes the worker fail to start, and its actor restart elsewhere.
+    """
+    low = _above_ephemeral()
+    if low + size > 65535:
+        low = 20000  # a machine whose ephemeral range reaches the top
     for _ in range(200):
-        base = random.randrange(40000, 60000 - size)
-        if all(_free(base + i) for i in range(0, size, max(1, size // 8))) and _free(base + size - 1):
+        base = random.randrange(low, 65535 - size)
+        if all(_free(base + i) for i in range(size)):
             return base
     raise RuntimeError("no free port block")
 
@@ -109,6 +124,14 @@ class TwoNodeCluster:
                               capture_output=True, text=True, timeout=timeout + 60)
         if done.returncode:
             raise RuntimeError(f"the head never placed work on the worker node: {done.stderr[-2000:]}")
+
+    def actors_report(self) -> str:
+        """Ray's own account of the cluster's actors (node, state, restarts, death cause), for a failure message."""
+        listed = subprocess.run(
+            [RAY, "list", "actors", "--detail", f"--address={self.job_address}"], env=self.env, capture_output=True,
+            text=True, timeout=60,
+        )
+        return (listed.stdout + listed.stderr)[-6000:]
 
     def stop(self) -> None:
         subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=120)

@@ -62,7 +62,7 @@ def test_actors_spread_over_both_nodes_and_score_like_in_process(cluster, endpoi
             await executor.aclose()
 
     placement, on_cluster = asyncio.run(on_ray())
-    assert len({actor["node_id"] for actor in placement}) == 2
+    assert len({actor["node_id"] for actor in placement}) == 2, cluster.actors_report()
     ray_requests = Counter(e.body_hash for e in endpoint.requests())
 
     endpoint.reset()
