@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,17 +33,11 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2"
+from scoring_throughput import DEFAULT_DATA, ROOT, start_endpoint  # this folder is on sys.path when run as a script
+
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def proc_stat(pid: int) -> dict | None:
@@ -129,21 +122,9 @@ class TreeMonitor(threading.Thread):
             self.stop_event.wait(self.interval)
 
 
-def start_endpoint(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "tests.endpoint", "--port", str(port), "--latency", str(args.latency),
-               "--capacity", str(args.capacity), *[f"--fault={fault}" for fault in args.fault]]
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    line = server.stdout.readline()  # "serving …" once it listens
-    if not line.startswith("serving"):
-        server.kill()
-        raise SystemExit(f"the endpoint did not start: {' '.join(command)}")
-    return server, f"http://127.0.0.1:{port}/v1"
-
-
 def run_once(args: argparse.Namespace, executor: str, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    server, base_url = start_endpoint(args)
+    server, base_url = start_endpoint(args.latency, args.capacity, args.fault)
     try:
         endpoint_before = proc_stat(server.pid)
         command = [

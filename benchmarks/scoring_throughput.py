@@ -41,7 +41,10 @@ def start_endpoint(latency: float, capacity: int, faults: list[str]) -> tuple[su
     command = [sys.executable, "-m", "tests.endpoint", "--port", str(port), "--latency", str(latency),
                "--capacity", str(capacity), *[f"--fault={fault}" for fault in faults]]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    server.stdout.readline()  # "serving …" once it listens
+    line = server.stdout.readline()  # "serving …" once it listens
+    if not line.startswith("serving"):
+        server.kill()
+        raise SystemExit(f"the endpoint did not start: {' '.join(command)}")
     return server, f"http://127.0.0.1:{port}/v1"
 
 

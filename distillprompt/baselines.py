@@ -27,6 +27,7 @@ from typing import Any
 from . import templates
 from .candidates import extract_tagged
 from .optimizer import Optimizer
+from .settings import OptimizerSettings
 from .state import Candidate
 
 EDIT_OPERATIONS = ("delete", "swap", "paraphrase", "add")
@@ -81,9 +82,9 @@ def plan_edits(count: int, size: int, deleted: int, rng: Any) -> list[Edit]:
 class GripsSearch(Optimizer):
     method = "grips"
 
-    @property
-    def rounds(self) -> int:
-        return self.settings.grips_iterations
+    @staticmethod
+    def planned_rounds(settings: OptimizerSettings) -> int:
+        return settings.grips_iterations
 
     @property
     def patience(self) -> int:
@@ -148,8 +149,8 @@ class FewShot(Optimizer):
 
     method = "fewshot"
 
-    @property
-    def rounds(self) -> int:
+    @staticmethod
+    def planned_rounds(settings: OptimizerSettings) -> int:
         return 1
 
     def _select(self, new: list[Candidate]) -> bool:
@@ -160,8 +161,7 @@ class FewShot(Optimizer):
         self, epoch: int, rng: Any, new: list[Candidate], rejections_before: dict[str, dict[str, int]]
     ) -> str | None:
         base = self.state.history[0]
-        count = min(self.settings.fewshot_examples, len(self.task.train))
-        examples = [self.task.train[i] for i in sorted(rng.sample(range(len(self.task.train)), count))]
+        examples = self._draw_examples(rng, self.settings.fewshot_examples)
         prompt = templates.with_examples(self.task, base.prompt, examples)
         to_score: list[Candidate] = []
         note = "examples " + ", ".join(f"train row {example.index}" for example in examples)
@@ -173,8 +173,8 @@ class FewShot(Optimizer):
 class InitialOnly(Optimizer):
     method = "initial"
 
-    @property
-    def rounds(self) -> int:
+    @staticmethod
+    def planned_rounds(settings: OptimizerSettings) -> int:
         return 0
 
 

@@ -185,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = settings_from_args(args) if getattr(plugin, "takes_settings", True) else None
         return plugin.run(args, settings)
     settings = settings_from_args(args)
-    progress = None if args.quiet else ConsoleProgress(epochs=settings.optimizer.epochs)
+    progress = None if args.quiet else ConsoleProgress()
     if args.command == "optimize":
         callbacks = callback_plugins(settings)
         state = None
@@ -193,9 +193,7 @@ def _run(args: argparse.Namespace) -> int:
             resumers = [c for c in callbacks if getattr(c, "resumed", None) is not None]
             if not resumers:
                 raise UserError("--resume needs MLflow tracking: pass --tracking-uri or set MLFLOW_TRACKING_URI")
-            settings, state = resumers[0].resumed
-            if progress:
-                progress.epochs = settings.optimizer.epochs
+            settings, state = resumers[0].resumed  # the progress display hears them through on_settings
         result, folder = asyncio.run(
             runner.optimize(settings, progress=progress, callbacks=callbacks, state=state)
         )

@@ -27,7 +27,7 @@ from .evaluation import Evaluator, Score
 from .errors import EndpointUnavailable
 from .llm import LLM, META, Usage, UsageMeter
 from .settings import OptimizerSettings
-from .state import STAGES, Candidate, RunState, dedup_key
+from .state import Candidate, RunState, dedup_key
 
 TRAIN_SCORING = "scoring"
 ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
@@ -180,8 +180,7 @@ class Optimizer:
         state = self.state
         if not state.history:
             state.history.append(Candidate(id=0, prompt=prompt, stage="initial", epoch=0))
-        for candidate in state.history:
-            self._by_text.setdefault(dedup_key(candidate.prompt), candidate)
+        self._use_state(state)
         initial = state.history[0]
         self._emit("on_start", self.task, initial)
 
@@ -200,8 +199,7 @@ class Optimizer:
                     # The endpoint gave up beyond every retry: forget the unfinished round and
                     # stop with the best prompt of the finished ones.
                     await self._cancel_pending()
-                    self._restore(checkpoint)
-                    state = self.state
+                    state = self._use_state(checkpoint)
                     self.failure = str(error)
                     stop_reason = ENDPOINT_UNAVAILABLE
                     break
@@ -244,9 +242,14 @@ class Optimizer:
 
     # ----- one round ---------------------------------------------------------------------
 
+    @staticmethod
+    def planned_rounds(settings: OptimizerSettings) -> int:
+        """How many rounds the method runs at most (progress display shows it before the run)."""
+        return settings.epochs
+
     @property
     def rounds(self) -> int:
-        return self.settings.epochs
+        return self.planned_rounds(self.settings)
 
     @property
     def patience(self) -> int:
@@ -323,7 +326,7 @@ class Optimizer:
 
         if stop_reason is None:
             # distill: each rewrite revised after studying a few random train examples
-            shown = [self._draw_examples(rng) for _ in sources]
+            shown = [self._draw_examples(rng, settings.distill_examples) for _ in sources]
             metas = [templates.distill(self.task, source.prompt, examples) for source, examples in zip(sources, shown)]
             distilled = await self._one_each(epoch, "distill", metas, sources, settings.temperature_distill, new)
             stop_reason = await self._after_stage(epoch, "distill", distilled, rejections_before)
@@ -434,8 +437,9 @@ class Optimizer:
             return candidate
         return self.state.history[candidate.duplicate_of]
 
-    def _draw_examples(self, rng: Any) -> list[Example]:
-        count = min(self.settings.distill_examples, len(self.task.train))
+    def _draw_examples(self, rng: Any, wanted: int) -> list[Example]:
+        """``wanted`` train examples (all of them if fewer), in sample order."""
+        count = min(wanted, len(self.task.train))
         return [self.task.train[i] for i in sorted(rng.sample(range(len(self.task.train)), count))]
 
     async def _after_stage(
@@ -482,11 +486,13 @@ class Optimizer:
             self.failure = self.failure or str(error)
             return None
 
-    def _restore(self, checkpoint: RunState) -> None:
-        self.state = checkpoint
+    def _use_state(self, state: RunState) -> RunState:
+        """Makes ``state`` the run's state and indexes its prompts for duplicate detection."""
+        self.state = state
         self._by_text = {}
-        for candidate in checkpoint.history:
+        for candidate in state.history:
             self._by_text.setdefault(dedup_key(candidate.prompt), candidate)
+        return state
 
     async def _wait_pending(self) -> None:
         pending, self._pending = self._pending, []

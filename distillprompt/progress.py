@@ -64,10 +64,10 @@ class ConsoleProgress(Callback):
     # optimizer events --------------------------------------------------------------------
 
     def on_settings(self, settings: object) -> None:
-        method = settings.optimizer  # type: ignore[attr-defined]
-        self.epochs = {"distillprompt": method.epochs, "grips": method.grips_iterations, "fewshot": 1}.get(
-            method.method, 0
-        )
+        from .baselines import METHODS
+
+        optimizer = settings.optimizer  # type: ignore[attr-defined]
+        self.epochs = METHODS[optimizer.method].planned_rounds(optimizer)
 
     def on_start(self, task: Task, initial: Candidate) -> None:
         labels = f", labels {', '.join(task.labels)}" if task.labels else ""

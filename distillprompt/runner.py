@@ -132,11 +132,11 @@ async def open_context(
 ) -> RunContext:
     target_url = _require_endpoint(settings.llm.base_url)
     meta_url = _require_endpoint(settings.optimizer_base_url)
-    api_key = settings.llm.api_key.get_secret_value() if settings.llm.api_key else None
+    options = client_options(settings)
     ready = asyncio.to_thread(local.wait_ready) if local is not None else asyncio.sleep(0)
     task, _ = await asyncio.gather(asyncio.to_thread(load_task, settings.data, settings.seed, need_train=need_train), ready)
     checks = {(target_url, settings.llm.model), (meta_url, settings.optimizer_model)}
-    await asyncio.gather(*(check_endpoint(url, api_key, model) for url, model in checks))
+    await asyncio.gather(*(check_endpoint(url, options["api_key"], model) for url, model in checks))
 
     cache = ResponseCache(settings.cache.path) if settings.cache.enabled else None
     if cache is not None:
@@ -144,7 +144,7 @@ async def open_context(
     meter = UsageMeter()
     limiter = PriorityLimiter(settings.llm.concurrency)
     common = dict(
-        client_options(settings), limiter=limiter, meter=meter, cache=cache, n_mode=settings.llm.n_mode, seed=settings.seed
+        options, limiter=limiter, meter=meter, cache=cache, n_mode=settings.llm.n_mode, seed=settings.seed
     )
     identity = local.model.identity if local is not None else None
     target = ChatClient(base_url=target_url, model=settings.llm.model, cache_identity=identity, **common)

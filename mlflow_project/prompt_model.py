@@ -69,13 +69,14 @@ class PromptModel(PythonModel):
 
     def answer(self, row: dict[str, Any]) -> str | None:
         from distillprompt.metrics import answer_text, parse_label
+        from distillprompt.templates import ANSWER_STOP
 
         reply = self.client.chat.completions.create(
             model=self.model,
             messages=[{"role": "user", "content": self.fill(row)}],
             temperature=0.0,
             max_tokens=self.max_tokens,
-            stop=["</ans>"],
+            stop=list(ANSWER_STOP),
         )
         text = reply.choices[0].message.content or ""
         return parse_label(text, self.labels) if self.labels else answer_text(text)

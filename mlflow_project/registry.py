@@ -18,7 +18,6 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from distillprompt import templates
 from distillprompt.data import Example, Task
@@ -90,6 +89,9 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
         **{key: f"{value:.6f}" for key, value in scores.items()},
     }
     template = prompt_template(task, result.final_prompt)
+    local = settings.llm.backend == "local"
+    # the embedded server's port lives as long as the run: a model using it starts its own
+    base_url = LOCAL if local else settings.llm.base_url
     version = mlflow.genai.register_prompt(
         name=name,
         template=template,
@@ -101,7 +103,7 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
             "temperature": 0.0,
             "max_tokens": max_tokens,
             "extra_params": {
-                "base_url": LOCAL if settings.llm.backend == "local" else settings.llm.base_url,
+                "base_url": base_url,
                 "labels": task.labels,
                 "task": task.task_type,
             },
@@ -115,12 +117,10 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", column) for column in task.input_columns]), outputs=Schema([ColSpec("string")])
     )
-    local = settings.llm.backend == "local"
     model_config = {
         "template": template,
         "prompt_uri": f"prompts:/{name}/{version.version}",
-        # the embedded server's port lives as long as the run: the model starts its own
-        "base_url": LOCAL if local else settings.llm.base_url,
+        "base_url": base_url,
         "local_model": str(settings.llm.local_model) if local and settings.llm.local_model else None,
         "model": settings.llm.model,
         "labels": task.labels,

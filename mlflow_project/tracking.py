@@ -314,7 +314,6 @@ class MlflowTracker(Callback):
             before, after = (initial.get(split) or {}).get("score"), (final.get(split) or {}).get("score")
             return " → ".join("—" if value is None else f"{value:.4f}" for value in (before, after))
 
-        quote = lambda text: "\n".join("> " + line for line in text.splitlines() or [""])  # noqa: E731
         lines = [
             NOTE_MARK,
             f"**{self.settings.optimizer.method}**, {metric}: test {scores('test')}, train {scores('train')}; "
@@ -325,7 +324,7 @@ class MlflowTracker(Callback):
         if self.registered is not None:
             lines.append(f"\nRegistered as `{self.registered.prompt_uri}` and `models:/{self.registered.model_name}/"
                          f"{self.registered.model_version}` (alias `{CANDIDATE_ALIAS}`).")
-        lines += ["\nFinal prompt:\n", quote(result.final_prompt), "\nInitial prompt:\n", quote(result.initial_prompt)]
+        lines += ["\nFinal prompt:\n", _blockquote(result.final_prompt), "\nInitial prompt:\n", _blockquote(result.initial_prompt)]
         note = "\n".join(lines)
         if len(note) > NOTE_LIMIT:  # MLflow refuses longer tag values; the prompts are whole in prompts/
             note = note[: NOTE_LIMIT - 80] + "\n\n… (cut here: the whole prompts are in `prompts/`)"
@@ -465,6 +464,10 @@ class MlflowTracker(Callback):
                 file=sys.stderr,
             )
         self.mlflow.end_run(status="FINISHED" if succeeded else "FAILED")
+
+
+def _blockquote(text: str) -> str:
+    return "\n".join("> " + line for line in text.splitlines() or [""])
 
 
 def _check_reachable(uri: str) -> None:

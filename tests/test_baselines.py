@@ -4,7 +4,6 @@ initial prompt, and `compare` under one parent MLflow run."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections import Counter
 from contextlib import AsyncExitStack

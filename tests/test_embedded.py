@@ -7,7 +7,6 @@ sets REQUIRE_EMBEDDED_MODEL=1, so there they fail rather than skip if it is miss
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess

@@ -6,8 +6,6 @@ import asyncio
 import json
 from collections import Counter
 
-import pytest
-
 from distillprompt import runner
 from distillprompt.settings import load_settings
 from distillprompt.state import STAGES
