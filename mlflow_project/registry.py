@@ -84,7 +84,7 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
         "dataset": task.source,
         "dataset_digest": task.digest(),
         "metric": metric,
-        "method": "distillprompt",
+        "method": settings.optimizer.method,
         "target_model": settings.llm.model,
         **{key: f"{value:.6f}" for key, value in scores.items()},
     }

@@ -187,3 +187,22 @@ def test_mlflow_run_compare_nests_children_under_its_own_run(mlflow_server, endp
     assert "comparison/table.md" in parent.data.tags["mlflow.loggedArtifacts"] or mlflow.artifacts.load_text(
         parent.info.artifact_uri + "/comparison/table.md"
     )
+
+
+def test_a_registered_baseline_prompt_names_its_method(mlflow_server, endpoint, reviews_dir, tmp_path):
+    import mlflow
+
+    completed = run_cli(
+        "optimize", "--method", "grips", "--grips-iterations", "2", "--dataset", str(reviews_dir),
+        "--base-url", endpoint.base_url, "--model", "test-model", "--executor", "local", "--train-size", "12",
+        "--test-size", "10", "--cache-path", str(tmp_path / "cache.sqlite"), "--experiment", "grips-registered",
+        "--prompt-name", "grips-registered", "--output", str(tmp_path / "out"),
+        env={"MLFLOW_TRACKING_URI": mlflow_server["uri"]},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "round 1/2 grips" in completed.stderr  # the progress display counts the method's own iterations
+    mlflow.set_tracking_uri(mlflow_server["uri"])
+    prompt = mlflow.genai.load_prompt("prompts:/grips-registered@candidate")
+    assert prompt.tags["method"] == "grips"
+    (run,) = mlflow.search_runs(experiment_names=["grips-registered"], output_format="list")
+    assert run.data.tags["distillprompt.method"] == "grips" and prompt.tags["run_id"] == run.info.run_id

@@ -115,6 +115,7 @@ def test_an_outage_stops_the_run_cleanly_and_mlflow_run_resumes_it(mlflow_server
              "--experiment-name", "outage", "-P", f"resume_run_id={run.info.run_id}"],
             capture_output=True, text=True, env=venv_env(env), cwd=ROOT, timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "round 2/3" in resumed.stderr and "round 1/3" not in resumed.stderr  # it starts at round 2 of the run's 3
         assert endpoint.requests() and not paid & {e.body_hash for e in endpoint.requests()}  # nothing paid twice
     finished = mlflow.get_run(run.info.run_id)
     assert finished.info.status == "FINISHED" and finished.data.tags["distillprompt.stop_reason"] == "epochs"
