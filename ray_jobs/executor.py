@@ -33,6 +33,7 @@ from .cluster import Connection, connect, disconnect
 log = logging.getLogger(__name__)
 
 MAX_RESUBMITS = 5
+PLACEMENT_ATTEMPTS = 3  # checks of where the actors run, on a cluster of several nodes
 
 
 def endpoint_options(settings: Settings) -> dict[str, Any]:
@@ -103,15 +104,43 @@ class RayExecutor(Callback):
         remote = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(ScoringWorker)
         options = endpoint_options(self.settings)
         per_actor = -(-self.settings.llm.concurrency // count)
-        # Round-robin over the nodes (soft: a lost node's actors restart elsewhere).
-        self.actors = [
-            remote.options(
-                max_concurrency=per_actor * 2 + 8,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) if nodes else "SPREAD",
-            ).remote(options, per_actor)
-            for i in range(count)
-        ]
+
+        def spawn(i: int) -> Any:
+            # Round-robin over the nodes (soft: a lost node's actors restart elsewhere).
+            strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) if nodes else "SPREAD"
+            return remote.options(max_concurrency=per_actor * 2 + 8, scheduling_strategy=strategy).remote(options, per_actor)
+
+        self.actors = [spawn(i) for i in range(count)]
+        if len(nodes) > 1:
+            self._replace_misplaced(nodes, spawn)
         return self.actors
+
+    def _replace_misplaced(self, nodes: list[str], spawn: Any) -> None:
+        """A soft node affinity may still put an actor elsewhere while its node is alive (seen
+        on a freshly started cluster under load): such actors are made again, a few times, so
+        that scoring fans out over every node."""
+        import ray
+
+        for attempt in range(PLACEMENT_ATTEMPTS):
+            try:
+                where = ray.get([actor.where.remote() for actor in self.actors], timeout=120)
+            except Exception as error:  # the actors answer later; placement stays as Ray chose
+                log.warning("could not check where the scoring actors run (%s)", type(error).__name__)
+                return
+            alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+            misplaced = [
+                i for i, found in enumerate(where)
+                if found["node_id"] != nodes[i % len(nodes)] and nodes[i % len(nodes)] in alive
+            ]
+            if not misplaced:
+                return
+            if attempt == PLACEMENT_ATTEMPTS - 1:
+                log.warning("%d of %d scoring actors run off their node; scoring goes on", len(misplaced), len(where))
+                return
+            time.sleep(1.0)  # let the scheduler's view of the cluster settle
+            for i in misplaced:
+                ray.kill(self.actors[i])
+                self.actors[i] = spawn(i)
 
     def _stop(self) -> None:
         import ray
