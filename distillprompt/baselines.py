@@ -148,12 +148,13 @@ class FewShot(Optimizer):
     """Not a search: the few-shot prompt is the result, whatever its train score."""
 
     method = "fewshot"
+    selects_on_validation = False
 
     @staticmethod
     def planned_rounds(settings: OptimizerSettings) -> int:
         return 1
 
-    def _select(self, new: list[Candidate]) -> bool:
+    async def _select(self, new: list[Candidate]) -> bool:
         self.state.best_id = new[-1].id
         return True
 
@@ -172,6 +173,7 @@ class FewShot(Optimizer):
 
 class InitialOnly(Optimizer):
     method = "initial"
+    selects_on_validation = False
 
     @staticmethod
     def planned_rounds(settings: OptimizerSettings) -> int:

@@ -1,9 +1,16 @@
 """Candidate hygiene: from a meta-prompt reply to a usable prompt, or a reason to drop it.
 
-Small and mid-size models often drop one of the ``<START>``/``<END>`` tags, chat around
-the prompt, or echo the meta-prompt: its instructions, its score line, the examples it
-showed. What is left after extraction and cleaning becomes a candidate, unless it is
-empty, still carries tags, or is far longer than its parents.
+The optimizer model is usually a capable one, and its reply is then a long, structured
+instruction: a role line, headings, bullet or numbered rules, an output-format line (answer
+tags included). All of that is the candidate and is kept as written. Cleaning removes only
+what is not the prompt: a surrounding code fence, one introducing line ("Here is an
+improved instruction:"), and text that repeats the meta-prompt (its instructions, its
+section labels, the score line, the pasted examples), which small models produce often; a
+small model may also drop one of the ``<START>``/``<END>`` tags or chat around a quoted
+answer. A reply is dropped, and counted by reason, when nothing is left (``empty``,
+``echo``), when it still carries ``<START>``/``<END>`` tags (``tags``), when it loops
+(``repetition``), or beyond an absolute length that no real prompt reaches (``too_long``):
+length is never judged against the parent prompt.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from .templates import MetaPrompt
 
 START_TAG = re.compile(r"<\s*start\s*>", re.IGNORECASE)
 END_TAG = re.compile(r"<\s*/?\s*end\s*>", re.IGNORECASE)
-ANY_TAG = re.compile(r"<\s*/?\s*(start|end|ans)\s*>", re.IGNORECASE)
+# Tags of the meta-prompt's reply format; a prompt may well carry answer tags (<ans>…</ans>).
+META_TAG = re.compile(r"<\s*/?\s*(start|end)\s*>", re.IGNORECASE)
 # A sentence that reports how the prompt scored: it names the prompt and a score, or gives a
 # number "out of 1" / "being the maximum", as meta-prompts put it. A task rule that mentions
 # a score ("a rating of 4.5 or more is positive") is not one.
@@ -35,11 +43,21 @@ LEADING_LABEL = re.compile(
     r"^\s*(new |improved |final |rewritten |merged |paraphrased |compressed )?(instruction|prompt)( \d+)?\s*:\s*",
     re.IGNORECASE,
 )
+# One line that introduces the reply ("Here is an improved instruction:", "The revised prompt:"),
+# as opposed to a heading of the prompt itself ("Instructions:", "Output format:").
 PREAMBLE = re.compile(
     r"^\s*((sure|certainly|of course|okay|ok|here('s| is| are)\b)[^\n]*"
     r"|(\S+\s+){0,5}(example|instruction|prompt|version|rewrite|paraphrase|output|result)s?(\s+\S+){0,3})\s*:\s*$",
     re.IGNORECASE,
 )
+INTRODUCING = re.compile(
+    r"^\s*(sure|certainly|of course|okay|ok|here|below)\b"
+    r"|\b(here|below|following|new|rewritten|improved|alternative|revised|paraphrased|compressed|merged|condensed"
+    r"|combined|refined|updated|shorter|final|better|version|edit)\b",
+    re.IGNORECASE,
+)
+FENCE = re.compile(r"^```[\w+-]*[ \t]*\n(?P<body>.*?)\n?[ \t]*```$", re.DOTALL)
+HEADING = re.compile(r"^\s*(#{1,6}\s+\S.*|[^\n:]{1,60}:)\s*$")
 # An untagged reply that introduces its answer and then quotes it: 'Here is a new version of
 # the instruction: "..."', 'The new instruction reads:\n\n"..."'. The introduction is the
 # sentence right before the colon; the quote closes the reply.
@@ -56,7 +74,7 @@ SENTENCE = re.compile(r"(?<=[.!?])\s+")
 @dataclass(frozen=True)
 class Extraction:
     prompt: str | None
-    reason: str | None  # why it was dropped: empty, echo, tags, too_long
+    reason: str | None  # why it was dropped: empty, echo, tags, repetition, too_long
 
 
 def extract_tagged(reply: str) -> str:
@@ -84,10 +102,22 @@ def quoted_answer(text: str) -> str | None:
     return None
 
 
+def _is_introduction(line: str) -> bool:
+    return bool(LABEL_LINE.match(line) or (PREAMBLE.match(line) and INTRODUCING.search(line)))
+
+
 def _strip_wrapping(text: str) -> str:
+    """Without one introducing line, a surrounding code fence and surrounding quotes."""
     text = text.strip()
-    text = re.sub(r"^```[a-zA-Z]*\s*|\s*```$", "", text).strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
+    first, _, rest = text.partition("\n")
+    if rest.strip() and _is_introduction(first):
+        text = rest.strip()
+    fenced = FENCE.match(text)
+    if fenced:
+        text = fenced.group("body").strip()
+    elif text.startswith("```") and "```" not in text[3:]:  # an opening fence the reply never closed
+        text = text.partition("\n")[2].strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`" and text.count(text[0]) == 2:
         text = text[1:-1].strip()
     return text
 
@@ -119,21 +149,70 @@ class EchoFilter:
 
 
 def clean(text: str, meta: MetaPrompt) -> str:
+    """The prompt in a reply, its layout kept: a line with nothing of the meta-prompt in it is
+    kept exactly as written; echoed sentences are taken out of their line; the meta-prompt's
+    own section labels go, and so does a heading whose whole section was echo."""
     echo = EchoFilter(meta)
-    kept_lines: list[str] = []
-    for line in _strip_wrapping(text).splitlines():
-        if LABEL_LINE.match(line) or PREAMBLE.match(line) or (meta.example_texts and EXAMPLE_LINE.match(line)):
+    lines = _strip_wrapping(text).splitlines()
+    kept: list[str | None] = []  # None: a line removed as echo
+    for line in lines:
+        if not any(kept) and not line.strip():
+            continue  # blank lines before the prompt starts
+        if LABEL_LINE.match(line) or (meta.example_texts and EXAMPLE_LINE.match(line)):
+            kept.append(None)
             continue
-        sentences = [s for s in SENTENCE.split(line) if s.strip() and not echo.is_echo(s)]
-        kept = " ".join(s.strip() for s in sentences)
-        if kept or (kept_lines and kept_lines[-1]):
-            kept_lines.append(kept)
-    result = "\n".join(kept_lines).strip()
+        if not any(k for k in kept if k) and PREAMBLE.match(line) and INTRODUCING.search(line):
+            continue  # one introducing line before the prompt
+        sentences = [s for s in SENTENCE.split(line) if s.strip()]
+        survivors = [s for s in sentences if not echo.is_echo(s)]
+        if len(survivors) == len(sentences):
+            kept.append(line.rstrip())
+        elif survivors:
+            indent = line[: len(line) - len(line.lstrip())]
+            kept.append(indent + " ".join(s.strip() for s in survivors))
+        else:
+            kept.append(None)
+    result = _drop_emptied_headings(kept)
+    result = re.sub(r"\n{3,}", "\n\n", "\n".join(result)).strip()
     return LEADING_LABEL.sub("", result, count=1).strip()
 
 
-def extract_candidate(reply: str, meta: MetaPrompt, parents: list[str], max_length_ratio: float) -> Extraction:
-    """Turns one meta-prompt reply into a candidate prompt, or says why it is dropped."""
+def _drop_emptied_headings(lines: list[str | None]) -> list[str]:
+    """Removes a heading whose section (the lines up to the next heading or blank line) held
+    only echo, and the echo itself."""
+    out: list[str] = []
+    for index, line in enumerate(lines):
+        if line is None:
+            continue
+        if HEADING.match(line):
+            section = []
+            for following in lines[index + 1 :]:
+                if following is not None and (not following.strip() or HEADING.match(following)):
+                    break
+                section.append(following)
+            if section and all(item is None for item in section):
+                continue
+        out.append(line)
+    return out
+
+
+def is_repetitive(prompt: str) -> bool:
+    """A runaway reply: the same sentence (of a few words at least) three times or more."""
+    counts: dict[str, int] = {}
+    for line in prompt.splitlines():
+        for sentence in SENTENCE.split(line):
+            norm = normalize(sentence)
+            if len(norm.split()) >= 3:
+                counts[norm] = counts.get(norm, 0) + 1
+                if counts[norm] >= 3:
+                    return True
+    return False
+
+
+def extract_candidate(reply: str, meta: MetaPrompt, max_length: int) -> Extraction:
+    """Turns one meta-prompt reply into a candidate prompt, or says why it is dropped.
+
+    ``max_length`` is an absolute bound in characters (0: none)."""
     raw = extract_tagged(reply)
     if raw == (reply or "").strip():  # no tag: the model may have chatted around a quoted answer
         raw = quoted_answer(raw) or raw
@@ -142,9 +221,10 @@ def extract_candidate(reply: str, meta: MetaPrompt, parents: list[str], max_leng
     prompt = clean(raw, meta)
     if not prompt:
         return Extraction(None, "echo")
-    if ANY_TAG.search(prompt):
+    if META_TAG.search(prompt):
         return Extraction(None, "tags")
-    longest_parent = max((len(parent) for parent in parents), default=0)
-    if longest_parent and len(prompt) > max_length_ratio * longest_parent:
+    if is_repetitive(prompt):
+        return Extraction(None, "repetition")
+    if max_length and len(prompt) > max_length:
         return Extraction(None, "too_long")
     return Extraction(prompt, None)

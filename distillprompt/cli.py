@@ -148,20 +148,32 @@ def _print_result(result: Any, folder: Path) -> None:
         "initial prompt:",
         f"  {result.initial_prompt}",
         f"  train: {_format_scores(result.initial_scores['train'])}",
+        *_val_line(result.initial_scores),
         f"  test:  {_format_scores(result.initial_scores['test'])}",
         f"final prompt (candidate {result.final.id}, {result.final.stage}, round {result.final.epoch}):",
         f"  {result.final_prompt}",
         f"  train: {_format_scores(result.final_scores['train'])}",
+        *_val_line(result.final_scores),
         f"  test:  {_format_scores(result.final_scores['test'])}",
         f"stopped by: {result.stop_reason}; {len(result.history)} candidates, wall time {result.wall_time:.1f}s",
         f"LLM requests: {usage.requests} sent, {usage.cache_hits} from cache, {usage.retries} retried; "
         f"tokens {usage.input_tokens} in, {usage.output_tokens} out; cost ${usage.cost:.4f}",
         f"result: {folder / 'result.json'}",
     ]
-    dropped = {stage: sum(r.values()) for stage, r in result.rejections.items() if sum(r.values())}
+    dropped = {stage: reasons for stage, reasons in result.rejections.items() if sum(reasons.values())}
     if dropped:
-        lines.insert(-1, "dropped meta-replies: " + ", ".join(f"{s} {n}" for s, n in dropped.items()))
+        lines.insert(-1, "dropped meta-replies: " + ", ".join(
+            f"{stage} {sum(reasons.values())} ({', '.join(f'{r} {n}' for r, n in sorted(reasons.items()))})"
+            for stage, reasons in dropped.items()
+        ))
+    if result.verdict is not None:
+        lines.append(result.verdict.sentence)
     print("\n".join(lines))
+
+
+def _val_line(scores: dict[str, dict[str, float]]) -> list[str]:
+    value = (scores.get("val") or {}).get("score")
+    return [] if value is None else [f"  validation: score {value:.4f}"]
 
 
 def _read_prompt(args: argparse.Namespace) -> str:

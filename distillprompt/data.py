@@ -51,6 +51,8 @@ class Task:
     test_split: str
     generation_metric: str = "meteor"
     sizes: dict[str, int] = field(default_factory=dict)
+    val: list[Example] = field(default_factory=list)  # selection sample, disjoint from train and test
+    val_split: str | None = None
 
     @property
     def is_classification(self) -> bool:
@@ -64,7 +66,8 @@ class Task:
     def digest(self) -> str:
         """Identifies the exact samples: same digest, same train and test examples."""
         payload = json.dumps(
-            [self.task_type, self.labels, [e.to_dict() for e in self.train], [e.to_dict() for e in self.test]],
+            [self.task_type, self.labels, [e.to_dict() for e in self.train], [e.to_dict() for e in self.test]]
+            + ([[e.to_dict() for e in self.val]] if self.val else []),
             sort_keys=True,
             ensure_ascii=False,
         )
@@ -83,6 +86,8 @@ class Task:
             "test_split": self.test_split,
             "train_size": len(self.train),
             "test_size": len(self.test),
+            "val_split": self.val_split,
+            "val_size": len(self.val),
             "split_rows": self.sizes,
             "digest": self.digest(),
         }
@@ -292,11 +297,7 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> 
                 f"no rows are left for a test sample: {name} has only a {train_split!r} split and the train sample "
                 "takes it all; lower --train-size or add a test split"
             )
-    test_size = min(settings.test_size, len(test_pool))
-    if test_size < settings.test_size:
-        log.warning("test sample capped at the %d rows of %s (asked for %d)", test_size, test_split, settings.test_size)
-    test_rng = random.Random(f"{seed}:test")
-    test = [test_pool[i] for i in sorted(test_rng.sample(range(len(test_pool)), test_size))]
+    test = _draw(test_pool, settings.test_size, f"{seed}:test", "test", test_split)
     if labels:
         unknown = sorted({example.target for example in test} - set(labels))
         if unknown:
@@ -304,6 +305,12 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> 
                 f"split {test_split!r} has labels the train split lacks ({', '.join(unknown[:5])}): "
                 "use splits with the same label set"
             )
+    val, val_split = (
+        _validation_sample(settings, seed, splits, available, name, label_names, (train_split, test_split),
+                           train_all, train_indices, test if test_split.endswith("(held out)") else [])
+        if settings.val_size and need_train
+        else ([], None)
+    )
     return Task(
         name=name,
         source=source,
@@ -317,7 +324,48 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> 
         test_split=test_split,
         generation_metric=settings.generation_metric,
         sizes={split: len(splits[split]) for split in available},
+        val=val,
+        val_split=val_split,
     )
+
+
+def _validation_sample(
+    settings: DataSettings,
+    seed: int,
+    splits: Any,
+    available: list[str],
+    name: str,
+    label_names: list[str] | None,
+    used_splits: tuple[str, str],
+    train_all: list[Example],
+    train_indices: list[int],
+    held_out_test: list[Example],
+) -> tuple[list[Example], str]:
+    """The validation sample: from a validation split that neither train nor test uses, else
+    from the train split's rows outside the train sample (and outside a held-out test sample)."""
+    spare = next((s for s in ("validation", "valid", "dev") if s in available and s not in used_splits), None)
+    if spare is not None and all(c in splits[spare].column_names for c in (*settings.text_column, settings.label_column)):
+        pool = _examples(splits[spare], settings, label_names, f"{name}/{spare}")
+        where = spare
+    else:
+        taken, tested = set(train_indices), {id(example) for example in held_out_test}
+        pool = [example for i, example in enumerate(train_all) if i not in taken and id(example) not in tested]
+        where = f"{used_splits[0]} (held out)"
+    if not pool:
+        raise UserError(
+            f"no rows are left for a validation sample of {name}: lower --train-size, add a validation split, "
+            "or pass --val-size 0 to select on train only"
+        )
+    return _draw(pool, settings.val_size, f"{seed}:val", "validation", where), where
+
+
+def _draw(pool: list[Example], wanted: int, rng_key: str, sample: str, where: str) -> list[Example]:
+    """A seeded sample of ``wanted`` examples in pool order, capped (with a warning) at the pool."""
+    size = min(wanted, len(pool))
+    if size < wanted:
+        log.warning("%s sample capped at the %d rows of %s (asked for %d)", sample, size, where, wanted)
+    rng = random.Random(rng_key)
+    return [pool[i] for i in sorted(rng.sample(range(len(pool)), size))]
 
 
 def _class_names(feature: Any) -> list[str] | None:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Protocol
 from .data import Example, Task
 from .llm import LLM, SCORING
 from .metrics import answer_text, classification_scores, generation_scores, parse_label
-from .templates import ANSWER_STOP, answer_max_tokens, task_messages
+from .templates import ANSWER_STOP, task_messages
 
 
 @dataclass
@@ -89,12 +89,12 @@ class RequestEvaluator:
         self,
         task: Task,
         *,
-        generation_max_tokens: int = 256,
+        max_tokens: int = 256,
         on_request_done: Callable[[int], None] | None = None,
         on_requests_planned: Callable[[int], None] | None = None,
     ) -> None:
         self.task = task
-        self.max_tokens = answer_max_tokens(task, generation_max_tokens)
+        self.max_tokens = max_tokens
         self.stop = ANSWER_STOP  # the reply is complete once the answer tag closes
         self.on_request_done = on_request_done
         self.on_requests_planned = on_requests_planned

@@ -1,9 +1,10 @@
 """Answer parsing and scoring.
 
-Parsing is lenient: the text inside ``<ans>…</ans>`` if present (a missing closing tag is
-forgiven), else the whole reply; for classification, an exact label match first, then the
-label mentioned first. Case and punctuation are ignored. An answer that cannot be parsed
-is ``None`` and scores as wrong; it never raises.
+Parsing is lenient and reads an answer that reasons first: the text inside the *last*
+``<ans>…</ans>`` if present (a missing closing tag is forgiven: generation stops at it),
+else the whole reply; for classification, an exact label match first, then the label
+mentioned last (the conclusion follows the reasoning). Case and punctuation are ignored.
+An answer that cannot be parsed is ``None`` and scores as wrong; it never raises.
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ def normalize(text: str) -> str:
 
 
 def answer_text(reply: str) -> str:
-    """The part of a reply that holds the answer: inside <ans> tags, else all of it."""
-    for match in ANSWER_TAG.finditer(reply or ""):
-        inner = match.group(1).strip()
-        if inner:
-            return inner
-    return (reply or "").strip()
+    """The part of a reply that holds the answer: inside the last non-empty <ans> tags, else
+    all of it."""
+    found = [match.group(1).strip() for match in ANSWER_TAG.finditer(reply or "")]
+    found = [inner for inner in found if inner]
+    return found[-1] if found else (reply or "").strip()
 
 
 def parse_label(reply: str, labels: list[str]) -> str | None:
@@ -45,23 +45,24 @@ def parse_label(reply: str, labels: list[str]) -> str | None:
             continue
         if text in normalized_labels:
             return normalized_labels[text]
-        found = _first_mentioned(text, normalized_labels)
+        found = _last_mentioned(text, normalized_labels)
         if found is not None:
             return found
     return None
 
 
-def _first_mentioned(text: str, normalized_labels: dict[str, str]) -> str | None:
+def _last_mentioned(text: str, normalized_labels: dict[str, str]) -> str | None:
     best: tuple[int, int, str] | None = None
     padded = f" {text} "
     for norm, label in normalized_labels.items():
         if not norm:
             continue
-        position = padded.find(f" {norm} ")
+        position = padded.rfind(f" {norm} ")
         if position < 0:
             continue
-        key = (position, -len(norm), label)  # earliest; at equal position the longest label
-        if best is None or key < best:
+        # the one that ends last; where two end together ("entailment", "not entailment") the longer
+        key = (position + len(norm), len(norm), label)
+        if best is None or key > best:
             best = key
     return best[2] if best else None
 

@@ -28,10 +28,13 @@ from .errors import EndpointUnavailable
 from .llm import LLM, META, Usage, UsageMeter
 from .settings import OptimizerSettings
 from .state import Candidate, RunState, dedup_key
+from .verdict import Verdict, judge
 
 TRAIN_SCORING = "scoring"
+VAL_SCORING = "validation"
 ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
 TEST_SCORING = "test"
+META_CHARS_PER_TOKEN = 3  # the default length bound: a reply that long ran into --meta-max-tokens
 
 
 @dataclass
@@ -74,6 +77,7 @@ class RunResult:
     wall_time: float
     stop_reason: str
     failure: str | None = None  # what made the endpoint give up, when it did
+    verdict: Verdict | None = None  # did the final prompt beat the initial one on test
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -106,6 +110,7 @@ class RunResult:
                 "final": _outputs_record(self.final_test),
             },
             "failure": self.failure,
+            "verdict": self.verdict.to_dict() if self.verdict else None,
             **self.extra,
         }
 
@@ -145,6 +150,7 @@ class Optimizer:
     ``patience`` and share everything else: scoring, selection, events, budgets, resume."""
 
     method = "distillprompt"
+    selects_on_validation = True  # a method that searches picks its winners on the validation sample
 
     def __init__(
         self,
@@ -189,6 +195,8 @@ class Optimizer:
         try:
             if initial.score is None:
                 await self._score_now([initial])
+            if self.validating and initial.val_score is None:
+                await self._score_val([initial])
             rounds: list[dict[str, Any]] = []
             stop_reason = state.stop_reason
             while stop_reason is None and state.epoch < self.rounds:
@@ -224,8 +232,8 @@ class Optimizer:
             task=self.task.describe(),
             initial=initial,
             final=final,
-            initial_scores={"train": _train_metrics(initial), "test": _test_metrics(initial_test_score)},
-            final_scores={"train": _train_metrics(final), "test": _test_metrics(final_test_score)},
+            initial_scores=self._scores(initial, initial_test_score),
+            final_scores=self._scores(final, final_test_score),
             initial_test=initial_test_score,
             final_test=final_test_score,
             history=list(state.history),
@@ -236,6 +244,14 @@ class Optimizer:
             wall_time=time.perf_counter() - started,
             stop_reason=stop_reason,
             failure=self.failure,
+            verdict=judge(
+                metric=self.task.metric,
+                classification=self.task.is_classification,
+                kept_initial=final.id == initial.id and self.searches,
+                initial_test=initial_test_score,
+                final_test=final_test_score,
+                seed=self.seed,
+            ),
         )
         self._emit("on_finish", result)
         return result
@@ -255,6 +271,20 @@ class Optimizer:
     def patience(self) -> int:
         return self.settings.patience
 
+    @property
+    def searches(self) -> bool:
+        """Whether the method looks for a better prompt (``initial`` does not)."""
+        return self.rounds > 0
+
+    @property
+    def validating(self) -> bool:
+        return bool(self.task.val) and self.selects_on_validation
+
+    @property
+    def max_prompt_length(self) -> int:
+        """Characters beyond which a candidate is dropped: set, or sized from the reply budget."""
+        return self.settings.max_prompt_length or META_CHARS_PER_TOKEN * self.meta_max_tokens
+
     async def _round(self, epoch: int) -> RoundResult:
         """One round: ``_propose`` adds candidates (sent to scoring as they come), then the
         best is selected on train scores, ties keeping the older prompt."""
@@ -270,7 +300,7 @@ class Optimizer:
         for candidate in new:
             if candidate.duplicate_of is not None:
                 _copy_score(candidate, state.history[candidate.duplicate_of])
-        improved = self._select(new)
+        improved = await self._select(new)
         state.stale_epochs = 0 if improved else state.stale_epochs + 1
         if stop_reason is None and self.patience and state.stale_epochs >= self.patience:
             stop_reason = "patience"
@@ -300,13 +330,40 @@ class Optimizer:
         self._emit("on_round", result)
         return result
 
-    def _select(self, new: list[Candidate]) -> bool:
-        """Keeps the best by train score, in creation order, strict >: ties keep the older."""
+    async def _select(self, new: list[Candidate]) -> bool:
+        """Picks the round's winner; returns whether the best prompt changed.
+
+        Without a validation sample: the best by train score, in creation order, strict >, so
+        ties keep the older prompt (the paper's rule). With one: the round's ``val_top`` new
+        distinct candidates with the highest train scores are scored on the validation
+        sample, and the best prompt so far is replaced by the one of them with the highest
+        validation score, if it is strictly higher than the best's; ties keep the older
+        prompt. Train proposes, validation decides, so a small train sample cannot crown a
+        prompt that only fits it."""
+        if not self.validating:
+            return self._select_on_train(new)
+        return await self._select_on_validation(new)
+
+    def _select_on_train(self, new: list[Candidate]) -> bool:
         improved = False
         for candidate in new:
             if candidate.score is not None and candidate.score > self.state.best.score:
                 self.state.best_id = candidate.id
                 improved = True
+        return improved
+
+    async def _select_on_validation(self, new: list[Candidate]) -> bool:
+        distinct = [c for c in new if c.duplicate_of is None and c.score is not None]
+        # highest train score first; at equal score the older candidate
+        top = sorted(distinct, key=lambda c: (-(c.score or 0.0), c.id))[: self.settings.val_top]
+        await self._score_val([c for c in top if c.val_score is None])
+        best = self.state.best
+        improved = False
+        for candidate in sorted(top, key=lambda c: c.id):
+            if candidate.val_score is not None and candidate.val_score > (best.val_score or 0.0):
+                best = candidate
+                improved = True
+        self.state.best_id = best.id
         return improved
 
     async def _propose(
@@ -392,9 +449,7 @@ class Optimizer:
         admitted: list[Candidate | None] = []
         to_score: list[Candidate] = []
         for reply in replies:
-            extraction = extract_candidate(
-                reply, meta, [parent.prompt for parent in parents], self.settings.max_length_ratio
-            )
+            extraction = extract_candidate(reply, meta, self.max_prompt_length)
             if extraction.prompt is None:
                 self.state.reject(meta.stage, extraction.reason or "unusable")
                 admitted.append(None)
@@ -475,6 +530,21 @@ class Optimizer:
             candidate.metrics = dict(score.metrics)
             candidate.parse_rate = score.parse_rate
 
+    def _scores(self, candidate: Candidate, test: Score | None) -> dict[str, dict[str, float]]:
+        """A candidate's scores by sample: train, validation (when the run selects on one), test."""
+        scores = {"train": _train_metrics(candidate)}
+        if self.validating:
+            scores["val"] = {"score": candidate.val_score} if candidate.val_score is not None else {}
+        scores["test"] = _test_metrics(test)
+        return scores
+
+    async def _score_val(self, candidates: list[Candidate]) -> None:
+        if not candidates:
+            return
+        scores = await self.evaluator.score([c.prompt for c in candidates], self.task.val, stage=VAL_SCORING)
+        for candidate, score in zip(candidates, scores):
+            candidate.val_score = score.value
+
     async def _score_test(self, prompt: str) -> Score:
         (score,) = await self.evaluator.score([prompt], self.task.test, stage=TEST_SCORING)
         return score
@@ -512,6 +582,7 @@ class Optimizer:
 
 def _copy_score(duplicate: Candidate, original: Candidate) -> None:
     duplicate.score = original.score
+    duplicate.val_score = original.val_score
     duplicate.metrics = dict(original.metrics)
     duplicate.parse_rate = original.parse_rate
 
@@ -522,6 +593,9 @@ def _test_metrics(score: Score | None) -> dict[str, float]:
 
 def _train_metrics(candidate: Candidate) -> dict[str, float]:
     return {"score": candidate.score or 0.0, **candidate.metrics, "parse_rate": candidate.parse_rate or 0.0}
+
+
+
 
 
 def _stage_stats(candidates: list[Candidate]) -> dict[str, dict[str, float]]:
@@ -548,6 +622,7 @@ def _round_summary(result: RoundResult) -> dict[str, Any]:
         "epoch": result.epoch,
         "best_id": result.best.id,
         "best_score": result.best.score,
+        "best_val_score": result.best.val_score,
         "improved": result.improved,
         "candidates": len(result.candidates),
         "scored": sum(1 for c in result.candidates if c.duplicate_of is None),

@@ -16,6 +16,7 @@ from pathlib import Path
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
+from . import templates
 from .cache import ResponseCache
 from .data import Task, load_task
 from .errors import UserError
@@ -169,7 +170,7 @@ class Executor(Protocol):
 def evaluator_options(context: RunContext) -> dict[str, Any]:
     progress = context.progress
     return dict(
-        generation_max_tokens=context.settings.llm.answer_max_tokens,
+        max_tokens=templates.answer_budget(context.task, context.settings.llm),
         on_request_done=progress.requests_done if progress else None,
         on_requests_planned=progress.requests_planned if progress else None,
     )

@@ -80,8 +80,11 @@ class LLMSettings(Group):
     price_input: float = Field(0.0, ge=0, description="USD per 1M input tokens, for the cost report")
     price_output: float = Field(0.0, ge=0, description="USD per 1M output tokens, for the cost report")
     meta_max_tokens: int = Field(1024, gt=0, description="max_tokens of a meta-prompt reply (a new candidate)")
-    answer_max_tokens: int = Field(
-        256, gt=0, description="max_tokens of a scoring answer for generation tasks (classification derives it)"
+    answer_max_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="max_tokens of a scoring answer (default: 256 on an endpoint, room for a short reasoning "
+        "before the tagged answer; on the embedded model the longest label + 16 for classification)",
     )
 
 
@@ -105,6 +108,12 @@ class DataSettings(Group):
     )
     train_size: int = Field(100, gt=0, description="examples in the train sample (prompts are selected on it)")
     test_size: int = Field(200, gt=0, description="examples in the held-out test sample")
+    val_size: int = Field(
+        0,
+        ge=0,
+        description="examples in a validation sample, disjoint from train and test, on which each round's best "
+        "candidates by train score are compared (0: select on train only, as the paper does)",
+    )
 
     @field_validator("text_column", mode="before")
     @classmethod
@@ -154,8 +163,14 @@ class OptimizerSettings(Group):
     grips_edits: int = Field(2, gt=0, description="grips: edits composed per candidate")
     grips_iterations: int = Field(7, gt=0, description="grips: most iterations")
     grips_patience: int = Field(2, ge=0, description="grips: stop after this many iterations without improvement")
-    max_length_ratio: float = Field(
-        4.0, gt=0, description="reject a candidate longer than this many times its longest parent"
+    max_prompt_length: int = Field(
+        0,
+        ge=0,
+        description="drop a candidate prompt longer than this many characters (0: 3 per token of "
+        "--meta-max-tokens, beyond any real structured prompt; runaway replies are caught as repetition)",
+    )
+    val_top: int = Field(
+        3, gt=0, description="with a validation sample: the round's best candidates by train score compared on it"
     )
 
 

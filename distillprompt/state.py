@@ -26,6 +26,7 @@ class Candidate:
     parse_rate: float | None = None
     duplicate_of: int | None = None
     note: str | None = None  # how it was made, where the stage alone does not say (GrIPS edits)
+    val_score: float | None = None  # on the validation sample, for the round's top candidates by train score
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .data import Example, Task
+from .settings import LLMSettings
 
 START, END = "<START>", "<END>"
 ANSWER_OPEN, ANSWER_CLOSE = "<ans>", "</ans>"
@@ -75,13 +76,29 @@ def task_messages(task: Task, instruction: str, example: Example) -> list[dict[s
     return [{"role": "user", "content": "\n\n".join(parts)}]
 
 
-def answer_max_tokens(task: Task, generation_max_tokens: int) -> int:
-    """Room for the longest label inside the answer tags plus a small margin."""
-    if not task.is_classification:
-        return generation_max_tokens
-    longest = max(len(label) for label in task.labels)
-    # A token holds at least one character; tags cost about 6 tokens; allow a short preamble.
-    return min(generation_max_tokens, longest + 16)
+REASONING_ANSWER_TOKENS = 256
+
+
+def answer_max_tokens(task: Task, configured: int | None, *, embedded: bool) -> int:
+    """The answer budget of a scoring request.
+
+    On an endpoint it leaves room for a short reasoning before the tagged answer (a prompt
+    that asks the model to think first must not be cut off mid-sentence and lose by
+    construction); generation still stops at the closing answer tag, so a direct answer
+    costs no more. The embedded 135M model rambles, so there a classification answer gets
+    the longest label plus a small margin (tags cost about 6 tokens, a token holds at least
+    one character). A configured budget wins."""
+    if configured:
+        return configured
+    if embedded and task.is_classification:
+        return max(len(label) for label in task.labels) + 16
+    return REASONING_ANSWER_TOKENS
+
+
+def answer_budget(task: Task, llm: LLMSettings) -> int:
+    """The answer budget of a run's settings (after the embedded server was started, whose
+    settings say ``backend = "local"``)."""
+    return answer_max_tokens(task, llm.answer_max_tokens, embedded=llm.backend == "local")
 
 
 # ----- meta-prompts --------------------------------------------------------------------

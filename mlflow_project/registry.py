@@ -72,7 +72,7 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
     from mlflow.types import ColSpec, Schema
 
     name = check_name(settings.mlflow.prompt_name or default_name(task))
-    max_tokens = templates.answer_max_tokens(task, settings.llm.answer_max_tokens)
+    max_tokens = templates.answer_budget(task, settings.llm)
     metric = "macro_f1" if task.is_classification else task.generation_metric
     scores = {
         "train_score": result.final_scores["train"]["score"],
@@ -88,6 +88,13 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
         "target_model": settings.llm.model,
         **{key: f"{value:.6f}" for key, value in scores.items()},
     }
+    if result.verdict is not None:
+        verdict = result.verdict
+        tags.update(
+            test_verdict=verdict.outcome,
+            beat_initial_on_test=str(verdict.beat_initial).lower(),
+            test_difference_ci=f"{verdict.difference:+.4f} [{verdict.low:+.4f}, {verdict.high:+.4f}]",
+        )
     template = prompt_template(task, result.final_prompt)
     local = settings.llm.backend == "local"
     # the embedded server's port lives as long as the run: a model using it starts its own

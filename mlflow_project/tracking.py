@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import sys
 import tempfile
 import warnings
@@ -26,6 +25,7 @@ from distillprompt.data import Task
 from distillprompt.errors import UserError
 from distillprompt.optimizer import Callback, RoundResult, RunResult
 from distillprompt.settings import Settings
+from distillprompt.verdict import paired_bootstrap
 from distillprompt.state import STAGES, Candidate, RunState
 
 log = logging.getLogger(__name__)
@@ -36,22 +36,10 @@ NOTE_MARK = "<!-- distillprompt -->"
 NOTE_LIMIT = 8000  # MLflow's longest tag value
 SETTINGS_TREE = "settings_tree.json"  # the settings as a tree, secrets left out: what --resume restarts from
 CANDIDATE_ALIAS = "candidate"
-BOOTSTRAP_SAMPLES = 2000
 
 
 def tracking_requested(settings: Settings) -> bool:
     return bool(settings.mlflow.tracking_uri or os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_TRACKING_URI"))
-
-
-def paired_bootstrap(before: list[float], after: list[float], seed: int = 0) -> tuple[float, float, float]:
-    """Mean of after − before per example, with a 95% percentile interval (paired resampling)."""
-    differences = [b - a for a, b in zip(before, after)]
-    if not differences:
-        return 0.0, 0.0, 0.0
-    rng = random.Random(f"{seed}:bootstrap")
-    count = len(differences)
-    means = sorted(sum(differences[rng.randrange(count)] for _ in range(count)) / count for _ in range(BOOTSTRAP_SAMPLES))
-    return sum(differences) / count, means[int(0.025 * BOOTSTRAP_SAMPLES)], means[int(0.975 * BOOTSTRAP_SAMPLES) - 1]
 
 
 def lineage(history: list[Candidate], final: Candidate) -> list[Candidate]:
@@ -160,6 +148,7 @@ class MlflowTracker(Callback):
             dataset_digest=task.digest(),
             train_examples=len(task.train),
             test_examples=len(task.test),
+            val_examples=len(task.val),
             labels=",".join(task.labels),
             initial_prompt_text=initial.prompt,
         )
@@ -197,7 +186,9 @@ class MlflowTracker(Callback):
         import mlflow.data
         import pandas
 
-        for context, examples in (("train", task.train), ("test", task.test)):
+        for context, examples in (("train", task.train), ("validation", task.val), ("test", task.test)):
+            if not examples:
+                continue
             frame = pandas.DataFrame([{**e.inputs, task.label_column: e.target} for e in examples])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a local path "can be interpreted in multiple ways"
@@ -225,6 +216,9 @@ class MlflowTracker(Callback):
         }
         if scored:
             metrics["parse_rate"] = sum(c.parse_rate or 0.0 for c in scored) / len(scored)
+        if result.best.val_score is not None:
+            metrics["best_val_score"] = result.best.val_score
+            metrics["candidates_validated"] = sum(1 for c in scored if c.val_score is not None)
         for stage, stats in result.stage_stats.items():
             metrics[f"{stage}_best_score"] = stats["best"]
             metrics[f"{stage}_mean_score"] = stats["mean"]
@@ -238,6 +232,7 @@ class MlflowTracker(Callback):
                 "parents": ",".join(map(str, c.parents)),
                 "prompt": c.prompt,
                 "train_score": c.score,
+                "val_score": c.val_score,
                 "duplicate_of": c.duplicate_of,
             }
             for c in result.candidates
@@ -263,6 +258,9 @@ class MlflowTracker(Callback):
             "total_cost_usd": usage.cost,
             "wall_time_s": result.wall_time,
         }
+        for name, scores in (("initial", initial), ("final", final)):
+            if (scores.get("val") or {}).get("score") is not None:
+                metrics[f"{name}_val_score"] = scores["val"]["score"]
         if result.initial_test is not None and result.final_test is not None:
             mean, low, high = paired_bootstrap(
                 result.initial_test.per_example, result.final_test.per_example, self.settings.seed
@@ -285,6 +283,11 @@ class MlflowTracker(Callback):
         mlflow.log_metrics(metrics)
         mlflow.log_metric("initial_parse_rate", metrics["initial_parse_rate"], step=0)
         mlflow.set_tag("distillprompt.stop_reason", result.stop_reason)
+        if result.verdict is not None:
+            mlflow.set_tags({
+                "distillprompt.test_verdict": result.verdict.outcome,
+                "distillprompt.beat_initial_on_test": str(result.verdict.beat_initial).lower(),
+            })
         if result.failure:
             mlflow.set_tag("distillprompt.failure", result.failure[:5000])
         mlflow.log_text(result.initial_prompt, "prompts/initial.txt")
@@ -314,11 +317,14 @@ class MlflowTracker(Callback):
             before, after = (initial.get(split) or {}).get("score"), (final.get(split) or {}).get("score")
             return " → ".join("—" if value is None else f"{value:.4f}" for value in (before, after))
 
+        validation = f", validation {scores('val')}" if (final.get("val") or {}).get("score") is not None else ""
         lines = [
             NOTE_MARK,
-            f"**{self.settings.optimizer.method}**, {metric}: test {scores('test')}, train {scores('train')}; "
-            f"stopped by {result.stop_reason}, {len(result.history)} candidates.",
+            f"**{self.settings.optimizer.method}**, {metric}: test {scores('test')}, train {scores('train')}"
+            f"{validation}; stopped by {result.stop_reason}, {len(result.history)} candidates.",
         ]
+        if result.verdict is not None:
+            lines.append(f"\n{result.verdict.sentence}")
         if result.failure:
             lines.append(f"\n**Failed**: {result.failure[:500]} (nothing registered; `--resume {self.run_id}` continues).")
         if self.registered is not None:

@@ -60,7 +60,9 @@ def cache_path(tmp_path: Path) -> Path:
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs the installed console script in a child process, as a user would."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILLPROMPT_", "OPENAI_"))}
+    # MLFLOW_TRACKING_URI too: mlflow.set_tracking_uri in this process exports it, and a run
+    # that should not be tracked must not inherit it from an earlier test
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILLPROMPT_", "OPENAI_", "MLFLOW_"))}
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "distillprompt", *args],

@@ -65,7 +65,8 @@ def fraction(*parts: Any) -> float:
 
 def request_kind(content: str) -> tuple[str, str]:
     """('scoring'|'meta'|'other', stage) of a request, from the text it carries."""
-    if "Possible answers:" in content or "<ans>" in content:
+    # a meta-prompt may quote a candidate that names the answer tags: <START> decides first
+    if "<START>" not in content and ("Possible answers:" in content or "<ans>" in content):
         return "scoring", "scoring"
     if "<START>" in content:
         for marker, stage in (
@@ -389,11 +390,11 @@ class ScriptedEndpoint:
     def _text(self, request: dict[str, Any], content: str, kind: str, stage: str, index: int, fault: str) -> str:
         if fault == "empty":
             return ""
-        if self.responder is not None:
-            scripted = self.responder(request, kind, stage)
-            if scripted is not None:
-                return scripted
-        if kind == "scoring":
+        # which of the n samples this is, for responders that vary their samples
+        scripted = self.responder({**request, "_sample": index}, kind, stage) if self.responder else None
+        if scripted is not None:
+            text = scripted
+        elif kind == "scoring":
             text = answer_scoring(content)
         elif kind == "meta":
             text = write_meta(content, stage, index, request.get("seed"))

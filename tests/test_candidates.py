@@ -28,7 +28,7 @@ TASK = Task(
 PARENT = "Classify the sentiment of the review as positive or negative."
 OTHER_PARENT = "Say whether the review below is positive or negative."
 NEW = "Decide whether the review praises or criticises the work, then answer with its label."
-RATIO = 4.0
+BOUND = 3 * 1024  # the default length bound: 3 characters per token of --meta-max-tokens
 
 
 def metas() -> dict[str, templates.MetaPrompt]:
@@ -44,8 +44,8 @@ def metas() -> dict[str, templates.MetaPrompt]:
 STAGES = list(metas())
 
 
-def extract(reply: str, stage: str = "rewrite", parents: list[str] | None = None, ratio: float = RATIO) -> Extraction:
-    return extract_candidate(reply, metas()[stage], parents if parents is not None else [PARENT], ratio)
+def extract(reply: str, stage: str = "rewrite", bound: int = BOUND) -> Extraction:
+    return extract_candidate(reply, metas()[stage], bound)
 
 
 # ----- extract_tagged ------------------------------------------------------------------
@@ -193,32 +193,26 @@ def test_reply_that_is_only_a_score_line() -> None:
     assert extract("<START>The prompt scored 0.362, with 1.0 being the maximum.<END>") == Extraction(None, "echo")
 
 
-def test_leftover_answer_tag() -> None:
-    assert extract(f"<START>{NEW} Write it as <ans>label</ans>.<END>") == Extraction(None, "tags")
+def test_answer_tags_in_a_format_instruction_are_kept() -> None:
+    prompt = f"{NEW} Write it as <ans>label</ans>."
+    assert extract(f"<START>{prompt}<END>") == Extraction(prompt, None)
 
 
 def test_leftover_start_tag() -> None:
     assert extract(f"<START>{NEW}</START>") == Extraction(None, "tags")
 
 
-def test_too_long_against_parent() -> None:
-    parent = "Label the review."  # 17 characters
+def test_length_is_never_judged_against_the_parent() -> None:
     long_reply = " ".join(f"Rule {i}: weigh every clue about the tone of the review." for i in range(3))
-    # 3 sentences of 54 characters + 2 spaces = 164 characters > 4.0 * 17 = 68
-    assert len(long_reply) == 164
-    assert extract(f"<START>{long_reply}<END>", parents=[parent]) == Extraction(None, "too_long")
-    # The same candidate is fine with a higher ratio (164 <= 20 * 17 = 340) ...
-    assert extract(f"<START>{long_reply}<END>", parents=[parent], ratio=20.0) == Extraction(long_reply, None)
-    # ... or against a longer parent: the longest parent counts (164 <= 4 * 54 = 216).
-    assert extract(f"<START>{long_reply}<END>", parents=[parent, long_reply[:54]]) == Extraction(long_reply, None)
+    assert len(long_reply) > 4 * len("Label the review.")
+    assert extract(f"<START>{long_reply}<END>") == Extraction(long_reply, None)
 
 
-def test_length_limit_is_inclusive_and_skipped_without_parents() -> None:
-    parent = "x" * 20
+def test_absolute_length_bound_is_inclusive_and_zero_means_none() -> None:
     exactly = "Answer with the label only."  # 27 characters
-    assert extract(f"<START>{exactly}<END>", parents=[parent], ratio=27 / 20) == Extraction(exactly, None)
-    assert extract(f"<START>{exactly}<END>", parents=[parent], ratio=26 / 20) == Extraction(None, "too_long")
-    assert extract(f"<START>{exactly}<END>", parents=[]) == Extraction(exactly, None)
+    assert extract(f"<START>{exactly}<END>", bound=27) == Extraction(exactly, None)
+    assert extract(f"<START>{exactly}<END>", bound=26) == Extraction(None, "too_long")
+    assert extract(f"<START>{exactly}<END>", bound=0) == Extraction(exactly, None)
 
 
 # ----- over-eager echo filtering -------------------------------------------------------

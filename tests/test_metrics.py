@@ -58,9 +58,10 @@ def test_parse_label_returns_label_with_its_original_spelling() -> None:
     assert parse_label("<ans>Not_Entailment</ans>", labels) == "not_entailment"
 
 
-def test_parse_label_picks_the_first_label_mentioned() -> None:
-    assert parse_label("I would say negative rather than positive", SENTIMENT) == "negative"
-    assert parse_label("Clearly positive, although parts are negative", SENTIMENT) == "positive"
+def test_parse_label_picks_the_label_the_reasoning_ends_on() -> None:
+    # an answer that reasons first names its conclusion last
+    assert parse_label("Parts are negative, but the verdict is positive", SENTIMENT) == "positive"
+    assert parse_label("It starts positive; overall the tone is negative.", SENTIMENT) == "negative"
 
 
 def test_parse_label_prefers_longest_label_at_equal_position() -> None:

@@ -51,7 +51,7 @@ def keyed_endpoint():
 def first_run(mlflow_server, keyed_endpoint, reviews_dir):
     completed = mlflow_run(
         mlflow_server, keyed_endpoint, reviews_dir,
-        "epochs=2", "train_size=12", "test_size=10", f"prompt_name={PROMPT_NAME}",
+        "epochs=2", "train_size=12", "test_size=10", "val_size=10", f"prompt_name={PROMPT_NAME}",
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     import mlflow
@@ -70,7 +70,7 @@ def test_run_records_settings_rounds_and_artifacts(first_run, mlflow_server):
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["epochs"] == "2" and params["model"] == "test-model" and params["rewrites"] == "4"
-    assert params["dataset_digest"] and params["train_examples"] == "12"
+    assert params["dataset_digest"] and params["train_examples"] == "12" and params["val_examples"] == "10"
     assert "api_key" not in params
     history = client.get_metric_history(run.info.run_id, "best_train_score")
     assert [m.step for m in history] == [1, 2]
@@ -78,7 +78,9 @@ def test_run_records_settings_rounds_and_artifacts(first_run, mlflow_server):
     for name in ("llm_requests", "cache_hits", "tokens_in", "tokens_out", "cost_usd", "round_wall_time_s", "parse_rate"):
         assert len(client.get_metric_history(run.info.run_id, name)) == 2, name
     metrics = run.data.metrics
-    assert metrics["final_train_score"] >= metrics["initial_train_score"]
+    # train proposes, validation decides: the final prompt is at least as good on validation
+    assert metrics["final_val_score"] >= metrics["initial_val_score"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "best_val_score")] == [1, 2]
     assert metrics["test_improvement_ci_low"] <= metrics["paired_mean_difference"] <= metrics["test_improvement_ci_high"]
     artifacts = {
         item.path
@@ -94,14 +96,17 @@ def test_run_records_settings_rounds_and_artifacts(first_run, mlflow_server):
     table = mlflow.artifacts.load_dict(run.info.artifact_uri + "/candidates/round_001.json")
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert {row["stage"] for row in rows} == {"rewrite", "distill", "compress", "aggregate", "paraphrase"}
-    assert {"epoch", "parents", "prompt", "train_score"} <= set(table["columns"])
+    assert {"epoch", "parents", "prompt", "train_score", "val_score"} <= set(table["columns"])
     assert "candidates/round_001.json" in run.data.tags["mlflow.loggedArtifacts"]  # shown as a table in the UI
     note = run.data.tags["mlflow.note.content"]  # the run's description on its Overview page
     final = mlflow.artifacts.load_text(run.info.artifact_uri + "/prompts/final.txt")
     assert f"> {final.splitlines()[0]}" in note and f"`prompts:/{PROMPT_NAME}/1`" in note
     assert f"macro-F1: test {metrics['initial_test_score']:.4f} → {metrics['final_test_score']:.4f}" in note
+    result = mlflow.artifacts.load_dict(run.info.artifact_uri + "/result.json")
+    assert result["verdict"]["sentence"] in note  # whether the final prompt beat the initial one, in words
+    assert run.data.tags["distillprompt.test_verdict"] == result["verdict"]["outcome"]
     contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
-    assert contexts == ["test", "train"]
+    assert contexts == ["test", "train", "validation"]
 
 
 def test_registered_prompt_and_model_are_fetched_by_alias(first_run, mlflow_server):
@@ -122,6 +127,10 @@ def test_registered_prompt_and_model_are_fetched_by_alias(first_run, mlflow_serv
     assert final["tags"]["run_id"] == run.info.run_id
     assert final["final"] in final["template"] and "{{text}}" in final["template"]
     assert float(final["tags"]["test_score"]) == pytest.approx(run.data.metrics["final_test_score"], abs=1e-6)
+    assert final["tags"]["test_verdict"] == run.data.tags["distillprompt.test_verdict"]
+    assert final["tags"]["beat_initial_on_test"] == str(final["tags"]["test_verdict"] == "better").lower()
+    low, high = run.data.metrics["test_improvement_ci_low"], run.data.metrics["test_improvement_ci_high"]
+    assert final["tags"]["test_difference_ci"].endswith(f"[{low:+.4f}, {high:+.4f}]")
     assert final["config"]["model_name"] == "test-model"
     assert PROMPT_NAME in (final["linked"] or "")
 
