@@ -204,7 +204,7 @@ def test_two_runs_compare_on_the_same_metrics(first_run, mlflow_server, keyed_en
     import mlflow
 
     completed = mlflow_run(mlflow_server, keyed_endpoint, reviews_dir, "epochs=2", "train_size=12", "test_size=10",
-                           "seed=7", f"prompt_name={PROMPT_NAME}")
+                           "val_size=10", "seed=7", f"prompt_name={PROMPT_NAME}")
     assert completed.returncode == 0, completed.stderr[-3000:]
     runs = mlflow.search_runs(experiment_names=["e2e"], filter_string="params.seed = '7'", output_format="list")
     assert runs

@@ -168,7 +168,7 @@ def test_unusable_replies_are_dropped_and_counted(reviews_dir, tmp_path):
         if stage == "rewrite":
             return ""  # every rewrite comes back empty
         if stage == "compress":
-            return "<START>Classify the review. <ans>positive</ans><END>"  # leftover answer tags
+            return "<START>Classify the review. <START> Classify it again.<END>"  # a leftover reply tag
         if stage == "paraphrase":
             return "The instruction scored 0.500 out of 1.000."  # only an echo of the score line
         return None
