@@ -166,6 +166,8 @@ def _print_result(result: Any, folder: Path) -> None:
             f"{stage} {sum(reasons.values())} ({', '.join(f'{r} {n}' for r, n in sorted(reasons.items()))})"
             for stage, reasons in dropped.items()
         ))
+    if result.diagnosis:
+        lines.append(result.diagnosis)
     if result.verdict is not None:
         lines.append(result.verdict.sentence)
     print("\n".join(lines))

@@ -29,10 +29,12 @@ from .llm import LLM, META, Usage, UsageMeter
 from .settings import OptimizerSettings
 from .state import Candidate, RunState, dedup_key
 from .verdict import Verdict, judge
+from .diagnosis import RoundDiagnosis, answer_counts, diagnose
 
 TRAIN_SCORING = "scoring"
 VAL_SCORING = "validation"
 ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
+FLAT_SIGNAL = "flat_signal"  # two rounds in a row showed no signal
 TEST_SCORING = "test"
 META_CHARS_PER_TOKEN = 3  # the default length bound: a reply that long ran into --meta-max-tokens
 
@@ -58,6 +60,7 @@ class RoundResult:
     wall_time: float
     state: RunState
     stop_reason: str | None = None
+    diagnosis: RoundDiagnosis | None = None
 
 
 @dataclass
@@ -78,6 +81,7 @@ class RunResult:
     stop_reason: str
     failure: str | None = None  # what made the endpoint give up, when it did
     verdict: Verdict | None = None  # did the final prompt beat the initial one on test
+    diagnosis: str | None = None  # why the run could not improve, when a round showed no signal
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -111,6 +115,7 @@ class RunResult:
             },
             "failure": self.failure,
             "verdict": self.verdict.to_dict() if self.verdict else None,
+            "diagnosis": self.diagnosis,
             **self.extra,
         }
 
@@ -244,6 +249,9 @@ class Optimizer:
             wall_time=time.perf_counter() - started,
             stop_reason=stop_reason,
             failure=self.failure,
+            diagnosis=next(
+                (r["diagnosis"]["sentence"] for r in reversed(rounds) if (r.get("diagnosis") or {}).get("flat")), None
+            ),
             verdict=judge(
                 metric=self.task.metric,
                 classification=self.task.is_classification,
@@ -304,6 +312,12 @@ class Optimizer:
         state.stale_epochs = 0 if improved else state.stale_epochs + 1
         if stop_reason is None and self.patience and state.stale_epochs >= self.patience:
             stop_reason = "patience"
+        diagnosis = diagnose(
+            epoch, new, state.best, state.history, [e.target for e in self.task.train], self.task.is_classification
+        )
+        state.flat_rounds = state.flat_rounds + 1 if diagnosis.flat else 0
+        if stop_reason is None and self.settings.stop_when_flat and state.flat_rounds >= 2:
+            stop_reason = FLAT_SIGNAL
         state.epoch = epoch
         state.keep_rng(rng)
         state.stop_reason = stop_reason
@@ -326,6 +340,7 @@ class Optimizer:
             wall_time=time.perf_counter() - started,
             state=state,
             stop_reason=stop_reason,
+            diagnosis=diagnosis,
         )
         self._emit("on_round", result)
         return result
@@ -376,7 +391,7 @@ class Optimizer:
         # per reply, so a weak optimizer model thins the round out instead of ending it.
         # rewrite: several new takes on the best prompt, told its score
         meta = templates.rewrite(self.task, best.prompt, best.score or 0.0, self.metric)
-        replies = await self._ask(meta, settings.temperature_rewrite, settings.rewrites, f"{epoch}:rewrite")
+        replies = await self._ask_new(meta, settings.temperature_rewrite, settings.rewrites, f"{epoch}:rewrite", [best])
         rewrites = self._admit(replies, meta, [best], epoch, new)
         stop_reason = await self._after_stage(epoch, "rewrite", rewrites, rejections_before)
         sources = [candidate or best for candidate in rewrites]
@@ -398,31 +413,60 @@ class Optimizer:
             # aggregate: one prompt that merges all compressed ones (each distinct prompt once)
             merged = list({dedup_key(s.prompt): self._original(s) for s in sources}.values())
             meta = templates.aggregate(self.task, [source.prompt for source in merged])
-            replies = await self._ask(meta, settings.temperature_aggregate, 1, f"{epoch}:aggregate")
+            replies = await self._ask_new(meta, settings.temperature_aggregate, 1, f"{epoch}:aggregate", merged)
             aggregated = self._admit(replies, meta, merged, epoch, new)
             stop_reason = await self._after_stage(epoch, "aggregate", aggregated, rejections_before)
             sources = [aggregated[0] or merged[0]]
         if stop_reason is None:
             # paraphrase: meaning-preserving variants of the aggregate
             meta = templates.paraphrase(self.task, sources[0].prompt)
-            replies = await self._ask(meta, settings.temperature_paraphrase, settings.paraphrases, f"{epoch}:paraphrase")
+            replies = await self._ask_new(
+                meta, settings.temperature_paraphrase, settings.paraphrases, f"{epoch}:paraphrase", sources
+            )
             paraphrased = self._admit(replies, meta, sources, epoch, new)
             stop_reason = await self._after_stage(epoch, "paraphrase", paraphrased, rejections_before)
         return stop_reason
 
     # ----- stages ------------------------------------------------------------------------
 
-    async def _ask(self, meta: templates.MetaPrompt, temperature: float, n: int, sample: str) -> list[str]:
+    async def _ask(
+        self, meta: templates.MetaPrompt, temperature: float, n: int, sample: str, stage: str | None = None
+    ) -> list[str]:
         return await self.llm.complete(
             meta.messages,
             temperature=temperature,
             n=n,
             max_tokens=self.meta_max_tokens,
-            stage=meta.stage,
+            stage=stage or meta.stage,
             sample=sample,
             priority=META,
             stop=templates.META_STOP,
         )
+
+    async def _ask_new(
+        self, meta: templates.MetaPrompt, temperature: float, n: int, sample: str, parents: list[Candidate]
+    ) -> list[str]:
+        """``n`` replies; one whose prompt repeats a parent is asked again at the copy-retry
+        temperature (``copy_retries`` times at most, each a request of its own, counted in the
+        usage report as ``<stage>_copy_retry``). A retry that is unusable keeps the copy."""
+        replies = list(await self._ask(meta, temperature, n, sample))
+        for attempt in range(self.settings.copy_retries):
+            copies = [i for i, reply in enumerate(replies) if self._repeats(reply, meta, parents)]
+            if not copies:
+                break
+            retried = await asyncio.gather(*(
+                self._ask(meta, self.settings.copy_retry_temperature, 1, f"{sample}:copy{i}:{attempt}",
+                          stage=f"{meta.stage}_copy_retry")
+                for i in copies
+            ))
+            for i, again in zip(copies, retried):
+                if again and extract_candidate(again[0], meta, self.max_prompt_length).prompt is not None:
+                    replies[i] = again[0]
+        return replies
+
+    def _repeats(self, reply: str, meta: templates.MetaPrompt, parents: list[Candidate]) -> bool:
+        prompt = extract_candidate(reply, meta, self.max_prompt_length).prompt
+        return prompt is not None and any(dedup_key(prompt) == dedup_key(parent.prompt) for parent in parents)
 
     async def _one_each(
         self,
@@ -434,7 +478,8 @@ class Optimizer:
         new: list[Candidate],
     ) -> list[Candidate | None]:
         replies = await asyncio.gather(
-            *(self._ask(meta, temperature, 1, f"{epoch}:{stage}:{i}") for i, meta in enumerate(metas))
+            *(self._ask_new(meta, temperature, 1, f"{epoch}:{stage}:{i}", [source])
+              for i, (meta, source) in enumerate(zip(metas, sources)))
         )
         admitted: list[Candidate | None] = []
         for meta, source, reply in zip(metas, sources, replies):
@@ -529,6 +574,8 @@ class Optimizer:
             candidate.score = score.value
             candidate.metrics = dict(score.metrics)
             candidate.parse_rate = score.parse_rate
+            if self.task.is_classification:
+                candidate.answers = answer_counts(score.predictions)
 
     def _scores(self, candidate: Candidate, test: Score | None) -> dict[str, dict[str, float]]:
         """A candidate's scores by sample: train, validation (when the run selects on one), test."""
@@ -583,6 +630,7 @@ class Optimizer:
 def _copy_score(duplicate: Candidate, original: Candidate) -> None:
     duplicate.score = original.score
     duplicate.val_score = original.val_score
+    duplicate.answers = dict(original.answers)
     duplicate.metrics = dict(original.metrics)
     duplicate.parse_rate = original.parse_rate
 
@@ -631,4 +679,5 @@ def _round_summary(result: RoundResult) -> dict[str, Any]:
         "rejections": result.rejections,
         "wall_time_seconds": round(result.wall_time, 3),
         "stop_reason": result.stop_reason,
+        "diagnosis": result.diagnosis.to_dict() if result.diagnosis else None,
     }

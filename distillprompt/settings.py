@@ -169,6 +169,15 @@ class OptimizerSettings(Group):
         description="drop a candidate prompt longer than this many characters (0: 3 per token of "
         "--meta-max-tokens, beyond any real structured prompt; runaway replies are caught as repetition)",
     )
+    stop_when_flat: bool = Field(
+        True,
+        description="stop after the second round in a row that shows no signal (candidates that score alike, "
+        "or a target that gives one answer to everything)",
+    )
+    copy_retries: int = Field(
+        1, ge=0, description="a stage reply that repeats its parent is asked again this many times (0: never)"
+    )
+    copy_retry_temperature: float = Field(1.0, ge=0, le=2, description="temperature of a copy's second request")
     val_top: int = Field(
         3, gt=0, description="with a validation sample: the round's best candidates by train score compared on it"
     )

@@ -27,6 +27,7 @@ class Candidate:
     duplicate_of: int | None = None
     note: str | None = None  # how it was made, where the stage alone does not say (GrIPS edits)
     val_score: float | None = None  # on the validation sample, for the round's top candidates by train score
+    answers: dict[str, int] = field(default_factory=dict)  # the target's answers on the train sample, counted
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,6 +49,7 @@ class RunState:
     best_id: int = 0
     epoch: int = 0  # last finished epoch
     stale_epochs: int = 0
+    flat_rounds: int = 0  # rounds in a row that showed no signal
     rng_state: Any = None
     rejections: dict[str, dict[str, int]] = field(default_factory=dict)
     stop_reason: str | None = None

@@ -42,6 +42,7 @@ class Outcome:
     wall_time: float
     per_example: list[float]
     metric: str = "score"
+    diagnosis: str | None = None  # why the run could not improve (a round without signal)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -68,6 +69,7 @@ def comparison_tables(outcomes: list[Outcome], methods: list[str], seed: int = 0
             "test_score_std": _std(scores),
             "llm_calls": round(statistics.fmean(o.calls for o in mine), 1),
             "tokens": round(statistics.fmean(o.tokens for o in mine), 1),
+            "no_signal_runs": sum(1 for o in mine if o.diagnosis),
         }
         reference = [o for o in outcomes if o.method == REFERENCE]
         if method != REFERENCE and reference:
@@ -83,8 +85,9 @@ def comparison_tables(outcomes: list[Outcome], methods: list[str], seed: int = 0
         rows.append(row)
     metric = outcomes[0].metric if outcomes else "score"
     lines = [
-        f"| method | runs | test {metric} (mean ± std) | LLM calls | tokens | DistillPrompt − method [95% CI] |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| method | runs | test {metric} (mean ± std) | LLM calls | tokens | DistillPrompt − method [95% CI] | "
+        "runs without signal |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         difference = (
@@ -94,7 +97,7 @@ def comparison_tables(outcomes: list[Outcome], methods: list[str], seed: int = 0
         )
         lines.append(
             f"| {row['method']} | {row['runs']} | {row['test_score_mean']:.4f} ± {row['test_score_std']:.4f} | "
-            f"{row['llm_calls']:g} | {row['tokens']:g} | {difference} |"
+            f"{row['llm_calls']:g} | {row['tokens']:g} | {difference} | {row['no_signal_runs'] or '—'} |"
         )
     timing = ["| method | wall time s (mean) | requests sent (sum) |", "|---|---:|---:|"]
     for method in methods:
@@ -139,6 +142,7 @@ def compare(settings: Settings, methods: list[str], seeds: int, *, quiet: bool =
                         wall_time=result.wall_time,
                         per_example=result.final_test.per_example,
                         metric=result.task.get("metric", "score"),
+                        diagnosis=result.diagnosis,
                     )
                 )
         rows, table, timing = comparison_tables(outcomes, methods, settings.seed)
@@ -146,7 +150,11 @@ def compare(settings: Settings, methods: list[str], seeds: int, *, quiet: bool =
                          artifact_file="comparison/table.json")
         mlflow.log_text(table + "\n\n" + timing + "\n", "comparison/table.md")
         # The run's description (Markdown on its Overview page in the UI): the table itself.
-        mlflow.set_tag("mlflow.note.content", f"{table}\n\n{timing}\n\nChild runs: one per method and seed.")
+        diagnoses = "".join(
+            f"\n- {o.method}, seed {o.seed}: {o.diagnosis}" for o in outcomes if o.diagnosis
+        )
+        why = f"\n\nRuns that could not improve, and why:{diagnoses}" if diagnoses else ""
+        mlflow.set_tag("mlflow.note.content", f"{table}\n\n{timing}{why}\n\nChild runs: one per method and seed.")
         mlflow.log_dict([o.__dict__ for o in outcomes], "comparison/runs.json")
         for row in rows:
             mlflow.log_metric(f"{row['method']}_test_score_mean", row["test_score_mean"])

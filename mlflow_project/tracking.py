@@ -23,7 +23,7 @@ from typing import Any
 from distillprompt import templates
 from distillprompt.data import Task
 from distillprompt.errors import UserError
-from distillprompt.optimizer import Callback, RoundResult, RunResult
+from distillprompt.optimizer import FLAT_SIGNAL, Callback, RoundResult, RunResult
 from distillprompt.settings import Settings
 from distillprompt.verdict import paired_bootstrap
 from distillprompt.state import STAGES, Candidate, RunState
@@ -216,6 +216,8 @@ class MlflowTracker(Callback):
         }
         if scored:
             metrics["parse_rate"] = sum(c.parse_rate or 0.0 for c in scored) / len(scored)
+        if result.diagnosis is not None:
+            metrics.update(result.diagnosis.metrics())
         if result.best.val_score is not None:
             metrics["best_val_score"] = result.best.val_score
             metrics["candidates_validated"] = sum(1 for c in scored if c.val_score is not None)
@@ -297,7 +299,11 @@ class MlflowTracker(Callback):
             mlflow.log_artifact(self._plot_rounds(result, Path(folder)), "plots")
             mlflow.log_artifact(self._plot_lineage(result, Path(folder)), "plots")
         mlflow.log_text(self._lineage_text(result), "lineage.md")
-        if self.settings.mlflow.register_result and self.task is not None and result.failure is None:
+        if result.diagnosis:
+            mlflow.set_tag("distillprompt.diagnosis", result.diagnosis[:5000])
+        # a run stopped for lack of signal registers nothing, unless it found a better prompt all the same
+        unchanged = result.stop_reason == FLAT_SIGNAL and result.final.id == result.initial.id
+        if self.settings.mlflow.register_result and self.task is not None and result.failure is None and not unchanged:
             from .registry import register_result
 
             self.registered = register_result(result, self.task, self.settings, self.run_id)
@@ -323,6 +329,8 @@ class MlflowTracker(Callback):
             f"**{self.settings.optimizer.method}**, {metric}: test {scores('test')}, train {scores('train')}"
             f"{validation}; stopped by {result.stop_reason}, {len(result.history)} candidates.",
         ]
+        if result.diagnosis:
+            lines.append(f"\n**No signal**: {result.diagnosis}")
         if result.verdict is not None:
             lines.append(f"\n{result.verdict.sentence}")
         if result.failure:

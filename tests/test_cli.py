@@ -36,9 +36,11 @@ def test_optimize_reports_prompts_scores_and_reruns_from_cache(endpoint, reviews
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["final_prompt"] in first.stdout
     assert set(result["initial_scores"]) == {"train", "test"}
-    # exactly 11 meta-requests in the round, the rest are scoring requests for distinct prompts
+    # 11 meta-requests in the round, plus one more for each reply that copied its parent (the
+    # usage report counts those apart); the rest are scoring requests for distinct prompts
     meta = Counter(e.stage for e in endpoint.requests(kind="meta"))
-    assert sum(meta.values()) == 11
+    retries = sum(u["calls"] for stage, u in result["usage"]["by_stage"].items() if stage.endswith("_copy_retry"))
+    assert sum(meta.values()) == 11 + retries
     distinct = [c for c in result["history"] if c["duplicate_of"] is None]
     test_runs = 1 if result["final_candidate"] == 0 else 2
     assert len(endpoint.requests(kind="scoring")) == 20 * len(distinct) + 20 * test_runs
