@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
 import openai
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from .cache import CachedReply, ResponseCache, request_key
 from .errors import EndpointUnavailable, UserError
@@ -419,30 +420,51 @@ class ChatClient:
             arguments["seed"] = seed
         if stop:
             arguments["stop"] = list(stop)
-        last_error: Exception | None = None
-        for attempt in range(self.max_retries + 1):
+        def retryable(error: BaseException) -> bool:
+            if isinstance(error, _RETRYABLE):
+                return True
+            return isinstance(error, openai.APIStatusError) and (
+                error.status_code >= 500 or error.status_code in (408, 409, 425)
+            )
+
+        def wait(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            return retry_delay(error, state.attempt_number - 1, self.backoff_base, self.backoff_max, self._jitter)
+
+        def count_retry(state: RetryCallState) -> None:
+            spent.retries += 1
+
+        async def attempt() -> Any:
             await self.limiter.acquire(priority)
             try:
-                response = await self._client.chat.completions.create(**arguments)
-            except _RETRYABLE as error:
-                last_error = error
-            except openai.APIStatusError as error:
-                if error.status_code >= 500 or error.status_code in (408, 409, 425):
-                    last_error = error
-                else:
-                    spent.failed += 1
-                    raise _status_error(error, self.base_url, self.model) from None
-            else:
-                return self._read(response, spent)
+                return await self._client.chat.completions.create(**arguments)
             finally:
-                self.limiter.release()
-            if attempt < self.max_retries:
-                spent.retries += 1
-                await asyncio.sleep(retry_delay(last_error, attempt, self.backoff_base, self.backoff_max, self._jitter))
-        spent.failed += 1
-        raise EndpointUnavailable(
-            f"{self.base_url} kept failing after {self.max_retries} retries ({_describe_error(last_error)})"
+                self.limiter.release()  # the slot is free while the retry waits
+
+        # tenacity runs the retry loop; the rules are ours: which errors, how long to wait
+        # (Retry-After first, else exponential backoff with jitter), how many times.
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=wait,
+            retry=retry_if_exception(retryable),
+            before_sleep=count_retry,
+            reraise=True,
         )
+        try:
+            response = await retrying(attempt)
+        except openai.APIStatusError as error:
+            spent.failed += 1
+            if not retryable(error):
+                raise _status_error(error, self.base_url, self.model) from None
+            raise EndpointUnavailable(
+                f"{self.base_url} kept failing after {self.max_retries} retries ({_describe_error(error)})"
+            ) from None
+        except _RETRYABLE as error:
+            spent.failed += 1
+            raise EndpointUnavailable(
+                f"{self.base_url} kept failing after {self.max_retries} retries ({_describe_error(error)})"
+            ) from None
+        return self._read(response, spent)
 
     def _read(self, response: Any, spent: Usage) -> list[str]:
         choices = getattr(response, "choices", None)

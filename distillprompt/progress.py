@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from .data import Task
 from .optimizer import Callback, RoundResult, RunResult, StageEvent
@@ -17,49 +17,75 @@ def _short(prompt: str, width: int = 90) -> str:
 
 
 class ConsoleProgress(Callback):
-    """Writes to stderr; on a terminal a status line counts scoring requests as they finish."""
+    """Writes to stderr. On a terminal a tqdm progress bar per round shows the stage being
+    scored, the scoring requests answered out of those planned so far, the elapsed time and
+    an estimate of the time left; elsewhere (a log file, CI) a plain line every 15 s."""
 
-    def __init__(self, stream: TextIO | None = None, epochs: int = 0, interval: float = 0.25) -> None:
+    def __init__(self, stream: TextIO | None = None, epochs: int = 0, interval: float = 15.0) -> None:
         self.stream = stream or sys.stderr
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
         self.epochs = epochs
-        self.interval = interval if self.live else 15.0
+        self.interval = interval
         self.planned = 0
         self.done = 0
-        self._last_draw = 0.0 if self.live else time.monotonic()
-        self._status_shown = False
+        self.phase = "initial prompt"
+        self._last_draw = time.monotonic()
+        self._bar: Any = None
 
     # counters fed by the evaluator -------------------------------------------------------
 
     def requests_planned(self, count: int) -> None:
         self.planned += count
-        self._draw()
+        if self.live:
+            bar = self._live_bar()
+            bar.total = self.planned
+            bar.refresh()
+        else:
+            self._draw()
 
     def requests_done(self, count: int) -> None:
         self.done += count
-        self._draw()
+        if self.live:
+            self._live_bar().update(count)
+        else:
+            self._draw()
 
-    def _draw(self, force: bool = False) -> None:
+    def _live_bar(self) -> Any:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.planned, initial=self.done, desc=self.phase, unit="req", file=self.stream,
+                leave=False, dynamic_ncols=True, mininterval=0.25,
+            )
+        return self._bar
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _new_phase(self, phase: str) -> None:
+        """A new bar for the next round (or the test scoring): counts start again."""
+        self._close_bar()
+        self.phase, self.planned, self.done = phase, 0, 0
+
+    def _draw(self) -> None:
         now = time.monotonic()
-        if not force and now - self._last_draw < self.interval:
+        if now - self._last_draw < self.interval:
             return
         self._last_draw = now
-        text = f"scoring: {self.done}/{self.planned} requests answered"
-        if self.live:
-            self.stream.write("\r\x1b[2K" + text)
-            self._status_shown = True
-        else:
-            self.stream.write(text + "\n")
+        self.stream.write(f"{self.phase}: {self.done}/{self.planned} scoring requests answered\n")
         self.stream.flush()
 
     def _line(self, text: str) -> None:
-        if self._status_shown:
-            self.stream.write("\r\x1b[2K")
-            self._status_shown = False
-        self.stream.write(text + "\n")
-        self.stream.flush()
-        if self.live and self.done < self.planned:
-            self._draw(force=True)
+        if self._bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=self.stream)  # above the bar, which stays drawn
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
     # optimizer events --------------------------------------------------------------------
 
@@ -84,6 +110,9 @@ class ConsoleProgress(Callback):
         repeated = f", {duplicates} already scored" if duplicates else ""
         of = f"/{self.epochs}" if self.epochs else ""
         self._line(f"round {event.epoch}{of} {event.stage:<10} {len(event.candidates)} candidates{repeated}{dropped}")
+        self.phase = f"round {event.epoch}{of} {event.stage}"
+        if self._bar is not None:
+            self._bar.set_description_str(self.phase)
 
     def on_round(self, result: RoundResult) -> None:
         usage = result.usage
@@ -96,9 +125,13 @@ class ConsoleProgress(Callback):
         )
         if result.diagnosis is not None and result.diagnosis.sentence:
             self._line(result.diagnosis.sentence)
+        self._new_phase(f"round {result.epoch + 1}" + (f"/{self.epochs}" if self.epochs else ""))
+
+    def on_rounds_done(self, state: Any) -> None:
+        self._new_phase("test sample")
 
     def on_finish(self, result: RunResult) -> None:
-        if self._status_shown:
-            self.stream.write("\r\x1b[2K")
-            self._status_shown = False
-            self.stream.flush()
+        self._close_bar()
+
+    def on_end(self, succeeded: bool) -> None:
+        self._close_bar()

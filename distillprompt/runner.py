@@ -73,6 +73,9 @@ def with_demo_defaults(settings: Settings) -> Settings:
     return demo
 
 
+EMBEDDED_META_MAX_TOKENS = 256
+
+
 def start_local_llm(settings: Settings, stack: ExitStack | AsyncExitStack) -> tuple[Settings, LocalServer | None]:
     """Starts the embedded server when the settings ask for it (it then serves both roles,
     unless the optimizer has an endpoint of its own); returns settings pointing at it."""
@@ -87,6 +90,10 @@ def start_local_llm(settings: Settings, stack: ExitStack | AsyncExitStack) -> tu
     local.llm.model = model.alias
     if not settings.llm.optimizer_base_url:
         local.llm.optimizer_model = None
+        if "meta_max_tokens" not in settings.llm.model_fields_set:
+            # the 135M model writes prompts of 20 to 100 tokens; what runs on past this cap is
+            # rambling that costs seconds a reply on 2 cores (and is dropped as too long)
+            local.llm.meta_max_tokens = EMBEDDED_META_MAX_TOKENS
     return local, server
 
 

@@ -159,3 +159,51 @@ def test_malformed_config_file(endpoint, reviews_dir, tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("data: [unclosed\n")
     one_line_error(run_cli(*base_args(endpoint, reviews_dir, tmp_path, "--config", str(config))), "cannot be parsed")
+
+
+def test_on_a_terminal_a_progress_bar_shows_the_round_stage_count_and_time_left(endpoint, reviews_dir, tmp_path):
+    import os
+    import pty
+    import re
+    import select
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    endpoint.latency = 0.02  # long enough for the bar to be drawn a few times
+    leader, follower = pty.openpty()
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal of 160 columns
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILLPROMPT_", "OPENAI_", "MLFLOW_"))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "distillprompt", *base_args(endpoint, reviews_dir, tmp_path, "--no-cache")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower, cwd=ROOT, env=env,
+    )
+    os.close(follower)
+    screen = b""
+    try:
+        while True:
+            ready, _, _ = select.select([leader], [], [], 120)
+            if not ready:
+                break
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        process.wait(120)
+        os.close(leader)
+    text = screen.decode("utf-8", "replace")
+    assert process.returncode == 0, text[-2000:]
+    # tqdm's bar: "round 1/1 rewrite:  40%|████      | 96/240 [00:01<00:02, 75.3req/s]"
+    bars = re.findall(r"round 1/1 \w+: +\d+%\|.*?\| *(\d+)/(\d+) \[\d\d:\d\d<\d\d:\d\d", text)
+    assert bars, text[-2000:]
+    assert any(int(done) < int(planned) for done, planned in bars)
+    assert "round 1/1 paraphrase" in text  # the per-stage lines are still written above the bar

@@ -8,6 +8,7 @@ is searched."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,8 @@ PROMPT_NAME = "ui-reviews"
 NEVER_CREATED_RUN = "never-created-run-4711"
 NEVER_REGISTERED_PROMPT = "never-registered-prompt-4711"
 
+if CHROMIUM is None and os.environ.get("REQUIRE_BROWSER"):  # set by tests/run.sh, which installs it
+    raise RuntimeError("the MLflow UI tests need Chromium: apt-get install -y chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (apt-get install chromium)")
 
 
