@@ -161,8 +161,8 @@ def clean(text: str, meta: MetaPrompt) -> str:
         if LABEL_LINE.match(line) or (meta.example_texts and EXAMPLE_LINE.match(line)):
             kept.append(None)
             continue
-        if not any(k for k in kept if k) and PREAMBLE.match(line) and INTRODUCING.search(line):
-            continue  # one introducing line before the prompt
+        if not any(kept) and _is_introduction(line):
+            continue  # an introducing line before the prompt
         sentences = [s for s in SENTENCE.split(line) if s.strip()]
         survivors = [s for s in sentences if not echo.is_echo(s)]
         if len(survivors) == len(sentences):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import templates
-from .candidates import extract_candidate
+from .candidates import Extraction, extract_candidate
 from .data import Example, Task
 from .evaluation import Evaluator, Score
 from .errors import EndpointUnavailable
@@ -295,7 +295,7 @@ class Optimizer:
 
     async def _round(self, epoch: int) -> RoundResult:
         """One round: ``_propose`` adds candidates (sent to scoring as they come), then the
-        best is selected on train scores, ties keeping the older prompt."""
+        best is selected (``_select``) and the round is diagnosed."""
         state = self.state
         started = time.perf_counter()
         usage_before = self.meter.snapshot()
@@ -392,7 +392,7 @@ class Optimizer:
         # rewrite: several new takes on the best prompt, told its score
         meta = templates.rewrite(self.task, best.prompt, best.score or 0.0, self.metric)
         replies = await self._ask_new(meta, settings.temperature_rewrite, settings.rewrites, f"{epoch}:rewrite", [best])
-        rewrites = self._admit(replies, meta, [best], epoch, new)
+        rewrites = self._admit(replies, meta.stage, [best], epoch, new)
         stop_reason = await self._after_stage(epoch, "rewrite", rewrites, rejections_before)
         sources = [candidate or best for candidate in rewrites]
 
@@ -414,7 +414,7 @@ class Optimizer:
             merged = list({dedup_key(s.prompt): self._original(s) for s in sources}.values())
             meta = templates.aggregate(self.task, [source.prompt for source in merged])
             replies = await self._ask_new(meta, settings.temperature_aggregate, 1, f"{epoch}:aggregate", merged)
-            aggregated = self._admit(replies, meta, merged, epoch, new)
+            aggregated = self._admit(replies, meta.stage, merged, epoch, new)
             stop_reason = await self._after_stage(epoch, "aggregate", aggregated, rejections_before)
             sources = [aggregated[0] or merged[0]]
         if stop_reason is None:
@@ -423,7 +423,7 @@ class Optimizer:
             replies = await self._ask_new(
                 meta, settings.temperature_paraphrase, settings.paraphrases, f"{epoch}:paraphrase", sources
             )
-            paraphrased = self._admit(replies, meta, sources, epoch, new)
+            paraphrased = self._admit(replies, meta.stage, sources, epoch, new)
             stop_reason = await self._after_stage(epoch, "paraphrase", paraphrased, rejections_before)
         return stop_reason
 
@@ -445,13 +445,18 @@ class Optimizer:
 
     async def _ask_new(
         self, meta: templates.MetaPrompt, temperature: float, n: int, sample: str, parents: list[Candidate]
-    ) -> list[str]:
-        """``n`` replies; one whose prompt repeats a parent is asked again at the copy-retry
-        temperature (``copy_retries`` times at most, each a request of its own, counted in the
-        usage report as ``<stage>_copy_retry``). A retry that is unusable keeps the copy."""
-        replies = list(await self._ask(meta, temperature, n, sample))
+    ) -> list[Extraction]:
+        """``n`` replies, each cleaned into a candidate prompt (or a reason to drop it). One whose
+        prompt repeats a parent is asked again at the copy-retry temperature (``copy_retries``
+        times at most, each a request of its own, counted in the usage report as
+        ``<stage>_copy_retry``). A retry that is unusable keeps the copy."""
+        extractions = [self._extract(reply, meta) for reply in await self._ask(meta, temperature, n, sample)]
+        parent_keys = {dedup_key(parent.prompt) for parent in parents}
         for attempt in range(self.settings.copy_retries):
-            copies = [i for i, reply in enumerate(replies) if self._repeats(reply, meta, parents)]
+            copies = [
+                i for i, extraction in enumerate(extractions)
+                if extraction.prompt is not None and dedup_key(extraction.prompt) in parent_keys
+            ]
             if not copies:
                 break
             retried = await asyncio.gather(*(
@@ -460,13 +465,13 @@ class Optimizer:
                 for i in copies
             ))
             for i, again in zip(copies, retried):
-                if again and extract_candidate(again[0], meta, self.max_prompt_length).prompt is not None:
-                    replies[i] = again[0]
-        return replies
+                extraction = self._extract(again[0] if again else "", meta)
+                if extraction.prompt is not None:
+                    extractions[i] = extraction
+        return extractions
 
-    def _repeats(self, reply: str, meta: templates.MetaPrompt, parents: list[Candidate]) -> bool:
-        prompt = extract_candidate(reply, meta, self.max_prompt_length).prompt
-        return prompt is not None and any(dedup_key(prompt) == dedup_key(parent.prompt) for parent in parents)
+    def _extract(self, reply: str, meta: templates.MetaPrompt) -> Extraction:
+        return extract_candidate(reply, meta, self.max_prompt_length)
 
     async def _one_each(
         self,
@@ -483,23 +488,22 @@ class Optimizer:
         )
         admitted: list[Candidate | None] = []
         for meta, source, reply in zip(metas, sources, replies):
-            admitted += self._admit(reply, meta, [source], epoch, new)
+            admitted += self._admit(reply, meta.stage, [source], epoch, new)
         return admitted
 
     def _admit(
-        self, replies: list[str], meta: templates.MetaPrompt, parents: list[Candidate], epoch: int, new: list[Candidate]
+        self, extractions: list[Extraction], stage: str, parents: list[Candidate], epoch: int, new: list[Candidate]
     ) -> list[Candidate | None]:
-        """Cleans replies into candidates (None where a reply is dropped); new distinct ones are
-        sent to scoring at once."""
+        """Cleaned replies become candidates (None where a reply is dropped, counted by reason);
+        new distinct ones are sent to scoring at once."""
         admitted: list[Candidate | None] = []
         to_score: list[Candidate] = []
-        for reply in replies:
-            extraction = extract_candidate(reply, meta, self.max_prompt_length)
+        for extraction in extractions:
             if extraction.prompt is None:
-                self.state.reject(meta.stage, extraction.reason or "unusable")
+                self.state.reject(stage, extraction.reason or "unusable")
                 admitted.append(None)
                 continue
-            admitted.append(self._add(extraction.prompt, meta.stage, epoch, parents, new, to_score))
+            admitted.append(self._add(extraction.prompt, stage, epoch, parents, new, to_score))
         self._score_soon(to_score)
         return admitted
 
@@ -641,9 +645,6 @@ def _test_metrics(score: Score | None) -> dict[str, float]:
 
 def _train_metrics(candidate: Candidate) -> dict[str, float]:
     return {"score": candidate.score or 0.0, **candidate.metrics, "parse_rate": candidate.parse_rate or 0.0}
-
-
-
 
 
 def _stage_stats(candidates: list[Candidate]) -> dict[str, dict[str, float]]:

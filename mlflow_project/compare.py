@@ -23,8 +23,9 @@ from distillprompt import runner
 from distillprompt.errors import UserError
 from distillprompt.progress import ConsoleProgress
 from distillprompt.settings import Settings
+from distillprompt.verdict import paired_bootstrap
 
-from .tracking import MlflowTracker, paired_bootstrap
+from .tracking import MlflowTracker
 
 REFERENCE = "distillprompt"
 KNOWN = ("distillprompt", "grips", "fewshot", "initial")

@@ -25,7 +25,6 @@ from distillprompt.data import Task
 from distillprompt.errors import UserError
 from distillprompt.optimizer import FLAT_SIGNAL, Callback, RoundResult, RunResult
 from distillprompt.settings import Settings
-from distillprompt.verdict import paired_bootstrap
 from distillprompt.state import STAGES, Candidate, RunState
 
 log = logging.getLogger(__name__)
@@ -263,10 +262,9 @@ class MlflowTracker(Callback):
         for name, scores in (("initial", initial), ("final", final)):
             if (scores.get("val") or {}).get("score") is not None:
                 metrics[f"{name}_val_score"] = scores["val"]["score"]
-        if result.initial_test is not None and result.final_test is not None:
-            mean, low, high = paired_bootstrap(
-                result.initial_test.per_example, result.final_test.per_example, self.settings.seed
-            )
+        if result.initial_test is not None and result.final_test is not None and result.verdict is not None:
+            # the verdict's paired bootstrap: the same interval the description and the tags give
+            mean, low, high = result.verdict.difference, result.verdict.low, result.verdict.high
             metrics.update(
                 initial_test_score=initial["test"]["score"],
                 final_test_score=final["test"]["score"],
