@@ -166,11 +166,25 @@ def _print_result(result: Any, folder: Path) -> None:
             f"{stage} {sum(reasons.values())} ({', '.join(f'{r} {n}' for r, n in sorted(reasons.items()))})"
             for stage, reasons in dropped.items()
         ))
+    lines[-1:-1] = _data_lines(result.task)
     if result.diagnosis:
         lines.append(result.diagnosis)
     if result.verdict is not None:
         lines.append(result.verdict.sentence)
     print("\n".join(lines))
+
+
+def _data_lines(task: dict[str, Any]) -> list[str]:
+    """What the data checks changed: rows dropped per split and labels merged or renamed."""
+    dropped = {split: counts for split, counts in (task.get("rows_dropped") or {}).items() if sum(counts.values())}
+    lines = []
+    if dropped:
+        parts = []
+        for split, counts in dropped.items():
+            reasons = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in counts.items() if count)
+            parts.append(f"{split} {sum(counts.values())} ({reasons})")
+        lines.append("rows dropped: " + "; ".join(parts))
+    return lines + list(task.get("label_changes") or [])
 
 
 def _val_line(scores: dict[str, dict[str, float]]) -> list[str]:

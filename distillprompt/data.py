@@ -7,7 +7,8 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,10 @@ class Task:
     sizes: dict[str, int] = field(default_factory=dict)
     val: list[Example] = field(default_factory=list)  # selection sample, disjoint from train and test
     val_split: str | None = None
+    # rows left out of each split read, by reason (empty_input, empty_label); 0s included
+    rows_dropped: dict[str, dict[str, int]] = field(default_factory=dict)
+    # labels rewritten before sampling: spelling variants merged, --label-names applied
+    label_changes: list[str] = field(default_factory=list)
 
     @property
     def is_classification(self) -> bool:
@@ -89,6 +94,8 @@ class Task:
             "val_split": self.val_split,
             "val_size": len(self.val),
             "split_rows": self.sizes,
+            "rows_dropped": self.rows_dropped,
+            "label_changes": self.label_changes,
             "digest": self.digest(),
         }
 
@@ -134,11 +141,14 @@ def load_splits(settings: DataSettings) -> tuple[Any, str, str]:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # The library logs a failed read at ERROR level before raising; the user gets one line
+    # from us instead (with the line number, for JSON).
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     spec = settings.dataset
     if not spec:
         raise UserError("no dataset given: pass --dataset with a hub id, a data file or a folder of split files")
     path = Path(spec).expanduser()
+    files: dict[str, list[str]] = {}
     try:
         if path.exists():
             if path.is_dir():
@@ -166,11 +176,45 @@ def load_splits(settings: DataSettings) -> tuple[Any, str, str]:
         if _caused_by_encoding(error):
             raise UserError(f"dataset {spec} is not UTF-8 text: re-encode it, e.g. iconv -f latin1 -t utf-8") from None
         if path.exists():
+            located = _first_bad_json_line(files)
+            if located:
+                raise UserError(located) from None
             raise UserError(f"dataset {spec} cannot be read ({reason}): check that the file is valid") from None
         raise UserError(
             f"dataset {spec!r} cannot be loaded from the Hugging Face hub ({reason}): check the id and "
             "--dataset-config, or pass a local file"
         ) from None
+
+
+def _first_bad_json_line(files: dict[str, list[str]]) -> str | None:
+    """Where a JSON or JSON Lines file first breaks, as a message naming the file and line.
+    The library's own error names a byte offset in a block, which no editor shows."""
+    for paths in files.values():
+        for name in paths:
+            path = Path(name)
+            if FILE_BUILDERS.get(path.suffix.lower()) != "json":
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                return None
+            if text.lstrip().startswith("["):  # one JSON document holding a list of rows
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as error:
+                    return f"{path} line {error.lineno} is not valid JSON ({error.msg}, column {error.colno}): fix that line"
+                continue
+            for number, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    return (f"{path} line {number} is not valid JSON ({error.msg}, column {error.colno}): "
+                            "fix or remove that line (JSON Lines holds one object per line)")
+                if not isinstance(row, dict):
+                    return f"{path} line {number} is not a JSON object: write one object per line, e.g. {{\"text\": ..., \"label\": ...}}"
+    return None
 
 
 def _chain(error: BaseException) -> list[BaseException]:
@@ -241,11 +285,14 @@ def _pick_test_split(available: list[str], requested: str | None, train_split: s
 
 
 def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> Task:
-    """Loads the dataset and draws the seeded train and test samples.
+    """Loads the dataset, checks its rows and labels, and draws the seeded samples.
 
-    With ``need_train=False`` (scoring a given prompt on the test sample) a train size
-    larger than the data is capped instead of refused; the test sample stays the one an
-    optimization run with the same settings would use."""
+    Every check runs here, before any LLM request: rows without an input or a label are
+    dropped and counted, label spellings that differ only in case or surrounding spaces are
+    merged (and reported), numeric labels without names are refused, and a test split that
+    is the train split is refused. With ``need_train=False`` (scoring a given prompt on the
+    test sample) a train size larger than the data is capped instead of refused; the test
+    sample stays the one an optimization run with the same settings would use."""
     splits, name, source = load_splits(settings)
     available = list(splits.keys())
     train_split = settings.train_split or ("train" if "train" in available else available[0])
@@ -253,6 +300,11 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> 
     for split in (train_split, test_split):
         if split is not None and split not in available:
             raise UserError(f"dataset {name} has no split {split!r}: use one of {', '.join(available)}")
+    if test_split == train_split:
+        raise UserError(
+            f"--test-split {test_split!r} is the train split, so test rows would be train rows: name another split, "
+            "or leave --test-split out to hold test rows out of the train split"
+        )
     train_rows = splits[train_split]
     columns = list(train_rows.column_names)
     wanted = [*settings.text_column, settings.label_column]
@@ -263,7 +315,10 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> 
             f"one of {', '.join(columns)}"
         )
     label_names = _class_names(train_rows.features[settings.label_column])
-    train_all = _examples(train_rows, settings, label_names, f"{name}/{train_split}")
+    dropped: dict[str, dict[str, int]] = {}
+    pools: dict[str, list[Example]] = {
+        train_split: _examples(train_rows, settings, label_names, f"{name}/{train_split}", dropped.setdefault(train_split, {}))
+    }
     if test_split is not None:
         test_rows = splits[test_split]
         absent = [column for column in wanted if column not in test_rows.column_names]
@@ -272,17 +327,25 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> 
                 f"split {test_split!r} of {name} lacks column {', '.join(map(repr, absent))}: give a --test-split "
                 "with the same columns as the train split"
             )
-        test_pool = _examples(test_rows, settings, label_names, f"{name}/{test_split}")
-    else:
-        test_pool = None
-    labels = _labels(settings, label_names, train_all, name)
+        pools[test_split] = _examples(test_rows, settings, label_names, f"{name}/{test_split}", dropped.setdefault(test_split, {}))
+    spare = _spare_validation_split(settings, splits, available, (train_split, test_split)) if settings.val_size and need_train else None
+    if spare is not None:
+        pools[spare] = _examples(splits[spare], settings, label_names, f"{name}/{spare}", dropped.setdefault(spare, {}))
+    labels, pools, label_changes = _checked_labels(settings, label_names, pools, train_split, name)
+    for line in label_changes:
+        log.warning("%s", line)
+    for split, counts in dropped.items():
+        if sum(counts.values()):
+            log.warning("split %s: %d rows dropped (%s)", split, sum(counts.values()), _count_text(counts))
+    train_all = pools[train_split]
+    test_pool = pools.get(test_split) if test_split is not None else None
 
     train_size = settings.train_size
     if train_size > len(train_all) and not need_train:
         train_size = len(train_all)
     if train_size > len(train_all):
         raise UserError(
-            f"the train sample of {settings.train_size} is larger than the {len(train_all)} rows of split "
+            f"the train sample of {settings.train_size} is larger than the {len(train_all)} usable rows of split "
             f"{train_split!r}: lower --train-size"
         )
     train_rng = random.Random(f"{seed}:train")
@@ -305,12 +368,14 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> 
                 f"split {test_split!r} has labels the train split lacks ({', '.join(unknown[:5])}): "
                 "use splits with the same label set"
             )
-    val, val_split = (
-        _validation_sample(settings, seed, splits, available, name, label_names, (train_split, test_split),
-                           train_all, train_indices, test if test_split.endswith("(held out)") else [])
-        if settings.val_size and need_train
-        else ([], None)
-    )
+    if settings.val_size and need_train:
+        if spare is not None:
+            val, val_split = _draw(pools[spare], settings.val_size, f"{seed}:val", "validation", spare), spare
+        else:
+            val, val_split = _held_out_validation(settings, seed, name, train_split, train_all, train_indices,
+                                                  test if test_split.endswith("(held out)") else [])
+    else:
+        val, val_split = [], None
     return Task(
         name=name,
         source=source,
@@ -326,31 +391,34 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> 
         sizes={split: len(splits[split]) for split in available},
         val=val,
         val_split=val_split,
+        rows_dropped=dropped,
+        label_changes=label_changes,
     )
 
 
-def _validation_sample(
+def _spare_validation_split(settings: DataSettings, splits: Any, available: list[str], used: tuple[str, str | None]) -> str | None:
+    """A validation split that neither train nor test uses and that has the train columns."""
+    for split in ("validation", "valid", "dev"):
+        if split in available and split not in used:
+            if all(c in splits[split].column_names for c in (*settings.text_column, settings.label_column)):
+                return split
+    return None
+
+
+def _held_out_validation(
     settings: DataSettings,
     seed: int,
-    splits: Any,
-    available: list[str],
     name: str,
-    label_names: list[str] | None,
-    used_splits: tuple[str, str],
+    train_split: str,
     train_all: list[Example],
     train_indices: list[int],
     held_out_test: list[Example],
 ) -> tuple[list[Example], str]:
-    """The validation sample: from a validation split that neither train nor test uses, else
-    from the train split's rows outside the train sample (and outside a held-out test sample)."""
-    spare = next((s for s in ("validation", "valid", "dev") if s in available and s not in used_splits), None)
-    if spare is not None and all(c in splits[spare].column_names for c in (*settings.text_column, settings.label_column)):
-        pool = _examples(splits[spare], settings, label_names, f"{name}/{spare}")
-        where = spare
-    else:
-        taken, tested = set(train_indices), {id(example) for example in held_out_test}
-        pool = [example for i, example in enumerate(train_all) if i not in taken and id(example) not in tested]
-        where = f"{used_splits[0]} (held out)"
+    """The validation sample when no spare validation split exists: the train split's rows
+    outside the train sample and outside a held-out test sample."""
+    taken, tested = set(train_indices), {id(example) for example in held_out_test}
+    pool = [example for i, example in enumerate(train_all) if i not in taken and id(example) not in tested]
+    where = f"{train_split} (held out)"
     if not pool:
         raise UserError(
             f"no rows are left for a validation sample of {name}: lower --train-size, add a validation split, "
@@ -373,51 +441,172 @@ def _class_names(feature: Any) -> list[str] | None:
     return list(names) if names else None
 
 
-def _examples(rows: Any, settings: DataSettings, label_names: list[str] | None, where: str) -> list[Example]:
+def _examples(
+    rows: Any, settings: DataSettings, label_names: list[str] | None, where: str, dropped: dict[str, int]
+) -> list[Example]:
+    """The split's rows with an input and a label; the others are counted in ``dropped`` by
+    reason (``empty_label``: null, blank or -1 in a hub dataset; ``empty_input``: a blank input
+    column). Class labels keep their spelling here: ``_normalize_labels`` merges variants and
+    reports what it changed."""
     if len(rows) == 0:
         raise UserError(f"split {where} is empty: give a split with rows (--train-split/--test-split)")
     examples = []
+    dropped.update(empty_label=0, empty_input=0)
+    keep_spelling = settings.task == "classification" and label_names is None
     # One columnar read: indexing a datasets column row by row costs milliseconds a row.
     columns = rows.select_columns(list(dict.fromkeys([*settings.text_column, settings.label_column]))).to_dict()
     for index in range(len(rows)):
         raw = columns[settings.label_column][index]
-        if raw is None:
-            continue
         if label_names is not None and isinstance(raw, int):
-            if not 0 <= raw < len(label_names):
-                continue  # -1 marks an unlabelled row in hub datasets
-            target = label_names[raw]
+            target = label_names[raw] if 0 <= raw < len(label_names) else ""
         else:
             target = _as_text(raw)
+        if not target:
+            dropped["empty_label"] += 1
+            continue
+        if keep_spelling and isinstance(raw, str):
+            target = raw
         inputs = {column: _as_text(columns[column][index]) for column in settings.text_column}
+        if not all(inputs.values()):
+            dropped["empty_input"] += 1
+            continue
         examples.append(Example(index=index, inputs=inputs, target=target))
     if not examples:
-        raise UserError(f"split {where} has no labelled row: check --label-column")
+        raise UserError(
+            f"split {where} has no row with both an input and a label ({_count_text(dropped)} dropped): "
+            "check --text-column and --label-column"
+        )
     return examples
 
 
-def _labels(settings: DataSettings, label_names: list[str] | None, train: list[Example], name: str) -> list[str]:
+def _count_text(dropped: dict[str, int]) -> str:
+    parts = [f"{count} {reason.replace('_', ' ')}" for reason, count in dropped.items() if count]
+    return ", ".join(parts) or "none"
+
+
+NUMERIC_LABEL = re.compile(r"-?\d+")
+OPAQUE_LABEL = re.compile(r"(?i)label[_ ]?\d+")  # what hub models and exports call unnamed classes
+
+
+def _checked_labels(
+    settings: DataSettings, label_names: list[str] | None, pools: dict[str, list[Example]], train_split: str, name: str
+) -> tuple[list[str], dict[str, list[Example]], list[str]]:
+    """The task's labels and the pools with their targets rewritten, plus one report line per
+    kind of change. Spellings that differ only in case or surrounding spaces are one label,
+    written the way most rows write it (refused when two spellings are equally common);
+    ``--label-names`` then renames labels; numeric or opaque labels left without names are
+    refused, since the model would be asked to answer "0" or "1" with no idea what they mean."""
     if settings.task != "classification":
-        return []
-    if label_names is not None:
-        labels = label_names
+        return [], pools, []
+    changes: list[str] = []
+    mapping: dict[str, str] = {}
+    if label_names is None:
+        mapping, merged = _merge_spellings(pools, settings.label_column, name)
+        if merged:
+            changes.append(f"labels merged (they differ only in case or surrounding spaces): {merged}")
+        labels = sorted({mapping.get(example.target, example.target) for example in pools[train_split]}, key=_label_order)
     else:
-        labels = sorted({example.target for example in train})
-        if any(re.fullmatch(r"-?\d*\.\d+", label) for label in labels):
+        labels = list(label_names)
+    renames: dict[str, str] = {}
+    if settings.label_names:
+        renames = _renames(settings.label_names, labels, settings.label_column, name)
+        shown = ", ".join(f"{old} → {new}" for old, new in renames.items() if old != new)
+        if shown:
+            changes.append(f"labels renamed by --label-names: {shown}")
+        labels = [renames.get(label, label) for label in labels]
+
+    def final(target: str) -> str:
+        merged = mapping.get(target, target)
+        return renames.get(merged, merged)
+
+    if mapping or renames:
+        pools = {
+            split: [e if final(e.target) == e.target else replace(e, target=final(e.target)) for e in pool]
+            for split, pool in pools.items()
+        }
+    _check_label_set(settings, labels, bool(label_names) or bool(settings.label_names), name)
+    return labels, pools, changes
+
+
+def _label_order(label: str) -> tuple[int, int | str]:
+    """Numbers by value (2 before 10), then text."""
+    return (0, int(label)) if NUMERIC_LABEL.fullmatch(label) else (1, label)
+
+
+def _merge_spellings(pools: dict[str, list[Example]], column: str, name: str) -> tuple[dict[str, str], str]:
+    """Maps every spelling of a label to its most common form; returns the map and a report."""
+    spellings: Counter[str] = Counter(example.target for pool in pools.values() for example in pool)
+    groups: dict[str, Counter[str]] = {}
+    for spelling, count in spellings.items():
+        groups.setdefault(spelling.strip().casefold(), Counter())[spelling.strip()] += count
+    mapping: dict[str, str] = {}
+    report = []
+    for forms in groups.values():
+        ranked = forms.most_common()
+        if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
             raise UserError(
-                f"column {settings.label_column!r} of {name} holds fractional numbers ({', '.join(labels[:3])} …), not "
-                "classes: use --task generation for numeric answers, or another --label-column"
+                f"column {column!r} of {name} writes one label as {ranked[0][0]!r} and {ranked[1][0]!r} equally often "
+                f"({ranked[0][1]} rows each), so neither spelling can be chosen: write the label one way in the data, "
+                "or pass --label-names with the spelling to use"
             )
+        canonical = ranked[0][0]
+        variants = sorted(s for s in spellings if s.strip().casefold() == canonical.casefold() and s != canonical)
+        if variants:
+            rows = sum(spellings[v] for v in variants)
+            report.append(f"{', '.join(repr(v) for v in variants)} → {canonical!r} ({rows} rows)")
+        for spelling in spellings:
+            if spelling.strip().casefold() == canonical.casefold():
+                mapping[spelling] = canonical
+    return {k: v for k, v in mapping.items() if k != v}, "; ".join(report)
+
+
+def _renames(given: list[str], labels: list[str], column: str, name: str) -> dict[str, str]:
+    """``--label-names``: either one name per label, in the labels' order, or ``old=new`` pairs."""
+    if all("=" in item for item in given):
+        renames = dict(item.split("=", 1) for item in given)
+        renames = {old.strip(): new.strip() for old, new in renames.items()}
+        unknown = [old for old in renames if old not in labels]
+        if unknown:
+            raise UserError(
+                f"--label-names renames {', '.join(map(repr, unknown))}, which column {column!r} of {name} does not hold: "
+                f"its labels are {', '.join(labels)}"
+            )
+    elif any("=" in item for item in given):
+        raise UserError("--label-names mixes old=new pairs and plain names: write all pairs, or one name per label in order")
+    else:
+        if len(given) != len(labels):
+            raise UserError(
+                f"--label-names gives {len(given)} names for the {len(labels)} labels of column {column!r} of {name} "
+                f"({', '.join(labels)}): give one name per label, in that order"
+            )
+        renames = dict(zip(labels, given))
+    names = [renames.get(label, label) for label in labels]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise UserError(f"--label-names gives empty or repeated names ({', '.join(names)}): give each label its own name")
+    return renames
+
+
+def _check_label_set(settings: DataSettings, labels: list[str], named: bool, name: str) -> None:
+    column = settings.label_column
+    if any(re.fullmatch(r"-?\d*\.\d+", label) for label in labels):
+        raise UserError(
+            f"column {column!r} of {name} holds fractional numbers ({', '.join(labels[:3])} …), not "
+            "classes: use --task generation for numeric answers, or another --label-column"
+        )
     if len(labels) < 2:
         raise UserError(
-            f"column {settings.label_column!r} of {name} has one label only ({labels[0] if labels else 'none'}): "
+            f"column {column!r} of {name} has one label only ({labels[0] if labels else 'none'}): "
             "classification needs at least two; check --label-column or use --task generation"
         )
     if len(labels) > MAX_CLASSES:
         raise UserError(
-            f"column {settings.label_column!r} of {name} has {len(labels)} distinct values, too many for classification: "
+            f"column {column!r} of {name} has {len(labels)} distinct values, too many for classification: "
             "use --task generation or another --label-column"
         )
-    if any(label == "" for label in labels):
-        raise UserError(f"column {settings.label_column!r} of {name} has empty labels: clean the data or drop those rows")
-    return labels
+    if not named and all(NUMERIC_LABEL.fullmatch(label) or OPAQUE_LABEL.fullmatch(label) for label in labels):
+        example = "negative,positive" if len(labels) == 2 else ",".join(f"name{i + 1}" for i in range(len(labels)))
+        raise UserError(
+            f"column {column!r} of {name} holds labels without meaning ({', '.join(labels[:6])}), so a model cannot "
+            f"tell which to answer: pass --label-names {example} (one name per label, in the order "
+            f"{', '.join(labels[:6])}) or give the column a ClassLabel feature with names"
+        )

@@ -102,6 +102,11 @@ class DataSettings(Group):
         ["text"], description="input column(s); comma-separated for pair tasks, e.g. premise,hypothesis"
     )
     label_column: str = Field("label", description="column with the label (classification) or reference answer")
+    label_names: Annotated[list[str], NoDecode] | None = Field(
+        None,
+        description="names the model sees for the labels: one per label in their order (ClassLabel order, else "
+        "sorted, numbers by value), e.g. negative,positive for 0 and 1; or old=new pairs",
+    )
     task: Literal["classification", "generation"] = Field("classification", description="task type")
     generation_metric: Literal["meteor", "rouge_l", "exact_match", "numeric"] = Field(
         "meteor", description="metric of generation tasks (numeric: exact match on the final number)"
@@ -115,7 +120,7 @@ class DataSettings(Group):
         "candidates by train score are compared (0: select on train only, as the paper does)",
     )
 
-    @field_validator("text_column", mode="before")
+    @field_validator("text_column", "label_names", mode="before")
     @classmethod
     def _split_columns(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().startswith("["):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -55,6 +56,11 @@ def lineage(history: list[Candidate], final: Candidate) -> list[Candidate]:
             original = by_id[parent]
             stack.append(original.duplicate_of if original.duplicate_of is not None else original.id)
     return sorted(seen.values(), key=lambda c: c.id)
+
+
+def _param_key(name: str) -> str:
+    """A split name as MLflow accepts it in a key (letters, digits, _ - . / and spaces)."""
+    return re.sub(r"[^A-Za-z0-9_./ -]+", "_", name)
 
 
 def _short(text: str, width: int = 60) -> str:
@@ -150,7 +156,10 @@ class MlflowTracker(Callback):
             val_examples=len(task.val),
             labels=",".join(task.labels),
             initial_prompt_text=initial.prompt,
+            **{f"rows_dropped_{_param_key(split)}": sum(counts.values()) for split, counts in task.rows_dropped.items()},
         )
+        if task.label_changes:
+            mlflow.set_tag("distillprompt.label_changes", " | ".join(task.label_changes)[:5000])
         self._log_params(params)
         mlflow.set_tags({"distillprompt.method": self.settings.optimizer.method, "distillprompt.dataset": task.name})
         if self.settings.mlflow.run_name is None and not os.environ.get("MLFLOW_RUN_ID") and not self.nested:

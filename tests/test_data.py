@@ -135,12 +135,13 @@ def test_class_label_names_survive_parquet(tmp_path: Path) -> None:
         assert example.target == names[example.index % 2]  # integer ids turned into names
 
 
-def test_integer_labels_without_names_become_strings(tmp_path: Path) -> None:
+def test_integer_labels_need_names(tmp_path: Path) -> None:
     path = tmp_path / "ints.csv"
     path.write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(8)), encoding="utf-8")
-    task = load_task(settings(path, train_size=3, test_size=3), seed=0)
-    assert task.labels == ["0", "1"]
-    assert all(e.target == str(e.index % 2) for e in task.train)
+    assert "--label-names negative,positive" in user_error(settings(path, train_size=3, test_size=3))
+    task = load_task(settings(path, train_size=3, test_size=3, label_names=["even", "odd"]), seed=0)
+    assert task.labels == ["even", "odd"]
+    assert all(e.target == ("even", "odd")[e.index % 2] for e in task.train + task.test)
 
 
 def test_rows_without_label_are_skipped(tmp_path: Path) -> None:
@@ -152,6 +153,7 @@ def test_rows_without_label_are_skipped(tmp_path: Path) -> None:
     used = {e.index for e in task.train + task.test}
     assert not used & {0, 1}
     assert len(task.train) + len(task.test) == 8
+    assert task.rows_dropped == {"train": {"empty_label": 2, "empty_input": 0}}
 
 
 def test_generation_task_keeps_references(tmp_path: Path) -> None:
@@ -260,7 +262,7 @@ def test_empty_split_message_says_empty(tmp_path: Path) -> None:
 def test_split_without_labelled_rows(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": None}, {"text": "b", "label": None}])
     message = user_error(settings(tmp_path, train_size=1))
-    assert "no labelled row" in message and "--label-column" in message
+    assert "no row with both an input and a label (2 empty label dropped)" in message and "--label-column" in message
 
 
 def test_one_label_only(tmp_path: Path) -> None:
@@ -282,7 +284,7 @@ def test_train_size_larger_than_data(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "test.jsonl", rows(4))
     message = user_error(settings(tmp_path, train_size=9)).replace(str(tmp_path), "")
     assert "--train-size" in message
-    assert "of 9" in message and "8 rows" in message
+    assert "of 9" in message and "8 usable rows" in message
 
 
 def test_train_sample_taking_every_row_of_a_single_file(tmp_path: Path) -> None:

@@ -244,6 +244,29 @@ def test_cli_tracking_uri_starts_its_own_run(mlflow_server, keyed_endpoint, revi
     assert "distillprompt.prompt_uri" not in run.data.tags  # --no-register
 
 
+def test_data_checks_reach_the_run_record(mlflow_server, keyed_endpoint, tmp_path):
+    import mlflow
+
+    from tests.conftest import review_rows, write_jsonl
+
+    folder = tmp_path / "numeric"
+    train = [{"text": r["text"], "label": int(r["label"] == "positive")} for r in review_rows(40, seed=21)]
+    train[3]["label"], train[4]["text"] = None, " "
+    test = [{"text": r["text"], "label": int(r["label"] == "positive")} for r in review_rows(20, seed=22)]
+    test[0]["text"] = ""
+    write_jsonl(folder / "train.jsonl", train)
+    write_jsonl(folder / "test.jsonl", test)
+    completed = mlflow_run(mlflow_server, keyed_endpoint, folder, "epochs=1", "train_size=8", "test_size=8",
+                           "label_names=negative,positive", "prompt_name=e2e-numeric", experiment="data-checks")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    mlflow.set_tracking_uri(mlflow_server["uri"])
+    (run,) = mlflow.search_runs(experiment_names=["data-checks"], output_format="list")
+    params = run.data.params
+    assert (params["rows_dropped_train"], params["rows_dropped_test"]) == ("2", "1")
+    assert params["labels"] == "negative,positive"
+    assert run.data.tags["distillprompt.label_changes"] == "labels renamed by --label-names: 0 → negative, 1 → positive"
+
+
 def test_long_prompts_still_end_in_a_described_registered_run(mlflow_server, keyed_endpoint, reviews_dir, tmp_path):
     import mlflow
 
