@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,12 +25,14 @@ from . import templates
 from .candidates import Extraction, extract_candidate
 from .data import Example, Task
 from .evaluation import Evaluator, Score
-from .errors import EndpointUnavailable
+from .errors import EndpointUnavailable, UserError
 from .llm import LLM, META, Usage, UsageMeter
 from .settings import OptimizerSettings
 from .state import Candidate, RunState, dedup_key
 from .verdict import Verdict, judge
 from .diagnosis import RoundDiagnosis, answer_counts, diagnose
+
+log = logging.getLogger(__name__)
 
 TRAIN_SCORING = "scoring"
 VAL_SCORING = "validation"
@@ -627,8 +630,16 @@ class Optimizer:
         await asyncio.gather(*pending, return_exceptions=True)
 
     def _emit(self, event: str, *args: Any) -> None:
+        """Tells every callback; one that fails is logged and the run goes on (a broken
+        dashboard must not cost the requests a run has paid for)."""
         for callback in self.callbacks:
-            getattr(callback, event)(*args)
+            try:
+                getattr(callback, event)(*args)
+            except UserError:
+                raise  # a callback's deliberate stop, with the fix in its message
+            except Exception as error:  # noqa: BLE001 - any other failure of a callback is the callback's
+                log.warning("callback %s failed in %s (%s: %s); the run goes on",
+                            type(callback).__name__, event, type(error).__name__, str(error)[:200])
 
 
 def _copy_score(duplicate: Candidate, original: Candidate) -> None:

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 STAGES = ("rewrite", "distill", "compress", "aggregate", "paraphrase")
 
 
@@ -42,8 +44,14 @@ def dedup_key(prompt: str) -> str:
     return " ".join(prompt.split())
 
 
+STATE_SCHEMA_VERSION = 1  # raise it when a saved state's fields change meaning
+
+
 @dataclass
 class RunState:
+    """Everything a run needs to go on after its last finished round (saved as JSON with
+    ``schema_version``; a state from a newer schema is refused, not misread)."""
+
     seed: int
     history: list[Candidate] = field(default_factory=list)
     best_id: int = 0
@@ -77,11 +85,17 @@ class RunState:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["history"] = [candidate.to_dict() for candidate in self.history]
-        return data
+        return {"schema_version": STATE_SCHEMA_VERSION, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunState:
         data = dict(data)
+        version = data.pop("schema_version", 1)  # states saved before the field existed are version 1
+        if not isinstance(version, int) or version > STATE_SCHEMA_VERSION:
+            raise UserError(
+                f"the saved run state has schema version {version}, newer than this distillprompt reads "
+                f"({STATE_SCHEMA_VERSION}): upgrade distillprompt to resume it"
+            )
         data["history"] = [Candidate.from_dict(item) for item in data["history"]]
         return cls(**data)
 

@@ -12,7 +12,7 @@ from distillprompt.state import STAGES
 from tests.endpoint import ScriptedEndpoint
 
 
-def optimize(endpoint: ScriptedEndpoint, dataset, tmp_path, **optimizer):
+def optimize(endpoint: ScriptedEndpoint, dataset, tmp_path, callbacks=None, **optimizer):
     seed = optimizer.pop("seed", 0)
     data = {"dataset": str(dataset), "train_size": optimizer.pop("train_size", 12), "test_size": optimizer.pop("test_size", 10)}
     settings = load_settings(
@@ -26,7 +26,7 @@ def optimize(endpoint: ScriptedEndpoint, dataset, tmp_path, **optimizer):
             "executor": "local",
         }
     )
-    return asyncio.run(runner.optimize(settings))
+    return asyncio.run(runner.optimize(settings, callbacks=callbacks))
 
 
 def meta_requests(endpoint: ScriptedEndpoint) -> Counter:
@@ -187,3 +187,41 @@ def test_unusable_replies_are_dropped_and_counted(reviews_dir, tmp_path):
     assert all(c.parents == [0] for c in distilled)
     (aggregate,) = [c for c in result.history if c.stage == "aggregate"]
     assert set(aggregate.parents) == {c.duplicate_of or c.id for c in distilled}
+
+
+def test_a_failing_callback_is_logged_and_the_run_finishes(endpoint, reviews_dir, tmp_path, caplog):
+    from distillprompt.optimizer import Callback
+
+    class Broken(Callback):
+        def on_stage(self, event):
+            raise ValueError("bad event")
+
+        def on_round(self, result):
+            raise RuntimeError("dashboard down")
+
+    result, folder = optimize(endpoint, reviews_dir, tmp_path, callbacks=[Broken()])
+    assert result.stop_reason == "epochs" and len(result.rounds) == 1
+    assert json.loads((folder / "result.json").read_text())["final_prompt"] == result.final_prompt
+    assert (tmp_path / "out" / "state.json").exists()  # the checkpoint writer after it still ran
+    assert "callback Broken failed in on_round (RuntimeError: dashboard down); the run goes on" in caplog.text
+    assert "callback Broken failed in on_stage (ValueError: bad event)" in caplog.text
+
+
+def test_saved_state_carries_its_schema_version(tmp_path):
+    import pytest
+
+    from distillprompt.errors import UserError
+    from distillprompt.state import STATE_SCHEMA_VERSION, Candidate, RunState
+
+    state = RunState(seed=3, history=[Candidate(id=0, prompt="Classify.", stage="initial", epoch=0)])
+    state.save(tmp_path / "state.json")
+    saved = json.loads((tmp_path / "state.json").read_text())
+    assert saved["schema_version"] == STATE_SCHEMA_VERSION == 1
+    assert RunState.load(tmp_path / "state.json").history[0].prompt == "Classify."
+    del saved["schema_version"]  # written before the field existed: read as version 1
+    (tmp_path / "old.json").write_text(json.dumps(saved))
+    assert RunState.load(tmp_path / "old.json").seed == 3
+    saved["schema_version"] = STATE_SCHEMA_VERSION + 1
+    (tmp_path / "new.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="upgrade distillprompt"):
+        RunState.load(tmp_path / "new.json")
