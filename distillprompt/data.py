@@ -58,6 +58,12 @@ class Task:
     rows_dropped: dict[str, dict[str, int]] = field(default_factory=dict)
     # labels rewritten before sampling: spelling variants merged, --label-names applied
     label_changes: list[str] = field(default_factory=list)
+    # A task brought by an application (mlflow.genai.optimize_prompts): its prompt is a whole
+    # template whose {{variables}} every candidate must keep, its score is the app's scorers'
+    # (named here), and distillation may show what the app answered and what the judges said.
+    template_variables: list[str] | None = None  # None: not a template task
+    metric_name: str | None = None
+    shows_outputs: bool = False
 
     @property
     def is_classification(self) -> bool:
@@ -66,6 +72,8 @@ class Task:
     @property
     def metric(self) -> str:
         """The metric a prompt's score is: macro-F1 for classification, else the generation metric."""
+        if self.metric_name:
+            return self.metric_name
         return "macro-F1" if self.is_classification else self.generation_metric
 
     def digest(self) -> str:

@@ -23,6 +23,7 @@ class Score:
     targets: list[str]
     parse_rate: float
     per_example: list[float]  # correctness (classification) or the metric, per example
+    notes: list[str] = field(default_factory=list)  # per example, what the scorers said (when they say it)
 
     def summary(self) -> dict[str, Any]:
         return {"score": self.value, **self.metrics, "parse_rate": self.parse_rate}

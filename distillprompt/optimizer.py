@@ -185,6 +185,7 @@ class Optimizer:
         self.metric = task.metric
         self._by_text: dict[str, Candidate] = {}
         self._pending: list[asyncio.Task[None]] = []
+        self._train_scores: dict[str, Score] = {}  # prompt -> its train Score, for tasks that show outputs
 
     # ----- public ------------------------------------------------------------------------
 
@@ -402,7 +403,10 @@ class Optimizer:
         if stop_reason is None:
             # distill: each rewrite revised after studying a few random train examples
             shown = [self._draw_examples(rng, settings.distill_examples) for _ in sources]
-            metas = [templates.distill(self.task, source.prompt, examples) for source, examples in zip(sources, shown)]
+            if self.task.shows_outputs:
+                await self._wait_pending()  # the sources' own answers go into their meta-prompts
+            metas = [templates.distill(self.task, source.prompt, examples, self._observed(source.prompt, examples))
+                     for source, examples in zip(sources, shown)]
             distilled = await self._one_each(epoch, "distill", metas, sources, settings.temperature_distill, new)
             stop_reason = await self._after_stage(epoch, "distill", distilled, rejections_before)
             sources = [candidate or source for candidate, source in zip(distilled, sources)]
@@ -502,8 +506,9 @@ class Optimizer:
         admitted: list[Candidate | None] = []
         to_score: list[Candidate] = []
         for extraction in extractions:
-            if extraction.prompt is None:
-                self.state.reject(stage, extraction.reason or "unusable")
+            reason = extraction.reason if extraction.prompt is None else self._variables_problem(extraction.prompt)
+            if extraction.prompt is None or reason is not None:
+                self.state.reject(stage, reason or "unusable")
                 admitted.append(None)
                 continue
             admitted.append(self._add(extraction.prompt, stage, epoch, parents, new, to_score))
@@ -544,6 +549,32 @@ class Optimizer:
             return candidate
         return self.state.history[candidate.duplicate_of]
 
+    def _variables_problem(self, prompt: str) -> str | None:
+        """For a template task: ``variable_dropped`` or ``variable_invented`` when the prompt's
+        placeholders are not exactly the template's (the app could not fill it in)."""
+        if self.task.template_variables is None:
+            return None
+        found, wanted = templates.placeholders(prompt), set(self.task.template_variables)
+        if wanted - found:
+            return "variable_dropped"
+        if found - wanted:
+            return "variable_invented"
+        return None
+
+    def _observed(self, prompt: str, examples: list[Example]) -> list[dict[str, str]] | None:
+        """What the app answered with ``prompt`` on each example, its score and the judges'
+        notes, when the task shows outputs and the prompt's train scoring recorded them."""
+        score = self._train_scores.get(dedup_key(prompt)) if self.task.shows_outputs else None
+        if score is None:
+            return None
+        position = {example.index: i for i, example in enumerate(self.task.train)}
+        observed = []
+        for example in examples:
+            i = position[example.index]
+            note = score.notes[i] if i < len(score.notes) else ""
+            observed.append({"output": _clip(score.outputs[i]), "score": f"{score.per_example[i]:.2f}", "notes": _clip(note)})
+        return observed
+
     def _draw_examples(self, rng: Any, wanted: int) -> list[Example]:
         """``wanted`` train examples (all of them if fewer), in sample order."""
         count = min(wanted, len(self.task.train))
@@ -578,6 +609,8 @@ class Optimizer:
     async def _score_now(self, candidates: list[Candidate]) -> None:
         scores = await self.evaluator.score([c.prompt for c in candidates], self.task.train, stage=TRAIN_SCORING)
         for candidate, score in zip(candidates, scores):
+            if self.task.shows_outputs:
+                self._train_scores[dedup_key(candidate.prompt)] = score
             candidate.score = score.value
             candidate.metrics = dict(score.metrics)
             candidate.parse_rate = score.parse_rate
@@ -599,7 +632,9 @@ class Optimizer:
         for candidate, score in zip(candidates, scores):
             candidate.val_score = score.value
 
-    async def _score_test(self, prompt: str) -> Score:
+    async def _score_test(self, prompt: str) -> Score | None:
+        if not self.task.test:
+            return None  # a task without a test sample (an app's train data only): no verdict
         (score,) = await self.evaluator.score([prompt], self.task.test, stage=TEST_SCORING)
         return score
 
@@ -640,6 +675,11 @@ class Optimizer:
             except Exception as error:  # noqa: BLE001 - any other failure of a callback is the callback's
                 log.warning("callback %s failed in %s (%s: %s); the run goes on",
                             type(callback).__name__, event, type(error).__name__, str(error)[:200])
+
+
+def _clip(text: str, limit: int = 600) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _copy_score(duplicate: Candidate, original: Candidate) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from importlib.metadata import entry_points
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from . import templates
 from .cache import ResponseCache
@@ -142,12 +142,15 @@ async def open_context(
     *,
     need_train: bool = True,
     local: LocalServer | None = None,
+    task: Task | None = None,
 ) -> RunContext:
+    """Loads the task (unless one is given), checks the endpoints and opens the clients."""
     target_url = _require_endpoint(settings.llm.base_url)
     meta_url = _require_endpoint(settings.optimizer_base_url)
     options = client_options(settings)
     ready = asyncio.to_thread(local.wait_ready) if local is not None else asyncio.sleep(0)
-    task, _ = await asyncio.gather(asyncio.to_thread(load_task, settings.data, settings.seed, need_train=need_train), ready)
+    loading = asyncio.to_thread(load_task, settings.data, settings.seed, need_train=need_train) if task is None else _given(task)
+    task, _ = await asyncio.gather(loading, ready)
     checks = {(target_url, settings.llm.model), (meta_url, settings.optimizer_model)}
     await asyncio.gather(*(check_endpoint(url, options["api_key"], model) for url, model in checks))
 
@@ -196,6 +199,10 @@ class LocalExecutor:
 
     async def aclose(self) -> None:
         return None
+
+
+async def _given(task: Task) -> Task:
+    return task
 
 
 def open_executor(settings: Settings) -> Executor:
@@ -282,6 +289,35 @@ async def optimize(
     finally:
         for callback in extra:
             callback.on_end(succeeded)
+
+
+async def optimize_task(
+    settings: Settings,
+    task: Task,
+    evaluator: Callable[[RunContext], Evaluator],
+    initial_prompt: str,
+    *,
+    callbacks: list[Callback] | None = None,
+) -> RunResult:
+    """The same loop on a task and a scoring function the caller brings (the door that
+    ``mlflow_project.DistillPromptOptimizer`` uses): the method, meta-prompts, hygiene,
+    response cache, budgets and events of ``optimize``; the embedded model when no endpoint
+    is configured. Nothing is written to disk."""
+    settings = anchor_paths(settings)
+    async with AsyncExitStack() as stack:
+        settings, local = start_local_llm(settings, stack)
+        context = await open_context(settings, stack, None, local=local, task=task)
+        optimizer = METHODS[settings.optimizer.method](
+            context.task,
+            context.meta_llm,
+            evaluator(context),
+            settings.optimizer,
+            seed=settings.seed,
+            meter=context.meter,
+            callbacks=list(callbacks or []),
+            meta_max_tokens=settings.llm.meta_max_tokens,
+        )
+        return await optimizer.run(initial_prompt)
 
 
 async def evaluate(

@@ -7,6 +7,7 @@ model may echo back, so that candidate hygiene can strip them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .data import Example, Task
@@ -42,6 +43,14 @@ def render_inputs(task: Task, example: Example) -> str:
     if len(task.input_columns) == 1:
         return f"Input: {example.inputs[task.input_columns[0]]}"
     return "\n".join(f"{column.replace('_', ' ').capitalize()}: {example.inputs[column]}" for column in task.input_columns)
+
+
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.-]*)\s*\}\}")
+
+
+def placeholders(text: str) -> set[str]:
+    """The ``{{variable}}`` names in a template (MLflow's prompt syntax; spaces allowed inside)."""
+    return set(PLACEHOLDER.findall(text))
 
 
 def is_full_template(task: Task, prompt: str) -> bool:
@@ -107,6 +116,15 @@ _REPLY_FORMAT = f"Write only the new instruction, starting with {START} and endi
 
 
 def _task_summary(task: Task) -> str:
+    if task.template_variables is not None:
+        if not task.template_variables:
+            return ("An application sends the instruction to a model together with each input. It has no "
+                    "{{placeholders}}: add none.")
+        names = ", ".join("{{" + name + "}}" for name in task.template_variables)
+        return (
+            f"The instruction is a template: an application fills in {names} with each input and sends it to a "
+            "model. Keep every one of these placeholders, written exactly so, and add no other placeholder."
+        )
     inputs = ", ".join(task.input_columns)
     if task.is_classification:
         return f"The model reads a {inputs} and must answer with one of these labels: {', '.join(task.labels)}."
@@ -128,7 +146,9 @@ def rewrite(task: Task, prompt: str, score: float, metric: str) -> MetaPrompt:
     fixed = [
         "You improve instructions that are given to a language model.",
         _task_summary(task),
-        f"On a set of labelled examples the instruction below reached a {metric} of {score:.3f} out of 1.000.",
+        f"On a set of labelled examples the instruction below reached a {metric} of {score:.3f} out of 1.000."
+        if task.template_variables is None
+        else f"On the application's examples the instruction below reached a {metric} of {score:.3f} (higher is better).",
         "Propose a different and better instruction for the same task. You may change its wording, structure and "
         "emphasis; keep what works and fix what could confuse the model.",
         _REPLY_FORMAT,
@@ -137,8 +157,15 @@ def rewrite(task: Task, prompt: str, score: float, metric: str) -> MetaPrompt:
     return _meta("rewrite", lines, fixed)
 
 
-def distill(task: Task, prompt: str, examples: list[Example]) -> MetaPrompt:
-    shown = [f"{render_inputs(task, example)}\nCorrect answer: {example.target}" for example in examples]
+def distill(task: Task, prompt: str, examples: list[Example], observed: list[dict[str, str]] | None = None) -> MetaPrompt:
+    """``observed`` (one dict per example, when the scoring recorded them): what the app
+    answered with the instruction below, its score and the judges' notes."""
+    shown = []
+    for i, example in enumerate(examples):
+        lines = [render_inputs(task, example), f"Correct answer: {example.target}"]
+        seen = observed[i] if observed and i < len(observed) else {}
+        lines += [f"{label}: {seen[key]}" for key, label in OBSERVED_LINES if seen.get(key)]
+        shown.append("\n".join(lines))
     fixed = [
         "You improve instructions that are given to a language model.",
         _task_summary(task),
@@ -150,7 +177,11 @@ def distill(task: Task, prompt: str, examples: list[Example]) -> MetaPrompt:
     ]
     lines = fixed[:3] + ["Examples:\n" + "\n\n".join(shown), f"Instruction:\n{prompt}"] + fixed[3:]
     texts = [value for example in examples for value in example.inputs.values()]
-    return _meta("distill", lines, fixed + ["Correct answer:"], texts)
+    labels = [f"{label}:" for _, label in OBSERVED_LINES] if observed else []
+    return _meta("distill", lines, fixed + ["Correct answer:", *labels], texts)
+
+
+OBSERVED_LINES = (("output", "Answer given with this instruction"), ("score", "Its score"), ("notes", "Judges' notes"))
 
 
 def compress(task: Task, prompt: str) -> MetaPrompt:

@@ -58,6 +58,38 @@ def lineage(history: list[Candidate], final: Candidate) -> list[Candidate]:
     return sorted(seen.values(), key=lambda c: c.id)
 
 
+def round_metrics(result: RoundResult) -> dict[str, float]:
+    """A round's MLflow metrics (logged at step = round): best score, candidates, usage,
+    parse rate, diagnosis, validation and per-stage scores."""
+    usage = result.usage
+    scored = [c for c in result.candidates if c.duplicate_of is None and c.score is not None]
+    metrics: dict[str, float] = {
+        "best_train_score": result.best.score or 0.0,
+        "candidates": len(result.candidates),
+        "candidates_scored": len(scored),
+        "llm_requests": usage.requests,
+        "cache_hits": usage.cache_hits,
+        "tokens_in": usage.input_tokens,
+        "tokens_out": usage.output_tokens,
+        "cost_usd": usage.cost,
+        "retries": usage.retries,
+        "failed_requests": usage.failed,
+        "round_wall_time_s": result.wall_time,
+        "dropped_replies": sum(sum(r.values()) for r in result.rejections.values()),
+    }
+    if scored:
+        metrics["parse_rate"] = sum(c.parse_rate or 0.0 for c in scored) / len(scored)
+    if result.diagnosis is not None:
+        metrics.update(result.diagnosis.metrics())
+    if result.best.val_score is not None:
+        metrics["best_val_score"] = result.best.val_score
+        metrics["candidates_validated"] = sum(1 for c in scored if c.val_score is not None)
+    for stage, stats in result.stage_stats.items():
+        metrics[f"{stage}_best_score"] = stats["best"]
+        metrics[f"{stage}_mean_score"] = stats["mean"]
+    return metrics
+
+
 def _param_key(name: str) -> str:
     """A split name as MLflow accepts it in a key (letters, digits, _ - . / and spaces)."""
     return re.sub(r"[^A-Za-z0-9_./ -]+", "_", name)
@@ -206,32 +238,7 @@ class MlflowTracker(Callback):
             self.mlflow.log_input(dataset, context=context)
 
     def on_round(self, result: RoundResult) -> None:
-        usage = result.usage
-        scored = [c for c in result.candidates if c.duplicate_of is None and c.score is not None]
-        metrics: dict[str, float] = {
-            "best_train_score": result.best.score or 0.0,
-            "candidates": len(result.candidates),
-            "candidates_scored": len(scored),
-            "llm_requests": usage.requests,
-            "cache_hits": usage.cache_hits,
-            "tokens_in": usage.input_tokens,
-            "tokens_out": usage.output_tokens,
-            "cost_usd": usage.cost,
-            "retries": usage.retries,
-            "failed_requests": usage.failed,
-            "round_wall_time_s": result.wall_time,
-            "dropped_replies": sum(sum(r.values()) for r in result.rejections.values()),
-        }
-        if scored:
-            metrics["parse_rate"] = sum(c.parse_rate or 0.0 for c in scored) / len(scored)
-        if result.diagnosis is not None:
-            metrics.update(result.diagnosis.metrics())
-        if result.best.val_score is not None:
-            metrics["best_val_score"] = result.best.val_score
-            metrics["candidates_validated"] = sum(1 for c in scored if c.val_score is not None)
-        for stage, stats in result.stage_stats.items():
-            metrics[f"{stage}_best_score"] = stats["best"]
-            metrics[f"{stage}_mean_score"] = stats["mean"]
+        metrics = round_metrics(result)
         self.mlflow.log_metrics(metrics, step=result.epoch)
         self.rounds.append({"epoch": result.epoch, **metrics})
         rows = [

@@ -1,0 +1,322 @@
+"""DistillPrompt as an optimizer of ``mlflow.genai.optimize_prompts``.
+
+MLflow hands an optimizer an ``eval_fn`` (candidate templates × records → one
+``EvaluationResultRecord`` per record: the app's output, the scorers' aggregated score and
+their rationales), the train records and the templates to improve. ``DistillPromptOptimizer``
+runs this project's loop (``distillprompt.runner.optimize_task``: the same ``Optimizer``
+class as ``distillprompt optimize`` and ``compare``) with ``eval_fn`` as its scoring
+function; its meta-prompts go to the optimizer model of your choice (any OpenAI-compatible
+endpoint, or the embedded model when none is configured) through the response cache.
+
+A chat prompt (a JSON list of messages, as MLflow 3.17 passes it) is optimized in its
+instruction message: the system message, or the first user message when there is none;
+the other messages stay as written. Every candidate must keep the template's variables
+exactly (``{{question}}``): one that drops or invents a variable is rejected and counted
+(``variable_dropped`` / ``variable_invented``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from distillprompt import runner, templates
+from distillprompt.data import Example, Task
+from distillprompt.errors import UserError
+from distillprompt.evaluation import Score
+from distillprompt.llm import META, PriorityLimiter, Usage
+from distillprompt.optimizer import Callback, RoundResult, RunResult
+from distillprompt.settings import Settings, load_settings, setting_specs
+from mlflow.genai.optimize.optimizers import BasePromptOptimizer
+from mlflow.genai.optimize.types import PromptOptimizerOutput
+
+from .tracking import round_metrics
+
+log = logging.getLogger(__name__)
+
+FAILED_PREDICTION = "Failed to invoke the predict_fn"  # how MLflow's eval_fn reports an app that raised
+APP_SCORING = "scoring"
+
+
+def settings_from_keywords(keywords: dict[str, Any]) -> Settings:
+    """Settings from keyword arguments named like the CLI flags with underscores
+    (``optimizer_model``, ``base_url``, ``epochs``, ``max_calls``, …), over the environment,
+    a ``config`` file and the defaults, as for the CLI. The API key comes from the
+    environment (``OPENAI_API_KEY``), never from code."""
+    keywords = dict(keywords)
+    config = keywords.pop("config", None)
+    if "api_key" in keywords:
+        raise UserError("DistillPromptOptimizer takes no api_key: set OPENAI_API_KEY in the environment")
+    paths = {spec.flag.lstrip("-").replace("-", "_"): spec for spec in setting_specs() if not spec.secret}
+    overrides: dict[str, Any] = {}
+    for name, value in keywords.items():
+        spec = paths.get(name)
+        if spec is None:
+            raise UserError(f"DistillPromptOptimizer got an unknown setting {name!r}: use the CLI flag names with underscores")
+        (overrides.setdefault(spec.group, {}) if spec.group else overrides)[spec.name] = value
+    return load_settings(overrides, config)
+
+
+@dataclass
+class PromptTarget:
+    """One template to optimize: a text template, or the instruction message of a chat one."""
+
+    name: str
+    template: str
+    messages: list[dict[str, Any]] | None = None
+    position: int | None = None  # index of the optimized message in a chat template
+
+    @classmethod
+    def parse(cls, name: str, template: str) -> PromptTarget:
+        messages = _chat_messages(template)
+        if messages is None:
+            return cls(name, template)
+        roles = [str(message.get("role")) for message in messages]
+        position = roles.index("system") if "system" in roles else roles.index("user") if "user" in roles else 0
+        return cls(name, template, messages, position)
+
+    @property
+    def instruction(self) -> str:
+        if self.messages is None:
+            return self.template
+        return str(self.messages[self.position or 0].get("content", ""))
+
+    def render(self, instruction: str) -> str:
+        """The whole template with ``instruction`` in place (chat: JSON-serialized again)."""
+        if self.messages is None:
+            return instruction
+        messages = [dict(message) for message in self.messages]
+        messages[self.position or 0]["content"] = instruction
+        return json.dumps(messages, ensure_ascii=False)
+
+
+def _chat_messages(template: str) -> list[dict[str, Any]] | None:
+    if not template.lstrip().startswith("["):
+        return None
+    try:
+        value = json.loads(template)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return value
+    return None
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and len(value) == 1:
+        return _text(next(iter(value.values())))
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def build_task(target: PromptTarget, records: list[dict[str, Any]]) -> Task:
+    """The loop's task for one template: every train record an example (its inputs, its
+    expected output as text), no test sample, the scorers' score as the metric."""
+    variables = sorted(templates.placeholders(target.instruction))
+    inputs = list(dict.fromkeys(key for record in records for key in (record.get("inputs") or {})))
+    examples = [
+        Example(
+            index=i,
+            inputs={key: _text((record.get("inputs") or {}).get(key)) for key in inputs},
+            target=_text(record.get("expectations") or record.get("outputs")) or "(none given)",
+        )
+        for i, record in enumerate(records)
+    ]
+    return Task(
+        name=target.name,
+        source="mlflow.genai.optimize_prompts",
+        task_type="generation",
+        input_columns=inputs or variables,
+        label_column="expectations",
+        labels=[],
+        train=examples,
+        test=[],
+        train_split="train_data",
+        test_split="",
+        sizes={"train_data": len(records)},
+        template_variables=variables,
+        metric_name="score of the app's scorers",
+        shows_outputs=True,
+    )
+
+
+class EvalFnEvaluator:
+    """The loop's scoring function over MLflow's ``eval_fn``: one call per candidate on the
+    train records (MLflow runs the app on them in its own thread pool). ``eval_fn`` is not
+    thread-safe, so calls take turns; each app run counts as one call in the usage meter, so
+    ``max_calls`` bounds the app's calls too.
+
+    While ``eval_fn`` runs, MLflow switches on OpenAI autologging for the whole process; a
+    meta-prompt sent meanwhile would be traced into the user's run, and its import hooks
+    racing with ours deadlocked (seen in the tests). So the evaluator first takes every slot
+    of the run's request limiter: the optimizer's own requests wait until the app is scored."""
+
+    def __init__(
+        self,
+        eval_fn: Callable[[dict[str, str], list[dict[str, Any]]], list[Any]],
+        target: PromptTarget,
+        records: list[dict[str, Any]],
+        fixed: dict[str, str],
+        meter: Any,
+        limiter: PriorityLimiter,
+    ) -> None:
+        self.eval_fn = eval_fn
+        self.target = target
+        self.records = records
+        self.fixed = fixed  # templates optimized before this one, in their new form
+        self.meter = meter
+        self.limiter = limiter
+        self._turn = asyncio.Lock()
+
+    async def score(self, prompts: list[str], examples: list[Example], stage: str = APP_SCORING) -> list[Score]:
+        scores = []
+        for prompt in prompts:
+            async with self._turn:
+                chosen = [self.records[example.index] for example in examples]
+                candidates = {**self.fixed, self.target.name: self.target.render(prompt)}
+                held = 0
+                try:
+                    while held < self.limiter.capacity:
+                        await self.limiter.acquire(META)
+                        held += 1
+                    results = await asyncio.to_thread(self.eval_fn, candidates, chosen)
+                finally:
+                    for _ in range(held):
+                        self.limiter.release()
+            self.meter.record(stage, Usage(answered=len(results)))
+            scores.append(_score(results, examples))
+        return scores
+
+
+def _score(results: list[Any], examples: list[Example]) -> Score:
+    if any(result.score is None for result in results):
+        raise UserError("DistillPrompt ranks candidates by the scorers' score: pass scorers=[...] to optimize_prompts")
+    values = [float(result.score) for result in results]
+    outputs = [_text(result.outputs) for result in results]
+    metrics: dict[str, float] = {"score": sum(values) / len(values) if values else 0.0}
+    for scorer in dict.fromkeys(name for result in results for name in (result.individual_scores or {})):
+        found = [float(r.individual_scores[scorer]) for r in results if scorer in (r.individual_scores or {})]
+        metrics[scorer] = sum(found) / len(found)
+    answered = sum(not output.startswith(FAILED_PREDICTION) for output in outputs)
+    return Score(
+        value=metrics["score"],
+        metrics=metrics,
+        outputs=outputs,
+        predictions=[None] * len(results),
+        targets=[example.target for example in examples],
+        parse_rate=answered / len(outputs) if outputs else 0.0,
+        per_example=values,
+        notes=["; ".join(f"{name}: {text}" for name, text in (result.rationales or {}).items() if text) for result in results],
+    )
+
+
+class RoundLogger(Callback):
+    """Per-round metrics on the run ``optimize_prompts`` opened (step = round), the same
+    metrics as ``distillprompt optimize`` logs; prefixed with the prompt's name when several
+    prompts are optimized in one run."""
+
+    def __init__(self, prefix: str = "") -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        self.prefix = prefix
+
+    def on_round(self, result: RoundResult) -> None:
+        metrics = {f"{self.prefix}{name}": value for name, value in round_metrics(result).items()}
+        self.mlflow.log_metrics(metrics, step=result.epoch)
+
+    def on_finish(self, result: RunResult) -> None:
+        self.mlflow.log_dict(
+            {"history": [candidate.to_dict() for candidate in result.history], "rejections": result.rejections,
+             "stop_reason": result.stop_reason, "usage": result.usage.to_dict()},
+            f"distillprompt/{self.prefix or ''}history.json",
+        )
+
+
+class DistillPromptOptimizer(BasePromptOptimizer):
+    """DistillPrompt for ``mlflow.genai.optimize_prompts``.
+
+    Keyword arguments are the CLI settings with underscores, e.g. ``optimizer_model``,
+    ``base_url`` (the optimizer model's endpoint; none configured: the embedded model),
+    ``epochs``, ``concurrency``, ``max_calls``, ``seed``, ``rewrites``, ``cache_path``;
+    ``config`` names a settings file as ``--config`` does. The API key is read from
+    ``OPENAI_API_KEY``."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings_from_keywords(settings)  # a wrong name or value fails here, not mid-run
+        self.results: dict[str, RunResult] = {}
+
+    def optimize(
+        self,
+        eval_fn: Callable[[dict[str, str], list[dict[str, Any]]], list[Any]] | None,
+        train_data: list[dict[str, Any]],
+        target_prompts: dict[str, str],
+        enable_tracking: bool = True,
+    ) -> PromptOptimizerOutput:
+        if eval_fn is None or not train_data:
+            raise UserError("DistillPrompt needs train_data and scorers: pass both to mlflow.genai.optimize_prompts")
+        import mlflow
+
+        tracking = enable_tracking and mlflow.active_run() is not None
+        if tracking:
+            _log_settings(mlflow, self.settings)
+        optimized: dict[str, str] = {}
+        first: RunResult | None = None
+        last: RunResult | None = None
+        for name, template in target_prompts.items():
+            target = PromptTarget.parse(name, template)
+            task = build_task(target, train_data)
+            fixed = dict(optimized)
+            callbacks: list[Callback] = [RoundLogger(f"{name}." if len(target_prompts) > 1 else "")] if tracking else []
+
+            def evaluator(context: Any, target: PromptTarget = target, fixed: dict[str, str] = fixed) -> EvalFnEvaluator:
+                return EvalFnEvaluator(eval_fn, target, train_data, fixed, context.meter, context.limiter)
+
+            result = _run_async(runner.optimize_task(self.settings, task, evaluator, target.instruction, callbacks=callbacks))
+            self.results[name] = result
+            optimized[name] = target.render(result.final_prompt)
+            first = first or result
+            last = result
+            log.info("%s: score %.4f -> %.4f (%s)", name, result.initial.score or 0.0, result.final.score or 0.0,
+                     result.stop_reason)
+        assert first is not None and last is not None
+        return PromptOptimizerOutput(
+            optimized_prompts=optimized,
+            initial_eval_score=first.initial.score,
+            final_eval_score=last.final.score,
+            initial_eval_score_per_scorer=_per_scorer(first.initial.metrics),
+            final_eval_score_per_scorer=_per_scorer(last.final.metrics),
+        )
+
+
+def _per_scorer(metrics: dict[str, float]) -> dict[str, float]:
+    return {name: value for name, value in metrics.items() if name != "score"}
+
+
+def _log_settings(mlflow: Any, settings: Settings) -> None:
+    params = {f"distillprompt.{name}": value for name, value in settings.public_dict().items()}
+    try:
+        mlflow.log_params({key: "" if value is None else str(value)[:6000] for key, value in params.items()})
+    except Exception as error:  # noqa: BLE001 - a param clash must not stop a paid-for run
+        log.warning("settings not logged as params (%s)", error)
+
+
+def _run_async(work: Any) -> Any:
+    """Runs a coroutine to its end from synchronous code, also where an event loop is already
+    running (a notebook): then in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(work)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, work).result()
+
+
+__all__ = ["DistillPromptOptimizer", "PromptTarget", "EvalFnEvaluator", "build_task", "settings_from_keywords"]
