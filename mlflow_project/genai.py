@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -63,7 +64,12 @@ def settings_from_keywords(keywords: dict[str, Any]) -> Settings:
 
 @dataclass
 class PromptTarget:
-    """One template to optimize: a text template, or the instruction message of a chat one."""
+    """One template to optimize: a text template, or the instruction message of a chat one.
+
+    When the placeholders sit in the last paragraphs only (``…\n\nReview: {{review}}``),
+    those paragraphs are the inputs part and stay as written; the candidates are the
+    instruction before them (no placeholder to lose). Otherwise the whole text is the
+    candidate and must keep every placeholder."""
 
     name: str
     template: str
@@ -80,17 +86,36 @@ class PromptTarget:
         return cls(name, template, messages, position)
 
     @property
-    def instruction(self) -> str:
+    def text(self) -> str:
+        """The text being optimized: the template, or its instruction message."""
         if self.messages is None:
             return self.template
         return str(self.messages[self.position or 0].get("content", ""))
 
+    @property
+    def tail(self) -> str:
+        """The inputs part kept as written ("" when the placeholders are not all at the end)."""
+        paragraphs = re.split(r"(\n\s*\n)", self.text)
+        texts = paragraphs[::2]
+        first = next((i for i, part in enumerate(texts) if templates.placeholders(part)), None)
+        if first is None or first == 0:
+            return ""
+        head = "".join(paragraphs[: 2 * first - 1])
+        if not head.strip():
+            return ""
+        return self.text[len(head):]
+
+    @property
+    def instruction(self) -> str:
+        return self.text[: len(self.text) - len(self.tail)] if self.tail else self.text
+
     def render(self, instruction: str) -> str:
         """The whole template with ``instruction`` in place (chat: JSON-serialized again)."""
+        text = instruction.rstrip() + self.tail if self.tail else instruction
         if self.messages is None:
-            return instruction
+            return text
         messages = [dict(message) for message in self.messages]
-        messages[self.position or 0]["content"] = instruction
+        messages[self.position or 0]["content"] = text
         return json.dumps(messages, ensure_ascii=False)
 
 

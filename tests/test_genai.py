@@ -55,8 +55,8 @@ class AppModel:
         return "Here is the improved instruction:\n<START>" + "\n".join(lines) + "<END>"
 
     def answer(self, content: str) -> str:
-        review = content.rsplit("Review:", 1)[-1]
-        instruction = content[: len(content) - len(review)]
+        review = content.rsplit("Review:", 1)[-1].split("\n\n")[0]
+        instruction = content.replace(review, "")
         helpful = sum(word in instruction.lower() for word in HELPFUL)
         right = true_label(review, ["negative", "positive"])
         if fraction("app", instruction, review) < min(0.95, 0.4 + 0.12 * helpful):
@@ -112,7 +112,9 @@ def optimize_app(server_uri: str, endpoint: ScriptedEndpoint, template: Any, nam
     return result, optimizer, run
 
 
-TEXT_TEMPLATE = "Say if this review is positive or negative.\n\nReview: {{review}}"
+# the placeholder comes first, so the whole template is the candidate and must keep it
+TEXT_TEMPLATE = "Review: {{review}}\n\nSay if this review is positive or negative."
+SPLIT_TEMPLATE = "Say if this review is positive or negative.\n\nReview: {{review}}"
 
 
 def test_a_text_prompt_gets_a_better_registered_version_linked_to_the_run(mlflow_server, app_endpoint, tmp_path):
@@ -170,6 +172,19 @@ def test_a_chat_prompt_keeps_its_variables_and_changes_only_its_instruction(mlfl
     assert result.final_eval_score >= result.initial_eval_score
     dropped = {r: n for reasons in optimizer.results["app-chat"].rejections.values() for r, n in reasons.items()}
     assert dropped.get("variable_invented", 0) >= 1  # the system message has no placeholder: one invented is refused
+
+
+def test_an_inputs_part_at_the_end_stays_as_written(mlflow_server, app_endpoint, tmp_path):
+    result, optimizer, _ = optimize_app(mlflow_server["uri"], app_endpoint, SPLIT_TEMPLATE, "app-split", "genai-split",
+                                        tmp_path / "cache.sqlite", rewrites=2)
+    template = result.optimized_prompts[0].template
+    assert template.endswith("\n\nReview: {{review}}") and template.count("{{") == 1
+    assert template != SPLIT_TEMPLATE
+    run = optimizer.results["app-split"]
+    assert run.initial.prompt == "Say if this review is positive or negative."  # only the instruction was rewritten
+    assert all("{{" not in c.prompt for c in run.history)
+    dropped = {r: n for reasons in run.rejections.values() for r, n in reasons.items()}
+    assert "variable_dropped" not in dropped and dropped.get("variable_invented", 0) >= 1
 
 
 def test_unknown_settings_and_missing_scorers_fail_with_the_fix(mlflow_server, app_endpoint, tmp_path):
