@@ -84,6 +84,9 @@ def test_interrupted_run_stops_the_server(tmp_path):
         [sys.executable, "-m", "distillprompt", "optimize", "--executor", "local", "--no-cache",
          "--output", str(tmp_path / "out")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=venv_env(),
+        # Ctrl-C as at a terminal: a test run started in the background (`cmd &` in a script)
+        # inherits SIGINT ignored, and so would the run, which would then finish instead
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert wait_until(lambda: llama_servers() - before), "the embedded server never started"
