@@ -105,9 +105,10 @@ class RayExecutor(Callback):
         options = endpoint_options(self.settings)
         per_actor = -(-self.settings.llm.concurrency // count)
 
-        def spawn(i: int) -> Any:
-            # Round-robin over the nodes (soft: a lost node's actors restart elsewhere).
-            strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) if nodes else "SPREAD"
+        def spawn(i: int, hard: bool = False) -> Any:
+            # Round-robin over the nodes (soft: a lost node's actors restart elsewhere; hard for
+            # an actor made again because the soft affinity put it off its live node).
+            strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=not hard) if nodes else "SPREAD"
             return remote.options(max_concurrency=per_actor * 2 + 8, scheduling_strategy=strategy).remote(options, per_actor)
 
         self.actors = [spawn(i) for i in range(count)]
@@ -140,7 +141,10 @@ class RayExecutor(Callback):
             time.sleep(1.0)  # let the scheduler's view of the cluster settle
             for i in misplaced:
                 ray.kill(self.actors[i])
-                self.actors[i] = spawn(i)
+                # Soft affinity kept choosing the busy head node on a freshly started cluster
+                # (all 4 actors on one node in CI even after re-making them): the new actor
+                # must go to its node, which is alive.
+                self.actors[i] = spawn(i, hard=True)
 
     def _stop(self) -> None:
         import ray
