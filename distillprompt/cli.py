@@ -18,6 +18,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+from .data import count_text
 from .errors import EndpointUnavailable, UserError
 from .progress import ConsoleProgress
 from .settings import ENV_PREFIX, Settings, load_settings, setting_specs
@@ -179,10 +180,7 @@ def _data_lines(task: dict[str, Any]) -> list[str]:
     dropped = {split: counts for split, counts in (task.get("rows_dropped") or {}).items() if sum(counts.values())}
     lines = []
     if dropped:
-        parts = []
-        for split, counts in dropped.items():
-            reasons = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in counts.items() if count)
-            parts.append(f"{split} {sum(counts.values())} ({reasons})")
+        parts = [f"{split} {sum(counts.values())} ({count_text(counts)})" for split, counts in dropped.items()]
         lines.append("rows dropped: " + "; ".join(parts))
     return lines + list(task.get("label_changes") or [])
 

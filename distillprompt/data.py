@@ -344,7 +344,7 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> 
         log.warning("%s", line)
     for split, counts in dropped.items():
         if sum(counts.values()):
-            log.warning("split %s: %d rows dropped (%s)", split, sum(counts.values()), _count_text(counts))
+            log.warning("split %s: %d rows dropped (%s)", split, sum(counts.values()), count_text(counts))
     train_all = pools[train_split]
     test_pool = pools.get(test_split) if test_split is not None else None
 
@@ -454,7 +454,7 @@ def _examples(
 ) -> list[Example]:
     """The split's rows with an input and a label; the others are counted in ``dropped`` by
     reason (``empty_label``: null, blank or -1 in a hub dataset; ``empty_input``: a blank input
-    column). Class labels keep their spelling here: ``_normalize_labels`` merges variants and
+    column). Class labels keep their spelling here: ``_checked_labels`` merges variants and
     reports what it changed."""
     if len(rows) == 0:
         raise UserError(f"split {where} is empty: give a split with rows (--train-split/--test-split)")
@@ -481,13 +481,14 @@ def _examples(
         examples.append(Example(index=index, inputs=inputs, target=target))
     if not examples:
         raise UserError(
-            f"split {where} has no row with both an input and a label ({_count_text(dropped)} dropped): "
+            f"split {where} has no row with both an input and a label ({count_text(dropped)} dropped): "
             "check --text-column and --label-column"
         )
     return examples
 
 
-def _count_text(dropped: dict[str, int]) -> str:
+def count_text(dropped: dict[str, int]) -> str:
+    """``{'empty_label': 4, 'empty_input': 1}`` as "4 empty label, 1 empty input"."""
     parts = [f"{count} {reason.replace('_', ' ')}" for reason, count in dropped.items() if count]
     return ", ".join(parts) or "none"
 

@@ -149,8 +149,10 @@ async def open_context(
     meta_url = _require_endpoint(settings.optimizer_base_url)
     options = client_options(settings)
     ready = asyncio.to_thread(local.wait_ready) if local is not None else asyncio.sleep(0)
-    loading = asyncio.to_thread(load_task, settings.data, settings.seed, need_train=need_train) if task is None else _given(task)
-    task, _ = await asyncio.gather(loading, ready)
+    if task is None:
+        task, _ = await asyncio.gather(asyncio.to_thread(load_task, settings.data, settings.seed, need_train=need_train), ready)
+    else:
+        await ready
     checks = {(target_url, settings.llm.model), (meta_url, settings.optimizer_model)}
     await asyncio.gather(*(check_endpoint(url, options["api_key"], model) for url, model in checks))
 
@@ -201,10 +203,6 @@ class LocalExecutor:
         return None
 
 
-async def _given(task: Task) -> Task:
-    return task
-
-
 def open_executor(settings: Settings) -> Executor:
     """The executor the settings name; others than ``local`` are plugins (entry points)."""
     if settings.executor == "local":
@@ -221,6 +219,23 @@ def _own(stack: AsyncExitStack, executor: Executor) -> Executor:
     """Closes an executor this run opened (one handed in stays open for its owner)."""
     stack.push_async_callback(executor.aclose)
     return executor
+
+
+def make_optimizer(
+    settings: Settings, context: RunContext, evaluator: Evaluator, callbacks: list[Callback], state: RunState | None = None
+) -> Any:
+    """The loop object of the method the settings name (every front door builds it here)."""
+    return METHODS[settings.optimizer.method](
+        context.task,
+        context.meta_llm,
+        evaluator,
+        settings.optimizer,
+        seed=settings.seed,
+        meter=context.meter,
+        callbacks=callbacks,
+        meta_max_tokens=settings.llm.meta_max_tokens,
+        state=state,
+    )
 
 
 class CheckpointWriter(Callback):
@@ -267,17 +282,7 @@ async def optimize(
                 *([executor] if owned and isinstance(executor, Callback) else []),
                 *extra,
             ]
-            optimizer = METHODS[settings.optimizer.method](
-                context.task,
-                context.meta_llm,
-                executor.evaluator(context),
-                settings.optimizer,
-                seed=settings.seed,
-                meter=context.meter,
-                callbacks=everyone,
-                meta_max_tokens=settings.llm.meta_max_tokens,
-                state=state,
-            )
+            optimizer = make_optimizer(settings, context, executor.evaluator(context), everyone, state)
             result = await optimizer.run(settings.optimizer.initial_prompt)
             if context.cache is not None:
                 result.extra["cache"] = context.cache.stats()
@@ -307,17 +312,7 @@ async def optimize_task(
     async with AsyncExitStack() as stack:
         settings, local = start_local_llm(settings, stack)
         context = await open_context(settings, stack, None, local=local, task=task)
-        optimizer = METHODS[settings.optimizer.method](
-            context.task,
-            context.meta_llm,
-            evaluator(context),
-            settings.optimizer,
-            seed=settings.seed,
-            meter=context.meter,
-            callbacks=list(callbacks or []),
-            meta_max_tokens=settings.llm.meta_max_tokens,
-        )
-        return await optimizer.run(initial_prompt)
+        return await make_optimizer(settings, context, evaluator(context), list(callbacks or [])).run(initial_prompt)
 
 
 async def evaluate(

@@ -157,6 +157,9 @@ def rewrite(task: Task, prompt: str, score: float, metric: str) -> MetaPrompt:
     return _meta("rewrite", lines, fixed)
 
 
+OBSERVED_LINES = (("output", "Answer given with this instruction"), ("score", "Its score"), ("notes", "Judges' notes"))
+
+
 def distill(task: Task, prompt: str, examples: list[Example], observed: list[dict[str, str]] | None = None) -> MetaPrompt:
     """``observed`` (one dict per example, when the scoring recorded them): what the app
     answered with the instruction below, its score and the judges' notes."""
@@ -179,9 +182,6 @@ def distill(task: Task, prompt: str, examples: list[Example], observed: list[dic
     texts = [value for example in examples for value in example.inputs.values()]
     labels = [f"{label}:" for _, label in OBSERVED_LINES] if observed else []
     return _meta("distill", lines, fixed + ["Correct answer:", *labels], texts)
-
-
-OBSERVED_LINES = (("output", "Answer given with this instruction"), ("score", "Its score"), ("notes", "Judges' notes"))
 
 
 def compress(task: Task, prompt: str) -> MetaPrompt:

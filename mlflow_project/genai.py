@@ -23,6 +23,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 from distillprompt import runner, templates
@@ -92,7 +93,7 @@ class PromptTarget:
             return self.template
         return str(self.messages[self.position or 0].get("content", ""))
 
-    @property
+    @cached_property
     def tail(self) -> str:
         """The inputs part kept as written ("" when the placeholders are not all at the end)."""
         paragraphs = re.split(r"(\n\s*\n)", self.text)
