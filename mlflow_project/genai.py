@@ -22,6 +22,7 @@ import concurrent.futures
 import json
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable
@@ -278,6 +279,7 @@ class DistillPromptOptimizer(BasePromptOptimizer):
     def __init__(self, **settings: Any) -> None:
         self.settings = settings_from_keywords(settings)  # a wrong name or value fails here, not mid-run
         self.results: dict[str, RunResult] = {}
+        _settle_prompt_links()
 
     def optimize(
         self,
@@ -320,6 +322,23 @@ class DistillPromptOptimizer(BasePromptOptimizer):
             initial_eval_score_per_scorer=_per_scorer(first.initial.metrics),
             final_eval_score_per_scorer=_per_scorer(last.final.metrics),
         )
+
+
+PROMPT_LINK_THREAD = "link_prompt_to_experiment_thread"
+PROMPT_LINK_WAIT = 30.0  # seconds; one registry request each
+
+
+def _settle_prompt_links() -> None:
+    """Waits for MLflow's background threads that link a just registered or loaded prompt to
+    the experiment. In MLflow 3.17, ``optimize_prompts`` sets up autologging (registering
+    import hooks and importing flavour modules) as it starts; a link thread importing at that
+    moment deadlocked with it on the import locks (seen in tests/test_genai.py, faulthandler
+    dump: one thread in ``register_post_import_hook``, the other in ``_link_prompt_to_experiment_async``).
+    The optimizer is built after the app registers its prompt and before ``optimize_prompts``
+    runs, so waiting here closes that window."""
+    for thread in threading.enumerate():
+        if thread.name.startswith(PROMPT_LINK_THREAD) and thread is not threading.current_thread():
+            thread.join(PROMPT_LINK_WAIT)
 
 
 def _per_scorer(metrics: dict[str, float]) -> dict[str, float]:
