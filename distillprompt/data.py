@@ -510,7 +510,7 @@ def _checked_labels(
     changes: list[str] = []
     mapping: dict[str, str] = {}
     if label_names is None:
-        mapping, merged = _merge_spellings(pools, settings.label_column, name)
+        mapping, merged = _merge_spellings(pools, settings.label_column, name, _renamed_by_pairs(settings.label_names))
         if merged:
             changes.append(f"labels merged (they differ only in case or surrounding spaces): {merged}")
         labels = sorted({mapping.get(example.target, example.target) for example in pools[train_split]}, key=_label_order)
@@ -522,7 +522,10 @@ def _checked_labels(
         shown = ", ".join(f"{old} → {new}" for old, new in renames.items() if old != new)
         if shown:
             changes.append(f"labels renamed by --label-names: {shown}")
-        labels = [renames.get(label, label) for label in labels]
+        labels = list(dict.fromkeys(renames.get(label, label) for label in labels))  # pairs may join spellings
+        if label_names is None:  # labels read from text stay sorted; a ClassLabel's keep its order
+            labels.sort(key=_label_order)
+        _check_case_twins(labels, settings.label_column, name)
 
     def final(target: str) -> str:
         merged = mapping.get(target, target)
@@ -542,8 +545,17 @@ def _label_order(label: str) -> tuple[int, int | str]:
     return (0, int(label)) if NUMERIC_LABEL.fullmatch(label) else (1, label)
 
 
-def _merge_spellings(pools: dict[str, list[Example]], column: str, name: str) -> tuple[dict[str, str], str]:
-    """Maps every spelling of a label to its most common form; returns the map and a report."""
+def _renamed_by_pairs(given: list[str]) -> set[str]:
+    """The labels that ``--label-names old=new`` pairs name (none for a plain list of names)."""
+    return {item.split("=", 1)[0].strip() for item in given} if given and all("=" in i for i in given) else set()
+
+
+def _merge_spellings(
+    pools: dict[str, list[Example]], column: str, name: str, renamed: set[str] = frozenset()
+) -> tuple[dict[str, str], str]:
+    """Maps every spelling of a label to its most common form; returns the map and a report.
+    Two spellings equally common are left to ``--label-names`` pairs when one names them, and
+    refused otherwise."""
     spellings: Counter[str] = Counter(example.target for pool in pools.values() for example in pool)
     groups: dict[str, Counter[str]] = {}
     for spelling, count in spellings.items():
@@ -553,10 +565,16 @@ def _merge_spellings(pools: dict[str, list[Example]], column: str, name: str) ->
     for forms in groups.values():
         ranked = forms.most_common()
         if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+            if renamed & set(forms):
+                for spelling in spellings:  # the pairs decide; only surrounding spaces go here
+                    if spelling.strip() in forms and spelling != spelling.strip():
+                        mapping[spelling] = spelling.strip()
+                continue
+            first, second = sorted(form for form, count in ranked if count == ranked[0][1])[:2]
             raise UserError(
-                f"column {column!r} of {name} writes one label as {ranked[0][0]!r} and {ranked[1][0]!r} equally often "
+                f"column {column!r} of {name} writes one label as {first!r} and {second!r} equally often "
                 f"({ranked[0][1]} rows each), so neither spelling can be chosen: write the label one way in the data, "
-                "or pass --label-names with the spelling to use"
+                f"or say which to use, e.g. --label-names {first}={second}"
             )
         canonical = ranked[0][0]
         variants = sorted(s for s in spellings if s.strip().casefold() == canonical.casefold() and s != canonical)
@@ -590,9 +608,22 @@ def _renames(given: list[str], labels: list[str], column: str, name: str) -> dic
             )
         renames = dict(zip(labels, given))
     names = [renames.get(label, label) for label in labels]
-    if any(not n for n in names) or len(set(names)) != len(names):
+    pairs = all("=" in item for item in given)  # pairs may deliberately join two labels into one
+    if any(not n for n in names) or (not pairs and len(set(names)) != len(names)):
         raise UserError(f"--label-names gives empty or repeated names ({', '.join(names)}): give each label its own name")
     return renames
+
+
+def _check_case_twins(labels: list[str], column: str, name: str) -> None:
+    """After renames, two labels that differ only in case would be two classes the model cannot tell apart."""
+    seen: dict[str, str] = {}
+    for label in labels:
+        other = seen.setdefault(label.casefold(), label)
+        if other != label:
+            raise UserError(
+                f"column {column!r} of {name} still has {other!r} and {label!r} as two labels after --label-names: "
+                f"add the pair {other}={label} or {label}={other}"
+            )
 
 
 def _check_label_set(settings: DataSettings, labels: list[str], named: bool, name: str) -> None:

@@ -50,8 +50,21 @@ def test_equally_common_spellings_are_refused_before_any_request(endpoint, tmp_p
             row["label"] = "Positive"  # 10 'Positive', 10 'positive'
     data = write_jsonl(tmp_path / "tie.jsonl", rows)
     completed = run_cli(*small_run(endpoint, data, tmp_path))
-    one_line_error(completed, "'Positive'", "'positive'", "equally often", "--label-names")
+    one_line_error(completed, "'Positive'", "'positive'", "equally often", "--label-names Positive=positive")
     assert not endpoint.requests()
+    # the flag the message suggests settles it: one label, every row kept
+    completed = run_cli(*small_run(endpoint, data, tmp_path, "--label-names", "Positive=positive"))
+    assert completed.returncode == 0, completed.stderr
+    assert "labels renamed by --label-names: Positive → positive" in completed.stdout
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["task"]["labels"] == ["negative", "positive"]
+    assert {row["target"] for row in result["test_outputs"]["initial"]} <= {"negative", "positive"}
+    # a pair for one spelling of another label leaves the twins apart: refused, naming the pair to add
+    completed = run_cli(*small_run(endpoint, data, tmp_path, "--label-names", "negative=bad"))
+    one_line_error(completed, "'Positive' and 'positive'", "equally often", "--label-names Positive=positive")
+    # a pair that names a twin but keeps both spellings apart is refused too
+    completed = run_cli(*small_run(endpoint, data, tmp_path, "--label-names", "Positive=Positive"))
+    one_line_error(completed, "'Positive' and 'positive' as two labels", "Positive=positive")
 
 
 def test_numeric_labels_without_names_are_refused_with_the_flag_to_use(endpoint, tmp_path):
