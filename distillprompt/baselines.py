@@ -1,8 +1,9 @@
 """The methods DistillPrompt is compared with, in the same harness.
 
-Each is an ``Optimizer`` with its own ``_propose``: the LLM layer, cache, evaluator (Ray),
-selection on train scores (ties keep the older prompt), callbacks (MLflow), budgets and
-resume are shared, so runs of any two methods compare directly.
+Each is a ``Method`` run by the same loop (``optimizer.Optimizer``) through the public
+``Round``: the LLM layer, cache, evaluator (Ray), selection (ties keep the older prompt),
+callbacks (MLflow), budgets and resume are shared, so runs of any two methods compare
+directly.
 
 * ``grips`` — GrIPS (Prasad et al., 2022): edit search over the instruction. Each iteration
   makes ``grips_candidates`` (5) candidates from the current best, each by composing
@@ -26,7 +27,7 @@ from typing import Any
 
 from . import templates
 from .candidates import extract_tagged
-from .optimizer import Optimizer
+from .optimizer import LatestCandidate, Method, Round, Selection
 from .settings import OptimizerSettings
 from .state import Candidate
 
@@ -79,41 +80,33 @@ def plan_edits(count: int, size: int, deleted: int, rng: Any) -> list[Edit]:
     return plan
 
 
-class GripsSearch(Optimizer):
-    method = "grips"
+class Grips(Method):
+    name = "grips"
 
-    @staticmethod
-    def planned_rounds(settings: OptimizerSettings) -> int:
+    def rounds(self, settings: OptimizerSettings) -> int:
         return settings.grips_iterations
 
-    @property
-    def patience(self) -> int:
-        return self.settings.grips_patience
+    def patience(self, settings: OptimizerSettings) -> int:
+        return settings.grips_patience
 
-    async def _propose(
-        self, epoch: int, rng: Any, new: list[Candidate], rejections_before: dict[str, dict[str, int]]
-    ) -> str | None:
-        base = self.state.best
-        pool: list[str] = self.state.extras.setdefault(DELETED, [])
-        plans = [plan_edits(self.settings.grips_edits, len(chunks(base.prompt)), len(pool), rng) for _ in range(
-            self.settings.grips_candidates
-        )]
-        edited = await asyncio.gather(
-            *(self._apply(base.prompt, plan, list(pool), f"{epoch}:{i}") for i, plan in enumerate(plans))
-        )
-        to_score: list[Candidate] = []
+    async def propose(self, round: Round) -> None:
+        base = round.best
+        settings = round.settings
+        pool: list[str] = round.extras.setdefault(DELETED, [])
+        plans = [plan_edits(settings.grips_edits, len(chunks(base.prompt)), len(pool), round.rng)
+                 for _ in range(settings.grips_candidates)]
+        edited = await asyncio.gather(*(self.apply(round, base.prompt, plan, list(pool), str(i)) for i, plan in enumerate(plans)))
         for prompt, notes, removed in edited:
             pool.extend(chunk for chunk in removed if chunk not in pool)
             if not prompt.strip():
-                self.state.reject("grips", "empty")
+                round.reject("grips", "empty")
                 continue
-            self._add(prompt, "grips", epoch, [base], new, to_score, note="; ".join(notes))
-        self._score_soon(to_score)
-        return await self._after_stage(epoch, "grips", list(new), rejections_before)
+            round.add(prompt, "grips", [base], note="; ".join(notes))
+        await round.end_stage("grips", list(round.new))
 
-    async def _apply(self, prompt: str, plan: list[Edit], pool: list[str], sample: str) -> tuple[str, list[str], list[str]]:
+    async def apply(self, round: Round, prompt: str, plan: list[Edit], pool: list[str], key: str) -> tuple[str, list[str], list[str]]:
         """Applies a plan of edits in order; returns the text, what each edit did, and the
-        chunks it deleted."""
+        chunks it deleted. ``key`` names the candidate in the response cache."""
         parts = chunks(prompt)
         notes: list[str] = []
         removed: list[str] = []
@@ -132,57 +125,48 @@ class GripsSearch(Optimizer):
                 notes.append(f"add {chunk!r}")
             else:
                 original = parts[edit.index]
-                meta = templates.paraphrase_phrase(self.task, original)
-                (reply,) = await self._ask(meta, self.settings.temperature_paraphrase, 1, f"{sample}:{step}")
+                meta = templates.paraphrase_phrase(round.task, original)
+                reply = await round.ask_text(meta, round.settings.temperature_paraphrase, f"{key}:{step}")
                 rewritten = " ".join(extract_tagged(reply).split())
                 if rewritten and "<" not in rewritten and len(rewritten) <= 4 * len(original) + 20:
                     parts[edit.index] = rewritten
                     notes.append(f"paraphrase {original!r} -> {rewritten!r}")
                 else:
-                    self.state.reject("grips_paraphrase", "unusable")
+                    round.reject("grips_paraphrase", "unusable")
                     notes.append(f"paraphrase {original!r} failed")
         return join(parts), notes, removed
 
 
-class FewShot(Optimizer):
+class FewShot(Method):
     """Not a search: the few-shot prompt is the result, whatever its train score."""
 
-    method = "fewshot"
-    selects_on_validation = False
+    name = "fewshot"
 
-    @staticmethod
-    def planned_rounds(settings: OptimizerSettings) -> int:
+    def rounds(self, settings: OptimizerSettings) -> int:
         return 1
 
-    async def _select(self, new: list[Candidate]) -> bool:
-        self.state.best_id = new[-1].id
-        return True
+    def selection(self, settings: OptimizerSettings) -> Selection:
+        return LatestCandidate()
 
-    async def _propose(
-        self, epoch: int, rng: Any, new: list[Candidate], rejections_before: dict[str, dict[str, int]]
-    ) -> str | None:
-        base = self.state.history[0]
-        examples = self._draw_examples(rng, self.settings.fewshot_examples)
-        prompt = templates.with_examples(self.task, base.prompt, examples)
-        to_score: list[Candidate] = []
+    async def propose(self, round: Round) -> None:
+        base = round.initial
+        examples = round.draw_examples(round.settings.fewshot_examples)
+        prompt = templates.with_examples(round.task, base.prompt, examples)
         note = "examples " + ", ".join(f"train row {example.index}" for example in examples)
-        self._add(prompt, "fewshot", epoch, [base], new, to_score, note=note)
-        self._score_soon(to_score)
-        return await self._after_stage(epoch, "fewshot", list(new), rejections_before)
+        round.add(prompt, "fewshot", [base], note=note)
+        await round.end_stage("fewshot", list(round.new))
 
 
-class InitialOnly(Optimizer):
-    method = "initial"
-    selects_on_validation = False
+class InitialOnly(Method):
+    """No optimization: the reference score of the initial prompt."""
 
-    @staticmethod
-    def planned_rounds(settings: OptimizerSettings) -> int:
+    name = "initial"
+
+    def rounds(self, settings: OptimizerSettings) -> int:
         return 0
 
+    def selection(self, settings: OptimizerSettings) -> Selection:
+        return LatestCandidate()  # never asked: there are no rounds (and no validation scoring)
 
-METHODS: dict[str, type[Optimizer]] = {
-    "distillprompt": Optimizer,
-    "grips": GripsSearch,
-    "fewshot": FewShot,
-    "initial": InitialOnly,
-}
+    async def propose(self, round: Round) -> None:
+        return None

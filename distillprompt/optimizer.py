@@ -1,10 +1,10 @@
-"""The DistillPrompt loop.
+"""The loop every method runs in, and its public protocol.
 
-Each round: rewrite the best prompt, distill each rewrite on a few train examples, compress
-each distilled prompt, aggregate the compressed ones into one, paraphrase the aggregate,
-score every new distinct candidate on the train sample, and keep the best (ties keep the
-older). The optimizer knows nothing of where scoring runs or where results are recorded:
-it talks to an ``LLM`` for meta-prompts, an ``Evaluator`` for scores and ``Callback``s for
+Each round the ``Method`` (DistillPrompt by default, ``methods.py``) proposes candidates
+through a ``Round``; every new distinct one is scored on the train sample, the method's
+``Selection`` picks the best, and the ``StopRule``s and budgets decide whether another round
+runs. The loop knows nothing of where scoring runs or where results are recorded: it talks
+to an ``LLM`` for meta-prompts, an ``Evaluator`` for scores and ``Callback``s for
 everything else.
 
 Scoring of a stage's candidates starts as soon as the stage's replies are in, while the
@@ -26,7 +26,7 @@ from .candidates import Extraction, extract_candidate
 from .data import Example, Task
 from .evaluation import Evaluator, Score
 from .errors import EndpointUnavailable, UserError
-from .llm import LLM, META, Usage, UsageMeter
+from .llm import LLM, META, LLMCall, Usage, UsageMeter
 from .settings import OptimizerSettings
 from .state import Candidate, RunState, dedup_key
 from .verdict import Verdict, judge
@@ -133,32 +133,309 @@ def _outputs_record(score: Score | None) -> list[dict[str, Any]]:
 
 
 class Callback:
-    """Receives the optimizer's events; every method is optional."""
+    """Receives the loop's events; subclass it and override what you need (every method is a
+    no-op here). A callback that raises is logged with its name and the event, and the run
+    goes on; only a ``UserError`` (a deliberate stop with its fix) ends the run."""
 
     def on_settings(self, settings: Any) -> None:
         """The settings the run actually uses (demo defaults and the embedded endpoint applied)."""
 
-    def on_start(self, task: Task, initial: Candidate) -> None: ...
+    def on_start(self, task: Task, initial: Candidate) -> None:
+        """The task is loaded and the initial prompt is about to be scored."""
 
-    def on_stage(self, event: StageEvent) -> None: ...
+    def on_stage(self, event: StageEvent) -> None:
+        """A stage of a round has its candidates (sent to scoring) and its drop counts."""
 
-    def on_round(self, result: RoundResult) -> None: ...
+    def on_round(self, result: RoundResult) -> None:
+        """A round is scored, selected and diagnosed."""
 
     def on_rounds_done(self, state: RunState) -> None:
         """The last round is over: only the test-sample scoring is left."""
 
-    def on_finish(self, result: RunResult) -> None: ...
+    def on_finish(self, result: RunResult) -> None:
+        """The run's result, test scores and verdict included."""
 
     def on_end(self, succeeded: bool) -> None:
         """The run is over, finished or failed (called by the runner, also on errors)."""
 
+    def on_llm_call(self, call: LLMCall) -> None:
+        """One answered LLM request (meta-prompt or scoring), e.g. for per-request tracing.
+        The runner subscribes only callbacks that override this."""
+
+    @classmethod
+    def wants_llm_calls(cls) -> bool:
+        return cls.on_llm_call is not Callback.on_llm_call
+
+
+def notify(callback: Callback, event: str, *args: Any) -> None:
+    """Calls one callback; one that fails is logged and the run goes on (a broken dashboard
+    must not cost the requests a run has paid for)."""
+    try:
+        getattr(callback, event)(*args)
+    except UserError:
+        raise  # a callback's deliberate stop, with the fix in its message
+    except Exception as error:  # noqa: BLE001 - any other failure of a callback is the callback's
+        log.warning("callback %s failed in %s (%s: %s); the run goes on",
+                    type(callback).__name__, event, type(error).__name__, str(error)[:200])
+
+
+# ----- the public method protocol -------------------------------------------------------------
+
+
+class Selection:
+    """Picks the best prompt once a round's candidates are scored."""
+
+    uses_validation = False  # whether the loop scores the initial prompt on the validation sample
+
+    async def choose(self, round: Round, new: list[Candidate]) -> Candidate:
+        raise NotImplementedError
+
+
+class HighestScore(Selection):
+    """Without a validation sample: the highest train score, in creation order, strict >, so
+    ties keep the older prompt (the paper's rule). With one: the round's ``top`` new distinct
+    candidates with the highest train scores are scored on the validation sample, and the
+    best prompt so far is replaced by the one of them with the highest validation score, if
+    it is strictly higher than the best's; ties keep the older prompt. Train proposes,
+    validation decides, so a small train sample cannot crown a prompt that only fits it."""
+
+    uses_validation = True
+
+    def __init__(self, top: int = 3) -> None:
+        self.top = top
+
+    async def choose(self, round: Round, new: list[Candidate]) -> Candidate:
+        best = round.best
+        if not round.validating:
+            for candidate in new:
+                if candidate.score is not None and candidate.score > (best.score or 0.0):
+                    best = candidate
+            return best
+        distinct = [c for c in new if c.duplicate_of is None and c.score is not None]
+        # highest train score first; at equal score the older candidate
+        top = sorted(distinct, key=lambda c: (-(c.score or 0.0), c.id))[: self.top]
+        await round.score_validation([c for c in top if c.val_score is None])
+        for candidate in sorted(top, key=lambda c: c.id):
+            if candidate.val_score is not None and candidate.val_score > (best.val_score or 0.0):
+                best = candidate
+        return best
+
+
+class LatestCandidate(Selection):
+    """The round's last candidate, whatever its score (a method that builds its result rather
+    than searching for it, such as ``fewshot``)."""
+
+    async def choose(self, round: Round, new: list[Candidate]) -> Candidate:
+        return new[-1] if new else round.best
+
+
+class StopRule:
+    """Ends the run after a round; ``check`` returns a stop reason or None."""
+
+    def check(self, state: RunState, result: RoundResult) -> str | None:
+        raise NotImplementedError
+
+
+class Patience(StopRule):
+    """Stops after ``rounds`` rounds in a row that did not change the best prompt (0: never)."""
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+
+    def check(self, state: RunState, result: RoundResult) -> str | None:
+        return "patience" if self.rounds and state.stale_epochs >= self.rounds else None
+
+
+class FlatSignal(StopRule):
+    """Stops after ``rounds`` rounds in a row whose scores carried no signal (see ``diagnosis``)."""
+
+    def __init__(self, rounds: int = 2) -> None:
+        self.rounds = rounds
+
+    def check(self, state: RunState, result: RoundResult) -> str | None:
+        return FLAT_SIGNAL if state.flat_rounds >= self.rounds else None
+
+
+class Method:
+    """How a method proposes candidates; the loop does the rest (scoring, selection, stopping
+    rules, budgets, events, resume, the test-sample verdict).
+
+    A method names itself (``name``), says how many rounds it runs, which rounds-without-gain
+    patience applies and how its winner is selected, and in ``propose`` adds one round's
+    candidates through the ``Round`` it is given. What it must keep between rounds goes in
+    ``round.extras`` (saved with the run state). Hand an instance to ``Optimizer(method=...)``;
+    the built-in ones are listed in ``methods.METHODS`` (``--method``)."""
+
+    name = ""
+
+    def rounds(self, settings: OptimizerSettings) -> int:
+        """How many rounds the method runs at most (0: the initial prompt is the result)."""
+        return settings.epochs
+
+    def patience(self, settings: OptimizerSettings) -> int:
+        return settings.patience
+
+    def selection(self, settings: OptimizerSettings) -> Selection:
+        return HighestScore(settings.val_top)
+
+    async def propose(self, round: Round) -> None:
+        """Adds the round's candidates (``round.ask``, ``round.admit``, ``round.add``) and
+        closes each stage with ``round.end_stage``; returns early when that says stop."""
+        raise NotImplementedError
+
+
+class Round:
+    """What a method may use during one round: the public side of the loop."""
+
+    def __init__(self, loop: Optimizer, epoch: int, rng: Any, rejections_before: dict[str, dict[str, int]]) -> None:
+        self._loop = loop
+        self.epoch = epoch
+        self.rng = rng  # the run's random state; saved after the round, so a resumed run draws the same
+        self.new: list[Candidate] = []  # the round's candidates, duplicates included, in creation order
+        self.stop_reason: str | None = None  # set when a budget ran out at the end of a stage
+        self._rejections_before = rejections_before
+        self._queued: list[Candidate] = []
+
+    @property
+    def task(self) -> Task:
+        return self._loop.task
+
+    @property
+    def settings(self) -> OptimizerSettings:
+        return self._loop.settings
+
+    @property
+    def best(self) -> Candidate:
+        return self._loop.state.best
+
+    @property
+    def initial(self) -> Candidate:
+        return self._loop.state.history[0]
+
+    @property
+    def history(self) -> list[Candidate]:
+        return self._loop.state.history
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        """The method's own state, kept between rounds and saved with the run state."""
+        return self._loop.state.extras
+
+    @property
+    def validating(self) -> bool:
+        return self._loop.validating
+
+    async def ask(
+        self, meta: templates.MetaPrompt, temperature: float, n: int, key: str, parents: list[Candidate]
+    ) -> list[Extraction]:
+        """``n`` replies of the optimizer model, each cleaned into a candidate prompt or a reason
+        to drop it. ``key`` tells this request apart from others of the round in the response
+        cache (the same key on a rerun gets the same reply). A reply that repeats a parent is
+        asked again at the copy-retry temperature (``copy_retries`` times at most, each a
+        request of its own, counted as ``<stage>_copy_retry``); a retry that is unusable keeps
+        the copy."""
+        loop = self._loop
+        sample = f"{self.epoch}:{key}"
+        extractions = [loop._extract(reply, meta) for reply in await loop._ask(meta, temperature, n, sample)]
+        parent_keys = {dedup_key(parent.prompt) for parent in parents}
+        for attempt in range(self.settings.copy_retries):
+            copies = [
+                i for i, extraction in enumerate(extractions)
+                if extraction.prompt is not None and dedup_key(extraction.prompt) in parent_keys
+            ]
+            if not copies:
+                break
+            retried = await asyncio.gather(*(
+                loop._ask(meta, self.settings.copy_retry_temperature, 1, f"{sample}:copy{i}:{attempt}",
+                          stage=f"{meta.stage}_copy_retry")
+                for i in copies
+            ))
+            for i, again in zip(copies, retried):
+                extraction = loop._extract(again[0] if again else "", meta)
+                if extraction.prompt is not None:
+                    extractions[i] = extraction
+        return extractions
+
+    async def ask_text(self, meta: templates.MetaPrompt, temperature: float, key: str) -> str:
+        """One raw reply of the optimizer model (no cleaning), e.g. a rewritten phrase."""
+        replies = await self._loop._ask(meta, temperature, 1, f"{self.epoch}:{key}")
+        return replies[0] if replies else ""
+
+    def admit(self, extractions: list[Extraction], stage: str, parents: list[Candidate]) -> list[Candidate | None]:
+        """Cleaned replies become candidates, sent to scoring at once (None where a reply is
+        dropped, counted by reason; a template's candidate that drops or invents a variable is
+        dropped too)."""
+        admitted: list[Candidate | None] = []
+        for extraction in extractions:
+            reason = extraction.reason if extraction.prompt is None else self._loop._variables_problem(extraction.prompt)
+            if extraction.prompt is None or reason is not None:
+                self.reject(stage, reason or "unusable")
+                admitted.append(None)
+                continue
+            admitted.append(self.add(extraction.prompt, stage, parents))
+        self.send_to_scoring()
+        return admitted
+
+    def add(self, prompt: str, stage: str, parents: list[Candidate], note: str | None = None) -> Candidate:
+        """Records a candidate and queues it for scoring (``send_to_scoring``, ``admit`` and
+        ``end_stage`` send the queue); a prompt seen before in the run is a duplicate and is
+        not scored again."""
+        candidate = self._loop._record(prompt, stage, self.epoch, parents, note)
+        self.new.append(candidate)
+        if candidate.duplicate_of is None:
+            self._queued.append(candidate)
+        return candidate
+
+    def send_to_scoring(self) -> None:
+        """Starts scoring the queued candidates on the train sample (in one batch)."""
+        queued, self._queued = self._queued, []
+        self._loop._score_soon(queued)
+
+    def reject(self, stage: str, reason: str) -> None:
+        """Counts a dropped reply or candidate (reported per stage and reason)."""
+        self._loop.state.reject(stage, reason)
+
+    async def end_stage(self, stage: str, candidates: list[Candidate | None]) -> bool:
+        """Ends a stage: scoring of its candidates starts, callbacks hear ``on_stage``, and the
+        budgets are checked. True means a budget ran out: the method should return."""
+        self.send_to_scoring()
+        rejected = _rejections_since(self._loop.state.rejections, self._rejections_before).get(stage, {})
+        kept = [candidate for candidate in candidates if candidate is not None]
+        self._loop._emit("on_stage", StageEvent(self.epoch, stage, kept, rejected))
+        self.stop_reason = await self._loop._budget_reached()
+        return self.stop_reason is not None
+
+    def draw_examples(self, wanted: int) -> list[Example]:
+        """``wanted`` random train examples (all of them if fewer), in sample order."""
+        train = self.task.train
+        count = min(wanted, len(train))
+        return [train[i] for i in sorted(self.rng.sample(range(len(train)), count))]
+
+    async def scored(self) -> None:
+        """Waits until every candidate sent to scoring has its train score."""
+        await self._loop._wait_pending()
+
+    def observed(self, prompt: str, examples: list[Example]) -> list[dict[str, str]] | None:
+        """What the app answered with ``prompt`` on each example, its score and the judges'
+        notes, when the task shows outputs (the MLflow path) and ``prompt`` was scored."""
+        return self._loop._observed(prompt, examples)
+
+    def original(self, candidate: Candidate) -> Candidate:
+        """The first candidate with this prompt (itself unless it is a duplicate)."""
+        return candidate if candidate.duplicate_of is None else self.history[candidate.duplicate_of]
+
+    async def score_validation(self, candidates: list[Candidate]) -> None:
+        await self._loop._score_val(candidates)
+
 
 class Optimizer:
-    """DistillPrompt. Other methods (``baselines.py``) override ``_propose``, ``rounds`` and
-    ``patience`` and share everything else: scoring, selection, events, budgets, resume."""
-
-    method = "distillprompt"
-    selects_on_validation = True  # a method that searches picks its winners on the validation sample
+    """The loop: every method runs in it (``optimize``, ``compare`` and the MLflow optimizer
+    build it through ``runner.make_optimizer``). It scores the initial prompt, runs rounds of
+    the ``Method`` (DistillPrompt unless another is given), selects with the method's
+    ``Selection``, stops on a ``StopRule`` (the method's patience, no signal twice in a row)
+    or a budget, scores the initial and final prompts on the test sample and judges the
+    difference. Scoring goes through the ``Evaluator`` (a thread pool, Ray actors, or MLflow's
+    ``eval_fn``); callbacks hear every event."""
 
     def __init__(
         self,
@@ -172,7 +449,13 @@ class Optimizer:
         callbacks: list[Callback] | None = None,
         meta_max_tokens: int = 1024,
         state: RunState | None = None,
+        method: Method | None = None,
+        stop_rules: list[StopRule] | None = None,
     ) -> None:
+        if method is None:
+            from .methods import DistillPrompt
+
+            method = DistillPrompt()
         self.task = task
         self.llm = llm
         self.evaluator = evaluator
@@ -182,7 +465,12 @@ class Optimizer:
         self.callbacks = callbacks or []
         self.meta_max_tokens = meta_max_tokens
         self.state = state or RunState(seed=seed)
-        self.metric = task.metric
+        self.method = method
+        self.selection = method.selection(settings)
+        self.stop_rules = stop_rules if stop_rules is not None else [
+            Patience(method.patience(settings)),
+            *([FlatSignal(2)] if settings.stop_when_flat else []),
+        ]
         self._by_text: dict[str, Candidate] = {}
         self._pending: list[asyncio.Task[None]] = []
         self._train_scores: dict[str, Score] = {}  # prompt -> its train Score, for tasks that show outputs
@@ -270,18 +558,9 @@ class Optimizer:
 
     # ----- one round ---------------------------------------------------------------------
 
-    @staticmethod
-    def planned_rounds(settings: OptimizerSettings) -> int:
-        """How many rounds the method runs at most (progress display shows it before the run)."""
-        return settings.epochs
-
     @property
     def rounds(self) -> int:
-        return self.planned_rounds(self.settings)
-
-    @property
-    def patience(self) -> int:
-        return self.settings.patience
+        return self.method.rounds(self.settings)
 
     @property
     def searches(self) -> bool:
@@ -290,7 +569,7 @@ class Optimizer:
 
     @property
     def validating(self) -> bool:
-        return bool(self.task.val) and self.selects_on_validation
+        return bool(self.task.val) and self.selection.uses_validation
 
     @property
     def max_prompt_length(self) -> int:
@@ -298,33 +577,33 @@ class Optimizer:
         return self.settings.max_prompt_length or META_CHARS_PER_TOKEN * self.meta_max_tokens
 
     async def _round(self, epoch: int) -> RoundResult:
-        """One round: ``_propose`` adds candidates (sent to scoring as they come), then the
-        best is selected (``_select``) and the round is diagnosed."""
+        """One round: the method proposes candidates (sent to scoring as they come), then the
+        best is selected, the round is diagnosed and the stop rules are asked."""
         state = self.state
         started = time.perf_counter()
         usage_before = self.meter.snapshot()
         rejections_before = {stage: dict(reasons) for stage, reasons in state.rejections.items()}
         rng = state.rng()
-        new: list[Candidate] = []
-        stop_reason = await self._propose(epoch, rng, new, rejections_before)
+        handle = Round(self, epoch, rng, rejections_before)
+        await self.method.propose(handle)
+        handle.send_to_scoring()
+        stop_reason = handle.stop_reason
+        new = handle.new
 
         await self._wait_pending()
         for candidate in new:
             if candidate.duplicate_of is not None:
                 _copy_score(candidate, state.history[candidate.duplicate_of])
-        improved = await self._select(new)
+        chosen = await self.selection.choose(handle, new)
+        improved = chosen.id != state.best_id
+        state.best_id = chosen.id
         state.stale_epochs = 0 if improved else state.stale_epochs + 1
-        if stop_reason is None and self.patience and state.stale_epochs >= self.patience:
-            stop_reason = "patience"
         diagnosis = diagnose(
             epoch, new, state.best, state.history, [e.target for e in self.task.train], self.task.is_classification
         )
         state.flat_rounds = state.flat_rounds + 1 if diagnosis.flat else 0
-        if stop_reason is None and self.settings.stop_when_flat and state.flat_rounds >= 2:
-            stop_reason = FLAT_SIGNAL
         state.epoch = epoch
         state.keep_rng(rng)
-        state.stop_reason = stop_reason
 
         # Test-sample scoring runs beside the rounds; it belongs to the run, not to a round.
         by_stage = UsageMeter.since(self.meter.snapshot(), usage_before)
@@ -346,93 +625,11 @@ class Optimizer:
             stop_reason=stop_reason,
             diagnosis=diagnosis,
         )
+        for rule in self.stop_rules:
+            result.stop_reason = result.stop_reason or rule.check(state, result)
+        state.stop_reason = result.stop_reason
         self._emit("on_round", result)
         return result
-
-    async def _select(self, new: list[Candidate]) -> bool:
-        """Picks the round's winner; returns whether the best prompt changed.
-
-        Without a validation sample: the best by train score, in creation order, strict >, so
-        ties keep the older prompt (the paper's rule). With one: the round's ``val_top`` new
-        distinct candidates with the highest train scores are scored on the validation
-        sample, and the best prompt so far is replaced by the one of them with the highest
-        validation score, if it is strictly higher than the best's; ties keep the older
-        prompt. Train proposes, validation decides, so a small train sample cannot crown a
-        prompt that only fits it."""
-        if not self.validating:
-            return self._select_on_train(new)
-        return await self._select_on_validation(new)
-
-    def _select_on_train(self, new: list[Candidate]) -> bool:
-        improved = False
-        for candidate in new:
-            if candidate.score is not None and candidate.score > self.state.best.score:
-                self.state.best_id = candidate.id
-                improved = True
-        return improved
-
-    async def _select_on_validation(self, new: list[Candidate]) -> bool:
-        distinct = [c for c in new if c.duplicate_of is None and c.score is not None]
-        # highest train score first; at equal score the older candidate
-        top = sorted(distinct, key=lambda c: (-(c.score or 0.0), c.id))[: self.settings.val_top]
-        await self._score_val([c for c in top if c.val_score is None])
-        best = self.state.best
-        improved = False
-        for candidate in sorted(top, key=lambda c: c.id):
-            if candidate.val_score is not None and candidate.val_score > (best.val_score or 0.0):
-                best = candidate
-                improved = True
-        self.state.best_id = best.id
-        return improved
-
-    async def _propose(
-        self, epoch: int, rng: Any, new: list[Candidate], rejections_before: dict[str, dict[str, int]]
-    ) -> str | None:
-        """The five DistillPrompt stages; returns a stop reason when a budget ran out."""
-        best = self.state.best
-        settings = self.settings
-        # A reply that is dropped passes its parent on: the next stage still gets one input
-        # per reply, so a weak optimizer model thins the round out instead of ending it.
-        # rewrite: several new takes on the best prompt, told its score
-        meta = templates.rewrite(self.task, best.prompt, best.score or 0.0, self.metric)
-        replies = await self._ask_new(meta, settings.temperature_rewrite, settings.rewrites, f"{epoch}:rewrite", [best])
-        rewrites = self._admit(replies, meta.stage, [best], epoch, new)
-        stop_reason = await self._after_stage(epoch, "rewrite", rewrites, rejections_before)
-        sources = [candidate or best for candidate in rewrites]
-
-        if stop_reason is None:
-            # distill: each rewrite revised after studying a few random train examples
-            shown = [self._draw_examples(rng, settings.distill_examples) for _ in sources]
-            if self.task.shows_outputs:
-                await self._wait_pending()  # the sources' own answers go into their meta-prompts
-            metas = [templates.distill(self.task, source.prompt, examples, self._observed(source.prompt, examples))
-                     for source, examples in zip(sources, shown)]
-            distilled = await self._one_each(epoch, "distill", metas, sources, settings.temperature_distill, new)
-            stop_reason = await self._after_stage(epoch, "distill", distilled, rejections_before)
-            sources = [candidate or source for candidate, source in zip(distilled, sources)]
-        if stop_reason is None:
-            # compress: each distilled prompt cut to its key ideas
-            metas = [templates.compress(self.task, source.prompt) for source in sources]
-            compressed = await self._one_each(epoch, "compress", metas, sources, settings.temperature_compress, new)
-            stop_reason = await self._after_stage(epoch, "compress", compressed, rejections_before)
-            sources = [candidate or source for candidate, source in zip(compressed, sources)]
-        if stop_reason is None:
-            # aggregate: one prompt that merges all compressed ones (each distinct prompt once)
-            merged = list({dedup_key(s.prompt): self._original(s) for s in sources}.values())
-            meta = templates.aggregate(self.task, [source.prompt for source in merged])
-            replies = await self._ask_new(meta, settings.temperature_aggregate, 1, f"{epoch}:aggregate", merged)
-            aggregated = self._admit(replies, meta.stage, merged, epoch, new)
-            stop_reason = await self._after_stage(epoch, "aggregate", aggregated, rejections_before)
-            sources = [aggregated[0] or merged[0]]
-        if stop_reason is None:
-            # paraphrase: meaning-preserving variants of the aggregate
-            meta = templates.paraphrase(self.task, sources[0].prompt)
-            replies = await self._ask_new(
-                meta, settings.temperature_paraphrase, settings.paraphrases, f"{epoch}:paraphrase", sources
-            )
-            paraphrased = self._admit(replies, meta.stage, sources, epoch, new)
-            stop_reason = await self._after_stage(epoch, "paraphrase", paraphrased, rejections_before)
-        return stop_reason
 
     # ----- stages ------------------------------------------------------------------------
 
@@ -450,82 +647,11 @@ class Optimizer:
             stop=templates.META_STOP,
         )
 
-    async def _ask_new(
-        self, meta: templates.MetaPrompt, temperature: float, n: int, sample: str, parents: list[Candidate]
-    ) -> list[Extraction]:
-        """``n`` replies, each cleaned into a candidate prompt (or a reason to drop it). One whose
-        prompt repeats a parent is asked again at the copy-retry temperature (``copy_retries``
-        times at most, each a request of its own, counted in the usage report as
-        ``<stage>_copy_retry``). A retry that is unusable keeps the copy."""
-        extractions = [self._extract(reply, meta) for reply in await self._ask(meta, temperature, n, sample)]
-        parent_keys = {dedup_key(parent.prompt) for parent in parents}
-        for attempt in range(self.settings.copy_retries):
-            copies = [
-                i for i, extraction in enumerate(extractions)
-                if extraction.prompt is not None and dedup_key(extraction.prompt) in parent_keys
-            ]
-            if not copies:
-                break
-            retried = await asyncio.gather(*(
-                self._ask(meta, self.settings.copy_retry_temperature, 1, f"{sample}:copy{i}:{attempt}",
-                          stage=f"{meta.stage}_copy_retry")
-                for i in copies
-            ))
-            for i, again in zip(copies, retried):
-                extraction = self._extract(again[0] if again else "", meta)
-                if extraction.prompt is not None:
-                    extractions[i] = extraction
-        return extractions
-
     def _extract(self, reply: str, meta: templates.MetaPrompt) -> Extraction:
         return extract_candidate(reply, meta, self.max_prompt_length)
 
-    async def _one_each(
-        self,
-        epoch: int,
-        stage: str,
-        metas: list[templates.MetaPrompt],
-        sources: list[Candidate],
-        temperature: float,
-        new: list[Candidate],
-    ) -> list[Candidate | None]:
-        replies = await asyncio.gather(
-            *(self._ask_new(meta, temperature, 1, f"{epoch}:{stage}:{i}", [source])
-              for i, (meta, source) in enumerate(zip(metas, sources)))
-        )
-        admitted: list[Candidate | None] = []
-        for meta, source, reply in zip(metas, sources, replies):
-            admitted += self._admit(reply, meta.stage, [source], epoch, new)
-        return admitted
-
-    def _admit(
-        self, extractions: list[Extraction], stage: str, parents: list[Candidate], epoch: int, new: list[Candidate]
-    ) -> list[Candidate | None]:
-        """Cleaned replies become candidates (None where a reply is dropped, counted by reason);
-        new distinct ones are sent to scoring at once."""
-        admitted: list[Candidate | None] = []
-        to_score: list[Candidate] = []
-        for extraction in extractions:
-            reason = extraction.reason if extraction.prompt is None else self._variables_problem(extraction.prompt)
-            if extraction.prompt is None or reason is not None:
-                self.state.reject(stage, reason or "unusable")
-                admitted.append(None)
-                continue
-            admitted.append(self._add(extraction.prompt, stage, epoch, parents, new, to_score))
-        self._score_soon(to_score)
-        return admitted
-
-    def _add(
-        self,
-        prompt: str,
-        stage: str,
-        epoch: int,
-        parents: list[Candidate],
-        new: list[Candidate],
-        to_score: list[Candidate],
-        note: str | None = None,
-    ) -> Candidate:
-        """Records a candidate; a prompt seen before is a duplicate and is not scored again."""
+    def _record(self, prompt: str, stage: str, epoch: int, parents: list[Candidate], note: str | None) -> Candidate:
+        """Adds a candidate to the history; a prompt seen before is marked as a duplicate."""
         candidate = Candidate(
             id=len(self.state.history), prompt=prompt, stage=stage, epoch=epoch,
             parents=[parent.id for parent in parents], note=note,
@@ -535,19 +661,12 @@ class Optimizer:
             candidate.duplicate_of = known.id
         else:
             self._by_text[dedup_key(candidate.prompt)] = candidate
-            to_score.append(candidate)
         self.state.history.append(candidate)
-        new.append(candidate)
         return candidate
 
     def _score_soon(self, candidates: list[Candidate]) -> None:
         if candidates:
             self._pending.append(asyncio.create_task(self._score_now(candidates)))
-
-    def _original(self, candidate: Candidate) -> Candidate:
-        if candidate.duplicate_of is None:
-            return candidate
-        return self.state.history[candidate.duplicate_of]
 
     def _variables_problem(self, prompt: str) -> str | None:
         """For a template task: ``variable_dropped`` or ``variable_invented`` when the prompt's
@@ -574,19 +693,6 @@ class Optimizer:
             note = score.notes[i] if i < len(score.notes) else ""
             observed.append({"output": _clip(score.outputs[i]), "score": f"{score.per_example[i]:.2f}", "notes": _clip(note)})
         return observed
-
-    def _draw_examples(self, rng: Any, wanted: int) -> list[Example]:
-        """``wanted`` train examples (all of them if fewer), in sample order."""
-        count = min(wanted, len(self.task.train))
-        return [self.task.train[i] for i in sorted(rng.sample(range(len(self.task.train)), count))]
-
-    async def _after_stage(
-        self, epoch: int, stage: str, candidates: list[Candidate | None], rejections_before: dict[str, dict[str, int]]
-    ) -> str | None:
-        rejected = _rejections_since(self.state.rejections, rejections_before).get(stage, {})
-        kept = [candidate for candidate in candidates if candidate is not None]
-        self._emit("on_stage", StageEvent(epoch, stage, kept, rejected))
-        return await self._budget_reached()
 
     async def _budget_reached(self) -> str | None:
         if not (self.settings.max_calls or self.settings.max_total_tokens):
@@ -665,16 +771,8 @@ class Optimizer:
         await asyncio.gather(*pending, return_exceptions=True)
 
     def _emit(self, event: str, *args: Any) -> None:
-        """Tells every callback; one that fails is logged and the run goes on (a broken
-        dashboard must not cost the requests a run has paid for)."""
         for callback in self.callbacks:
-            try:
-                getattr(callback, event)(*args)
-            except UserError:
-                raise  # a callback's deliberate stop, with the fix in its message
-            except Exception as error:  # noqa: BLE001 - any other failure of a callback is the callback's
-                log.warning("callback %s failed in %s (%s: %s); the run goes on",
-                            type(callback).__name__, event, type(error).__name__, str(error)[:200])
+            notify(callback, event, *args)
 
 
 def _clip(text: str, limit: int = 600) -> str:

@@ -90,10 +90,10 @@ class ConsoleProgress(Callback):
     # optimizer events --------------------------------------------------------------------
 
     def on_settings(self, settings: object) -> None:
-        from .baselines import METHODS
+        from .methods import METHODS
 
         optimizer = settings.optimizer  # type: ignore[attr-defined]
-        self.epochs = METHODS[optimizer.method].planned_rounds(optimizer)
+        self.epochs = METHODS[optimizer.method]().rounds(optimizer)
 
     def on_start(self, task: Task, initial: Candidate) -> None:
         labels = f", labels {', '.join(task.labels)}" if task.labels else ""

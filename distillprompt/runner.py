@@ -7,6 +7,7 @@ callbacks (progress display, tracking) and evaluator factories (Ray), nothing el
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from contextlib import AsyncExitStack, ExitStack
@@ -23,8 +24,8 @@ from .errors import UserError
 from .evaluation import Evaluator, InProcessEvaluator, Score
 from .llm import ChatClient, PriorityLimiter, UsageMeter, check_endpoint
 from .local_llm import LocalServer, bundled_model, custom_model
-from .baselines import METHODS
-from .optimizer import Callback, RunResult
+from .methods import METHODS
+from .optimizer import Callback, Optimizer, RunResult, notify
 from .progress import ConsoleProgress
 from .settings import Settings
 from .state import RunState
@@ -225,7 +226,7 @@ def make_optimizer(
     settings: Settings, context: RunContext, evaluator: Evaluator, callbacks: list[Callback], state: RunState | None = None
 ) -> Any:
     """The loop object of the method the settings name (every front door builds it here)."""
-    return METHODS[settings.optimizer.method](
+    return Optimizer(
         context.task,
         context.meta_llm,
         evaluator,
@@ -235,6 +236,7 @@ def make_optimizer(
         callbacks=callbacks,
         meta_max_tokens=settings.llm.meta_max_tokens,
         state=state,
+        method=METHODS[settings.optimizer.method](),
     )
 
 
@@ -272,9 +274,9 @@ async def optimize(
             executor = executor or _own(stack, open_executor(settings))
             context = await open_context(settings, stack, progress, local=local)
             for callback in extra:  # per-request observers (tracing), when a callback wants them
-                if hasattr(callback, "on_llm_call"):
+                if callback.wants_llm_calls():
                     for client in {id(c): c for c in (context.target_llm, context.meta_llm)}.values():
-                        client.observers.append(callback.on_llm_call)
+                        client.observers.append(functools.partial(notify, callback, "on_llm_call"))
             everyone: list[Callback] = [
                 *([progress] if progress else []),
                 CheckpointWriter(folder / "state.json"),

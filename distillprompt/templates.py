@@ -119,7 +119,7 @@ def _task_summary(task: Task) -> str:
     if task.template_variables is not None:
         if not task.template_variables:
             return ("An application sends the instruction to a model together with each input. It has no "
-                    "{{placeholders}}: add none.")
+                    "placeholders in double braces: add none.")
         names = ", ".join("{{" + name + "}}" for name in task.template_variables)
         return (
             f"The instruction is a template: an application fills in {names} with each input and sends it to a "

@@ -79,13 +79,39 @@ class PromptTarget:
     position: int | None = None  # index of the optimized message in a chat template
 
     @classmethod
-    def parse(cls, name: str, template: str) -> PromptTarget:
+    def parse(cls, name: str, template: str, position: int | None = None) -> PromptTarget:
+        """The template's target; for a chat template, the message at ``position`` (default:
+        the first instruction message)."""
         messages = _chat_messages(template)
         if messages is None:
             return cls(name, template)
-        roles = [str(message.get("role")) for message in messages]
-        position = roles.index("system") if "system" in roles else roles.index("user") if "user" in roles else 0
+        if position is None:
+            position = cls.instruction_positions(name, template)[0]
         return cls(name, template, messages, position)
+
+    @classmethod
+    def instruction_positions(cls, name: str, template: str) -> list[int]:
+        """Which messages of a chat template are instructions, optimized one after the
+        other: every system message, and every user message with an instruction part (a
+        line with words and no placeholder before its inputs). A user message that only
+        lays out inputs (``Review: {{review}}``) and assistant messages stay as written.
+        When no message qualifies: the system message, else the first user message."""
+        messages = _chat_messages(template) or []
+        positions = []
+        for i, message in enumerate(messages):
+            target = cls(name, template, messages, i)
+            role = str(message.get("role"))
+            if role == "system" and target.text.strip():
+                positions.append(i)
+            elif role == "user" and any(
+                re.search(r"[A-Za-z]", line) and not templates.placeholders(line)
+                for line in target.instruction.splitlines()
+            ):
+                positions.append(i)
+        if positions:
+            return positions
+        roles = [str(message.get("role")) for message in messages]
+        return [roles.index("system") if "system" in roles else roles.index("user") if "user" in roles else 0]
 
     @property
     def text(self) -> str:
@@ -274,7 +300,10 @@ class DistillPromptOptimizer(BasePromptOptimizer):
     ``base_url`` (the optimizer model's endpoint; none configured: the embedded model),
     ``epochs``, ``concurrency``, ``max_calls``, ``seed``, ``rewrites``, ``cache_path``;
     ``config`` names a settings file as ``--config`` does. The API key is read from
-    ``OPENAI_API_KEY``."""
+    ``OPENAI_API_KEY``.
+
+    After ``optimize``, ``results`` holds each loop's ``RunResult`` by prompt name, or by
+    ``name:<message index>`` when a chat prompt had several instruction messages."""
 
     def __init__(self, **settings: Any) -> None:
         self.settings = settings_from_keywords(settings)  # a wrong name or value fails here, not mid-run
@@ -299,21 +328,28 @@ class DistillPromptOptimizer(BasePromptOptimizer):
         first: RunResult | None = None
         last: RunResult | None = None
         for name, template in target_prompts.items():
-            target = PromptTarget.parse(name, template)
-            task = build_task(target, train_data)
-            fixed = dict(optimized)
-            callbacks: list[Callback] = [RoundLogger(f"{name}." if len(target_prompts) > 1 else "")] if tracking else []
+            positions: list[int | None] = (
+                list(PromptTarget.instruction_positions(name, template)) if _chat_messages(template) else [None]
+            )
+            for position in positions:  # a chat prompt's instruction messages, one after the other
+                target = PromptTarget.parse(name, template, position)
+                task = build_task(target, train_data)
+                fixed = dict(optimized)
+                key = name if len(positions) == 1 else f"{name}:{position}"
+                prefix = (f"{name}." if len(target_prompts) > 1 else "") + (f"message{position}." if len(positions) > 1 else "")
+                callbacks: list[Callback] = [RoundLogger(prefix)] if tracking else []
 
-            def evaluator(context: Any, target: PromptTarget = target, fixed: dict[str, str] = fixed) -> EvalFnEvaluator:
-                return EvalFnEvaluator(eval_fn, target, train_data, fixed, context.meter, context.limiter)
+                def evaluator(context: Any, target: PromptTarget = target, fixed: dict[str, str] = fixed) -> EvalFnEvaluator:
+                    return EvalFnEvaluator(eval_fn, target, train_data, fixed, context.meter, context.limiter)
 
-            result = _run_async(runner.optimize_task(self.settings, task, evaluator, target.instruction, callbacks=callbacks))
-            self.results[name] = result
-            optimized[name] = target.render(result.final_prompt)
-            first = first or result
-            last = result
-            log.info("%s: score %.4f -> %.4f (%s)", name, result.initial.score or 0.0, result.final.score or 0.0,
-                     result.stop_reason)
+                result = _run_async(runner.optimize_task(self.settings, task, evaluator, target.instruction, callbacks=callbacks))
+                self.results[key] = result
+                template = target.render(result.final_prompt)  # the next message is optimized with this one in place
+                first = first or result
+                last = result
+                log.info("%s: score %.4f -> %.4f (%s)", key, result.initial.score or 0.0, result.final.score or 0.0,
+                         result.stop_reason)
+            optimized[name] = template
         assert first is not None and last is not None
         return PromptOptimizerOutput(
             optimized_prompts=optimized,

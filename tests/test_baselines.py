@@ -11,8 +11,9 @@ from contextlib import AsyncExitStack
 import pytest
 
 from distillprompt import runner
-from distillprompt.baselines import Edit, GripsSearch, chunks, join, plan_edits
+from distillprompt.baselines import Edit, Grips, chunks, join, plan_edits
 from distillprompt.llm import UsageMeter
+from distillprompt.optimizer import Optimizer, Round
 from distillprompt.runner import LocalExecutor
 from distillprompt.settings import load_settings
 from tests.conftest import run_cli
@@ -58,9 +59,9 @@ def test_each_grips_edit_does_what_it_claims(endpoint, reviews_dir, tmp_path):
     async def apply(plan, pool):
         async with AsyncExitStack() as stack:
             context = await runner.open_context(settings, stack, None)
-            search = GripsSearch(context.task, context.meta_llm, LocalExecutor().evaluator(context), settings.optimizer,
-                                 seed=0, meter=UsageMeter())
-            return await search._apply(BASE, plan, pool, "t")
+            loop = Optimizer(context.task, context.meta_llm, LocalExecutor().evaluator(context), settings.optimizer,
+                             seed=0, meter=UsageMeter(), method=Grips())
+            return await Grips().apply(Round(loop, 1, random.Random(0), {}), BASE, plan, pool, "t")
 
     first, second, third = chunks(BASE)
     text, notes, removed = asyncio.run(apply([Edit("delete", 1)], []))

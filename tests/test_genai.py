@@ -24,8 +24,8 @@ RULES = [
 
 class AppModel:
     """Meta-prompts get structured prompts that keep the placeholders the meta-prompt names,
-    except the paraphrase reply of sample 1, which drops them, and the second distillation,
-    which invents ``{{rating}}``. The app's requests get a label that is right more often
+    except the paraphrase reply of sample 1, which drops them, and every fourth distillation
+    (the 2nd, 6th …: one in a run of four or more), which invents ``{{rating}}``. The app's requests get a label that is right more often
     when the instruction has more of the words that help."""
 
     def __init__(self) -> None:
@@ -47,7 +47,7 @@ class AppModel:
             names = []  # forgets the placeholders
         if stage == "distill":
             self.distills += 1
-            if self.distills == 2:
+            if self.distills % 4 == 2:
                 names = [*names, "rating"]  # invents one
         if names:
             lines += ["", *[f"{name.capitalize()}: {{{{{name}}}}}" for name in names]]
@@ -102,7 +102,8 @@ def optimize_app(server_uri: str, endpoint: ScriptedEndpoint, template: Any, nam
         return float(outputs.strip().lower() == expectations["expected_response"])
 
     optimizer = DistillPromptOptimizer(
-        base_url=endpoint.base_url, model="opt-model", epochs=2, seed=0, cache_path=str(cache_path), **settings
+        **{"base_url": endpoint.base_url, "model": "opt-model", "epochs": 2, "seed": 0, "cache_path": str(cache_path),
+           **settings}
     )
     result = mlflow.genai.optimize_prompts(
         predict_fn=predict_fn, train_data=train_records(), prompt_uris=[prompt.uri], optimizer=optimizer,
@@ -172,6 +173,33 @@ def test_a_chat_prompt_keeps_its_variables_and_changes_only_its_instruction(mlfl
     assert result.final_eval_score >= result.initial_eval_score
     dropped = {r: n for reasons in optimizer.results["app-chat"].rejections.values() for r, n in reasons.items()}
     assert dropped.get("variable_invented", 0) >= 1  # the system message has no placeholder: one invented is refused
+
+
+def test_a_chat_prompt_is_optimized_message_by_message(mlflow_server, app_endpoint, tmp_path):
+    from mlflow import MlflowClient
+
+    chat = [
+        {"role": "system", "content": "You help a shop sort its customer reviews."},
+        {"role": "user", "content": "Say if the review is positive or negative.\n\nProduct: {{product}}\nReview: {{review}}"},
+        {"role": "assistant", "content": "Understood."},
+    ]
+    result, optimizer, run = optimize_app(mlflow_server["uri"], app_endpoint, chat, "app-chat2", "genai-chat2",
+                                          tmp_path / "cache.sqlite", rewrites=2, epochs=1)
+    template = result.optimized_prompts[0].template
+    assert [m["role"] for m in template] == ["system", "user", "assistant"]
+    assert template[0]["content"] != chat[0]["content"]  # both instruction messages rewritten
+    assert template[2] == chat[2]  # not an instruction
+    system, user = optimizer.results["app-chat2:0"], optimizer.results["app-chat2:1"]
+    assert system.initial.prompt == chat[0]["content"] and template[0]["content"] == system.final.prompt
+    # the user message's instruction part had a run of its own, with the new system message in place;
+    # its inputs part stayed as written
+    assert user.initial.prompt == "Say if the review is positive or negative."
+    assert user.initial.score == system.final.score
+    assert [c for c in user.history if c.stage == "rewrite"] and all("{{" not in c.prompt for c in user.history)
+    assert template[1]["content"] == user.final.prompt.rstrip() + "\n\nProduct: {{product}}\nReview: {{review}}"
+    client = MlflowClient(mlflow_server["uri"])
+    for message in ("message0", "message1"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"{message}.best_train_score")] == [1]
 
 
 def test_an_inputs_part_at_the_end_stays_as_written(mlflow_server, app_endpoint, tmp_path):

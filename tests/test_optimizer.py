@@ -199,12 +199,18 @@ def test_a_failing_callback_is_logged_and_the_run_finishes(endpoint, reviews_dir
         def on_round(self, result):
             raise RuntimeError("dashboard down")
 
+        def on_llm_call(self, call):
+            raise ConnectionError("tracing backend gone")
+
     result, folder = optimize(endpoint, reviews_dir, tmp_path, callbacks=[Broken()])
     assert result.stop_reason == "epochs" and len(result.rounds) == 1
     assert json.loads((folder / "result.json").read_text())["final_prompt"] == result.final_prompt
     assert (tmp_path / "out" / "state.json").exists()  # the checkpoint writer after it still ran
     assert "callback Broken failed in on_round (RuntimeError: dashboard down); the run goes on" in caplog.text
     assert "callback Broken failed in on_stage (ValueError: bad event)" in caplog.text
+    # a per-request observer that fails costs no request: every one was answered and kept
+    assert "callback Broken failed in on_llm_call (ConnectionError: tracing backend gone)" in caplog.text
+    assert result.usage.failed == 0 and result.failure is None
 
 
 def test_saved_state_carries_its_schema_version(tmp_path):
