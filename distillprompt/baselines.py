@@ -5,14 +5,19 @@ Each is a ``Method`` run by the same loop (``optimizer.Optimizer``) through the 
 callbacks (MLflow), budgets and resume are shared, so runs of any two methods compare
 directly.
 
-* ``grips`` — GrIPS (Prasad et al., 2022): edit search over the instruction. Each iteration
+* ``grips`` — GrIPS (Prasad et al., 2022), as its reference code runs it: each iteration
   makes ``grips_candidates`` (5) candidates from the current best, each by composing
-  ``grips_edits`` (2) random edits on phrase-level chunks (word-level when the instruction
-  has fewer than three phrases): delete a chunk, swap two chunks, paraphrase a chunk (by the
-  optimizer LLM), or add back a chunk deleted earlier. A candidate replaces the best only
-  if it scores higher; the search stops after ``grips_iterations`` (7) iterations or
-  ``grips_patience`` (2) iterations without improvement. It is scored with the task's
-  metric (macro-F1), as every method here, not with GrIPS's own entropy-weighted score.
+  ``grips_edits`` (1) random edits on phrase-level chunks (word-level when the instruction
+  has fewer than three phrases): delete a chunk, swap two chunks, paraphrase a chunk, or
+  add back a deleted chunk. The pool of deleted chunks holds only what the accepted
+  candidates deleted, and loses a chunk when an accepted candidate adds it back; ``add``
+  draws only chunks the base does not contain. A candidate replaces the best only if it
+  scores higher; the search stops after ``grips_iterations`` (10) iterations or
+  ``grips_patience`` (2) iterations in a row without improvement. Differences from the
+  paper that remain: candidates are scored with the task's metric (macro-F1 for
+  classification), as every method here, not GrIPS's entropy-weighted score; the optimizer
+  LLM paraphrases a chunk instead of PEGASUS; chunks come from punctuation and
+  conjunctions instead of a constituency parser.
 * ``fewshot`` — the initial instruction followed by ``fewshot_examples`` (3) random
   examples of the train sample with their answers; that prompt is the result (no search).
 * ``initial`` — no optimization: the reference score of the initial prompt.
@@ -75,13 +80,15 @@ def plan_edits(count: int, size: int, deleted: int, rng: Any) -> list[Edit]:
         else:
             plan.append(Edit(operation, rng.randrange(size)))
             if operation == "delete":
-                size -= 1
-                deleted += 1
+                size -= 1  # the chunk joins the pool only if this candidate is accepted
     return plan
 
 
 class Grips(Method):
     name = "grips"
+
+    def __init__(self) -> None:
+        self._edits: dict[int, tuple[list[str], list[str]]] = {}  # candidate id -> (deleted, added back)
 
     def rounds(self, settings: OptimizerSettings) -> int:
         return settings.grips_iterations
@@ -93,28 +100,47 @@ class Grips(Method):
         base = round.best
         settings = round.settings
         pool: list[str] = round.extras.setdefault(DELETED, [])
-        plans = [plan_edits(settings.grips_edits, len(chunks(base.prompt)), len(pool), round.rng)
-                 for _ in range(settings.grips_candidates)]
-        edited = await asyncio.gather(*(self.apply(round, base.prompt, plan, list(pool), str(i)) for i, plan in enumerate(plans)))
-        for prompt, notes, removed in edited:
-            pool.extend(chunk for chunk in removed if chunk not in pool)
+        present = set(chunks(base.prompt))
+        addable = [chunk for chunk in pool if chunk not in present and chunk not in base.prompt]
+        count = settings.grips_candidates
+        left = round.scoring_left()
+        if left is not None:  # a scoring budget (compare --budget-match): no candidate beyond it
+            count = min(count, left // max(1, len(round.task.train)))
+        plans = [plan_edits(settings.grips_edits, len(chunks(base.prompt)), len(addable), round.rng) for _ in range(count)]
+        edited = await asyncio.gather(*(self.apply(round, base.prompt, plan, addable, str(i)) for i, plan in enumerate(plans)))
+        self._edits = {}
+        for prompt, notes, removed, added in edited:
             if not prompt.strip():
                 round.reject("grips", "empty")
                 continue
-            round.add(prompt, "grips", [base], note="; ".join(notes))
+            candidate = round.add(prompt, "grips", [base], note="; ".join(notes))
+            self._edits.setdefault(candidate.id, (removed, added))
         await round.end_stage("grips", list(round.new))
 
-    async def apply(self, round: Round, prompt: str, plan: list[Edit], pool: list[str], key: str) -> tuple[str, list[str], list[str]]:
-        """Applies a plan of edits in order; returns the text, what each edit did, and the
-        chunks it deleted. ``key`` names the candidate in the response cache."""
+    def accepted(self, round: Round, candidate: Candidate) -> None:
+        """The pool follows the accepted candidate only: its deletions go in, the chunks it
+        added back come out."""
+        removed, added = self._edits.get(candidate.id, ([], []))
+        pool: list[str] = round.extras.setdefault(DELETED, [])
+        for chunk in added:
+            if chunk in pool:
+                pool.remove(chunk)
+        pool.extend(chunk for chunk in removed if chunk not in pool)
+
+    async def apply(
+        self, round: Round, prompt: str, plan: list[Edit], pool: list[str], key: str
+    ) -> tuple[str, list[str], list[str], list[str]]:
+        """Applies a plan of edits in order; returns the text, what each edit did, the chunks
+        it deleted and the pool chunks it added back. ``key`` names the candidate in the
+        response cache."""
         parts = chunks(prompt)
         notes: list[str] = []
         removed: list[str] = []
+        added: list[str] = []
         for step, edit in enumerate(plan):
             if edit.operation == "delete":
                 chunk = parts.pop(edit.index)
                 removed.append(chunk)
-                pool.append(chunk)
                 notes.append(f"delete {chunk!r}")
             elif edit.operation == "swap":
                 parts[edit.index], parts[edit.other] = parts[edit.other], parts[edit.index]
@@ -122,6 +148,7 @@ class Grips(Method):
             elif edit.operation == "add":
                 chunk = pool[edit.other]
                 parts.insert(edit.index, chunk)
+                added.append(chunk)
                 notes.append(f"add {chunk!r}")
             else:
                 original = parts[edit.index]
@@ -134,7 +161,7 @@ class Grips(Method):
                 else:
                     round.reject("grips_paraphrase", "unusable")
                     notes.append(f"paraphrase {original!r} failed")
-        return join(parts), notes, removed
+        return join(parts), notes, removed, added
 
 
 class FewShot(Method):

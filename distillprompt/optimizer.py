@@ -283,6 +283,9 @@ class Method:
         closes each stage with ``round.end_stage``; returns early when that says stop."""
         raise NotImplementedError
 
+    def accepted(self, round: Round, candidate: Candidate) -> None:
+        """The selection made ``candidate`` the best prompt (called only when the best changed)."""
+
 
 class Round:
     """What a method may use during one round: the public side of the loop."""
@@ -404,6 +407,12 @@ class Round:
         self._loop._emit("on_stage", StageEvent(self.epoch, stage, kept, rejected))
         self.stop_reason = await self._loop._budget_reached()
         return self.stop_reason is not None
+
+    def scoring_left(self) -> int | None:
+        """Scoring requests left under ``max_scoring_calls`` (None when there is no such
+        budget). Counts finished scoring only: call after ``scored()`` to be exact."""
+        budget = self.settings.max_scoring_calls
+        return max(0, budget - self._loop._scoring_spent()) if budget else None
 
     def draw_examples(self, wanted: int) -> list[Example]:
         """``wanted`` random train examples (all of them if fewer), in sample order."""
@@ -597,6 +606,8 @@ class Optimizer:
         chosen = await self.selection.choose(handle, new)
         improved = chosen.id != state.best_id
         state.best_id = chosen.id
+        if improved:
+            self.method.accepted(handle, chosen)
         state.stale_epochs = 0 if improved else state.stale_epochs + 1
         diagnosis = diagnose(
             epoch, new, state.best, state.history, [e.target for e in self.task.train], self.task.is_classification
@@ -694,8 +705,12 @@ class Optimizer:
             observed.append({"output": _clip(score.outputs[i]), "score": f"{score.per_example[i]:.2f}", "notes": _clip(note)})
         return observed
 
+    def _scoring_spent(self) -> int:
+        by_stage = self.meter.snapshot()
+        return sum(by_stage[stage].calls for stage in (TRAIN_SCORING, VAL_SCORING) if stage in by_stage)
+
     async def _budget_reached(self) -> str | None:
-        if not (self.settings.max_calls or self.settings.max_total_tokens):
+        if not (self.settings.max_calls or self.settings.max_total_tokens or self.settings.max_scoring_calls):
             return None
         # The budget counts every call the run made, served by the cache or not, so that a
         # rerun stops at the same stage; scoring in flight is counted once it has finished.
@@ -706,6 +721,10 @@ class Optimizer:
                 spent.add(usage)
         if self.settings.max_calls and spent.calls >= self.settings.max_calls:
             return "budget_calls"
+        if self.settings.max_scoring_calls and (
+            self._scoring_spent() + len(self.task.train) > self.settings.max_scoring_calls
+        ):
+            return "budget_scoring"  # not even one more candidate fits
         if self.settings.max_total_tokens and spent.tokens + spent.cached_tokens >= self.settings.max_total_tokens:
             return "budget_tokens"
         return None

@@ -159,14 +159,18 @@ class OptimizerSettings(Group):
     temperature_aggregate: float = Field(0.4, ge=0, le=2)
     temperature_paraphrase: float = Field(0.7, ge=0, le=2)
     patience: int = Field(0, ge=0, description="stop after this many rounds without improvement (0: never)")
+    max_scoring_calls: int = Field(
+        0, ge=0, description="budget: scoring requests (train and validation) the search may spend; a method that "
+        "can size its rounds (grips) stops before a candidate would pass it; compare --budget-match sets it (0: none)"
+    )
     max_calls: int = Field(0, ge=0, description="budget: stop after the stage that reaches this many LLM requests (0: none)")
     max_total_tokens: int = Field(
         0, ge=0, description="budget: stop after the stage that reaches this many tokens in+out (0: none)"
     )
     fewshot_examples: int = Field(3, gt=0, description="fewshot: train examples added to the initial prompt")
     grips_candidates: int = Field(5, gt=0, description="grips: candidates per iteration")
-    grips_edits: int = Field(2, gt=0, description="grips: edits composed per candidate")
-    grips_iterations: int = Field(7, gt=0, description="grips: most iterations")
+    grips_edits: int = Field(1, gt=0, description="grips: edits composed per candidate")
+    grips_iterations: int = Field(10, gt=0, description="grips: most iterations")
     grips_patience: int = Field(2, ge=0, description="grips: stop after this many iterations without improvement")
     max_prompt_length: int = Field(
         0,

@@ -16,6 +16,7 @@ from distillprompt.cli import main as cli_main
 COMMANDS = {"optimize", "evaluate", "promote", "compare"}
 FLAG_FOR = {"resume_run_id": "--resume"}
 SWITCHES = {"--register", "--cache", "--trace"}  # --x / --no-x flags
+ON_ONLY = {"--force", "--budget-match"}  # flags without a --no- form: "false" leaves them out
 
 
 def to_cli(argv: list[str]) -> list[str]:
@@ -30,7 +31,7 @@ def to_cli(argv: list[str]) -> list[str]:
         flag = FLAG_FOR.get(name, "--" + name.replace("_", "-"))
         if value.strip() == "":
             continue
-        if value.lower() in ("true", "false") and flag in SWITCHES | {"--force"}:
+        if value.lower() in ("true", "false") and flag in SWITCHES | ON_ONLY:
             if value.lower() == "true":
                 out.append(flag)
             elif flag in SWITCHES:

@@ -7,11 +7,17 @@ DistillPrompt minus each baseline on the same test examples. Calls and tokens co
 each run asked for, whether the endpoint or the response cache answered, so a rerun with
 the same seeds reproduces the table exactly and sends nothing; wall times, which no rerun
 reproduces, are in a table of their own.
+
+With ``--budget-match`` every searching method gets the scoring requests DistillPrompt
+spent with the same seed: GrIPS runs as many iterations as that budget pays for (its
+patience off, no candidate past the budget). Either way the table shows each method's
+scoring requests, meta requests and tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import asyncio
 import statistics
 import sys
@@ -38,6 +44,8 @@ class Outcome:
     run_id: str
     test_score: float
     calls: int
+    scoring_calls: int
+    meta_calls: int
     tokens: int
     sent: int
     wall_time: float
@@ -69,6 +77,8 @@ def comparison_tables(outcomes: list[Outcome], methods: list[str], seed: int = 0
             "test_score_mean": statistics.fmean(scores),
             "test_score_std": _std(scores),
             "llm_calls": round(statistics.fmean(o.calls for o in mine), 1),
+            "scoring_calls": round(statistics.fmean(o.scoring_calls for o in mine), 1),
+            "meta_calls": round(statistics.fmean(o.meta_calls for o in mine), 1),
             "tokens": round(statistics.fmean(o.tokens for o in mine), 1),
             "no_signal_runs": sum(1 for o in mine if o.diagnosis),
         }
@@ -86,9 +96,9 @@ def comparison_tables(outcomes: list[Outcome], methods: list[str], seed: int = 0
         rows.append(row)
     metric = outcomes[0].metric if outcomes else "score"
     lines = [
-        f"| method | runs | test {metric} (mean ± std) | LLM calls | tokens | DistillPrompt − method [95% CI] | "
-        "runs without signal |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| method | runs | test {metric} (mean ± std) | scoring requests | meta requests | tokens | "
+        "DistillPrompt − method [95% CI] | runs without signal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         difference = (
@@ -98,7 +108,8 @@ def comparison_tables(outcomes: list[Outcome], methods: list[str], seed: int = 0
         )
         lines.append(
             f"| {row['method']} | {row['runs']} | {row['test_score_mean']:.4f} ± {row['test_score_std']:.4f} | "
-            f"{row['llm_calls']:g} | {row['tokens']:g} | {difference} | {row['no_signal_runs'] or '—'} |"
+            f"{row['scoring_calls']:g} | {row['meta_calls']:g} | {row['tokens']:g} | {difference} | "
+            f"{row['no_signal_runs'] or '—'} |"
         )
     timing = ["| method | wall time s (mean) | requests sent (sum) |", "|---|---:|---:|"]
     for method in methods:
@@ -107,21 +118,60 @@ def comparison_tables(outcomes: list[Outcome], methods: list[str], seed: int = 0
     return rows, "\n".join(lines), "\n".join(timing)
 
 
-def compare(settings: Settings, methods: list[str], seeds: int, *, quiet: bool = False) -> tuple[str, str, str]:
+SCORING_STAGES = ("scoring", "validation")  # the search's scoring; "test" is the same for every method
+
+
+def _split_usage(result: Any) -> tuple[int, int]:
+    """Scoring requests of the search (train and validation) and meta requests (the rest
+    but the test sample), counted as calls: served by the endpoint or the cache."""
+    scoring = meta = 0
+    for stage, usage in result.usage_by_stage.items():
+        if stage in SCORING_STAGES:
+            scoring += usage.calls
+        elif stage != "test":
+            meta += usage.calls
+    return scoring, meta
+
+
+def budget_matched(child: Settings, method: str, budget: int, train_size: int) -> None:
+    """Gives a searching method DistillPrompt's scoring budget: no candidate past it, and as
+    many iterations as it pays for (GrIPS's patience would stop it short of it)."""
+    if method in ("distillprompt", "fewshot", "initial"):
+        return  # the reference itself; few-shot and initial do not search
+    child.optimizer.max_scoring_calls = budget
+    if method == "grips":
+        per_iteration = max(1, child.optimizer.grips_candidates * train_size)
+        # duplicates are not rescored, so an iteration may cost less: room for twice as many
+        child.optimizer.grips_iterations = max(1, 2 * math.ceil(budget / per_iteration))
+        child.optimizer.grips_patience = 0
+
+
+def compare(
+    settings: Settings, methods: list[str], seeds: int, *, quiet: bool = False, budget_match: bool = False
+) -> tuple[str, str, str]:
     import mlflow
+
+    if budget_match and REFERENCE not in methods:
+        raise UserError(f"--budget-match gives every method {REFERENCE}'s scoring budget: add {REFERENCE} to --methods")
+    order = [REFERENCE, *(m for m in methods if m != REFERENCE)] if budget_match else methods
 
     parent = MlflowTracker(settings)
     succeeded = False
     outcomes: list[Outcome] = []
     try:
-        parent._log_params({**settings.public_dict(), "methods": ",".join(methods), "seeds": seeds})
+        parent._log_params(
+            {**settings.public_dict(), "methods": ",".join(methods), "seeds": seeds, "budget_match": budget_match}
+        )
         mlflow.set_tag("distillprompt.method", "compare")
         for offset in range(seeds):
-            for method in methods:
+            budget: tuple[int, int] | None = None  # the reference's scoring requests and train size, this seed
+            for method in order:
                 child = settings.model_copy(deep=True)
                 child.seed = settings.seed + offset
                 child.optimizer.method = method
                 child.mlflow.register_result = False
+                if budget is not None:
+                    budget_matched(child, method, *budget)
                 if child.output is not None:
                     child.output = Path(child.output) / f"{method}-seed{child.seed}"
                 tracker = MlflowTracker(child, parent_run_id=parent.run_id, run_name=f"{method}-seed{child.seed}")
@@ -131,6 +181,9 @@ def compare(settings: Settings, methods: list[str], seeds: int, *, quiet: bool =
                 if result.failure or result.final_test is None:
                     raise UserError(f"{method} with seed {child.seed} did not finish ({result.failure}): see its child run")
                 usage = result.usage
+                scoring, meta = _split_usage(result)
+                if budget_match and method == REFERENCE:
+                    budget = (scoring, int(result.task.get("train_size") or 1))
                 outcomes.append(
                     Outcome(
                         method=method,
@@ -138,6 +191,8 @@ def compare(settings: Settings, methods: list[str], seeds: int, *, quiet: bool =
                         run_id=tracker.run_id,
                         test_score=result.final_scores["test"]["score"],
                         calls=usage.calls,
+                        scoring_calls=scoring,
+                        meta_calls=meta,
                         tokens=usage.tokens + usage.cached_tokens,
                         sent=usage.requests,
                         wall_time=result.wall_time,
@@ -173,12 +228,16 @@ class CompareCommand:
     def configure(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--methods", default=",".join(KNOWN), help=f"comma list of {', '.join(KNOWN)}")
         parser.add_argument("--seeds", type=int, default=3, help="seeds per method, starting at --seed (default 3)")
+        parser.add_argument(
+            "--budget-match", action="store_true",
+            help="give every searching method the scoring requests DistillPrompt spent with the same seed",
+        )
 
     def run(self, args: argparse.Namespace, settings: Settings) -> int:
         if args.seeds < 1:
             raise UserError("--seeds must be at least 1")
         methods = parse_methods(args.methods)
-        table, timing, run_id = compare(settings, methods, args.seeds, quiet=args.quiet)
+        table, timing, run_id = compare(settings, methods, args.seeds, quiet=args.quiet, budget_match=args.budget_match)
         print(f"\n{table}\n\n{timing}\n\nMLflow parent run: {run_id}")
         if settings.output is not None:
             folder = Path(settings.output)

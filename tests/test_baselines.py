@@ -4,6 +4,7 @@ initial prompt, and `compare` under one parent MLflow run."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections import Counter
 from contextlib import AsyncExitStack
@@ -17,7 +18,7 @@ from distillprompt.optimizer import Optimizer, Round
 from distillprompt.runner import LocalExecutor
 from distillprompt.settings import load_settings
 from tests.conftest import run_cli
-from tests.endpoint import ScriptedEndpoint
+from tests.endpoint import ScriptedEndpoint, fraction, true_label
 
 BASE = "Read the review carefully, decide how the writer feels, and answer with one label."
 
@@ -64,20 +65,70 @@ def test_each_grips_edit_does_what_it_claims(endpoint, reviews_dir, tmp_path):
             return await Grips().apply(Round(loop, 1, random.Random(0), {}), BASE, plan, pool, "t")
 
     first, second, third = chunks(BASE)
-    text, notes, removed = asyncio.run(apply([Edit("delete", 1)], []))
-    assert text == join([first, third]) and removed == [second] and notes == [f"delete {second!r}"]
-    text, notes, _ = asyncio.run(apply([Edit("swap", 0, 2)], []))
+    text, notes, removed, added = asyncio.run(apply([Edit("delete", 1)], []))
+    assert text == join([first, third]) and removed == [second] and notes == [f"delete {second!r}"] and added == []
+    text, notes, _, _ = asyncio.run(apply([Edit("swap", 0, 2)], []))
     assert text == join([third, second, first])
-    text, notes, _ = asyncio.run(apply([Edit("add", 3, 0)], ["Be brief."]))
-    assert text == join([first, second, third, "Be brief."]) and notes == ["add 'Be brief.'"]
-    text, notes, _ = asyncio.run(apply([Edit("paraphrase", 0)], []))
+    text, notes, _, added = asyncio.run(apply([Edit("add", 3, 0)], ["Be brief."]))
+    assert text == join([first, second, third, "Be brief."]) and notes == ["add 'Be brief.'"] and added == ["Be brief."]
+    text, notes, _, _ = asyncio.run(apply([Edit("paraphrase", 0)], []))
     rewritten = chunks(text)[0]
     assert rewritten != first and text.endswith(join([second, third]))
     assert notes == [f"paraphrase {first!r} -> {rewritten!r}"]
     meta = endpoint.requests(kind="meta")
     assert [e.stage for e in meta] == ["grips_paraphrase"] and first in meta[0].content
-    text, notes, removed = asyncio.run(apply([Edit("delete", 0), Edit("add", 0, 0)], []))
-    assert text == BASE and removed == [first]  # composed: deleted, then added back at the same place
+    # composed edits: a chunk deleted by this candidate is not in the pool, so it cannot come back
+    plans = [plan_edits(2, 3, 0, random.Random(seed)) for seed in range(300)]
+    assert not any(p[0].operation == "delete" and p[1].operation == "add" for p in plans)
+
+
+def test_grips_defaults_are_the_reference_codes():
+    from distillprompt.settings import OptimizerSettings
+
+    defaults = OptimizerSettings()
+    assert (defaults.grips_candidates, defaults.grips_edits, defaults.grips_iterations, defaults.grips_patience) == (5, 1, 10, 2)
+
+
+def test_the_deleted_pool_follows_only_accepted_candidates(reviews_dir, tmp_path):
+    """Against a target that rewards short prompts, the search accepts deletions; the pool
+    must hold exactly the deletions of the accepted chain minus what it added back, and an
+    add never inserts a chunk its base still contains."""
+    from distillprompt.baselines import DELETED
+
+    def short_is_better(request, kind, stage):
+        if kind != "scoring":
+            return None
+        content = request["messages"][0]["content"]
+        instruction, review = content.split("\n\nPossible answers")[0], content.split("Answer with")[0]
+        right = true_label(review.split("Possible answers")[1], ["negative", "positive"])
+        wrong = "negative" if right == "positive" else "positive"
+        # the shorter the instruction, the more reviews it gets right
+        return f"<ans>{right if fraction('short', instruction, review) < 1.6 - len(instruction) / 100 else wrong}</ans>"
+
+    with ScriptedEndpoint(responder=short_is_better) as endpoint:
+        settings = settings_for(endpoint, reviews_dir, tmp_path, method="grips", initial_prompt=BASE + " Think about it, then say it.",
+                                grips_iterations=10, grips_patience=0, stop_when_flat=False)
+        result, folder = asyncio.run(runner.optimize(settings))
+    history = {c.id: c for c in result.history}
+    chain = []
+    for summary in result.rounds:  # the accepted candidates, in order
+        if summary["improved"]:
+            chain.append(history[summary["best_id"]])
+    assert chain, "the short-prompt target should accept at least one deletion"
+    expected: list[str] = []
+    for candidate in chain:
+        for note in candidate.note.split("; "):
+            if note.startswith("add "):
+                expected.remove(note[len("add "):].strip("'\""))
+        expected += [note[len("delete "):].strip("'\"") for note in candidate.note.split("; ") if note.startswith("delete ")]
+    state = json.loads((folder / "state.json").read_text())
+    assert state["extras"][DELETED] == expected  # rejected candidates' deletions never entered
+    assert any("add " in (c.note or "") for c in result.history)  # adds were drawn from that pool
+    for candidate in (c for c in result.history if c.stage == "grips"):
+        base = history[candidate.parents[0]]
+        for note in candidate.note.split("; "):
+            if note.startswith("add "):
+                assert note[len("add "):].strip("'\"") not in chunks(base.prompt)
 
 
 def test_grips_search_scores_five_candidates_an_iteration_and_stops_on_patience(reviews_dir, tmp_path):
@@ -87,7 +138,7 @@ def test_grips_search_scores_five_candidates_an_iteration_and_stops_on_patience(
     with ScriptedEndpoint(responder=flat) as endpoint:
         result, _ = asyncio.run(runner.optimize(settings_for(endpoint, reviews_dir, tmp_path, method="grips",
                                                              initial_prompt=BASE)))
-    assert result.stop_reason == "patience" and len(result.rounds) == 2  # grips_patience 2, of 7 iterations
+    assert result.stop_reason == "patience" and len(result.rounds) == 2  # grips_patience 2, of 10 iterations
     per_round = Counter(c.epoch for c in result.history if c.stage == "grips")
     assert per_round == {1: 5, 2: 5}
     assert all(c.note and c.parents == [0] for c in result.history if c.stage == "grips")
@@ -141,7 +192,7 @@ def test_compare_records_children_per_method_and_seed_and_reruns_for_free(mlflow
 
     assert table(first.stdout) == table(second.stdout)
     assert "DistillPrompt − method" in first.stdout and "| grips | 2 |" in first.stdout
-    assert "| test macro-F1 (mean ± std) |" in first.stdout  # the table names the metric it compares
+    assert "| test macro-F1 (mean ± std) | scoring requests | meta requests | tokens |" in first.stdout
 
     mlflow.set_tracking_uri(mlflow_server["uri"])
     parent_id = first.stdout.strip().splitlines()[-1].split()[-1]
@@ -153,6 +204,31 @@ def test_compare_records_children_per_method_and_seed_and_reruns_for_free(mlflow
     parent = mlflow.get_run(parent_id)
     assert "comparison/table.json" in parent.data.tags["mlflow.loggedArtifacts"]
     assert parent.data.tags["distillprompt.method"] == "compare"
+
+
+def test_budget_match_gives_grips_distillprompts_scoring_requests(mlflow_server, endpoint, reviews_dir, tmp_path):
+    import mlflow
+
+    args = [
+        "compare", "--methods", "grips,distillprompt,initial", "--seeds", "1", "--budget-match", "--dataset",
+        str(reviews_dir), "--base-url", endpoint.base_url, "--model", "test-model", "--executor", "local",
+        "--epochs", "1", "--train-size", "12", "--test-size", "10", "--experiment", "budget",
+        "--cache-path", str(tmp_path / "cache.sqlite"), "--quiet",
+    ]
+    completed = run_cli(*args, env={"MLFLOW_TRACKING_URI": mlflow_server["uri"]}, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    mlflow.set_tracking_uri(mlflow_server["uri"])
+    parent_id = completed.stdout.strip().splitlines()[-1].split()[-1]
+    runs = {o["method"]: o for o in mlflow.artifacts.load_dict(f"runs:/{parent_id}/comparison/runs.json")}
+    reference, grips = runs["distillprompt"]["scoring_calls"], runs["grips"]["scoring_calls"]
+    # equal within one candidate's worth (12 train examples), never above
+    assert reference - 12 < grips <= reference, (reference, grips)
+    assert runs["initial"]["scoring_calls"] == 12 and runs["grips"]["meta_calls"] >= 0
+    assert mlflow.get_run(parent_id).data.params["budget_match"] == "True"
+    # the reference must be among the methods
+    refused = run_cli(*[a if a != "grips,distillprompt,initial" else "grips,initial" for a in args],
+                      env={"MLFLOW_TRACKING_URI": mlflow_server["uri"]})
+    assert refused.returncode == 2 and "add distillprompt to --methods" in refused.stderr
 
 
 @pytest.mark.parametrize("methods", ["distillprompt,bogus", ""])
