@@ -8,9 +8,11 @@ Each is a ``Method`` (``optimizer.py``): it proposes a round's candidates throug
 from __future__ import annotations
 
 import asyncio
+from importlib.metadata import entry_points
 
 from . import templates
 from .baselines import FewShot, Grips, InitialOnly
+from .errors import UserError
 from .optimizer import Method, Round
 from .settings import OptimizerSettings
 from .state import Candidate, dedup_key
@@ -90,3 +92,14 @@ METHODS: dict[str, type[Method]] = {
     "fewshot": FewShot,
     "initial": InitialOnly,
 }
+METHOD_PLUGINS = "distillprompt.methods"  # entry points: methods that need more than the core (MLflow's optimizers)
+
+
+def method_for(name: str) -> Method:
+    """A new instance of the method ``name``: built in, or a plugin (entry point)."""
+    if name in METHODS:
+        return METHODS[name]()
+    for entry in entry_points(group=METHOD_PLUGINS):
+        if entry.name == name:
+            return entry.load()()
+    raise UserError(f"method {name!r} is not installed: reinstall the package (pip install -e .) or pick another --method")

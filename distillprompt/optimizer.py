@@ -328,6 +328,15 @@ class Round:
     def validating(self) -> bool:
         return self._loop.validating
 
+    @property
+    def seed(self) -> int:
+        return self._loop.seed
+
+    @property
+    def optimizer_model(self) -> str:
+        """The optimizer model's name at its endpoint."""
+        return str(getattr(self._loop.llm, "model", ""))
+
     async def ask(
         self, meta: templates.MetaPrompt, temperature: float, n: int, key: str, parents: list[Candidate]
     ) -> list[Extraction]:
@@ -363,6 +372,20 @@ class Round:
         """One raw reply of the optimizer model (no cleaning), e.g. a rewritten phrase."""
         replies = await self._loop._ask(meta, temperature, 1, f"{self.epoch}:{key}")
         return replies[0] if replies else ""
+
+    async def chat(self, messages: list[dict[str, Any]], temperature: float, key: str, stage: str) -> str:
+        """One raw reply of the optimizer model to any messages (an outside optimizer's own
+        meta-prompts), through the run's cache, retries, limiter and usage meter."""
+        replies = await self._loop.llm.complete(
+            messages, temperature=temperature, n=1, max_tokens=self._loop.meta_max_tokens, stage=stage,
+            sample=f"{self.epoch}:{key}", priority=META,
+        )
+        return replies[0] if replies else ""
+
+    async def evaluate(self, prompts: list[str], examples: list[Example], stage: str = TRAIN_SCORING) -> list[Score]:
+        """Scores prompts on any examples through the run's evaluator (counted under ``stage``),
+        with per-example outputs; for a method that needs scores of its own making."""
+        return await self._loop.evaluator.score(prompts, examples, stage=stage)
 
     def admit(self, extractions: list[Extraction], stage: str, parents: list[Candidate]) -> list[Candidate | None]:
         """Cleaned replies become candidates, sent to scoring at once (None where a reply is

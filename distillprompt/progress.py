@@ -90,10 +90,10 @@ class ConsoleProgress(Callback):
     # optimizer events --------------------------------------------------------------------
 
     def on_settings(self, settings: object) -> None:
-        from .methods import METHODS
+        from .methods import method_for
 
         optimizer = settings.optimizer  # type: ignore[attr-defined]
-        self.epochs = METHODS[optimizer.method]().rounds(optimizer)
+        self.epochs = method_for(optimizer.method).rounds(optimizer)
 
     def on_start(self, task: Task, initial: Candidate) -> None:
         labels = f", labels {', '.join(task.labels)}" if task.labels else ""

@@ -24,7 +24,7 @@ from .errors import UserError
 from .evaluation import Evaluator, InProcessEvaluator, Score
 from .llm import ChatClient, PriorityLimiter, UsageMeter, check_endpoint
 from .local_llm import LocalServer, bundled_model, custom_model
-from .methods import METHODS
+from .methods import method_for
 from .optimizer import Callback, Optimizer, RunResult, notify
 from .progress import ConsoleProgress
 from .settings import Settings
@@ -236,7 +236,7 @@ def make_optimizer(
         callbacks=callbacks,
         meta_max_tokens=settings.llm.meta_max_tokens,
         state=state,
-        method=METHODS[settings.optimizer.method](),
+        method=method_for(settings.optimizer.method),
     )
 
 

@@ -141,10 +141,11 @@ class DataSettings(Group):
 
 
 class OptimizerSettings(Group):
-    method: Literal["distillprompt", "grips", "fewshot", "initial"] = Field(
+    method: Literal["distillprompt", "grips", "fewshot", "initial", "mlflow-gepa", "mlflow-metaprompt"] = Field(
         "distillprompt",
         description="distillprompt; grips (edit search, Prasad et al. 2022); fewshot (initial prompt + train "
-        "examples); initial (no optimization)",
+        "examples); initial (no optimization); mlflow-gepa, mlflow-metaprompt (MLflow's optimizers through "
+        "mlflow.genai.optimize_prompts, on the same endpoint and cache)",
     )
     initial_prompt: str | None = Field(
         None, description="starting instruction (default: a one-sentence instruction built from the task)"

@@ -34,7 +34,8 @@ from distillprompt.verdict import paired_bootstrap
 from .tracking import MlflowTracker
 
 REFERENCE = "distillprompt"
-KNOWN = ("distillprompt", "grips", "fewshot", "initial")
+KNOWN = ("distillprompt", "grips", "fewshot", "initial", "mlflow-gepa", "mlflow-metaprompt")
+DEFAULT_METHODS = ("distillprompt", "grips", "fewshot", "initial")
 
 
 @dataclass
@@ -138,7 +139,7 @@ def budget_matched(child: Settings, method: str, budget: int, train_size: int) -
     many iterations as it pays for (GrIPS's patience would stop it short of it)."""
     if method in ("distillprompt", "fewshot", "initial"):
         return  # the reference itself; few-shot and initial do not search
-    child.optimizer.max_scoring_calls = budget
+    child.optimizer.max_scoring_calls = budget  # MLflow's optimizers get it as their max_metric_calls
     if method == "grips":
         per_iteration = max(1, child.optimizer.grips_candidates * train_size)
         # duplicates are not rescored, so an iteration may cost less: room for twice as many
@@ -226,7 +227,8 @@ class CompareCommand:
     help = "run several methods with several seeds under one MLflow run and compare them"
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--methods", default=",".join(KNOWN), help=f"comma list of {', '.join(KNOWN)}")
+        parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                            help=f"comma list of {', '.join(KNOWN)} (default {','.join(DEFAULT_METHODS)})")
         parser.add_argument("--seeds", type=int, default=3, help="seeds per method, starting at --seed (default 3)")
         parser.add_argument(
             "--budget-match", action="store_true",

@@ -239,7 +239,7 @@ class EvalFnEvaluator:
                     while held < self.limiter.capacity:
                         await self.limiter.acquire(META)
                         held += 1
-                    results = await asyncio.to_thread(self.eval_fn, candidates, chosen)
+                    results = await asyncio.to_thread(_settled_call, self.eval_fn, candidates, chosen)
                 finally:
                     for _ in range(held):
                         self.limiter.release()
@@ -360,21 +360,26 @@ class DistillPromptOptimizer(BasePromptOptimizer):
         )
 
 
-PROMPT_LINK_THREAD = "link_prompt_to_experiment_thread"
+PROMPT_LINK_THREADS = ("link_prompt_to_experiment_thread", "link_prompts_from_exporter")
 PROMPT_LINK_WAIT = 30.0  # seconds; one registry request each
 
 
 def _settle_prompt_links() -> None:
-    """Waits for MLflow's background threads that link a just registered or loaded prompt to
-    the experiment. In MLflow 3.17, ``optimize_prompts`` sets up autologging (registering
-    import hooks and importing flavour modules) as it starts; a link thread importing at that
-    moment deadlocked with it on the import locks (seen in tests/test_genai.py, faulthandler
-    dump: one thread in ``register_post_import_hook``, the other in ``_link_prompt_to_experiment_async``).
-    The optimizer is built after the app registers its prompt and before ``optimize_prompts``
-    runs, so waiting here closes that window."""
+    """Waits for MLflow's background threads that link a registered or loaded prompt to the
+    experiment or to a trace. In MLflow 3.17 each ``eval_fn`` call sets up autologging
+    (holding its import-hook lock while it imports); a link thread importing at that moment
+    holds the interpreter's import lock and waits for the hook lock: a deadlock, seen in
+    tests (py-spy and faulthandler dumps: one thread in ``register_post_import_hook``, the
+    other in ``databricks_utils`` under a link thread). Waiting for them before each
+    ``eval_fn`` call and before ``optimize_prompts`` starts closes that window."""
     for thread in threading.enumerate():
-        if thread.name.startswith(PROMPT_LINK_THREAD) and thread is not threading.current_thread():
+        if thread.name.startswith(PROMPT_LINK_THREADS) and thread is not threading.current_thread():
             thread.join(PROMPT_LINK_WAIT)
+
+
+def _settled_call(eval_fn: Callable[..., Any], *args: Any) -> Any:
+    _settle_prompt_links()
+    return eval_fn(*args)
 
 
 def _per_scorer(metrics: dict[str, float]) -> dict[str, float]:

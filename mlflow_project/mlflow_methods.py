@@ -1,0 +1,275 @@
+"""MLflow's own prompt optimizers as methods of this project's loop (``--method
+mlflow-gepa``, ``mlflow-metaprompt``), so ``compare`` can set them against DistillPrompt on
+the same train sample, endpoint, response cache and test sample.
+
+Each runs in one round: ``mlflow.genai.optimize_prompts`` with MLflow's optimizer, on the
+run's train sample registered as its ``train_data``; the app it optimizes (``predict_fn``)
+sends the task's own scoring request through the run's evaluator, and its scorer is the
+task's per-example metric, so MLflow's optimizer sees exactly the scores DistillPrompt
+sees. Its result is the round's one candidate (scored on train like any other) and the
+run's result, as for ``fewshot``. The optimizer model's calls go through the run's LLM
+client too (cache, retries, limiter, usage by stage): GEPA's through its reflection
+strategy, MetaPrompt's through a loopback OpenAI-compatible relay, since MLflow calls that
+model over HTTP itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from distillprompt.data import Example
+from distillprompt.errors import UserError
+from distillprompt.optimizer import LatestCandidate, Method, Round, Selection
+from distillprompt.settings import OptimizerSettings
+
+log = logging.getLogger(__name__)
+
+INPUT = "input"  # the one input MLflow's optimizers see: the example as the task renders it
+NOMINAL_CANDIDATES = 16  # candidates a DistillPrompt round scores with the default counts (4+4+4+1+3)
+
+
+class Bridge:
+    """Runs the loop's coroutines from MLflow's threads (predict_fn, the reflection model)
+    and waits for them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def __call__(self, work: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result()
+
+
+class Keys:
+    """Cache keys for an outside optimizer's requests: the k-th time one exact request is
+    made in a run gets key k, so a rerun meets the same replies in the same order."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.seen: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, messages: Any) -> str:
+        text = json.dumps(messages, sort_keys=True, default=str)
+        with self.lock:
+            self.seen[text] += 1
+            return f"{self.prefix}:{self.seen[text]}"
+
+
+class MlflowOptimizerMethod(Method):
+    """One round: MLflow's optimizer through ``mlflow.genai.optimize_prompts``."""
+
+    name = ""
+    stage = ""  # usage stage of the optimizer model's calls
+
+    def rounds(self, settings: OptimizerSettings) -> int:
+        return 1
+
+    def patience(self, settings: OptimizerSettings) -> int:
+        return 0
+
+    def selection(self, settings: OptimizerSettings) -> Selection:
+        return LatestCandidate()  # the outside optimizer decided; its result is the run's result
+
+    def metric_calls(self, round: Round) -> int:
+        """Scoring requests MLflow's optimizer may spend: the scoring budget less the loop's
+        own scoring of the initial and final prompts, else a DistillPrompt-sized default."""
+        train = len(round.task.train)
+        if round.settings.max_scoring_calls:
+            return max(train, round.settings.max_scoring_calls - 2 * train)
+        return round.settings.epochs * NOMINAL_CANDIDATES * train
+
+    async def propose(self, round: Round) -> None:
+        bridge = Bridge(asyncio.get_running_loop())
+        initial = round.initial
+        prompt, note = await asyncio.to_thread(self._optimize, round, bridge)
+        round.add(prompt, self.name, [initial], note=note)
+        await round.end_stage(self.name, list(round.new))
+
+    def make_optimizer(self, round: Round, bridge: Bridge) -> Any:
+        raise NotImplementedError
+
+    def _optimize(self, round: Round, bridge: Bridge) -> tuple[str, str]:
+        import mlflow
+
+        from .genai import _settle_prompt_links
+
+        task = round.task
+        by_input = {_rendered(round, example): example for example in task.train}
+        outcome: dict[str, float] = {}  # input -> the task's metric on it under the prompt last asked
+
+        name = f"distillprompt-{self.name}-{task.digest()[:8]}"
+        prompt = mlflow.genai.register_prompt(name=name, template=round.initial.prompt,
+                                              commit_message=f"initial prompt of a {self.name} run")
+
+        def predict_fn(input: str) -> str:  # noqa: A002 - the name MLflow's records show
+            # MLflow patches PromptVersion.template with the candidate while it evaluates; the
+            # registered object is read rather than loaded again, since a load inside a trace
+            # starts a thread linking it to the trace (see genai._settle_prompt_links)
+            instruction = prompt.template
+            example = by_input.get(input)
+            if example is None:
+                raise UserError("the optimizer asked for an input that is not in the train sample")
+            (score,) = bridge(round.evaluate([instruction], [example]))
+            outcome[input] = score.per_example[0]
+            return score.outputs[0]
+
+        from mlflow.genai.scorers import scorer
+
+        @scorer(name="task_metric")
+        def task_metric(inputs: dict[str, Any], outputs: str) -> float:
+            """The task's own metric for this example (accuracy for a label, else the generation metric)."""
+            return outcome.get(inputs[INPUT], 0.0)
+
+        train_data = [{"inputs": {INPUT: text}, "expectations": {"expected_response": example.target}}
+                      for text, example in by_input.items()]
+        _settle_prompt_links()
+        result = mlflow.genai.optimize_prompts(
+            predict_fn=predict_fn, train_data=train_data, prompt_uris=[prompt.uri],
+            optimizer=self.make_optimizer(round, bridge), scorers=[task_metric],
+            enable_tracking=mlflow.active_run() is not None,
+        )
+        optimized = result.optimized_prompts[0]
+        template = optimized.template if isinstance(optimized.template, str) else json.dumps(optimized.template)
+        note = (f"{self.name}: MLflow's score {result.initial_eval_score} -> {result.final_eval_score}; "
+                f"registered {optimized.name} version {optimized.version}")
+        return template.strip() or round.initial.prompt, note
+
+
+def _rendered(round: Round, example: Example) -> str:
+    from distillprompt.templates import render_inputs
+
+    return render_inputs(round.task, example)
+
+
+class MlflowGepa(MlflowOptimizerMethod):
+    """MLflow's ``GepaPromptOptimizer``; GEPA's own reflection prompts, sent through the run's
+    LLM client (its reflection strategy, so no LiteLLM is needed)."""
+
+    name = "mlflow-gepa"
+    stage = "gepa_reflection"
+
+    def make_optimizer(self, round: Round, bridge: Bridge) -> Any:
+        from gepa.proposer.reflective_mutation.reflection_lm import StatelessReflectionLM
+        from mlflow.genai.optimize.optimizers import GepaPromptOptimizer
+
+        keys = Keys(self.stage)
+
+        def reflection_model(prompt: str | list[dict[str, Any]]) -> str:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            return bridge(round.chat(messages, round.settings.temperature_rewrite, keys(messages), self.stage))
+
+        return GepaPromptOptimizer(
+            reflection_model=f"openai:/{round.optimizer_model}",
+            max_metric_calls=self.metric_calls(round),
+            gepa_kwargs={"reflection_strategy": StatelessReflectionLM(reflection_model), "seed": round.seed},
+        )
+
+
+class MlflowMetaPrompt(MlflowOptimizerMethod):
+    """MLflow's ``MetaPromptOptimizer`` (one pass of its own meta-prompt over the train
+    sample's results). MLflow sends its model requests over HTTP to ``OPENAI_API_BASE``, so
+    a loopback relay takes them into the run's LLM client for the run's duration."""
+
+    name = "mlflow-metaprompt"
+    stage = "metaprompt"
+
+    def make_optimizer(self, round: Round, bridge: Bridge) -> Any:
+        from mlflow.genai.optimize.optimizers import MetaPromptOptimizer
+
+        return MetaPromptOptimizer(reflection_model=f"openai:/{round.optimizer_model}")
+
+    def _optimize(self, round: Round, bridge: Bridge) -> tuple[str, str]:
+        keys = Keys(self.stage)
+
+        def answer(body: dict[str, Any]) -> str:
+            messages = body.get("messages") or []
+            temperature = float(body.get("temperature", round.settings.temperature_rewrite))
+            return bridge(round.chat(messages, temperature, keys(messages), self.stage))
+
+        with Relay(answer) as relay, _environment({"OPENAI_API_BASE": relay.base_url, "OPENAI_BASE_URL": None,
+                                                    "OPENAI_API_KEY": "relay"}):
+            return super()._optimize(round, bridge)
+
+
+class Relay:
+    """A loopback OpenAI-compatible chat endpoint that answers through ``answer`` (the run's
+    LLM client). Written here because it must hand each request to the run's event loop;
+    only ``/chat/completions`` is served."""
+
+    def __init__(self, answer: Callable[[dict[str, Any]], str]) -> None:
+        self.answer = answer
+        relay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server hook name
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    self.send_error(404)
+                    return
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                try:
+                    text = relay.answer(body)
+                except Exception as error:  # noqa: BLE001 - the caller sees a 502 naming the failure
+                    self._send(502, {"error": {"message": f"{type(error).__name__}: {error}"}})
+                    return
+                self._send(200, {
+                    "id": "relay", "object": "chat.completion", "created": int(time.time()), "model": body.get("model", ""),
+                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                })
+
+            def _send(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="distillprompt-relay", daemon=True)
+
+    def __enter__(self) -> Relay:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _environment:
+    """Sets (or, with None, removes) environment variables for a block, then restores them."""
+
+    def __init__(self, values: dict[str, str | None]) -> None:
+        self.values = values
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> None:
+        import os
+
+        for key, value in self.values.items():
+            self.saved[key] = os.environ.get(key)
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    def __exit__(self, *exc: Any) -> None:
+        import os
+
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
