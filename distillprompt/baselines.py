@@ -105,7 +105,8 @@ class Grips(Method):
         count = settings.grips_candidates
         left = round.scoring_left()
         if left is not None:  # a scoring budget (compare --budget-match): no candidate beyond it
-            count = min(count, left // max(1, len(round.task.train)))
+            while count and round.candidate_cost(count) > left:
+                count -= 1
         plans = [plan_edits(settings.grips_edits, len(chunks(base.prompt)), len(addable), round.rng) for _ in range(count)]
         edited = await asyncio.gather(*(self.apply(round, base.prompt, plan, addable, str(i)) for i, plan in enumerate(plans)))
         self._edits = {}

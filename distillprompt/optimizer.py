@@ -226,7 +226,8 @@ class LatestCandidate(Selection):
     than searching for it, such as ``fewshot``)."""
 
     async def choose(self, round: Round, new: list[Candidate]) -> Candidate:
-        return new[-1] if new else round.best
+        # a result equal to a prompt seen before is that prompt (the initial one: nothing changed)
+        return round.original(new[-1]) if new else round.best
 
 
 class StopRule:
@@ -436,6 +437,11 @@ class Round:
         budget). Counts finished scoring only: call after ``scored()`` to be exact."""
         budget = self.settings.max_scoring_calls
         return max(0, budget - self._loop._scoring_spent()) if budget else None
+
+    def candidate_cost(self, candidates: int) -> int:
+        """Scoring requests that ``candidates`` new distinct candidates cost: the train sample
+        each, and the validation sample for those the selection will validate."""
+        return self._loop._candidate_cost(candidates)
 
     def draw_examples(self, wanted: int) -> list[Example]:
         """``wanted`` random train examples (all of them if fewer), in sample order."""
@@ -728,6 +734,12 @@ class Optimizer:
             observed.append({"output": _clip(score.outputs[i]), "score": f"{score.per_example[i]:.2f}", "notes": _clip(note)})
         return observed
 
+    def _candidate_cost(self, candidates: int) -> int:
+        cost = candidates * len(self.task.train)
+        if self.validating and isinstance(self.selection, HighestScore):
+            cost += min(candidates, self.selection.top) * len(self.task.val)
+        return cost
+
     def _scoring_spent(self) -> int:
         by_stage = self.meter.snapshot()
         return sum(by_stage[stage].calls for stage in (TRAIN_SCORING, VAL_SCORING) if stage in by_stage)
@@ -745,7 +757,7 @@ class Optimizer:
         if self.settings.max_calls and spent.calls >= self.settings.max_calls:
             return "budget_calls"
         if self.settings.max_scoring_calls and (
-            self._scoring_spent() + len(self.task.train) > self.settings.max_scoring_calls
+            self._scoring_spent() + self._candidate_cost(1) > self.settings.max_scoring_calls
         ):
             return "budget_scoring"  # not even one more candidate fits
         if self.settings.max_total_tokens and spent.tokens + spent.cached_tokens >= self.settings.max_total_tokens:

@@ -274,7 +274,8 @@ async def optimize(
             executor = executor or _own(stack, open_executor(settings))
             context = await open_context(settings, stack, progress, local=local)
             for callback in extra:  # per-request observers (tracing), when a callback wants them
-                if callback.wants_llm_calls():
+                wants = getattr(callback, "wants_llm_calls", None)  # a plugin may not subclass Callback
+                if wants() if wants else hasattr(callback, "on_llm_call"):
                     for client in {id(c): c for c in (context.target_llm, context.meta_llm)}.values():
                         client.observers.append(functools.partial(notify, callback, "on_llm_call"))
             everyone: list[Callback] = [

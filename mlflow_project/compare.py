@@ -2,7 +2,7 @@
 
 Each (method, seed) is a child run recorded like any single run (same metrics, tables and
 artifacts, tagged with its method). The parent holds the comparison: test score (mean and
-standard deviation over seeds), LLM calls, tokens, and the paired bootstrap interval of
+standard deviation over seeds), scoring and meta requests, tokens, and the paired bootstrap interval of
 DistillPrompt minus each baseline on the same test examples. Calls and tokens count what
 each run asked for, whether the endpoint or the response cache answered, so a rerun with
 the same seeds reproduces the table exactly and sends nothing; wall times, which no rerun
@@ -45,14 +45,14 @@ class Outcome:
     run_id: str
     test_score: float
     calls: int
-    scoring_calls: int
-    meta_calls: int
     tokens: int
     sent: int
     wall_time: float
     per_example: list[float]
     metric: str = "score"
     diagnosis: str | None = None  # why the run could not improve (a round without signal)
+    scoring_calls: int = 0  # the search's scoring requests (train and validation)
+    meta_calls: int = 0  # the optimizer model's requests
 
 
 def parse_methods(text: str) -> list[str]:
@@ -137,8 +137,8 @@ def _split_usage(result: Any) -> tuple[int, int]:
 def budget_matched(child: Settings, method: str, budget: int, train_size: int) -> None:
     """Gives a searching method DistillPrompt's scoring budget: no candidate past it, and as
     many iterations as it pays for (GrIPS's patience would stop it short of it)."""
-    if method in ("distillprompt", "fewshot", "initial"):
-        return  # the reference itself; few-shot and initial do not search
+    if method in ("distillprompt", "fewshot", "initial", "mlflow-metaprompt"):
+        return  # the reference itself; the others do not search (MetaPrompt is one pass)
     child.optimizer.max_scoring_calls = budget  # MLflow's optimizers get it as their max_metric_calls
     if method == "grips":
         per_iteration = max(1, child.optimizer.grips_candidates * train_size)

@@ -8,9 +8,10 @@ class as ``distillprompt optimize`` and ``compare``) with ``eval_fn`` as its sco
 function; its meta-prompts go to the optimizer model of your choice (any OpenAI-compatible
 endpoint, or the embedded model when none is configured) through the response cache.
 
-A chat prompt (a JSON list of messages, as MLflow 3.17 passes it) is optimized in its
-instruction message: the system message, or the first user message when there is none;
-the other messages stay as written. Every candidate must keep the template's variables
+A chat prompt (a JSON list of messages, as MLflow 3.17 passes it) is optimized message by
+message: every system message and every user message's instruction part, each in a loop of
+its own with the ones before it in place; inputs parts, few-shot example pairs and
+assistant messages stay as written. Every candidate must keep the template's variables
 exactly (``{{question}}``): one that drops or invents a variable is rejected and counted
 (``variable_dropped`` / ``variable_invented``).
 """
@@ -103,9 +104,11 @@ class PromptTarget:
             role = str(message.get("role"))
             if role == "system" and target.text.strip():
                 positions.append(i)
-            elif role == "user" and any(
-                re.search(r"[A-Za-z]", line) and not templates.placeholders(line)
-                for line in target.instruction.splitlines()
+            elif role == "user" and _worded(target.instruction) and (
+                target.tail  # an instruction part before the app's inputs
+                # a user message without inputs is an instruction unless an answer follows it
+                # (then it is a few-shot example, kept as written with its answer)
+                or not templates.placeholders(target.text) and not _answered(messages, i)
             ):
                 positions.append(i)
         if positions:
@@ -115,7 +118,7 @@ class PromptTarget:
 
     @property
     def text(self) -> str:
-        """The text being optimized: the template, or its instruction message."""
+        """The text being optimized: the template, or its instruction message (whole)."""
         if self.messages is None:
             return self.template
         return str(self.messages[self.position or 0].get("content", ""))
@@ -145,6 +148,15 @@ class PromptTarget:
         messages = [dict(message) for message in self.messages]
         messages[self.position or 0]["content"] = text
         return json.dumps(messages, ensure_ascii=False)
+
+
+def _worded(text: str) -> bool:
+    """Some line with words and no placeholder."""
+    return any(re.search(r"[A-Za-z]", line) and not templates.placeholders(line) for line in text.splitlines())
+
+
+def _answered(messages: list[dict[str, Any]], position: int) -> bool:
+    return position + 1 < len(messages) and str(messages[position + 1].get("role")) == "assistant"
 
 
 def _chat_messages(template: str) -> list[dict[str, Any]] | None:

@@ -5,8 +5,8 @@ the same train sample, endpoint, response cache and test sample.
 Each runs in one round: ``mlflow.genai.optimize_prompts`` with MLflow's optimizer, on the
 run's train sample registered as its ``train_data``; the app it optimizes (``predict_fn``)
 sends the task's own scoring request through the run's evaluator, and its scorer is the
-task's per-example metric, so MLflow's optimizer sees exactly the scores DistillPrompt
-sees. Its result is the round's one candidate (scored on train like any other) and the
+task's per-example measure (correctness for labels), so MLflow's optimizer ranks by its
+mean (accuracy) where the loop's methods rank by the task metric (macro-F1). Its result is the round's one candidate (scored on train like any other) and the
 run's result, as for ``fewshot``. The optimizer model's calls go through the run's LLM
 client too (cache, retries, limiter, usage by stage): GEPA's through its reflection
 strategy, MetaPrompt's through a loopback OpenAI-compatible relay, since MLflow calls that
@@ -16,6 +16,7 @@ model over HTTP itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -25,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from distillprompt.data import Example
-from distillprompt.errors import UserError
+from distillprompt.errors import EndpointUnavailable, UserError
 from distillprompt.optimizer import LatestCandidate, Method, Round, Selection
 from distillprompt.settings import OptimizerSettings
 
@@ -102,7 +103,11 @@ class MlflowOptimizerMethod(Method):
 
         task = round.task
         by_input = {_rendered(round, example): example for example in task.train}
-        outcome: dict[str, float] = {}  # input -> the task's metric on it under the prompt last asked
+        # input -> the task's measure on it under the candidate being evaluated (MLflow
+        # evaluates one candidate at a time); cleared before each app run, so a failed run
+        # scores 0, never a value left by another candidate
+        outcome: dict[str, float] = {}
+        unavailable: list[EndpointUnavailable] = []
 
         name = f"distillprompt-{self.name}-{task.digest()[:8]}"
         prompt = mlflow.genai.register_prompt(name=name, template=round.initial.prompt,
@@ -113,10 +118,15 @@ class MlflowOptimizerMethod(Method):
             # registered object is read rather than loaded again, since a load inside a trace
             # starts a thread linking it to the trace (see genai._settle_prompt_links)
             instruction = prompt.template
+            outcome.pop(input, None)
             example = by_input.get(input)
             if example is None:
                 raise UserError("the optimizer asked for an input that is not in the train sample")
-            (score,) = bridge(round.evaluate([instruction], [example]))
+            try:
+                (score,) = bridge(round.evaluate([instruction], [example]))
+            except EndpointUnavailable as error:  # MLflow would score it 0 and go on: the run must stop
+                unavailable.append(error)
+                raise
             outcome[input] = score.per_example[0]
             return score.outputs[0]
 
@@ -130,16 +140,32 @@ class MlflowOptimizerMethod(Method):
         train_data = [{"inputs": {INPUT: text}, "expectations": {"expected_response": example.target}}
                       for text, example in by_input.items()]
         _settle_prompt_links()
+        # MLflow's optimizer does not log into the child run: the active run is per thread and
+        # this is a worker thread; the loop's tracker records the round as for every method
         result = mlflow.genai.optimize_prompts(
             predict_fn=predict_fn, train_data=train_data, prompt_uris=[prompt.uri],
-            optimizer=self.make_optimizer(round, bridge), scorers=[task_metric],
-            enable_tracking=mlflow.active_run() is not None,
+            optimizer=self.make_optimizer(round, bridge), scorers=[task_metric], enable_tracking=False,
         )
+        if unavailable:
+            raise unavailable[0]
         optimized = result.optimized_prompts[0]
         template = optimized.template if isinstance(optimized.template, str) else json.dumps(optimized.template)
         note = (f"{self.name}: MLflow's score {result.initial_eval_score} -> {result.final_eval_score}; "
                 f"registered {optimized.name} version {optimized.version}")
         return template.strip() or round.initial.prompt, note
+
+
+def _settled(optimizer_class: type) -> type:
+    """MLflow's optimizer class, with every ``eval_fn`` call made after MLflow's prompt-link
+    threads finish (``optimize_prompts`` loads the prompt itself just before the first one;
+    see ``genai._settle_prompt_links``)."""
+    from .genai import _settled_call
+
+    def optimize(self: Any, eval_fn: Any, train_data: Any, target_prompts: Any, enable_tracking: bool = True) -> Any:
+        settled = None if eval_fn is None else functools.partial(_settled_call, eval_fn)
+        return optimizer_class.optimize(self, settled, train_data, target_prompts, enable_tracking)
+
+    return type(optimizer_class.__name__, (optimizer_class,), {"optimize": optimize})
 
 
 def _rendered(round: Round, example: Example) -> str:
@@ -158,6 +184,8 @@ class MlflowGepa(MlflowOptimizerMethod):
     def make_optimizer(self, round: Round, bridge: Bridge) -> Any:
         from gepa.proposer.reflective_mutation.reflection_lm import StatelessReflectionLM
         from mlflow.genai.optimize.optimizers import GepaPromptOptimizer
+
+        GepaPromptOptimizer = _settled(GepaPromptOptimizer)  # noqa: N806 - keeps MLflow's name in its records
 
         keys = Keys(self.stage)
 
@@ -183,7 +211,7 @@ class MlflowMetaPrompt(MlflowOptimizerMethod):
     def make_optimizer(self, round: Round, bridge: Bridge) -> Any:
         from mlflow.genai.optimize.optimizers import MetaPromptOptimizer
 
-        return MetaPromptOptimizer(reflection_model=f"openai:/{round.optimizer_model}")
+        return _settled(MetaPromptOptimizer)(reflection_model=f"openai:/{round.optimizer_model}")
 
     def _optimize(self, round: Round, bridge: Bridge) -> tuple[str, str]:
         keys = Keys(self.stage)

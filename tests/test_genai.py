@@ -202,6 +202,20 @@ def test_a_chat_prompt_is_optimized_message_by_message(mlflow_server, app_endpoi
         assert [m.step for m in client.get_metric_history(run.info.run_id, f"{message}.best_train_score")] == [1]
 
 
+def test_instruction_messages_leave_inputs_and_few_shot_pairs_as_written():
+    from mlflow_project.genai import PromptTarget
+
+    chat = [
+        {"role": "system", "content": "You sort reviews."},
+        {"role": "user", "content": "Great phone, love it."},  # a few-shot example: answered below
+        {"role": "assistant", "content": "positive"},
+        {"role": "user", "content": "Review: {{review}}"},  # inputs only
+        {"role": "user", "content": "Answer with one word.\n\nProduct: {{product}}"},  # instruction + inputs
+        {"role": "user", "content": "Think before you answer."},  # an instruction of its own
+    ]
+    assert PromptTarget.instruction_positions("p", json.dumps(chat)) == [0, 4, 5]
+
+
 def test_an_inputs_part_at_the_end_stays_as_written(mlflow_server, app_endpoint, tmp_path):
     result, optimizer, _ = optimize_app(mlflow_server["uri"], app_endpoint, SPLIT_TEMPLATE, "app-split", "genai-split",
                                         tmp_path / "cache.sqlite", rewrites=2)
