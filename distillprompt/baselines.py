@@ -100,8 +100,7 @@ class Grips(Method):
         base = round.best
         settings = round.settings
         pool: list[str] = round.extras.setdefault(DELETED, [])
-        present = set(chunks(base.prompt))
-        addable = [chunk for chunk in pool if chunk not in present and chunk not in base.prompt]
+        addable = [chunk for chunk in pool if chunk not in base.prompt]  # the base's own chunks are in its text
         count = settings.grips_candidates
         left = round.scoring_left()
         if left is not None:  # a scoring budget (compare --budget-match): no candidate beyond it

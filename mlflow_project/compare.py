@@ -27,6 +27,7 @@ from typing import Any
 
 from distillprompt import runner
 from distillprompt.errors import UserError
+from distillprompt.optimizer import TEST_SCORING, TRAIN_SCORING, VAL_SCORING
 from distillprompt.progress import ConsoleProgress
 from distillprompt.settings import Settings
 from distillprompt.verdict import paired_bootstrap
@@ -119,7 +120,7 @@ def comparison_tables(outcomes: list[Outcome], methods: list[str], seed: int = 0
     return rows, "\n".join(lines), "\n".join(timing)
 
 
-SCORING_STAGES = ("scoring", "validation")  # the search's scoring; "test" is the same for every method
+SCORING_STAGES = (TRAIN_SCORING, VAL_SCORING)  # the search's scoring; the test scoring is the same for every method
 
 
 def _split_usage(result: Any) -> tuple[int, int]:
@@ -129,7 +130,7 @@ def _split_usage(result: Any) -> tuple[int, int]:
     for stage, usage in result.usage_by_stage.items():
         if stage in SCORING_STAGES:
             scoring += usage.calls
-        elif stage != "test":
+        elif stage != TEST_SCORING:
             meta += usage.calls
     return scoring, meta
 

@@ -19,11 +19,13 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+from unittest import mock  # patch.dict: set environment variables for a block and restore them
 
 from distillprompt.data import Example
 from distillprompt.errors import EndpointUnavailable, UserError
@@ -221,8 +223,10 @@ class MlflowMetaPrompt(MlflowOptimizerMethod):
             temperature = float(body.get("temperature", round.settings.temperature_rewrite))
             return bridge(round.chat(messages, temperature, keys(messages), self.stage))
 
-        with Relay(answer) as relay, _environment({"OPENAI_API_BASE": relay.base_url, "OPENAI_BASE_URL": None,
-                                                    "OPENAI_API_KEY": "relay"}):
+        # the environment is restored on the way out, OPENAI_BASE_URL included
+        with Relay(answer) as relay, mock.patch.dict(os.environ, {"OPENAI_API_BASE": relay.base_url,
+                                                                  "OPENAI_API_KEY": "relay"}):
+            os.environ.pop("OPENAI_BASE_URL", None)  # no other client of the run reaches past the relay
             return super()._optimize(round, bridge)
 
 
@@ -274,30 +278,3 @@ class Relay:
     def __exit__(self, *exc: Any) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-class _environment:
-    """Sets (or, with None, removes) environment variables for a block, then restores them."""
-
-    def __init__(self, values: dict[str, str | None]) -> None:
-        self.values = values
-        self.saved: dict[str, str | None] = {}
-
-    def __enter__(self) -> None:
-        import os
-
-        for key, value in self.values.items():
-            self.saved[key] = os.environ.get(key)
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-    def __exit__(self, *exc: Any) -> None:
-        import os
-
-        for key, value in self.saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
