@@ -33,28 +33,9 @@ import threading
 import time
 from pathlib import Path
 
-from scoring_throughput import DEFAULT_DATA, ROOT, start_endpoint  # this folder is on sys.path when run as a script
+from common import DEFAULT_DATA, ROOT, proc_stat, start_endpoint  # this folder is on sys.path when run as a script
 
-TICK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1024 * 1024
-
-
-def proc_stat(pid: int) -> dict | None:
-    """ppid, CPU seconds (user + system, own threads) and RSS bytes from /proc/<pid>/stat."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = data[data.rfind(")") + 2:].split()  # fields[0] is field 3 (state) of proc(5)
-    return {
-        "name": data[data.find("(") + 1:data.rfind(")")],
-        "state": fields[0],
-        "ppid": int(fields[1]),
-        "cpu": (int(fields[11]) + int(fields[12])) / TICK,
-        "children_cpu": (int(fields[13]) + int(fields[14])) / TICK,
-        "rss": int(fields[21]) * PAGE,
-    }
 
 
 def vm_hwm(pid: int) -> int | None:
@@ -268,13 +249,15 @@ def main() -> None:
             f"{'yes' if within else 'NO'} | {row['tree_peak_mb']:.0f} |"
         )
     print()
-    print("| executor | driver CPU s | other processes CPU s (peak count) | endpoint CPU s | endpoint peak RSS MB | "
-          "(driver + endpoint CPU) / wall | via Ray actors | final test score |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| executor | driver CPU s | driver CPU ms / request | other processes CPU s (peak count) | endpoint CPU s | "
+          "endpoint peak RSS MB | (driver + endpoint CPU) / wall | via Ray actors | final test score |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         busy = (row["driver_cpu_s"] + row["endpoint_cpu_s"]) / row["wall_s"]
+        per_request = 1000 * row["driver_cpu_s"] / row["requests"] if row.get("requests") else None
         print(
-            f"| {row['executor']} | {fmt(row['driver_cpu_s'])} | {row['others_cpu_s']:.1f} ({row['processes']}) | "
+            f"| {row['executor']} | {fmt(row['driver_cpu_s'])} | {fmt(per_request, '{:.2f}')} | "
+            f"{row['others_cpu_s']:.1f} ({row['processes']}) | "
             f"{fmt(row['endpoint_cpu_s'])} | {row['endpoint_hwm_mb']:.0f} | {busy:.2f} | "
             f"{fmt(row.get('by_actors'), '{}')} | {fmt(row.get('final_test'), '{:.4f}')} |"
         )

@@ -1,85 +1,78 @@
-"""Wall time of a whole `distillprompt optimize` process against a slow endpoint, next to the
-ideal time, for the in-process and the Ray executor side by side.
+"""Whole-process wall time of `distillprompt optimize` against a slow endpoint, next to the
+ideal time, for the in-process and the Ray executor side by side (and, optionally, the
+authors' DistillPrompt implementation run from a separate environment).
 
-The endpoint (tests/endpoint.py, in its own process) waits a fixed latency per request and
-serves at most C requests at once. The ideal time of a run is
+The endpoint (tests/endpoint.py, a fresh process per run) holds each request a fixed
+latency and serves at most C requests at once. The ideal time of a run is
 
     latency × (meta-requests that must run one after another + scoring requests / C)
 
 where each round has 5 meta-requests in a chain (rewrite, distill, compress, aggregate,
 paraphrase; the requests within a stage run side by side). Everything the process does is
-counted: interpreter start, imports, data loading, Ray start-up and shutdown.
+counted: interpreter start, imports, data loading, Ray start-up and shutdown. The endpoint
+reports when it was busy (at least one request in service), so the table shows where the
+rest of the wall time went: before the first request, after the last reply, and idle gaps
+in between.
 
-    python benchmarks/scoring_throughput.py            # the defaults of the Ray issue
+    python benchmarks/scoring_throughput.py --repeat 2     # the defaults of the throughput issue
+    python benchmarks/scoring_throughput.py --reference "/path/to/venv/bin/python benchmarks/reference_distillprompt.py"
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
-import subprocess
-import sys
+import shlex
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2"
+from common import DEFAULT_DATA, optimize_command, read_result, run_against_endpoint
+
 STAGES_PER_ROUND = 5
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def measure(args: argparse.Namespace, name: str, folder: Path) -> dict:
+    env = None
+    if name == "reference":
+        def command(base_url: str) -> list[str]:
+            return shlex.split(args.reference) + [
+                "--base-url", base_url, "--model", "test-model", "--dataset", str(args.dataset),
+                "--epochs", str(args.epochs), "--train-size", str(args.train_size), "--test-size", str(args.test_size),
+                "--concurrency", str(args.concurrency),
+            ]
 
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    else:
+        def command(base_url: str) -> list[str]:
+            return optimize_command(
+                args.dataset, base_url, name, folder / "out", epochs=args.epochs, train_size=args.train_size,
+                test_size=args.test_size, concurrency=args.concurrency, seed=args.seed,
+            )
 
-def start_endpoint(latency: float, capacity: int, faults: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "tests.endpoint", "--port", str(port), "--latency", str(latency),
-               "--capacity", str(capacity), *[f"--fault={fault}" for fault in faults]]
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    line = server.stdout.readline()  # "serving …" once it listens
-    if not line.startswith("serving"):
-        server.kill()
-        raise SystemExit(f"the endpoint did not start: {' '.join(command)}")
-    return server, f"http://127.0.0.1:{port}/v1"
-
-
-def run_once(args: argparse.Namespace, base_url: str, executor: str, folder: Path) -> dict:
-    command = [
-        sys.executable, "-m", "distillprompt", "optimize", "--quiet",
-        "--dataset", str(args.dataset), "--base-url", base_url, "--model", "test-model",
-        "--epochs", str(args.epochs), "--train-size", str(args.train_size), "--test-size", str(args.test_size),
-        "--concurrency", str(args.concurrency), "--executor", executor, "--no-cache", "--seed", str(args.seed),
-        "--output", str(folder / executor),
-    ]
-    started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{executor} run failed: {process.stderr.read()[-2000:]}")
-    result = json.loads((folder / executor / "result.json").read_text())
-    by_stage = result["usage"]["by_stage"]
-    scoring = sum(by_stage.get(stage, {}).get("requests", 0) for stage in ("scoring", "test"))
-    total = result["usage"]["total"]["requests"]
-    chain = STAGES_PER_ROUND * len(result["rounds"])
-    ideal = args.latency * (chain + scoring / args.capacity)
-    return {
-        "executor": executor,
-        "wall_s": wall,
-        "requests": total,
-        "scoring_requests": scoring,
-        "ideal_s": ideal,
-        "ratio": wall / ideal,
-        "peak_rss_mb": usage.ru_maxrss / 1024,
-        "final_prompt": result["final_prompt"],
-        "final_test": result["final_scores"]["test"]["score"],
-        "by_actors": result.get("ray", {}).get("requests", {}).get("actors"),
+    finished, stats = run_against_endpoint((args.latency, args.capacity, [], []), command, folder, env)
+    row = {
+        "name": name,
+        "wall_s": finished.wall_s,
+        "requests": stats["requests"],
+        "busy_s": stats["busy_s"],
+        "before_first_s": (stats["first_start"] or finished.ended) - finished.started,
+        "after_last_s": finished.ended - (stats["last_end"] or finished.started),
+        "gaps_s": stats["idle_gaps_s"],
+        "driver_cpu_ms": 1000 * finished.driver_cpu_s / max(stats["requests"], 1),
+        "maxrss_mb": finished.maxrss_mb,
+        "longest_gaps": stats["longest_gaps"],
     }
+    if name != "reference":
+        result = read_result(folder / "out")
+        by_stage = result["usage"]["by_stage"]
+        scoring = sum(usage["requests"] for stage, usage in by_stage.items() if stage in ("scoring", "validation", "test"))
+        chain = STAGES_PER_ROUND * len(result["rounds"])
+        row.update(
+            ideal_s=args.latency * (chain + scoring / args.capacity),
+            final_prompt=result["final_prompt"],
+            by_actors=result.get("ray", {}).get("requests", {}).get("actors"),
+        )
+    return row
 
 
 def main() -> None:
@@ -87,41 +80,53 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--capacity", type=int, default=32, help="requests the endpoint serves at once (C)")
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-size", type=int, default=100)
-    parser.add_argument("--test-size", type=int, default=200)
+    parser.add_argument("--concurrency", default="32")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-size", type=int, default=50)
+    parser.add_argument("--test-size", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--executors", default="local,ray")
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--fault", action="append", default=[], help="endpoint fault rate, e.g. 429=0.1")
+    parser.add_argument(
+        "--reference", help="command that runs the authors' implementation (it gets --base-url, --model, --dataset, "
+        "--epochs, --train-size, --test-size, --concurrency)",
+    )
     args = parser.parse_args()
 
-    server, base_url = start_endpoint(args.latency, args.capacity, args.fault)
+    names = args.executors.split(",") + (["reference"] if args.reference else [])
     rows = []
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            for attempt in range(args.repeat):
-                for executor in args.executors.split(","):
-                    rows.append(run_once(args, base_url, executor, Path(folder) / str(attempt)))
-    finally:
-        server.terminate()
-        server.wait()
+    with tempfile.TemporaryDirectory() as folder:
+        for attempt in range(args.repeat):
+            for name in names:
+                rows.append(measure(args, name, Path(folder) / f"{attempt}-{name}"))
 
     print(
-        f"latency {args.latency}s, C={args.capacity}, --concurrency {args.concurrency}, {args.epochs} epochs, "
-        f"train {args.train_size}, test {args.test_size}, {os.cpu_count()} cores"
+        f"latency {args.latency}s, C={args.capacity}, --concurrency {args.concurrency}, {args.epochs} rounds, "
+        f"train {args.train_size}, test {args.test_size}, no cache, {os.cpu_count()} cores"
     )
-    print("| executor | wall s | requests | of which via Ray actors | ideal s | wall / ideal | driver peak RSS MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| run | wall s | requests | endpoint busy s | before first request s | after last reply s | idle gaps s "
+          "| ideal s | wall / ideal | driver CPU ms / request | driver peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        via_actors = "-" if row["by_actors"] is None else str(row["by_actors"])
+        ideal = row.get("ideal_s")
+        ratio = f"{row['wall_s'] / ideal:.2f}" if ideal else "-"
         print(
-            f"| {row['executor']} | {row['wall_s']:.1f} | {row['requests']} | {via_actors} | {row['ideal_s']:.1f} | "
-            f"{row['ratio']:.2f} | {row['peak_rss_mb']:.0f} |"
+            f"| {row['name']} | {row['wall_s']:.1f} | {row['requests']} | {row['busy_s']:.1f} | {row['before_first_s']:.1f} | "
+            f"{row['after_last_s']:.1f} | {row['gaps_s']:.1f} | {'-' if ideal is None else round(ideal, 1)} | "
+            f"{ratio} | {row['driver_cpu_ms']:.2f} | {row['maxrss_mb']:.0f} |"
         )
-    prompts = {row["final_prompt"] for row in rows}
-    print(f"same final prompt in every run: {len(prompts) == 1}")
+    print("\nlongest idle gaps of the endpoint (seconds, at second, after stage -> before stage):")
+    for row in rows:
+        shown = ", ".join(f"{gap:.2f} at {at:.1f} {before}->{after}" for gap, at, before, after in row["longest_gaps"][:5])
+        print(f"  {row['name']}: {shown}")
+    ours = [row for row in rows if row["name"] != "reference"]
+    print(f"same final prompt in every run of this project: {len({row['final_prompt'] for row in ours}) == 1}")
+    reference = [row["wall_s"] for row in rows if row["name"] == "reference"]
+    if reference:
+        best = sum(reference) / len(reference)
+        for name in args.executors.split(","):
+            walls = [row["wall_s"] for row in rows if row["name"] == name]
+            print(f"reference / {name}: {best / (sum(walls) / len(walls)):.1f}× (mean wall times)")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any, NoReturn, Sequence
 
 from .data import count_text
 from .errors import EndpointUnavailable, UserError
+from .optimizer import Callback
 from .progress import ConsoleProgress
 from .settings import ENV_PREFIX, Settings, load_settings, setting_specs
 
@@ -203,6 +204,23 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return prompt.strip()
 
 
+class ImportAhead(Callback):
+    """Imports NumPy (the test verdict's bootstrap needs it at the very end) in a background
+    thread once the rounds are over, while the test scoring is out, so that the run's last
+    moments do not go to an import with the endpoint already done (earlier, an import in a
+    thread stalled the event loop mid-run: it holds the interpreter lock while it loads
+    compiled modules). Only on the command line: MLflow's optimize_prompts sets up import
+    hooks of its own, and a second importing thread beside them has deadlocked before (see
+    mlflow_project.genai)."""
+
+    def on_rounds_done(self, state: Any) -> None:
+        if "numpy" not in sys.modules:
+            import importlib
+            import threading
+
+            threading.Thread(target=importlib.import_module, args=("numpy",), name="import-ahead", daemon=True).start()
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import runner
 
@@ -221,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise UserError("--resume needs MLflow tracking: pass --tracking-uri or set MLFLOW_TRACKING_URI")
             settings, state = resumers[0].resumed  # the progress display hears them through on_settings
         result, folder = asyncio.run(
-            runner.optimize(settings, progress=progress, callbacks=callbacks, state=state)
+            runner.optimize(settings, progress=progress, callbacks=[ImportAhead(), *callbacks], state=state)
         )
         _print_result(result, folder)
         if result.failure:

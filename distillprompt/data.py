@@ -144,15 +144,92 @@ def _first_line(error: BaseException) -> str:
     return text[0][:300] if text else type(error).__name__
 
 
+class JsonRows:
+    """Rows of local JSON files, read with the standard library, offering the few parts of a
+    ``datasets.Dataset`` the task loader uses (``column_names``, ``features``, ``len``,
+    ``select_columns(...).to_dict()``).
+
+    Why not always ``datasets``: importing it takes about a second here, and every run
+    waits for it before its first request. JSON values come out as ``datasets`` gives them
+    for the files this path accepts (each column holds one kind of value: text, whole or
+    decimal numbers, booleans, or null); any other file goes to ``datasets``, which reads
+    or refuses it as before."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.column_names = list(dict.fromkeys(key for row in rows for key in row))
+        self.columns = {column: [row.get(column) for row in rows] for column in self.column_names}
+        self.features: dict[str, Any] = dict.fromkeys(self.column_names)  # no ClassLabel in JSON
+        self._length = len(rows)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def select_columns(self, columns: list[str]) -> JsonRows:
+        selected = JsonRows([])
+        selected.column_names = list(columns)
+        selected.columns = {column: self.columns[column] for column in columns}
+        selected.features = dict.fromkeys(columns)
+        selected._length = self._length
+        return selected
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        return dict(self.columns)
+
+
+def _json_kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "text" if isinstance(value, str) else "other"
+
+
+def _read_json_splits(files: dict[str, list[str]]) -> dict[str, JsonRows] | None:
+    """The splits of local JSON / JSON Lines files, or None when ``datasets`` should read
+    them (a line that is not a JSON object, a column mixing kinds of values, nested values)."""
+    splits = {}
+    for split, paths in files.items():
+        rows: list[dict[str, Any]] = []
+        for name in paths:
+            try:
+                text = Path(name).read_text(encoding="utf-8")
+                if text.lstrip().startswith("["):
+                    parsed = json.loads(text)
+                else:
+                    parsed = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                return None
+            if not isinstance(parsed, list) or not all(isinstance(row, dict) for row in parsed):
+                return None
+            rows.extend(parsed)
+        table = JsonRows(rows)
+        for values in table.columns.values():
+            kinds = {_json_kind(value) for value in values} - {None}
+            if len(kinds) > 1 or "other" in kinds:
+                return None
+        splits[split] = table
+    return splits
+
+
 def load_splits(settings: DataSettings) -> tuple[Any, str, str]:
-    """Returns (DatasetDict, display name, source identity)."""
+    """Returns (DatasetDict or dict of JsonRows, display name, source identity)."""
+    spec = settings.dataset
+    if spec and Path(spec).expanduser().exists():
+        path = Path(spec).expanduser()
+        files = _split_files(path)[1] if path.is_dir() else {"train": [str(path)]}
+        if all(FILE_BUILDERS.get(Path(name).suffix.lower()) == "json" for names in files.values() for name in names):
+            _refuse_empty_files(files)
+            fast = _read_json_splits(files)
+            if fast is not None:
+                return fast, path.stem if path.is_file() else path.resolve().name, str(path.resolve())
     import datasets
 
     datasets.disable_progress_bars()
     # The library logs a failed read at ERROR level before raising; the user gets one line
     # from us instead (with the line number, for JSON).
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    spec = settings.dataset
     if not spec:
         raise UserError("no dataset given: pass --dataset with a hub id, a data file or a folder of split files")
     path = Path(spec).expanduser()

@@ -64,6 +64,8 @@ class RoundResult:
     state: RunState
     stop_reason: str | None = None
     diagnosis: RoundDiagnosis | None = None
+    # requests in flight over the round: the bound at its end ("limit"), "peak" and time-"mean"
+    concurrency: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -620,6 +622,9 @@ class Optimizer:
         state = self.state
         started = time.perf_counter()
         usage_before = self.meter.snapshot()
+        limiter = getattr(self.llm, "limiter", None)  # the run's bound, when the LLM client has one
+        if limiter is not None:
+            limiter.window()
         rejections_before = {stage: dict(reasons) for stage, reasons in state.rejections.items()}
         rng = state.rng()
         handle = Round(self, epoch, rng, rejections_before)
@@ -664,6 +669,7 @@ class Optimizer:
             state=state,
             stop_reason=stop_reason,
             diagnosis=diagnosis,
+            concurrency=limiter.window() if limiter is not None else {},
         )
         for rule in self.stop_rules:
             result.stop_reason = result.stop_reason or rule.check(state, result)
@@ -884,4 +890,5 @@ def _round_summary(result: RoundResult) -> dict[str, Any]:
         "wall_time_seconds": round(result.wall_time, 3),
         "stop_reason": result.stop_reason,
         "diagnosis": result.diagnosis.to_dict() if result.diagnosis else None,
+        "concurrency": result.concurrency,
     }

@@ -22,12 +22,12 @@ from .cache import ResponseCache
 from .data import Task, load_task
 from .errors import UserError
 from .evaluation import Evaluator, InProcessEvaluator, Score
-from .llm import ChatClient, PriorityLimiter, UsageMeter, check_endpoint
+from .llm import Adaptive, ChatClient, PriorityLimiter, RateBudget, UsageMeter, check_endpoint
 from .local_llm import LocalServer, bundled_model, custom_model
 from .methods import method_for
 from .optimizer import Callback, Optimizer, RunResult, notify
 from .progress import ConsoleProgress
-from .settings import Settings
+from .settings import AUTO_START_CONCURRENCY, LLMSettings, Settings
 from .state import RunState
 
 EXECUTOR_PLUGINS = "distillprompt.executors"
@@ -92,6 +92,9 @@ def start_local_llm(settings: Settings, stack: ExitStack | AsyncExitStack) -> tu
     stack.callback(server.stop)
     local = settings.model_copy(deep=True)
     local.llm.backend = "local"
+    if local.llm.concurrency == "auto":
+        # the embedded server answers from a queue and never says 429: a fixed bound
+        local.llm.concurrency = AUTO_START_CONCURRENCY
     local.llm.base_url = server.base_url
     local.llm.model = model.alias
     if not settings.llm.optimizer_base_url:
@@ -149,19 +152,27 @@ async def open_context(
     target_url = _require_endpoint(settings.llm.base_url)
     meta_url = _require_endpoint(settings.optimizer_base_url)
     options = client_options(settings)
-    ready = asyncio.to_thread(local.wait_ready) if local is not None else asyncio.sleep(0)
-    if task is None:
-        task, _ = await asyncio.gather(asyncio.to_thread(load_task, settings.data, settings.seed, need_train=need_train), ready)
-    else:
-        await ready
     checks = {(target_url, settings.llm.model), (meta_url, settings.optimizer_model)}
-    await asyncio.gather(*(check_endpoint(url, options["api_key"], model) for url, model in checks))
+
+    async def check() -> None:
+        if local is not None:
+            await asyncio.to_thread(local.wait_ready)
+        await asyncio.gather(*(check_endpoint(url, options["api_key"], model) for url, model in checks))
+
+    # The data loads while the endpoints are checked; a data error is reported first, as
+    # when one came after the other.
+    loading = asyncio.to_thread(load_task, settings.data, settings.seed, need_train=need_train) if task is None else None
+    loaded, checked = await asyncio.gather(loading or asyncio.sleep(0, task), check(), return_exceptions=True)
+    for outcome in (loaded, checked):
+        if isinstance(outcome, BaseException):
+            raise outcome
+    task = loaded
 
     cache = ResponseCache(settings.cache.path) if settings.cache.enabled else None
     if cache is not None:
         stack.callback(cache.close)
     meter = UsageMeter()
-    limiter = PriorityLimiter(settings.llm.concurrency)
+    limiter = make_limiter(settings.llm)
     common = dict(
         options, limiter=limiter, meter=meter, cache=cache, n_mode=settings.llm.n_mode, seed=settings.seed
     )
@@ -175,6 +186,17 @@ async def open_context(
         meta = ChatClient(base_url=meta_url, model=settings.optimizer_model, cache_identity=meta_identity, **common)
         stack.push_async_callback(meta.aclose)
     return RunContext(settings, task, meter, limiter, cache, meta, target, progress)
+
+
+def make_limiter(llm: LLMSettings) -> PriorityLimiter:
+    """The run's one bound on requests in flight: fixed, or adaptive (``--concurrency auto``),
+    with the requests and tokens per minute the endpoint allows."""
+    adaptive = None
+    if llm.adaptive:
+        start = min(AUTO_START_CONCURRENCY, llm.max_concurrency)
+        adaptive = Adaptive(limit=float(start), maximum=float(llm.max_concurrency))
+    rate = RateBudget(llm.rpm, llm.tpm) if llm.rpm or llm.tpm else None
+    return PriorityLimiter(llm.max_in_flight, adaptive=adaptive, rate=rate)
 
 
 class Executor(Protocol):

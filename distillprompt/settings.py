@@ -41,6 +41,9 @@ class Group(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+AUTO_START_CONCURRENCY = 16
+
+
 class LLMSettings(Group):
     base_url: str | None = Field(
         None,
@@ -67,7 +70,22 @@ class LLMSettings(Group):
     optimizer_base_url: str | None = Field(
         None, description="endpoint of the optimizer model (default: --base-url)"
     )
-    concurrency: int = Field(16, gt=0, description="LLM requests in flight at once, over the whole run")
+    concurrency: int | str = Field(
+        "auto",
+        description="LLM requests in flight at once, over the whole run: a number, or auto (start at 16, grow while "
+        "replies come as fast and no 429 arrives, back off on 429s, Retry-After and slower replies; up to "
+        "--max-concurrency; the embedded model gets 16)",
+    )
+    max_concurrency: int = Field(256, gt=0, description="the most requests in flight that --concurrency auto may reach")
+    rpm: float | None = Field(
+        None, gt=0, description="requests per minute the endpoint allows (the run stays under it, over all Ray actors)"
+    )
+    tpm: float | None = Field(
+        None,
+        gt=0,
+        description="tokens per minute the endpoint allows, counted as providers do before answering: input "
+        "characters / 4 + max_tokens",
+    )
     timeout: float = Field(120.0, gt=0, description="seconds before one request is abandoned and retried")
     max_retries: int = Field(8, ge=0, description="retries of a request after 429, 5xx, timeouts or lost connections")
     backoff_base: float = Field(0.5, ge=0, description="first retry delay in seconds; doubles on each retry, with jitter")
@@ -86,6 +104,28 @@ class LLMSettings(Group):
         description="max_tokens of a scoring answer (default: 256 on an endpoint, room for a short reasoning "
         "before the tagged answer; on the embedded model the longest label + 16 for classification)",
     )
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency(cls, value: int | str) -> int | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number <= 0 or str(number) != str(value).strip():
+            raise ValueError("give a whole number of requests above 0, or auto")
+        return number
+
+    @property
+    def adaptive(self) -> bool:
+        return self.concurrency == "auto"
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests in flight this run may have: the fixed bound, or auto's ceiling."""
+        return self.max_concurrency if self.concurrency == "auto" else int(self.concurrency)
 
 
 class DataSettings(Group):
@@ -271,6 +311,12 @@ class Settings(BaseSettings):
         None, description="Ray cluster to use, e.g. ray://head:10001 or auto (also RAY_ADDRESS; default: start a local one)"
     )
     ray_actors: int = Field(0, ge=0, description="scoring actors in the Ray pool (0: two per node)")
+    ray_start: Literal["auto", "now"] = Field(
+        "auto",
+        description="when a local Ray instance starts: auto (once the driver is busy answering requests most of the "
+        "time, so runs an endpoint limits never pay Ray's seconds of start-up) or now (at the start of the run); "
+        "a cluster (--ray-address) is joined at the start either way",
+    )
     resume: str | None = Field(
         None,
         description="MLflow run id of a run to continue from its last finished round, with its own settings "

@@ -133,7 +133,7 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
         "labels": task.labels,
         "task": task.task_type,
         "max_tokens": max_tokens,
-        "concurrency": min(settings.llm.concurrency, 16),
+        "concurrency": min(settings.llm.max_in_flight, 16),
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no input example on purpose: it would call the endpoint

@@ -74,11 +74,14 @@ def round_metrics(result: RoundResult) -> dict[str, float]:
         "cost_usd": usage.cost,
         "retries": usage.retries,
         "failed_requests": usage.failed,
+        "throttled_429": usage.throttled,
         "round_wall_time_s": result.wall_time,
         "dropped_replies": sum(sum(r.values()) for r in result.rejections.values()),
     }
     if scored:
         metrics["parse_rate"] = sum(c.parse_rate or 0.0 for c in scored) / len(scored)
+    for name, value in result.concurrency.items():  # the bound (auto adapts it) and its use
+        metrics[f"concurrency_{name}"] = value
     if result.diagnosis is not None:
         metrics.update(result.diagnosis.metrics())
     if result.best.val_score is not None:

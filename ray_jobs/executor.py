@@ -1,10 +1,12 @@
 """Scoring on Ray: a pool of async actors behind the driver's cache and one global bound.
 
 The driver looks every (prompt, example) request up in the response cache and sends only
-the misses to the actors; each actor holds its own async OpenAI client and applies the LLM
-layer's retry rules. The driver's limiter bounds the requests in flight across the whole
-pool (``--concurrency``), whatever the number of actors or CPUs. Replies come back once and
-are written to the cache by the driver, so a cluster needs no shared disk.
+the misses to the actors; each actor holds its own async OpenAI client and makes single
+attempts. The driver keeps every rule: its limiter bounds the requests in flight across
+the whole pool (``--concurrency``, fixed or adaptive), whatever the number of actors or
+CPUs, and admits them under ``--rpm``/``--tpm``; it retries failed attempts (through the
+same limiter) and counts what they cost. Replies are written to the cache by the driver,
+so a cluster needs no shared disk.
 
 Actors are restarted when they die (process killed, node lost) and Ray re-sends the calls
 they had not answered; a call whose actor cannot be brought back is sent to another actor.
@@ -18,12 +20,11 @@ import concurrent.futures
 import itertools
 import logging
 import time
-from dataclasses import asdict
 from typing import Any
 
 from distillprompt.errors import EndpointUnavailable, UserError
 from distillprompt.evaluation import RequestEvaluator
-from distillprompt.llm import SCORING, Usage
+from distillprompt.llm import SCORING, AttemptFailed, Reply
 from distillprompt.optimizer import Callback
 from distillprompt.runner import RunContext, client_options, evaluator_options
 from distillprompt.settings import Settings
@@ -34,6 +35,36 @@ log = logging.getLogger(__name__)
 
 MAX_RESUBMITS = 5
 PLACEMENT_ATTEMPTS = 3  # checks of where the actors run, on a cluster of several nodes
+# ray_start=auto: a local instance starts once the driver's event loop has used more than this
+# share of a core over a window. Against an endpoint that limits the run (200 ms a request, 32 at once)
+# the driver uses about 0.4 of a core and Ray, whose start-up takes seconds of CPU on a
+# 2-core machine, could only slow the run down; against a fast endpoint the driver is the
+# bottleneck (near 1.0) and actors take the work off it.
+BUSY_SHARE = 0.7
+BUSY_WINDOW_S = 1.0
+
+
+class DriverLoad:
+    """The share of a core the driver's event loop used over the last full window (the CPU
+    time of the thread that reads it, over wall time; other threads, such as a background
+    import, do not count), read cheaply on every request. The first window opens at the
+    first reading: start-up (imports, data loading) is not scoring work."""
+
+    def __init__(self, window: float = BUSY_WINDOW_S) -> None:
+        self.window = window
+        self.share = 0.0
+        self._wall: float | None = None
+        self._cpu = 0.0
+
+    def busy(self, threshold: float = BUSY_SHARE) -> bool:
+        now = time.monotonic()
+        if self._wall is None:
+            self._wall, self._cpu = now, time.thread_time()
+        elif now - self._wall >= self.window:
+            cpu = time.thread_time()
+            self.share = (cpu - self._cpu) / (now - self._wall)
+            self._wall, self._cpu = now, cpu
+        return self.share >= threshold
 
 
 def endpoint_options(settings: Settings) -> dict[str, Any]:
@@ -43,25 +74,35 @@ def endpoint_options(settings: Settings) -> dict[str, Any]:
 
 
 class ScoringWorker:
-    """An async actor that answers scoring requests with its own client (no cache)."""
+    """An async actor that makes single attempts at scoring requests with its own HTTP client.
 
-    def __init__(self, options: dict[str, Any], concurrency: int) -> None:
-        from distillprompt.llm import ChatClient, PriorityLimiter, UsageMeter
+    Everything else stays with the driver: the cache, the bound on requests in flight and
+    its adaptation, requests and tokens per minute, retries and their waits, and the
+    accounting. So a 429 an actor meets slows the whole run down, and a retry is admitted
+    like any other request."""
 
-        # The driver bounds requests in flight; the actor's own limiter never blocks.
-        self.client = ChatClient(limiter=PriorityLimiter(max(concurrency, 1) * 4), meter=UsageMeter(), **options)
+    def __init__(self, options: dict[str, Any]) -> None:
+        from distillprompt.llm import open_client
 
-    async def answer(self, messages: list[dict[str, str]], max_tokens: int, stop: tuple[str, ...]) -> dict[str, Any]:
-        spent = Usage()
+        self.base_url = options["base_url"]
+        self.client = open_client(options["base_url"], options.get("api_key"), options.get("timeout", 120.0))
+
+    async def attempt(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """One request; a reply as texts and token counts, or the failure as data (an openai
+        exception does not travel between processes)."""
+        from distillprompt.errors import UserError
+        from distillprompt.llm import attempt_failure, post_chat
+
         try:
-            texts = await self.client.fetch(
-                messages, temperature=0.0, n=1, max_tokens=max_tokens, sample=0, priority=SCORING, spent=spent, stop=stop
-            )
-        except EndpointUnavailable as error:
-            return {"error": str(error), "kind": "unavailable", "usage": asdict(spent)}
+            reply = await post_chat(self.client, arguments, self.base_url)
         except UserError as error:
-            return {"error": str(error), "kind": "user", "usage": asdict(spent)}
-        return {"texts": texts, "usage": asdict(spent)}
+            return {"user_error": str(error)}
+        except Exception as error:
+            failure = attempt_failure(error)
+            if failure is None:
+                raise
+            return {"status": failure.status_code, "retry_after": failure.retry_after_s, "detail": failure.detail}
+        return {"texts": reply.texts, "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens}
 
     def where(self) -> dict[str, Any]:
         import os
@@ -74,11 +115,13 @@ class ScoringWorker:
 class RayExecutor(Callback):
     """The pool of scoring actors.
 
-    On a local instance (no address), Ray's start-up and shutdown take seconds each; the
-    driver, on the same machine, answers requests itself while the pool is not up yet and
-    once the rounds are over (only test scoring is left), and shuts Ray down meanwhile. On
-    an existing cluster every scoring request goes to the actors: the driver may not even
-    reach the endpoint the cluster uses.
+    On a local instance (no address), Ray's start-up and shutdown take seconds each, and
+    its processes compete with the driver for this machine's cores. So the driver answers
+    requests itself until it is busy most of the time (``ray_start="auto"``; ``"now"``
+    starts Ray at once), while the pool is not up yet, and once the rounds are over (only
+    test scoring is left), and shuts Ray down meanwhile. On an existing cluster every
+    scoring request goes to the actors: the driver may not even reach the endpoint the
+    cluster uses.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -91,7 +134,16 @@ class RayExecutor(Callback):
         self.answered = {"actors": 0, "driver": 0}  # scoring requests sent, by who sent them
         self._closing: asyncio.Future[None] | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ray-pool")
-        self._ready = self._pool.submit(self._start)
+        self.load = DriverLoad()
+        self.started_at_share: float | None = None  # the driver's load that started a local instance
+        self._ready: concurrent.futures.Future[list[Any]] | None = None
+        if not self.local or settings.ray_start == "now":
+            self._ready = self._pool.submit(self._start)
+
+    def _start_now(self) -> concurrent.futures.Future[list[Any]]:
+        if self._ready is None:
+            self._ready = self._pool.submit(self._start)
+        return self._ready
 
     def _start(self) -> list[Any]:
         import ray
@@ -100,16 +152,17 @@ class RayExecutor(Callback):
 
         self.connection = connect(self.settings.ray_address)
         nodes = sorted(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
-        count = min(self.settings.ray_actors or 2 * max(1, len(nodes)), self.settings.llm.concurrency)
+        bound = self.settings.llm.max_in_flight
+        count = min(self.settings.ray_actors or 2 * max(1, len(nodes)), bound)
         remote = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(ScoringWorker)
         options = endpoint_options(self.settings)
-        per_actor = -(-self.settings.llm.concurrency // count)
+        per_actor = -(-bound // count)
 
         def spawn(i: int, hard: bool = False) -> Any:
             # Round-robin over the nodes (soft: a lost node's actors restart elsewhere; hard for
             # an actor made again because the soft affinity put it off its live node).
             strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=not hard) if nodes else "SPREAD"
-            return remote.options(max_concurrency=per_actor * 2 + 8, scheduling_strategy=strategy).remote(options, per_actor)
+            return remote.options(max_concurrency=per_actor * 2 + 8, scheduling_strategy=strategy).remote(options)
 
         self.actors = [spawn(i) for i in range(count)]
         if len(nodes) > 1:
@@ -158,12 +211,19 @@ class RayExecutor(Callback):
             disconnect(self.connection)
 
     async def ready(self) -> list[Any]:
-        return await asyncio.wrap_future(self._ready)
+        return await asyncio.wrap_future(self._start_now())
 
     def pool_open(self) -> bool:
-        """Whether a request should go to the actors now (a failed start raises here)."""
+        """Whether a request should go to the actors now (a failed start raises here). A
+        local instance that is not started yet starts once the driver is busy."""
         if self.stopping:
             return False
+        if self._ready is None:
+            if not self.load.busy():
+                return False
+            self.started_at_share = self.load.share
+            log.info("the driver used %.0f%% of a core: starting a local Ray instance", 100 * self.load.share)
+            self._start_now()
         if not self._ready.done():
             return not self.local  # a remote cluster is waited for, a local one is not
         self._ready.result()
@@ -178,7 +238,13 @@ class RayExecutor(Callback):
         return list(await asyncio.gather(*(actor.where.remote() for actor in actors)))
 
     def on_finish(self, result: Any) -> None:
-        result.extra["ray"] = {"local_instance": self.local, "actors": len(self.actors), "requests": dict(self.answered)}
+        result.extra["ray"] = {
+            "local_instance": self.local,
+            "started": self._ready is not None,
+            "started_at_driver_load": self.started_at_share,
+            "actors": len(self.actors),
+            "requests": dict(self.answered),
+        }
 
     def on_rounds_done(self, state: Any) -> None:
         if self.local and not self.stopping:
@@ -188,6 +254,8 @@ class RayExecutor(Callback):
     async def _close_when_idle(self) -> None:
         while sum(self.in_flight.values()):
             await asyncio.sleep(0.01)
+        if self._ready is None:
+            return  # never started
         try:
             await self.ready()
         except Exception:
@@ -205,8 +273,7 @@ class RayExecutor(Callback):
 class RayEvaluator(RequestEvaluator):
     def __init__(self, context: RunContext, executor: RayExecutor) -> None:
         super().__init__(context.task, **evaluator_options(context))
-        self.client = context.target_llm  # cache keys, cache and usage meter of the driver
-        self.limiter = context.limiter
+        self.client = context.target_llm  # cache keys, cache, limiter, retries and usage meter of the driver
         self.executor = executor
         self._order = itertools.count()
 
@@ -215,29 +282,26 @@ class RayEvaluator(RequestEvaluator):
         cached = self.client.lookup(key, stage)
         if cached is not None:
             return cached[0] if cached else ""
-        if not self.executor.pool_open():
-            # The driver answers itself, under the same limiter, cache and retry rules.
-            self.executor.answered["driver"] += 1
-            texts = await self.client.fetch_and_store(
-                key, messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, sample=0, priority=SCORING,
-                stop=self.stop,
-            )
-            return texts[0] if texts else ""
-        self.executor.answered["actors"] += 1
-        started = time.time()
-        await self.limiter.acquire(SCORING)
-        try:
-            reply = await self._dispatch(messages)
-        finally:
-            self.limiter.release()
-        spent = Usage(**reply["usage"])
-        if "error" in reply:
-            self.client.meter.record(stage, spent)
-            raise (UserError if reply["kind"] == "user" else EndpointUnavailable)(reply["error"])
-        self.client.store(key, reply["texts"], spent, stage, messages, started)
-        return reply["texts"][0] if reply["texts"] else ""
+        # To the actors, or, while the pool is not up (or no longer), the driver answers itself;
+        # either way under the driver's limiter, retry rules and accounting.
+        to_actors = self.executor.pool_open()
+        self.executor.answered["actors" if to_actors else "driver"] += 1
+        texts = await self.client.fetch_and_store(
+            key, messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, sample=0, priority=SCORING,
+            stop=self.stop, send=self._send if to_actors else None,
+        )
+        return texts[0] if texts else ""
 
-    async def _dispatch(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+    async def _send(self, arguments: dict[str, Any]) -> Reply:
+        """One attempt, made by the least busy actor."""
+        outcome = await self._dispatch(arguments)
+        if "texts" in outcome:
+            return Reply(outcome["texts"], outcome["input_tokens"], outcome["output_tokens"])
+        if "user_error" in outcome:
+            raise UserError(outcome["user_error"])
+        raise AttemptFailed(outcome["status"], outcome["retry_after"], outcome["detail"])
+
+    async def _dispatch(self, arguments: dict[str, Any]) -> dict[str, Any]:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
         actors = await self.executor.ready()
@@ -249,7 +313,7 @@ class RayEvaluator(RequestEvaluator):
             index = min(rotation, key=lambda i: in_flight.get(i, 0))
             in_flight[index] = in_flight.get(index, 0) + 1
             try:
-                return await actors[index].answer.remote(messages, self.max_tokens, self.stop)
+                return await actors[index].attempt.remote(arguments)
             except (RayActorError, ActorDiedError, ActorUnavailableError) as error:
                 last = error  # this actor is gone for good: another one takes the request
                 log.warning("scoring actor %d failed (%s); sending its request elsewhere", index, type(error).__name__)

@@ -177,6 +177,10 @@ class ScriptedEndpoint:
     script: list[str] = field(default_factory=list)  # "429", "429:2" (Retry-After 2 s), "500", "drop", "empty", "tagless", "ok"
     rates: dict[str, float] = field(default_factory=dict)  # same names, as fractions of all requests
     responder: Responder | None = None
+    # answer 429 at once to a request that arrives while this many are being served (0: never),
+    # like a provider's undisclosed concurrency limit; with Retry-After when throttle_retry_after
+    throttle: int = 0
+    throttle_retry_after: str = ""
     host: str = "127.0.0.1"
     port: int = 0
 
@@ -191,6 +195,7 @@ class ScriptedEndpoint:
         self._limit: asyncio.Semaphore | None = None
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.served: list[tuple[float, float, str]] = []  # (start, end, stage) of every request served, 429s included
 
     # ----- lifecycle ---------------------------------------------------------------------
 
@@ -242,6 +247,7 @@ class ScriptedEndpoint:
             self.log.clear()
             self.counts.clear()
             self._seen.clear()
+            self.served.clear()
 
     def requests(self, kind: str | None = None, stage: str | None = None, status: int | None = 200) -> list[Logged]:
         with self._lock:
@@ -297,6 +303,9 @@ class ScriptedEndpoint:
         if not self._authorized(headers):
             await self._send(writer, 401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
             return True
+        if method == "GET" and path.rstrip("/").endswith("/stats"):
+            await self._send(writer, 200, self.stats())
+            return True
         if method == "GET" and path.rstrip("/").endswith("/models"):
             await self._send(writer, 200, {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
             return True
@@ -326,14 +335,47 @@ class ScriptedEndpoint:
             position -= rate
         return "ok"
 
+    def stats(self) -> dict[str, Any]:
+        """When the endpoint was busy (at least one request being served): the union of the
+        requests' service intervals, the idle gaps between them, the first start and last end."""
+        with self._lock:
+            spans = sorted(self.served)
+            counts = dict(self.counts)
+        busy, gaps, start, end, previous = 0.0, [], None, None, ""
+        for begin, finish, stage in spans:
+            if end is None or begin > end:
+                if end is not None:
+                    gaps.append((begin - end, begin - spans[0][0], previous, stage))
+                busy += 0.0 if start is None else end - start
+                start, end = begin, finish
+            else:
+                end = max(end, finish)
+            previous = stage
+        if start is not None:
+            busy += end - start
+        return {
+            "requests": len(spans), "counts": counts, "busy_s": busy, "idle_gaps_s": sum(gap[0] for gap in gaps),
+            # the longest gaps: seconds, when (since the first request), between which stages
+            "longest_gaps": sorted(gaps, reverse=True)[:10], "first_start": spans[0][0] if spans else None,
+            "last_end": max((finish for _, finish, _ in spans), default=None), "peak_in_flight": self.peak_in_flight,
+        }
+
     async def _complete(self, request: dict[str, Any], body: bytes, writer: asyncio.StreamWriter) -> bool:
+        started = time.time()
+        content = "\n".join(str(m.get("content", "")) for m in request.get("messages", []))
+        kind, stage = request_kind(content)
+        if self.throttle and self.in_flight >= self.throttle:
+            extra = {"Retry-After": self.throttle_retry_after} if self.throttle_retry_after else None
+            await self._send(writer, 429, {"error": {"message": "too many requests in flight"}}, extra)
+            self._record(kind, stage, int(request.get("n") or 1), 429, body, request, content)
+            with self._lock:
+                self.served.append((started, time.time(), stage))
+            return True
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             if self.latency:
                 await asyncio.sleep(self.latency)
-            content = "\n".join(str(m.get("content", "")) for m in request.get("messages", []))
-            kind, stage = request_kind(content)
             fault = self._fault(body)
             n = int(request.get("n") or 1)
             status = 200
@@ -377,6 +419,8 @@ class ScriptedEndpoint:
             return True
         finally:
             self.in_flight -= 1
+            with self._lock:
+                self.served.append((started, time.time(), stage))
 
     def _record(self, kind: str, stage: str, n: int, status: int, body: bytes, request: dict[str, Any], content: str) -> None:
         entry = Logged(
@@ -416,11 +460,14 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=None)
     parser.add_argument("--no-n", action="store_true", help="ignore n, like llama.cpp's server")
     parser.add_argument("--fault", action="append", default=[], help="NAME=RATE, e.g. 429=0.1 500=0.05 drop=0.05")
+    parser.add_argument("--throttle", type=int, default=0, help="429 at once above this many requests in flight")
+    parser.add_argument("--throttle-retry-after", default="", help="Retry-After header of those 429s (none by default)")
     args = parser.parse_args()
     rates = {name: float(rate) for name, rate in (item.split("=") for item in args.fault)}
     endpoint = ScriptedEndpoint(
         models=args.model or ["test-model"], support_n=not args.no_n, latency=args.latency,
-        capacity=args.capacity, rates=rates, port=args.port,
+        capacity=args.capacity, rates=rates, port=args.port, throttle=args.throttle,
+        throttle_retry_after=args.throttle_retry_after,
     ).start()
     print(f"serving {endpoint.base_url}", flush=True)
     try:

@@ -57,6 +57,43 @@ def test_jsonl_folder_with_train_and_test(tmp_path: Path) -> None:
         assert example.target == ("positive", "negative")[example.index % 2]
 
 
+@pytest.mark.parametrize(
+    "train",
+    [
+        # string labels with case variants, a null label, a blank input, an extra column
+        [{"text": f"t{i}", "label": ["pos", "neg", "Pos", None][i % 4], "id": i} for i in range(30)]
+        + [{"text": " ", "label": "neg", "id": 99}],
+        # numeric labels, named with --label-names; an integral float among them
+        [{"text": f"t{i}", "label": [0, 1, 1.0][i % 3]} for i in range(30)],
+        # a row without the label key, a boolean column
+        [{"text": f"t{i}", "label": "yes" if i % 2 else "no", "flag": i % 3 == 0} for i in range(30)]
+        + [{"text": "no label here"}],
+    ],
+)
+def test_json_files_read_without_datasets_give_the_task_datasets_gives(tmp_path: Path, monkeypatch, train) -> None:
+    """Local JSON Lines are read with the standard library (importing datasets costs a
+    second before the first request); the task must be the one datasets builds."""
+    import distillprompt.data as data
+
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "test.jsonl", train[:12])
+    numeric = isinstance(train[0]["label"], int)
+    options = dict(train_size=8, test_size=6, val_size=4, **({"label_names": ["neg", "pos"]} if numeric else {}))
+    fast = load_task(settings(tmp_path, **options), seed=3)
+    with monkeypatch.context() as patched:
+        patched.setattr(data, "_read_json_splits", lambda files: None)  # what datasets reads
+        slow = load_task(settings(tmp_path, **options), seed=3)
+    assert fast.describe() == slow.describe()
+    assert (fast.train, fast.test, fast.val) == (slow.train, slow.test, slow.val)
+
+
+def test_a_json_column_mixing_text_and_numbers_is_left_to_datasets(tmp_path: Path) -> None:
+    from distillprompt.data import _read_json_splits
+
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": "one"}])
+    assert _read_json_splits({"train": [str(tmp_path / "train.jsonl")]}) is None
+
+
 def test_single_csv_holds_test_out_of_train(tmp_path: Path) -> None:
     path = tmp_path / "reviews.csv"
     lines = ["text,label"] + [f"review number {i},{'good' if i % 2 else 'bad'}" for i in range(30)]

@@ -125,6 +125,26 @@ def test_classification_scores_unparsed_counts_as_wrong() -> None:
     assert scores["accuracy"] == pytest.approx(0.5)
 
 
+def test_classification_scores_agree_with_scikit_learn() -> None:
+    """The counts replace scikit-learn's f1_score on the hot path; they must give its numbers,
+    labels that are never predicted or never true included."""
+    import random
+
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rng = random.Random(7)
+    for trial in range(300):
+        labels = ["a", "b", "c", "d", "e"][: rng.randint(2, 5)]
+        size = rng.randint(1, 40)
+        targets = [rng.choice(labels[: rng.randint(1, len(labels))]) for _ in range(size)]
+        predictions = [rng.choice([*labels, None]) for _ in range(size)]
+        ours = classification_scores(predictions, targets, labels)
+        unparsed = [p if p is not None else "\x00unparsed" for p in predictions]
+        expected = f1_score(targets, unparsed, labels=labels, average="macro", zero_division=0)
+        assert ours["macro_f1"] == pytest.approx(float(expected), abs=1e-12), (trial, targets, predictions)
+        assert ours["accuracy"] == pytest.approx(float(accuracy_score(targets, unparsed)), abs=1e-12)
+
+
 def test_classification_scores_three_classes_by_hand() -> None:
     targets = ["a", "a", "b", "b", "c", "c"]
     predictions = ["a", "b", "b", "b", "c", None]
@@ -294,3 +314,36 @@ def test_generation_scores_empty() -> None:
     means, per_example = generation_scores([], [], "exact_match")
     assert means == {"exact_match": 0.0, "rouge_l": 0.0}
     assert per_example == []
+
+
+# ----- the test verdict's bootstrap interval ---------------------------------------------
+
+
+def test_paired_bootstrap_gives_scipys_interval() -> None:
+    """The interval is computed without importing scipy.stats (0.7 s at the end of every
+    run); it must be SciPy's percentile bootstrap to the last digits, for the same seed."""
+    import random
+
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    from distillprompt.verdict import BOOTSTRAP_SAMPLES, paired_bootstrap
+
+    rng = random.Random(11)
+    for trial in range(40):
+        size = rng.randint(2, 60)
+        before = [float(rng.random() < 0.6) for _ in range(size)]
+        after = [float(rng.random() < 0.7) if trial % 2 else rng.random() for _ in range(size)]
+        differences = np.asarray(after) - np.asarray(before)
+        if np.all(differences == differences[0]):
+            continue
+        seed = rng.randint(0, 100)
+        mean, low, high = paired_bootstrap(before, after, seed=seed)
+        expected = bootstrap(
+            (differences,), np.mean, n_resamples=BOOTSTRAP_SAMPLES, confidence_level=0.95, method="percentile",
+            rng=np.random.default_rng(seed),
+        ).confidence_interval
+        assert mean == pytest.approx(float(differences.mean()), abs=1e-12)
+        assert (low, high) == pytest.approx((float(expected.low), float(expected.high)), abs=1e-12), trial
+    # a prompt compared with itself: no spread, no resampling
+    assert paired_bootstrap([1.0, 0.0], [1.0, 0.0]) == (0.0, 0.0, 0.0)

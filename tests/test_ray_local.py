@@ -6,6 +6,7 @@ import json
 import subprocess
 
 from tests.conftest import run_cli
+from tests.endpoint import ScriptedEndpoint
 
 
 def ray_processes() -> set[int]:
@@ -16,15 +17,28 @@ def ray_processes() -> set[int]:
 def test_default_ray_executor_matches_local_and_leaves_nothing_running(endpoint, reviews_dir, tmp_path):
     before = ray_processes()
     results = {}
-    for executor in ("ray", "local"):
+    # an endpoint that takes its time, as real ones do: the run waits on it, not on the driver
+    slow = ScriptedEndpoint(latency=0.2).start()
+    for executor in ("ray-now", "ray", "local"):
+        options = {"ray-now": ["--ray-start", "now"], "ray": [], "local": ["--executor", "local"]}[executor]
+        url = slow.base_url if executor == "ray" else endpoint.base_url
         completed = run_cli(
-            "optimize", "--dataset", str(reviews_dir), "--base-url", endpoint.base_url, "--model", "test-model",
+            "optimize", "--dataset", str(reviews_dir), "--base-url", url, "--model", "test-model",
             "--epochs", "1", "--train-size", "12", "--test-size", "10", "--no-cache",
-            "--output", str(tmp_path / executor), *(["--executor", "local"] if executor == "local" else []),
+            "--output", str(tmp_path / executor), *options,
         )
         assert completed.returncode == 0, completed.stderr
         results[executor] = json.loads((tmp_path / executor / "result.json").read_text())
+    slow.stop()
     assert results["ray"]["settings"]["executor"] == "ray"
     for key in ("final_prompt", "initial_scores", "final_scores", "history"):
+        assert results["ray-now"][key] == results["local"][key]
         assert results["ray"][key] == results["local"][key]
+    # --ray-start now: the instance started with the run (the driver answers until its actors
+    # are up, which on this short run may be never)
+    assert results["ray-now"]["ray"]["started"] is True
+    # the default waits for a busy driver: a 12-example run never pays Ray's start-up
+    assert results["ray"]["ray"]["started"] is False
+    scoring = sum(results["local"]["usage"]["by_stage"][stage]["requests"] for stage in ("scoring", "test"))
+    assert results["ray"]["ray"]["requests"] == {"actors": 0, "driver": scoring}
     assert ray_processes() <= before  # the local instance is gone with the run

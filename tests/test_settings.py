@@ -49,7 +49,7 @@ def test_defaults() -> None:
     assert s.optimizer.temperature_compress == 0.4
     assert s.optimizer.temperature_aggregate == 0.4
     assert s.optimizer.temperature_paraphrase == 0.7
-    assert s.llm.concurrency == 16
+    assert s.llm.concurrency == "auto" and s.llm.max_in_flight == 256
     assert s.cache.enabled is True
     assert s.seed == 0
     assert s.llm.api_key is None

@@ -1,0 +1,137 @@
+"""What the benchmarks share: the scripted endpoint in its own process, a whole
+`distillprompt optimize` process measured from outside, and /proc readings."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2"
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_endpoint(latency: float, capacity: int, faults: list[str], *extra: str) -> tuple[subprocess.Popen, str]:
+    """tests/endpoint.py in a process of its own; returns it and its base URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "tests.endpoint", "--port", str(port), "--latency", str(latency),
+               "--capacity", str(capacity), *[f"--fault={fault}" for fault in faults], *extra]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    line = server.stdout.readline()  # "serving …" once it listens
+    if not line.startswith("serving"):
+        server.kill()
+        raise SystemExit(f"the endpoint did not start: {' '.join(command)}")
+    return server, f"http://127.0.0.1:{port}/v1"
+
+
+def run_against_endpoint(
+    endpoint: tuple[float, int, list[str], list[str]], command: Callable[[str], list[str]], folder: Path,
+    env: dict[str, str] | None = None,
+) -> tuple[Finished, dict[str, Any]]:
+    """Starts a fresh endpoint (latency, capacity, faults, extra flags), runs the command it
+    makes from the endpoint's URL, and returns the measured process with the endpoint's own
+    account of the run."""
+    latency, capacity, faults, extra = endpoint
+    server, base_url = start_endpoint(latency, capacity, faults, *extra)
+    try:
+        finished = run_measured(command(base_url), folder, env=env)
+        stats = endpoint_stats(base_url)
+    finally:
+        server.terminate()
+        server.wait()
+    if finished.exit_code != 0:
+        raise SystemExit(f"{' '.join(command(base_url))} failed ({finished.exit_code}): {finished.stderr}")
+    return finished, stats
+
+
+def endpoint_stats(base_url: str) -> dict[str, Any]:
+    """The endpoint's own account: requests by kind and status, busy time, idle gaps."""
+    with urllib.request.urlopen(f"{base_url}/stats", timeout=30) as reply:
+        return json.loads(reply.read())
+
+
+def proc_stat(pid: int) -> dict | None:
+    """ppid, CPU seconds (user + system, own threads) and RSS bytes from /proc/<pid>/stat."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = data[data.rfind(")") + 2:].split()  # fields[0] is field 3 (state) of proc(5)
+    return {
+        "name": data[data.find("(") + 1:data.rfind(")")],
+        "state": fields[0],
+        "ppid": int(fields[1]),
+        "cpu": (int(fields[11]) + int(fields[12])) / TICK,
+        "children_cpu": (int(fields[13]) + int(fields[14])) / TICK,
+        "rss": int(fields[21]) * PAGE,
+    }
+
+
+@dataclass
+class Finished:
+    """A whole process, measured from outside: wall time from just before it was started to
+    its exit, its own CPU time (read from its zombie, so its children's is not in it)."""
+
+    exit_code: int
+    wall_s: float
+    started: float  # time.time() just before the start
+    ended: float
+    driver_cpu_s: float
+    maxrss_mb: float
+    stderr: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_measured(command: list[str], folder: Path, env: dict[str, str] | None = None, cwd: Path = ROOT) -> Finished:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
+        started_at = time.time()
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, env=env)
+        # Wait for the exit without reaping, to read the process's own CPU time from its zombie.
+        os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+        wall = time.perf_counter() - started
+        ended_at = time.time()
+        zombie = proc_stat(process.pid)
+        _, status, usage = os.wait4(process.pid, 0)
+    return Finished(
+        exit_code=os.waitstatus_to_exitcode(status),
+        wall_s=wall,
+        started=started_at,
+        ended=ended_at,
+        driver_cpu_s=zombie["cpu"] if zombie else float("nan"),
+        maxrss_mb=usage.ru_maxrss / 1024,
+        stderr=(folder / "stderr.txt").read_text()[-3000:],
+    )
+
+
+def optimize_command(
+    dataset: Path, base_url: str, executor: str, output: Path, *, epochs: int, train_size: int, test_size: int,
+    concurrency: str, seed: int = 0, extra: list[str] | None = None,
+) -> list[str]:
+    return [
+        sys.executable, "-m", "distillprompt", "optimize", "--quiet",
+        "--dataset", str(dataset), "--base-url", base_url, "--model", "test-model",
+        "--epochs", str(epochs), "--train-size", str(train_size), "--test-size", str(test_size),
+        "--concurrency", str(concurrency), "--executor", executor, "--no-cache", "--seed", str(seed),
+        "--output", str(output), *(extra or []),
+    ]
+
+
+def read_result(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "result.json").read_text())
