@@ -113,6 +113,8 @@ def run_once(args: argparse.Namespace, executor: str, folder: Path) -> dict:
             "--dataset", str(args.dataset), "--base-url", base_url, "--model", "test-model",
             "--epochs", str(args.epochs), "--train-size", str(args.train_size), "--test-size", str(args.test_size),
             "--concurrency", str(args.concurrency), "--executor", executor, "--no-cache", "--seed", str(args.seed),
+            # the actors' path from the start (by default a local instance waits for 5 busy seconds)
+            *(["--ray-start", "now"] if executor == "ray" else []),
             "--output", str(folder / "out"),
         ]
         with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:

@@ -10,6 +10,9 @@ column of scoring_throughput.py. It needs its own environment: coolprompt requir
 Its train and validation data are the first --train-size rows of the train split (it splits
 them itself, 25% for validation); its evaluator scores in batches of --concurrency requests
 (LangChain's batch). Only the wall time and the endpoint's count of requests are compared.
+coolprompt loads its F1 metric with Hugging Face ``evaluate.load("f1")``, which fetches a
+script from the hub (unreachable here): this runner writes a local ``f1`` metric module of
+its own (scikit-learn's macro F1) in a temporary folder and runs from there.
 """
 
 from __future__ import annotations
@@ -17,6 +20,24 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+
+F1_MODULE = '''
+import datasets
+import evaluate
+from sklearn.metrics import f1_score
+
+
+class F1(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="macro F1 (scikit-learn)", citation="", inputs_description="",
+            features=datasets.Features({"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}),
+        )
+
+    def _compute(self, predictions, references, labels=None, average="macro"):
+        return {"f1": float(f1_score(references, predictions, labels=labels, average=average, zero_division=0))}
+'''
 
 
 def main() -> None:
@@ -30,10 +51,20 @@ def main() -> None:
     parser.add_argument("--concurrency", default="32")
     args = parser.parse_args()
 
+    import os
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="reference-"))
+    (folder / "f1").mkdir()
+    (folder / "f1" / "f1.py").write_text(F1_MODULE)
+    dataset = args.dataset.resolve()
+    os.chdir(folder)  # evaluate.load("f1") finds ./f1/f1.py first
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
     from coolprompt.assistant import PromptTuner
     from langchain_openai import ChatOpenAI
 
-    rows = [json.loads(line) for line in (args.dataset / "train.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (dataset / "train.jsonl").read_text().splitlines() if line.strip()]
     rows = rows[: args.train_size]
     names = {0: "negative", 1: "positive"}
     texts = [row["text"] for row in rows]

@@ -206,8 +206,9 @@ def retryable(error: BaseException) -> bool:
 
 class RateBudget:
     """Requests and tokens per minute, the limits API providers publish, as two token buckets
-    that refill continuously; a bucket holds one second of its limit (at least one request's
-    worth), so a run never bursts far above the provider's per-minute rate."""
+    that refill continuously. A bucket holds one second of its limit, so a run never bursts
+    far above the provider's per-minute rate; a request larger than a bucket waits for a full
+    one and then takes it below zero."""
 
     def __init__(self, rpm: float | None = None, tpm: float | None = None) -> None:
         self.buckets = [[limit / 60.0, limit / 60.0, limit / 60.0] for limit in (rpm, tpm) if limit]  # rate, size, level
@@ -517,6 +518,10 @@ class ChatClient:
     async def aclose(self) -> None:
         await self._client.close()
 
+    async def post(self, arguments: dict[str, Any]) -> Reply:
+        """One attempt at a chat completion from this process (no cache, limiter or retry)."""
+        return await post_chat(self._client, arguments, self.base_url)
+
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.price_input + output_tokens * self.price_output) / 1_000_000
 
@@ -695,7 +700,7 @@ class ChatClient:
                 if send is not None:
                     response = await send(arguments)
                 else:
-                    response = await post_chat(self._client, arguments, self.base_url)
+                    response = await self.post(arguments)
                 latency = time.monotonic() - started
                 return response
             except Exception as error:

@@ -40,8 +40,11 @@ PLACEMENT_ATTEMPTS = 3  # checks of where the actors run, on a cluster of severa
 # the driver uses about 0.4 of a core and Ray, whose start-up takes seconds of CPU on a
 # 2-core machine, could only slow the run down; against a fast endpoint the driver is the
 # bottleneck (near 1.0) and actors take the work off it.
+# It must stay that busy for BUSY_WINDOWS windows in a row: Ray's start-up costs about 10 s of
+# CPU on 2 cores (load benchmark), which a run that is over in a few seconds never earns back.
 BUSY_SHARE = 0.7
 BUSY_WINDOW_S = 1.0
+BUSY_WINDOWS = 5
 
 
 class DriverLoad:
@@ -50,9 +53,11 @@ class DriverLoad:
     import, do not count), read cheaply on every request. The first window opens at the
     first reading: start-up (imports, data loading) is not scoring work."""
 
-    def __init__(self, window: float = BUSY_WINDOW_S) -> None:
+    def __init__(self, window: float = BUSY_WINDOW_S, windows: int = BUSY_WINDOWS) -> None:
         self.window = window
+        self.windows = windows
         self.share = 0.0
+        self.busy_windows = 0  # full windows in a row at or above the threshold
         self._wall: float | None = None
         self._cpu = 0.0
 
@@ -64,7 +69,8 @@ class DriverLoad:
             cpu = time.thread_time()
             self.share = (cpu - self._cpu) / (now - self._wall)
             self._wall, self._cpu = now, cpu
-        return self.share >= threshold
+            self.busy_windows = self.busy_windows + 1 if self.share >= threshold else 0
+        return self.busy_windows >= self.windows
 
 
 def endpoint_options(settings: Settings) -> dict[str, Any]:
@@ -282,18 +288,19 @@ class RayEvaluator(RequestEvaluator):
         cached = self.client.lookup(key, stage)
         if cached is not None:
             return cached[0] if cached else ""
-        # To the actors, or, while the pool is not up (or no longer), the driver answers itself;
-        # either way under the driver's limiter, retry rules and accounting.
-        to_actors = self.executor.pool_open()
-        self.executor.answered["actors" if to_actors else "driver"] += 1
         texts = await self.client.fetch_and_store(
             key, messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, sample=0, priority=SCORING,
-            stop=self.stop, send=self._send if to_actors else None,
+            stop=self.stop, send=self._send,
         )
         return texts[0] if texts else ""
 
     async def _send(self, arguments: dict[str, Any]) -> Reply:
-        """One attempt, made by the least busy actor."""
+        """One attempt, made once the driver's limiter admitted it: by the least busy actor,
+        or, while the pool is not up (or no longer), by the driver itself."""
+        to_actors = self.executor.pool_open()
+        self.executor.answered["actors" if to_actors else "driver"] += 1
+        if not to_actors:
+            return await self.client.post(arguments)
         outcome = await self._dispatch(arguments)
         if "texts" in outcome:
             return Reply(outcome["texts"], outcome["input_tokens"], outcome["output_tokens"])

@@ -75,8 +75,13 @@ def test_run_records_settings_rounds_and_artifacts(first_run, mlflow_server):
     history = client.get_metric_history(run.info.run_id, "best_train_score")
     assert [m.step for m in history] == [1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "rewrite_mean_score")] == [1, 2]
-    for name in ("llm_requests", "cache_hits", "tokens_in", "tokens_out", "cost_usd", "round_wall_time_s", "parse_rate"):
+    for name in ("llm_requests", "cache_hits", "tokens_in", "tokens_out", "cost_usd", "round_wall_time_s", "parse_rate",
+                 "throttled_429", "concurrency_limit", "concurrency_peak", "concurrency_mean"):
         assert len(client.get_metric_history(run.info.run_id, name)) == 2, name
+    # --concurrency auto (the default) against an endpoint that never throttles: no 429, and
+    # the bound was used (requests were in flight) and stayed within its ceiling
+    assert all(m.value == 0 for m in client.get_metric_history(run.info.run_id, "throttled_429"))
+    assert all(0 < m.value <= 256 for m in client.get_metric_history(run.info.run_id, "concurrency_peak"))
     metrics = run.data.metrics
     # train proposes, validation decides: the final prompt is at least as good on validation
     assert metrics["final_val_score"] >= metrics["initial_val_score"]

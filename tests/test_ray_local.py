@@ -42,3 +42,25 @@ def test_default_ray_executor_matches_local_and_leaves_nothing_running(endpoint,
     scoring = sum(results["local"]["usage"]["by_stage"][stage]["requests"] for stage in ("scoring", "test"))
     assert results["ray"]["ray"]["requests"] == {"actors": 0, "driver": scoring}
     assert ray_processes() <= before  # the local instance is gone with the run
+
+
+def test_a_local_instance_waits_for_a_driver_busy_five_seconds_in_a_row(monkeypatch):
+    """The rule that starts a local Ray instance (--ray-start auto), on a clock the test turns:
+    a busy second now and then does not start it; five busy seconds in a row do."""
+    import ray_jobs.executor as executor
+
+    clock = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(executor.time, "monotonic", lambda: clock["wall"])
+    monkeypatch.setattr(executor.time, "thread_time", lambda: clock["cpu"])
+    load = executor.DriverLoad()
+
+    def second(share: float) -> bool:
+        clock["wall"] += 1.0
+        clock["cpu"] += share
+        return load.busy()
+
+    assert load.busy() is False  # the first reading opens the window
+    # an endpoint-bound run: the driver uses 40% of a core, with a busy second among them
+    assert not any(second(share) for share in (0.4, 0.9, 0.4, 0.9, 0.9, 0.9, 0.9, 0.3))
+    # a driver-bound run: the fifth busy second in a row starts Ray
+    assert [second(0.95) for _ in range(5)] == [False, False, False, False, True]
