@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -131,6 +132,27 @@ def optimize_command(
         "--concurrency", str(concurrency), "--executor", executor, "--no-cache", "--seed", str(seed),
         "--output", str(output), *(extra or []),
     ]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a side-by-side run every benchmark of the throughput issue shares (its
+    defaults: 200 ms a request, 2 rounds, train 50, test 20, both executors)."""
+    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--latency", type=float, default=0.2, help="seconds the endpoint holds each request")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-size", type=int, default=50)
+    parser.add_argument("--test-size", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--executors", default="local,ray")
+    parser.add_argument("--repeat", type=int, default=1)
+
+
+def run_command(args: argparse.Namespace, base_url: str, executor: str, output: Path, concurrency: str) -> list[str]:
+    """`distillprompt optimize` with the options of ``add_run_arguments``."""
+    return optimize_command(
+        args.dataset, base_url, executor, output, epochs=args.epochs, train_size=args.train_size,
+        test_size=args.test_size, concurrency=concurrency, seed=args.seed,
+    )
 
 
 def read_result(folder: Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from common import DEFAULT_DATA, optimize_command, read_result, run_against_endpoint
+from common import add_run_arguments, read_result, run_against_endpoint, run_command
 
 STAGES_PER_ROUND = 5
 
@@ -44,10 +44,7 @@ def measure(args: argparse.Namespace, name: str, folder: Path) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
     else:
         def command(base_url: str) -> list[str]:
-            return optimize_command(
-                args.dataset, base_url, name, folder / "out", epochs=args.epochs, train_size=args.train_size,
-                test_size=args.test_size, concurrency=args.concurrency, seed=args.seed,
-            )
+            return run_command(args, base_url, name, folder / "out", args.concurrency)
 
     finished, stats = run_against_endpoint((args.latency, args.capacity, [], []), command, folder, env)
     row = {
@@ -77,16 +74,9 @@ def measure(args: argparse.Namespace, name: str, folder: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--latency", type=float, default=0.2)
+    add_run_arguments(parser)
     parser.add_argument("--capacity", type=int, default=32, help="requests the endpoint serves at once (C)")
     parser.add_argument("--concurrency", default="32")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--train-size", type=int, default=50)
-    parser.add_argument("--test-size", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--executors", default="local,ray")
-    parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument(
         "--reference", help="command that runs the authors' implementation (it gets --base-url, --model, --dataset, "
         "--epochs, --train-size, --test-size, --concurrency)",

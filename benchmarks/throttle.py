@@ -18,17 +18,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import DEFAULT_DATA, optimize_command, read_result, run_against_endpoint
+from common import add_run_arguments, read_result, run_against_endpoint, run_command
 
 
 def measure(args: argparse.Namespace, executor: str, concurrency: str, folder: Path) -> dict:
     extra = ["--throttle", str(args.throttle)] + (["--throttle-retry-after", args.retry_after] if args.retry_after else [])
 
     def command(base_url: str) -> list[str]:
-        return optimize_command(
-            args.dataset, base_url, executor, folder / "out", epochs=args.epochs, train_size=args.train_size,
-            test_size=args.test_size, concurrency=concurrency, seed=args.seed,
-        )
+        return run_command(args, base_url, executor, folder / "out", concurrency)
 
     finished, stats = run_against_endpoint((args.latency, 0, [], extra), command, folder)
     result = read_result(folder / "out")
@@ -49,16 +46,9 @@ def measure(args: argparse.Namespace, executor: str, concurrency: str, folder: P
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--latency", type=float, default=0.2)
+    add_run_arguments(parser)
     parser.add_argument("--throttle", type=int, default=24, help="429 above this many requests in flight")
     parser.add_argument("--retry-after", default="", help="Retry-After of the 429s (none by default)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--train-size", type=int, default=50)
-    parser.add_argument("--test-size", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--executors", default="local,ray")
-    parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
 
     rows = []

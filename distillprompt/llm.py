@@ -159,8 +159,8 @@ async def post_chat(client: openai.AsyncOpenAI, arguments: dict[str, Any], base_
     """One chat completion, through the OpenAI client's plain ``post`` with the raw reply
     (its documented way to call an endpoint as is): the client still sends the headers and
     turns error statuses into openai exceptions, but skips rebuilding the request from its
-    typed parameters and the reply into models, which cost about 3 ms of CPU a request
-    here, more than everything else the driver does for it."""
+    typed parameters and the reply into models, which cost 1 to 2.6 ms of CPU a request
+    here (benchmarks/http_client.py)."""
     raw = await client.post("/chat/completions", body=arguments, cast_to=httpx2.Response)
     try:
         data = raw.json()
@@ -317,7 +317,6 @@ class PriorityLimiter:
         self._hold_until = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self.peak = 0  # most requests in flight since the last window()
-        self.throttled = 0  # 429s seen, over the run
         self._busy_area = 0.0  # requests in flight × seconds, since the last window()
         self._window_start = self._changed = time.monotonic()
 
@@ -350,15 +349,10 @@ class PriorityLimiter:
     def throttle(self, retry_after: float | None, sent: float) -> None:
         """The endpoint answered 429 to a request sent at ``sent`` (time.monotonic()), with
         ``Retry-After`` seconds when it said."""
-        self.throttled += 1
         if self.adaptive is not None:
             self.adaptive.on_throttled(self.in_flight, sent)
         if retry_after:
             self._hold_until = max(self._hold_until, time.monotonic() + retry_after)
-
-    def held_for(self) -> float:
-        """Seconds left of the last Retry-After, 0 when none holds."""
-        return max(0.0, self._hold_until - time.monotonic())
 
     def window(self) -> dict[str, float]:
         """The bound now, the peak and the time-averaged requests in flight since the last call."""
@@ -574,14 +568,17 @@ class ChatClient:
         sample: int | str = 0,
         priority: int = META,
         stop: tuple[str, ...] = (),
+        send: Send | None = None,
     ) -> list[str]:
+        """The cached reply, else the endpoint's (``send``: each attempt made elsewhere, see
+        ``fetch_and_store``)."""
         key = self.cache_key(messages, temperature=temperature, max_tokens=max_tokens, n=n, sample=sample, stop=stop)
         cached = self.lookup(key, stage)
         if cached is not None:
             return cached
         return await self.fetch_and_store(
             key, messages, temperature=temperature, n=n, max_tokens=max_tokens, stage=stage, sample=sample,
-            priority=priority, stop=stop,
+            priority=priority, stop=stop, send=send,
         )
 
     async def fetch_and_store(
@@ -743,8 +740,9 @@ def open_client(base_url: str, api_key: str | None, timeout: float) -> openai.As
     """An async OpenAI client that does not retry by itself (the retry rules are ours). For a
     plain-HTTP endpoint (a local vLLM, Ollama, llama.cpp) it skips loading the TLS
     certificate bundle, which it would never use and which costs 40-100 ms per client before
-    the first request. Its transport is aiohttp (openai's ``DefaultAioHttpClient``): about
-    a third of the CPU per request of the default HTTPX one at 64 requests in flight."""
+    the first request. Its transport is aiohttp (openai's ``DefaultAioHttpClient``): a
+    third to a half of the CPU per request of the default HTTPX one at 64 requests in
+    flight (benchmarks/http_client.py)."""
     http_client = openai.DefaultAioHttpClient(verify=not base_url.startswith("http://"))
     return openai.AsyncOpenAI(
         base_url=base_url, api_key=api_key or "not-needed", max_retries=0, timeout=timeout, http_client=http_client

@@ -24,7 +24,7 @@ from typing import Any
 
 from distillprompt.errors import EndpointUnavailable, UserError
 from distillprompt.evaluation import RequestEvaluator
-from distillprompt.llm import SCORING, AttemptFailed, Reply
+from distillprompt.llm import SCORING, AttemptFailed, Reply, attempt_failure, open_client, post_chat
 from distillprompt.optimizer import Callback
 from distillprompt.runner import RunContext, client_options, evaluator_options
 from distillprompt.settings import Settings
@@ -88,17 +88,12 @@ class ScoringWorker:
     like any other request."""
 
     def __init__(self, options: dict[str, Any]) -> None:
-        from distillprompt.llm import open_client
-
         self.base_url = options["base_url"]
         self.client = open_client(options["base_url"], options.get("api_key"), options.get("timeout", 120.0))
 
     async def attempt(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """One request; a reply as texts and token counts, or the failure as data (an openai
         exception does not travel between processes)."""
-        from distillprompt.errors import UserError
-        from distillprompt.llm import attempt_failure, post_chat
-
         try:
             reply = await post_chat(self.client, arguments, self.base_url)
         except UserError as error:
@@ -284,15 +279,11 @@ class RayEvaluator(RequestEvaluator):
         self._order = itertools.count()
 
     async def answer(self, messages: list[dict[str, str]], stage: str) -> str:
-        key = self.client.cache_key(messages, temperature=0.0, max_tokens=self.max_tokens, n=1, sample=0, stop=self.stop)
-        cached = self.client.lookup(key, stage)
-        if cached is not None:
-            return cached[0] if cached else ""
-        texts = await self.client.fetch_and_store(
-            key, messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, sample=0, priority=SCORING,
-            stop=self.stop, send=self._send,
+        replies = await self.client.complete(
+            messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, priority=SCORING, stop=self.stop,
+            send=self._send,
         )
-        return texts[0] if texts else ""
+        return replies[0] if replies else ""
 
     async def _send(self, arguments: dict[str, Any]) -> Reply:
         """One attempt, made once the driver's limiter admitted it: by the least busy actor,

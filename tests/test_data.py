@@ -79,6 +79,8 @@ def test_json_files_read_without_datasets_give_the_task_datasets_gives(tmp_path:
     write_jsonl(tmp_path / "test.jsonl", train[:12])
     numeric = isinstance(train[0]["label"], int)
     options = dict(train_size=8, test_size=6, val_size=4, **({"label_names": ["neg", "pos"]} if numeric else {}))
+    files = {"train": [str(tmp_path / "train.jsonl")], "test": [str(tmp_path / "test.jsonl")]}
+    assert data._read_json_splits(files) is not None  # these files take the path without datasets
     fast = load_task(settings(tmp_path, **options), seed=3)
     with monkeypatch.context() as patched:
         patched.setattr(data, "_read_json_splits", lambda files: None)  # what datasets reads
