@@ -2,8 +2,13 @@
 
 A `distillprompt optimize` process with a 2,000-example train sample, 3 epochs and
 `--concurrency 128` runs against a fast scripted endpoint (tests/endpoint.py in its own
-process, latency 0, no capacity bound), once per executor. Each run gets a fresh endpoint,
-so runs do not share its request log (it keeps one entry per request) or its fault sequence.
+process, latency 0, no capacity bound), once per executor: ``local`` (in process), ``ray``
+(a local instance the run starts at once, ``--ray-start now``; the driver answers while it
+starts and after the rounds) and ``ray-cluster`` (a one-node cluster started beforehand with
+``ray start --head`` and reached through RAY_ADDRESS, so that every scoring request goes
+through the actors: the driver-CPU-per-request figure of a driver in front of a cluster).
+Each run gets a fresh endpoint, so runs do not share its request log (it keeps one entry
+per request) or its fault sequence.
 
 Reported per run: wall time of the whole process (interpreter start, imports, data loading,
 Ray start-up and shutdown included), the optimizer's own wall time (result.json), requests,
@@ -33,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, ROOT, proc_stat, start_endpoint  # this folder is on sys.path when run as a script
+from common import DEFAULT_DATA, ROOT, free_port, proc_stat, start_endpoint  # this folder is on sys.path when run as a script
 
 MB = 1024 * 1024
 
@@ -103,30 +108,75 @@ class TreeMonitor(threading.Thread):
             self.stop_event.wait(self.interval)
 
 
+class HeadNode:
+    """A one-node Ray cluster started with ``ray start --head`` (the ``ray-cluster`` run): the
+    driver connects to it through RAY_ADDRESS, as to any existing cluster, so every scoring
+    request goes through the actors. Its worker processes are children of its raylet, which
+    is polled like the driver's tree."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.env = dict(os.environ, RAY_AUTH_MODE="disabled")  # a loopback-only cluster
+        self.ray = str(Path(sys.executable).with_name("ray"))
+        self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+        subprocess.run(
+            [self.ray, "start", "--head", f"--port={self.port}", f"--num-cpus={os.cpu_count()}", "--include-dashboard=false",
+             "--disable-usage-stats", f"--temp-dir={self.temp}"],
+            env=self.env, check=True, stdout=subprocess.DEVNULL, stderr=open(folder / "ray-start.txt", "w"),
+        )
+        found = subprocess.run(["pgrep", "-f", f"raylet.*{self.temp}"], capture_output=True, text=True).stdout.split()
+        self.raylet = int(found[0]) if found else None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        subprocess.run([self.ray, "stop", "--force"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_once(args: argparse.Namespace, executor: str, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
+    head = HeadNode(folder) if executor == "ray-cluster" else None
+    try:
+        return measure(args, executor, folder, head)
+    finally:
+        if head is not None:
+            head.stop()
+
+
+def measure(args: argparse.Namespace, executor: str, folder: Path, head: HeadNode | None) -> dict:
     server, base_url = start_endpoint(args.latency, args.capacity, args.fault)
+    env = dict(os.environ, RAY_ADDRESS=head.address, RAY_AUTH_MODE="disabled") if head else None
+    cluster = TreeMonitor(head.raylet, args.poll) if head and head.raylet else None
     try:
         endpoint_before = proc_stat(server.pid)
         command = [
             sys.executable, "-m", "distillprompt", "optimize", "--quiet",
             "--dataset", str(args.dataset), "--base-url", base_url, "--model", "test-model",
             "--epochs", str(args.epochs), "--train-size", str(args.train_size), "--test-size", str(args.test_size),
-            "--concurrency", str(args.concurrency), "--executor", executor, "--no-cache", "--seed", str(args.seed),
+            "--concurrency", str(args.concurrency), "--executor", "ray" if head else executor, "--no-cache",
+            "--seed", str(args.seed),
             # the actors' path from the start (by default a local instance waits for 5 busy seconds)
             *(["--ray-start", "now"] if executor == "ray" else []),
             "--output", str(folder / "out"),
         ]
         with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
             started = time.perf_counter()
-            process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err)
+            process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, env=env)
             monitor = TreeMonitor(process.pid, args.poll)
             monitor.start()
+            if cluster:
+                cluster.start()
             # Wait for the exit without reaping, to read the driver's own CPU time from its zombie.
             os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
             wall = time.perf_counter() - started
             monitor.stop_event.set()
             monitor.join()
+            if cluster:
+                cluster.poll()  # the actors' last CPU time, before they are stopped
+                cluster.stop_event.set()
+                cluster.join()
             zombie = proc_stat(process.pid)
             _, status, usage = os.wait4(process.pid, 0)
             process.returncode = os.waitstatus_to_exitcode(status)
@@ -146,11 +196,14 @@ def run_once(args: argparse.Namespace, executor: str, folder: Path) -> dict:
         "tree_peak_mb": monitor.tree_peak_rss / MB,
         "processes": monitor.others_peak,
         "driver_cpu_s": zombie["cpu"] if zombie else float("nan"),
-        "others_cpu_s": sum(monitor.others_cpu.values()),
+        "others_cpu_s": sum(monitor.others_cpu.values()) + (sum(cluster.others_cpu.values()) if cluster else 0.0),
         "endpoint_cpu_s": endpoint_after["cpu"] - endpoint_before["cpu"] if endpoint_before and endpoint_after else float("nan"),
         "endpoint_hwm_mb": (endpoint_hwm or 0) / MB,
         "leftover": len(leftover),
-        "others_by_name": by_name(monitor.others_cpu, monitor.others_name),
+        "others_by_name": by_name(
+            {**monitor.others_cpu, **(cluster.others_cpu if cluster else {})},
+            {**monitor.others_name, **(cluster.others_name if cluster else {})},
+        ),
         "rss_timeline_mb": timeline(monitor.rss_samples, wall, 10),
         "stderr": (folder / "stderr.txt").read_text()[-3000:],
         "command": command,
@@ -169,6 +222,7 @@ def run_once(args: argparse.Namespace, executor: str, folder: Path) -> dict:
             final_prompt=result["final_prompt"],
             final_test=result["final_scores"]["test"]["score"],
             by_actors=result.get("ray", {}).get("requests", {}).get("actors"),
+            ray_calls=result.get("ray", {}).get("calls"),
             stop_reason=result.get("stop_reason"),
         )
     return row
@@ -209,7 +263,8 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--executors", default="local,ray")
+    parser.add_argument("--executors", default="local,ray,ray-cluster",
+                        help="local, ray (a local instance the run starts) and ray-cluster (an existing one-node cluster)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--fault", action="append", default=[], help="endpoint fault rate NAME=RATE, e.g. 429=0.1 (repeatable)")
     parser.add_argument("--rss-limit-mb", type=float, default=1024, help="the requirement on the driver's peak RSS")
@@ -252,8 +307,8 @@ def main() -> None:
         )
     print()
     print("| executor | driver CPU s | driver CPU ms / request | other processes CPU s (peak count) | endpoint CPU s | "
-          "endpoint peak RSS MB | (driver + endpoint CPU) / wall | via Ray actors | final test score |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "endpoint peak RSS MB | (driver + endpoint CPU) / wall | via Ray actors | Ray calls | final test score |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         busy = (row["driver_cpu_s"] + row["endpoint_cpu_s"]) / row["wall_s"]
         per_request = 1000 * row["driver_cpu_s"] / row["requests"] if row.get("requests") else None
@@ -261,7 +316,7 @@ def main() -> None:
             f"| {row['executor']} | {fmt(row['driver_cpu_s'])} | {fmt(per_request, '{:.2f}')} | "
             f"{row['others_cpu_s']:.1f} ({row['processes']}) | "
             f"{fmt(row['endpoint_cpu_s'])} | {row['endpoint_hwm_mb']:.0f} | {busy:.2f} | "
-            f"{fmt(row.get('by_actors'), '{}')} | {fmt(row.get('final_test'), '{:.4f}')} |"
+            f"{fmt(row.get('by_actors'), '{}')} | {fmt(row.get('ray_calls'), '{}')} | {fmt(row.get('final_test'), '{:.4f}')} |"
         )
     print()
     print("driver RSS MB at 10 %, 20 %, … 100 % of each run's wall time:")

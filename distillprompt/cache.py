@@ -1,12 +1,18 @@
 """Persistent response cache: one sqlite file, keyed by a hash of the full request.
 
 A request that was answered once costs nothing the second time, and a rerun with the same
-seed replays the same replies, so it reproduces the run. Every reply is committed as soon
-as it arrives: a run that is killed loses none of the replies it paid for.
+seed replays the same replies, so it reproduces the run.
+
+Writes are group commits: the replies that arrive in one turn of the event loop (a batch
+back from a Ray actor, or the replies that came in together) are written in one
+transaction at the end of that turn, so a run that is killed loses none of the replies it
+had received and a stage of thousands of replies does not pay a commit for each. Look-ups
+for a whole stage are one query (``get_many``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
@@ -50,6 +56,9 @@ def request_key(
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+QUERY_KEYS = 500  # keys per look-up query (SQLite allows 32,766 parameters since 3.32)
+
+
 @dataclass(frozen=True)
 class CachedReply:
     texts: list[str]
@@ -82,35 +91,83 @@ class ResponseCache:
             raise UserError(
                 f"cannot open the response cache at {self.path} ({exc}): pass a writable --cache-path or --no-cache"
             ) from None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._pending: dict[str, CachedReply] = {}  # written at the end of this turn of the event loop
+        self.transactions = 0  # write transactions committed (one per group of replies)
         self.hits = 0
         self.misses = 0
 
     def get(self, key: str) -> CachedReply | None:
+        return self.get_many([key]).get(key)
+
+    def get_many(self, keys: list[str]) -> dict[str, CachedReply]:
+        """The cached replies of these keys (missing keys are absent), in one query per
+        ``QUERY_KEYS`` keys; each key counts as a hit or a miss."""
+        found: dict[str, CachedReply] = {}
         with self._lock:
-            row = self._db.execute(
-                "SELECT texts, input_tokens, output_tokens FROM replies WHERE key = ?", (key,)
-            ).fetchone()
-            if row is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-        return CachedReply(json.loads(row[0]), row[1], row[2])
+            for key in keys:
+                if key in self._pending:
+                    found[key] = self._pending[key]
+            wanted = list(dict.fromkeys(key for key in keys if key not in found))
+            for start in range(0, len(wanted), QUERY_KEYS):
+                chunk = wanted[start : start + QUERY_KEYS]
+                rows = self._db.execute(
+                    "SELECT key, texts, input_tokens, output_tokens FROM replies WHERE key IN"
+                    f" ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+                for key, texts, input_tokens, output_tokens in rows:
+                    found[key] = CachedReply(json.loads(texts), input_tokens, output_tokens)
+            hits = sum(key in found for key in keys)
+            self.hits += hits
+            self.misses += len(keys) - hits
+        return found
 
     def put(self, key: str, reply: CachedReply) -> None:
+        """Keeps a reply; inside an event loop it is written with the others of this turn
+        of the loop, elsewhere at once."""
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO replies (key, texts, input_tokens, output_tokens, created) VALUES (?, ?, ?, ?, ?)",
-                (key, json.dumps(reply.texts, ensure_ascii=False), reply.input_tokens, reply.output_tokens, time.time()),
-            )
+            first = not self._pending
+            self._pending[key] = reply
+        if not first:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:  # no event loop in this thread: nothing to group with
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes the replies kept since the last flush, in one transaction."""
+        with self._lock:
+            if not self._pending:
+                return
+            now = time.time()
+            rows = [
+                (key, json.dumps(reply.texts, ensure_ascii=False), reply.input_tokens, reply.output_tokens, now)
+                for key, reply in self._pending.items()
+            ]
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO replies (key, texts, input_tokens, output_tokens, created) VALUES (?, ?, ?, ?, ?)",
+                    rows,
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            self._pending.clear()
+            self.transactions += 1
 
     def __len__(self) -> int:
         with self._lock:
+            self.flush()
             return self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
 
     def stats(self) -> dict[str, Any]:
-        return {"hits": self.hits, "misses": self.misses}
+        return {"hits": self.hits, "misses": self.misses, "write_transactions": self.transactions}
 
     def close(self) -> None:
         with self._lock:
+            self.flush()
             self._db.close()

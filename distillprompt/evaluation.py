@@ -9,7 +9,7 @@ from typing import Any, Callable, Protocol
 from .data import Example, Task
 from .llm import LLM, SCORING
 from .metrics import answer_text, classification_scores, generation_scores, parse_label
-from .templates import ANSWER_STOP, task_messages
+from .templates import ANSWER_STOP, message_maker
 
 
 @dataclass
@@ -45,11 +45,11 @@ class Evaluator(Protocol):
 
 
 def scoring_requests(task: Task, prompts: list[str], examples: list[Example]) -> list[ScoringRequest]:
-    return [
-        ScoringRequest(p, e, task_messages(task, prompt, example))
-        for p, prompt in enumerate(prompts)
-        for e, example in enumerate(examples)
-    ]
+    requests = []
+    for p, prompt in enumerate(prompts):
+        make = message_maker(task, prompt)
+        requests += [ScoringRequest(p, e, make(example)) for e, example in enumerate(examples)]
+    return requests
 
 
 def score_outputs(task: Task, outputs: list[str], examples: list[Example]) -> Score:
@@ -103,19 +103,23 @@ class RequestEvaluator:
     async def answer(self, messages: list[dict[str, str]], stage: str) -> str:
         raise NotImplementedError
 
-    async def score(self, prompts: list[str], examples: list[Example], stage: str = "scoring") -> list[Score]:
-        requests = scoring_requests(self.task, prompts, examples)
-        if self.on_requests_planned:
-            self.on_requests_planned(len(requests))
+    async def answer_all(self, requests: list[list[dict[str, str]]], stage: str) -> list[str]:
+        """Every request's answer, all at once (through ``answer`` unless overridden)."""
 
-        async def answer(request: ScoringRequest) -> str:
-            text = await self.answer(request.messages, stage)
+        async def answer(messages: list[dict[str, str]]) -> str:
+            text = await self.answer(messages, stage)
             if self.on_request_done:
                 self.on_request_done(1)
             return text
 
-        outputs = await asyncio.gather(*(answer(request) for request in requests))
-        return assemble(self.task, prompts, examples, list(outputs))
+        return list(await asyncio.gather(*(answer(messages) for messages in requests)))
+
+    async def score(self, prompts: list[str], examples: list[Example], stage: str = "scoring") -> list[Score]:
+        requests = scoring_requests(self.task, prompts, examples)
+        if self.on_requests_planned:
+            self.on_requests_planned(len(requests))
+        outputs = await self.answer_all([request.messages for request in requests], stage)
+        return assemble(self.task, prompts, examples, outputs)
 
 
 class InProcessEvaluator(RequestEvaluator):
@@ -130,3 +134,12 @@ class InProcessEvaluator(RequestEvaluator):
             messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, priority=SCORING, stop=self.stop
         )
         return replies[0] if replies else ""
+
+    async def answer_all(self, requests: list[list[dict[str, str]]], stage: str) -> list[str]:
+        complete_many = getattr(self.llm, "complete_many", None)  # ChatClient: one cache query per stage
+        if complete_many is None:
+            return await super().answer_all(requests, stage)
+        return await complete_many(
+            requests, temperature=0.0, max_tokens=self.max_tokens, stage=stage, priority=SCORING, stop=self.stop,
+            on_done=self.on_request_done,
+        )

@@ -1,4 +1,4 @@
-"""The only code that talks to an OpenAI-compatible endpoint.
+"""The optimizer's only code that talks to an OpenAI-compatible endpoint.
 
 ``ChatClient.complete`` is the ``LLM`` protocol of the design: it looks the request up in
 the response cache, waits for a slot under the one global bound on requests in flight,
@@ -13,14 +13,15 @@ import asyncio
 import email.utils
 import heapq
 import itertools
+import json
 import random
+import ssl
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Awaitable, Callable, Protocol
 
-import httpx2
-import openai
+import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from .cache import CachedReply, ResponseCache, request_key
@@ -34,13 +35,8 @@ Send = Callable[[dict[str, Any]], Awaitable["Reply"]]
 META = 0
 SCORING = 1
 
-# Scoring requests that ask several samples share one seed space with meta-prompts.
-_RETRYABLE = (
-    openai.RateLimitError,
-    openai.InternalServerError,
-    openai.APITimeoutError,
-    openai.APIConnectionError,
-)
+# Failures of the connection itself (no HTTP status): refused, reset, dropped, timed out.
+_NO_RESPONSE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
 
 
 class LLM(Protocol):
@@ -84,11 +80,12 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
     def add(self, other: Usage) -> None:
-        for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
+        # field names, not asdict(): asdict deep-copies, and this runs once per request
+        for name in _USAGE_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def minus(self, other: Usage) -> Usage:
-        return Usage(**{name: value - getattr(other, name) for name, value in asdict(self).items()})
+        return Usage(**{name: getattr(self, name) - getattr(other, name) for name in _USAGE_FIELDS})
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "calls": self.calls, "tokens": self.tokens}
@@ -96,6 +93,9 @@ class Usage:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Usage:
         return cls(**{k: data[k] for k in asdict(cls()) if k in data})
+
+
+_USAGE_FIELDS = tuple(item.name for item in fields(Usage))
 
 
 @dataclass
@@ -144,9 +144,9 @@ class Reply:
 
 
 class AttemptFailed(Exception):
-    """An attempt made elsewhere (by a Ray actor) failed: the HTTP status (0: no response,
-    e.g. a lost connection or a timeout), the Retry-After it carried, the endpoint's words.
-    The driver's retry rules treat it as the openai error it stands for."""
+    """A failed attempt, wherever it was made: the HTTP status (0: no response, e.g. a lost
+    connection or a timeout), the Retry-After it carried, the endpoint's words. Plain data,
+    so that a Ray actor can send it back to the driver, whose retry rules read it."""
 
     def __init__(self, status: int, retry_after: float | None = None, detail: str = "") -> None:
         super().__init__(f"HTTP {status}" if status else detail or "no response")
@@ -155,46 +155,124 @@ class AttemptFailed(Exception):
         self.detail = detail
 
 
-async def post_chat(client: openai.AsyncOpenAI, arguments: dict[str, Any], base_url: str) -> Reply:
-    """One chat completion, through the OpenAI client's plain ``post`` with the raw reply
-    (its documented way to call an endpoint as is): the client still sends the headers and
-    turns error statuses into openai exceptions, but skips rebuilding the request from its
-    typed parameters and the reply into models, which cost 1 to 2.6 ms of CPU a request
-    here (benchmarks/http_client.py)."""
-    raw = await client.post("/chat/completions", body=arguments, cast_to=httpx2.Response)
+class Endpoint:
+    """One OpenAI-compatible endpoint over aiohttp: ``POST /chat/completions`` and
+    ``GET /models``, with the bearer key, and every failure as an ``AttemptFailed`` (HTTP
+    status, Retry-After, the endpoint's message).
+
+    Why not the ``openai`` client, which the served model (mlflow_project/prompt_model.py)
+    uses: importing it costs 0.6-0.8 s of the 1.4-1.9 s before a run's first request (its
+    type models, and its HTTPX layer over this same aiohttp transport), and its request and
+    reply models cost 1 to 2.6 ms of CPU a request (benchmarks/http_client.py); the chat
+    protocol this loop needs is one JSON POST. The retry rules, limits and accounting are
+    this module's either way (the openai client's own retries were off)."""
+
+    def __init__(self, base_url: str, api_key: str | None, timeout: float = 120.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key or 'not-needed'}", "Content-Type": "application/json"}
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # No TLS context for a plain-HTTP endpoint (a local vLLM, Ollama, llama.cpp): loading
+            # the certificate bundle costs 40-100 ms before the first request. The bound on
+            # connections is the run's limiter, not the connector's.
+            tls: ssl.SSLContext | bool = False if self.base_url.startswith("http://") else _tls_context()
+            connector = aiohttp.TCPConnector(limit=0, ssl=tls)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, trust_env=True)
+        return self._session
+
+    async def post_chat(self, arguments: dict[str, Any]) -> Reply:
+        """One chat completion: the reply's texts and token counts, or AttemptFailed."""
+        data = await self._call("POST", "/chat/completions", arguments)
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list):
+            raise UserError(
+                f"the endpoint {self.base_url} did not answer like an OpenAI-compatible API: "
+                "point --base-url at the API root (usually ending in /v1)"
+            )
+        texts = [
+            str(((choice or {}).get("message") or {}).get("content") or "") for choice in choices if isinstance(choice, dict)
+        ]
+        usage = data.get("usage") or {}
+        return Reply(texts, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+    async def models(self) -> list[str]:
+        """The model ids the endpoint lists (AttemptFailed for an error status)."""
+        data = await self._call("GET", "/models", None)
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise ValueError("no model list")
+        return [str(item.get("id")) for item in items if isinstance(item, dict) and item.get("id")]
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        try:
+            async with self._open().request(
+                method, self.base_url + path, headers=self.headers,
+                data=None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8"),
+            ) as response:
+                raw = await response.read()
+                if response.status >= 400:
+                    raise AttemptFailed(response.status, _retry_after_header(response.headers), _body_message(raw))
+        except aiohttp.ClientSSLError as error:  # not transient: no retry
+            reason = getattr(error, "certificate_error", None) or getattr(error, "os_error", None) or error
+            raise UserError(
+                f"the TLS connection to {self.base_url} failed ({' '.join(str(reason).split())[:200]}): if the server's "
+                "certificate is signed by your own CA, set SSL_CERT_FILE to that CA's certificate"
+            ) from None
+        except _NO_RESPONSE as error:
+            if isinstance(error, asyncio.TimeoutError):
+                detail = f"no reply within {self.timeout.total:g} s (--timeout)"
+            else:
+                detail = f"connection failed ({type(error).__name__})"
+            raise AttemptFailed(0, None, detail) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def _tls_context() -> ssl.SSLContext:
+    """The certificate authorities to trust: SSL_CERT_FILE / SSL_CERT_DIR when set (a
+    company CA, a self-signed server), else Mozilla's bundle (certifi), as the openai client
+    does; the system's bundle may be missing."""
+    import os
+
+    cafile, capath = os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None
+    if cafile is None and capath is None:
+        import certifi
+
+        cafile = certifi.where()
     try:
-        data = raw.json()
+        return ssl.create_default_context(cafile=cafile, capath=capath)
+    except (OSError, ssl.SSLError) as error:
+        raise UserError(f"cannot load the CA certificates SSL_CERT_FILE/SSL_CERT_DIR name ({error}): fix or unset them") from None
+
+
+def _body_message(raw: bytes) -> str:
+    """The endpoint's own words in an error reply (OpenAI's ``{"error": {"message": …}}``)."""
+    try:
+        body = json.loads(raw)
     except ValueError:
-        data = None
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not isinstance(choices, list):
-        raise UserError(
-            f"the endpoint {base_url} did not answer like an OpenAI-compatible API: "
-            "point --base-url at the API root (usually ending in /v1)"
-        )
-    texts = [
-        str(((choice or {}).get("message") or {}).get("content") or "") for choice in choices if isinstance(choice, dict)
-    ]
-    usage = data.get("usage") or {}
-    return Reply(texts, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-
-
-def attempt_failure(error: BaseException) -> AttemptFailed | None:
-    """An openai error as an AttemptFailed that can cross a process boundary (None: not an
-    error the retry rules know)."""
-    if isinstance(error, openai.APIStatusError):
-        return AttemptFailed(error.status_code, retry_after(error), _error_detail(error))
-    if isinstance(error, _RETRYABLE):
-        return AttemptFailed(0, None, type(error).__name__)
-    return None
+        body = None
+    message = body.get("message") if isinstance(body, dict) else None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        message = body["error"].get("message")
+    elif isinstance(body, dict) and isinstance(body.get("error"), str):
+        message = body["error"]
+    text = " ".join(str(message or "").split())[:200]
+    return f": {text}" if text else ""
 
 
 def _status(error: BaseException) -> int | None:
     """The HTTP status of a failed attempt (0: no response), None for other errors."""
-    if isinstance(error, (openai.APIStatusError, AttemptFailed)):
+    if isinstance(error, AttemptFailed):
         return error.status_code
-    if isinstance(error, _RETRYABLE):
-        return 0
     return None
 
 
@@ -411,11 +489,14 @@ def request_tokens(messages: Messages, max_tokens: int) -> int:
 
 
 def retry_after(error: BaseException | None) -> float | None:
-    """The seconds an error's ``Retry-After`` (or ``retry-after-ms``) header asks for, if any."""
+    """The seconds a failed attempt's ``Retry-After`` (or ``retry-after-ms``) asked for, if any."""
     if isinstance(error, AttemptFailed):
         return error.retry_after_s
-    response = getattr(error, "response", None)
-    headers = getattr(response, "headers", None) or {}
+    return None
+
+
+def _retry_after_header(headers: Any) -> float | None:
+    """The seconds a reply's ``Retry-After`` (or ``retry-after-ms``) header asks for, if any."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value is None:
@@ -455,15 +536,8 @@ def _status_error(status: int, detail: str, base_url: str, model: str) -> UserEr
     return UserError(f"the endpoint {base_url} refused the request ({status}{detail}): check --model and the endpoint's limits")
 
 
-def _error_detail(error: openai.APIStatusError | AttemptFailed) -> str:
-    if isinstance(error, AttemptFailed):
-        return error.detail
-    body = error.body
-    message = body.get("message") if isinstance(body, dict) else None
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        message = body["error"].get("message")
-    text = " ".join(str(message or "").split())[:200]
-    return f": {text}" if text else ""
+def _error_detail(error: AttemptFailed) -> str:
+    return error.detail if error.status_code else ""
 
 
 class ChatClient:
@@ -507,14 +581,14 @@ class ChatClient:
         self.seed = seed
         self._jitter = random.Random()
         self.observers: list[Callable[[LLMCall], None]] = []
-        self._client = open_client(self.base_url, api_key, timeout)
+        self.endpoint = Endpoint(self.base_url, api_key, timeout)
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self.endpoint.close()
 
     async def post(self, arguments: dict[str, Any]) -> Reply:
         """One attempt at a chat completion from this process (no cache, limiter or retry)."""
-        return await post_chat(self._client, arguments, self.base_url)
+        return await self.endpoint.post_chat(arguments)
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.price_input + output_tokens * self.price_output) / 1_000_000
@@ -581,6 +655,51 @@ class ChatClient:
             priority=priority, stop=stop, send=send,
         )
 
+    async def complete_many(
+        self,
+        requests: list[Messages],
+        *,
+        temperature: float,
+        max_tokens: int,
+        stage: str = "",
+        priority: int = META,
+        stop: tuple[str, ...] = (),
+        send: Send | None = None,
+        on_done: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """One reply each (n=1, sample 0) to a stage's worth of requests: the cache is asked
+        once for all of them, and only the misses go to the endpoint, at once under the
+        limiter. ``on_done`` hears of every request answered (cached ones in one call)."""
+        if self.cache is None:  # no keys to compute
+            keys = [str(i) for i in range(len(requests))]
+            found: dict[str, CachedReply] = {}
+        else:
+            keys = [self.cache_key(messages, temperature=temperature, max_tokens=max_tokens, n=1, sample=0, stop=stop)
+                    for messages in requests]
+            found = self.cache.get_many(keys)
+        if found:
+            hits = sum(key in found for key in keys)
+            tokens = sum(found[key].input_tokens + found[key].output_tokens for key in keys if key in found)
+            self.meter.record(stage, Usage(cache_hits=hits, cached_tokens=tokens))
+            if on_done:
+                on_done(hits)
+
+        async def miss(key: str, messages: Messages) -> str:
+            texts = await self.fetch_and_store(
+                key, messages, temperature=temperature, n=1, max_tokens=max_tokens, stage=stage, sample=0,
+                priority=priority, stop=stop, send=send,
+            )
+            if on_done:
+                on_done(1)
+            return texts[0] if texts else ""
+
+        misses = [(i, key, messages) for i, (key, messages) in enumerate(zip(keys, requests)) if key not in found]
+        replies = [(found[key].texts or [""])[0] if key in found else "" for key in keys]
+        answered = await asyncio.gather(*(miss(key, messages) for _, key, messages in misses))
+        for (i, _, _), text in zip(misses, answered):
+            replies[i] = text
+        return replies
+
     async def fetch_and_store(
         self,
         key: str,
@@ -627,7 +746,9 @@ class ChatClient:
         """Asks the endpoint (no cache): n samples, retried as the rules say; adds what it
         cost, retries and failures included, to ``spent``."""
         seed = self._request_seed(sample) if temperature > 0 else None
-        if n == 1 or self.native_n is False:
+        if n == 1:  # no task of its own for the common case
+            return (await self._request(messages, temperature, 1, max_tokens, priority, _offset(seed, 0), spent, stop, send))[:1]
+        if self.native_n is False:
             replies = await asyncio.gather(
                 *(self._request(messages, temperature, 1, max_tokens, priority, _offset(seed, i), spent, stop, send) for i in range(n))
             )
@@ -680,14 +801,14 @@ class ChatClient:
             arguments["seed"] = seed
         if stop:
             arguments["stop"] = list(stop)
-        def wait(state: RetryCallState) -> float:
+        def wait_after(state: RetryCallState, before: int) -> float:
             error = state.outcome.exception() if state.outcome else None
-            return retry_delay(error, state.attempt_number - 1, self.backoff_base, self.backoff_max, self._jitter)
+            return retry_delay(error, before + state.attempt_number - 1, self.backoff_base, self.backoff_max, self._jitter)
 
         def count_retry(state: RetryCallState) -> None:
             spent.retries += 1
 
-        tokens = request_tokens(messages, max_tokens * n)
+        tokens = request_tokens(messages, max_tokens * n) if self.limiter.rate is not None else 0
 
         async def attempt() -> Any:
             await self.limiter.acquire(priority, tokens)
@@ -708,18 +829,25 @@ class ChatClient:
             finally:
                 self.limiter.release(latency, priority)  # the slot is free while the retry waits
 
-        # tenacity runs the retry loop; the rules are ours: which errors, how long to wait
-        # (Retry-After first, else exponential backoff with jitter), how many times.
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=wait,
-            retry=retry_if_exception(retryable),
-            before_sleep=count_retry,
-            reraise=True,
-        )
         try:
-            response = await retrying(attempt)
-        except (openai.APIStatusError, AttemptFailed, *_RETRYABLE) as error:
+            try:
+                response = await attempt()  # most requests succeed at once: no retry loop for them
+            except Exception as error:
+                if not retryable(error) or self.max_retries < 1:
+                    raise
+                # tenacity runs the retry loop; the rules are ours: which errors, how long to wait
+                # (Retry-After first, else exponential backoff with jitter), how many times.
+                spent.retries += 1
+                await asyncio.sleep(retry_delay(error, 0, self.backoff_base, self.backoff_max, self._jitter))
+                retrying = AsyncRetrying(
+                    stop=stop_after_attempt(self.max_retries),
+                    wait=lambda state: wait_after(state, 1),
+                    retry=retry_if_exception(retryable),
+                    before_sleep=count_retry,
+                    reraise=True,
+                )
+                response = await retrying(attempt)
+        except AttemptFailed as error:
             spent.failed += 1
             if not retryable(error):
                 raise _status_error(error.status_code, _error_detail(error), self.base_url, self.model) from None
@@ -736,25 +864,12 @@ class ChatClient:
         return reply.texts
 
 
-def open_client(base_url: str, api_key: str | None, timeout: float) -> openai.AsyncOpenAI:
-    """An async OpenAI client that does not retry by itself (the retry rules are ours). For a
-    plain-HTTP endpoint (a local vLLM, Ollama, llama.cpp) it skips loading the TLS
-    certificate bundle, which it would never use and which costs 40-100 ms per client before
-    the first request. Its transport is aiohttp (openai's ``DefaultAioHttpClient``): a
-    third to a half of the CPU per request of the default HTTPX one at 64 requests in
-    flight (benchmarks/http_client.py)."""
-    http_client = openai.DefaultAioHttpClient(verify=not base_url.startswith("http://"))
-    return openai.AsyncOpenAI(
-        base_url=base_url, api_key=api_key or "not-needed", max_retries=0, timeout=timeout, http_client=http_client
-    )
-
-
 def _offset(seed: int | None, index: int) -> int | None:
     return None if seed is None else (seed + index) % (2**31)
 
 
 def _describe_error(error: Exception | None) -> str:
-    if isinstance(error, (openai.APIStatusError, AttemptFailed)) and error.status_code:
+    if isinstance(error, AttemptFailed) and error.status_code:
         return f"last error: HTTP {error.status_code}"
     if isinstance(error, AttemptFailed):
         return f"last error: {error.detail or 'no response'}"
@@ -766,25 +881,26 @@ def _describe_error(error: Exception | None) -> str:
 async def check_endpoint(base_url: str, api_key: str | None, model: str, timeout: float = 10.0) -> None:
     """Fails fast, with the fix in one line, when the endpoint is unreachable, rejects the key
     or does not serve the model. Endpoints without a model list are let through."""
-    client = open_client(base_url, api_key, timeout)
+    endpoint = Endpoint(base_url, api_key, timeout)
     try:
-        page = await client.models.list()
-        served = [item.id for item in page.data]
-    except (openai.APIConnectionError, openai.APITimeoutError):
-        raise UserError(
-            f"cannot reach the endpoint {base_url}: start the server or fix --base-url (or OPENAI_BASE_URL)"
-        ) from None
-    except openai.APIStatusError as error:
+        served = await endpoint.models()
+    except AttemptFailed as error:
+        if error.status_code == 0:
+            raise UserError(
+                f"cannot reach the endpoint {base_url}: start the server or fix --base-url (or OPENAI_BASE_URL)"
+            ) from None
         if error.status_code in (401, 403):
             raise _status_error(error.status_code, _error_detail(error), base_url, model) from None
         return  # no /models route: the first real request will tell
+    except UserError:
+        raise
     except Exception:
         raise UserError(
             f"the endpoint {base_url} did not answer like an OpenAI-compatible API: point --base-url at the API root "
             "(usually ending in /v1)"
         ) from None
     finally:
-        await client.close()
+        await endpoint.close()
     if served and not any(name == model or name.split(":")[0] == model for name in served):
         shown = ", ".join(served[:10]) + (" …" if len(served) > 10 else "")
         raise UserError(f"the endpoint {base_url} does not serve model {model!r}: pass --model with one of {shown}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .data import Example, Task
 from .settings import LLMSettings
@@ -65,24 +66,39 @@ def task_messages(task: Task, instruction: str, example: Example) -> list[dict[s
     The instruction comes first and the input last, so requests for one instruction share
     a long prefix (servers with prefix caching reuse it). A full template is filled as is.
     """
+    return message_maker(task, instruction)(example)
+
+
+def message_maker(task: Task, instruction: str) -> Callable[[Example], list[dict[str, str]]]:
+    """``task_messages`` for one instruction and any example: the parts that do not depend
+    on the example are built once (a stage builds thousands of requests per instruction)."""
     if is_full_template(task, instruction):
-        content = instruction
-        for column in task.input_columns:
-            content = content.replace("{{" + column + "}}", example.inputs[column])
-        return [{"role": "user", "content": content}]
-    parts = [instruction.strip()]
+        columns = task.input_columns
+
+        def filled(example: Example) -> list[dict[str, str]]:
+            content = instruction
+            for column in columns:
+                content = content.replace("{{" + column + "}}", example.inputs[column])
+            return [{"role": "user", "content": content}]
+
+        return filled
+    head = [instruction.strip()]
     if task.is_classification:
-        parts.append(f"Possible answers: {', '.join(task.labels)}.")
-    parts.append(render_inputs(task, example))
-    if task.is_classification:
+        head.append(f"Possible answers: {', '.join(task.labels)}.")
         # Measured on the embedded 135M model (demo task, 150 rows): "one word from the
         # possible answers" gives parseable answers 95% of the time, "give only the answer" 85%.
         single_words = all(len(label.split()) == 1 for label in task.labels)
         choice = "one word from the possible answers" if single_words else "one of the possible answers"
-        parts.append(f"Answer with {choice}, written as {ANSWER_OPEN}label{ANSWER_CLOSE}.")
+        tail = f"Answer with {choice}, written as {ANSWER_OPEN}label{ANSWER_CLOSE}."
     else:
-        parts.append(f"Give the final answer between {ANSWER_OPEN} and {ANSWER_CLOSE}.")
-    return [{"role": "user", "content": "\n\n".join(parts)}]
+        tail = f"Give the final answer between {ANSWER_OPEN} and {ANSWER_CLOSE}."
+    prefix = "\n\n".join(head) + "\n\n"
+    suffix = "\n\n" + tail
+
+    def wrapped(example: Example) -> list[dict[str, str]]:
+        return [{"role": "user", "content": prefix + render_inputs(task, example) + suffix}]
+
+    return wrapped
 
 
 REASONING_ANSWER_TOKENS = 256

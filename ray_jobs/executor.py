@@ -1,16 +1,18 @@
 """Scoring on Ray: a pool of async actors behind the driver's cache and one global bound.
 
 The driver looks every (prompt, example) request up in the response cache and sends only
-the misses to the actors; each actor holds its own async OpenAI client and makes single
+the misses to the actors; each actor holds its own HTTP session and makes single
 attempts. The driver keeps every rule: its limiter bounds the requests in flight across
 the whole pool (``--concurrency``, fixed or adaptive), whatever the number of actors or
 CPUs, and admits them under ``--rpm``/``--tpm``; it retries failed attempts (through the
 same limiter) and counts what they cost. Replies are written to the cache by the driver,
 so a cluster needs no shared disk.
 
-Actors are restarted when they die (process killed, node lost) and Ray re-sends the calls
-they had not answered; a call whose actor cannot be brought back is sent to another actor.
-Each request's reply is recorded once, when its call returns.
+Requests travel to the actors in batches (``Batches``), one Ray call for the attempts the
+limiter admits together. Actors are restarted when they die (process killed, node lost)
+and Ray re-sends the calls they had not answered; a call whose actor cannot be brought
+back is sent to another actor. Each request's reply is recorded once, when its call
+returns.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import concurrent.futures
 import itertools
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from distillprompt.errors import EndpointUnavailable, UserError
 from distillprompt.evaluation import RequestEvaluator
-from distillprompt.llm import SCORING, AttemptFailed, Reply, attempt_failure, open_client, post_chat
+from distillprompt.llm import SCORING, AttemptFailed, Endpoint, Reply
 from distillprompt.optimizer import Callback
 from distillprompt.runner import RunContext, client_options, evaluator_options
 from distillprompt.settings import Settings
@@ -34,6 +36,7 @@ from .cluster import Connection, connect, disconnect
 log = logging.getLogger(__name__)
 
 MAX_RESUBMITS = 5
+MAX_BATCH = 64  # requests in one Ray call
 PLACEMENT_ATTEMPTS = 3  # checks of where the actors run, on a cluster of several nodes
 # ray_start=auto: a local instance starts once the driver's event loop has used more than this
 # share of a core over a window. Against an endpoint that limits the run (200 ms a request, 32 at once)
@@ -88,20 +91,19 @@ class ScoringWorker:
     like any other request."""
 
     def __init__(self, options: dict[str, Any]) -> None:
-        self.base_url = options["base_url"]
-        self.client = open_client(options["base_url"], options.get("api_key"), options.get("timeout", 120.0))
+        self.endpoint = Endpoint(options["base_url"], options.get("api_key"), options.get("timeout", 120.0))
+
+    async def attempt_many(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every request of a batch at once, each a single attempt; the outcomes in order."""
+        return list(await asyncio.gather(*(self.attempt(arguments) for arguments in batch)))
 
     async def attempt(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """One request; a reply as texts and token counts, or the failure as data (an openai
-        exception does not travel between processes)."""
+        """One request; a reply as texts and token counts, or the failure as data."""
         try:
-            reply = await post_chat(self.client, arguments, self.base_url)
+            reply = await self.endpoint.post_chat(arguments)
         except UserError as error:
             return {"user_error": str(error)}
-        except Exception as error:
-            failure = attempt_failure(error)
-            if failure is None:
-                raise
+        except AttemptFailed as failure:
             return {"status": failure.status_code, "retry_after": failure.retry_after_s, "detail": failure.detail}
         return {"texts": reply.texts, "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens}
 
@@ -133,6 +135,8 @@ class RayExecutor(Callback):
         self.in_flight: dict[int, int] = {}
         self.stopping = False
         self.answered = {"actors": 0, "driver": 0}  # scoring requests sent, by who sent them
+        self.calls = 0  # Ray calls that carried them (batches)
+        self.queued = 0  # requests handed to the actors whose batch has not come back
         self._closing: asyncio.Future[None] | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ray-pool")
         self.load = DriverLoad()
@@ -245,6 +249,7 @@ class RayExecutor(Callback):
             "started_at_driver_load": self.started_at_share,
             "actors": len(self.actors),
             "requests": dict(self.answered),
+            "calls": self.calls,
         }
 
     def on_rounds_done(self, state: Any) -> None:
@@ -253,7 +258,7 @@ class RayExecutor(Callback):
             self._closing = asyncio.ensure_future(self._close_when_idle())
 
     async def _close_when_idle(self) -> None:
-        while sum(self.in_flight.values()):
+        while self.queued:
             await asyncio.sleep(0.01)
         if self._ready is None:
             return  # never started
@@ -276,47 +281,105 @@ class RayEvaluator(RequestEvaluator):
         super().__init__(context.task, **evaluator_options(context))
         self.client = context.target_llm  # cache keys, cache, limiter, retries and usage meter of the driver
         self.executor = executor
-        self._order = itertools.count()
+        self.batches = Batches(executor, lambda: self.client.limiter.capacity)
 
     async def answer(self, messages: list[dict[str, str]], stage: str) -> str:
-        replies = await self.client.complete(
-            messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, priority=SCORING, stop=self.stop,
-            send=self._send,
+        return (await self.answer_all([messages], stage))[0]
+
+    async def answer_all(self, requests: list[list[dict[str, str]]], stage: str) -> list[str]:
+        return await self.client.complete_many(
+            requests, temperature=0.0, max_tokens=self.max_tokens, stage=stage, priority=SCORING, stop=self.stop,
+            send=self._send, on_done=self.on_request_done,
         )
-        return replies[0] if replies else ""
 
     async def _send(self, arguments: dict[str, Any]) -> Reply:
-        """One attempt, made once the driver's limiter admitted it: by the least busy actor,
-        or, while the pool is not up (or no longer), by the driver itself."""
+        """One attempt, made once the driver's limiter admitted it: by an actor, in a batch
+        with the other attempts admitted in the same turn of the event loop, or, while the
+        pool is not up (or no longer), by the driver itself."""
         to_actors = self.executor.pool_open()
         self.executor.answered["actors" if to_actors else "driver"] += 1
         if not to_actors:
             return await self.client.post(arguments)
-        outcome = await self._dispatch(arguments)
+        outcome = await self.batches.submit(arguments)
         if "texts" in outcome:
             return Reply(outcome["texts"], outcome["input_tokens"], outcome["output_tokens"])
         if "user_error" in outcome:
             raise UserError(outcome["user_error"])
         raise AttemptFailed(outcome["status"], outcome["retry_after"], outcome["detail"])
 
-    async def _dispatch(self, arguments: dict[str, Any]) -> dict[str, Any]:
+
+class Batches:
+    """Attempts go to the actors in batches: those the limiter admits in one turn of the
+    event loop (a batch's worth of slots freed at once, or a stage's first requests) leave
+    together, to the least busy actors, at most ``MAX_BATCH`` a call. Each Ray call
+    costs the driver about as much CPU as the HTTP request it carries would (load
+    benchmark), so one call per request kept the driver as busy as sending the requests
+    itself."""
+
+    def __init__(self, executor: RayExecutor, capacity: Callable[[], int]) -> None:
+        self.executor = executor
+        self.capacity = capacity  # the bound on requests in flight now
+        self.pending: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+        self._order = itertools.count()
+
+    def submit(self, arguments: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.pending.append((arguments, future))
+        self.executor.queued += 1
+        if len(self.pending) == 1:
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        pending, self.pending = self.pending, []
+        # Batches of about a (2 × actors)th of the bound: every actor has two in flight, so it
+        # works on one while the other travels. Splitting every group over all actors instead
+        # halves the batches at each return (a returned batch frees its slots at once, and the
+        # attempts they admit form the next group), down to a few requests a call.
+        target = max(1, min(MAX_BATCH, self.capacity() // (2 * max(1, len(self.executor.actors)))))
+        count = -(-len(pending) // target)
+        size = -(-len(pending) // count)
+        for start in range(0, len(pending), size):
+            asyncio.ensure_future(self._call(pending[start : start + size]))
+
+    async def _call(self, chunk: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]) -> None:
+        try:
+            outcomes = await self._dispatch([arguments for arguments, _ in chunk])
+        except BaseException as error:
+            self.executor.queued -= len(chunk)
+            for _, future in chunk:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        self.executor.queued -= len(chunk)
+        for (_, future), outcome in zip(chunk, outcomes):
+            if not future.done():
+                future.set_result(outcome)
+
+    async def _dispatch(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        actors = await self.executor.ready()
+        # imported once Ray is (by the pool's thread): importing it from two threads at once
+        # fails with a partly initialised module
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-        actors = await self.executor.ready()
         in_flight = self.executor.in_flight
         last: Exception | None = None
         for _ in range(MAX_RESUBMITS):
             start = next(self._order)  # the least busy actor; ties go round-robin
             rotation = [(start + k) % len(actors) for k in range(len(actors))]
             index = min(rotation, key=lambda i: in_flight.get(i, 0))
-            in_flight[index] = in_flight.get(index, 0) + 1
+            in_flight[index] = in_flight.get(index, 0) + len(batch)
+            self.executor.calls += 1
             try:
-                return await actors[index].attempt.remote(arguments)
+                return await actors[index].attempt_many.remote(batch)
             except (RayActorError, ActorDiedError, ActorUnavailableError) as error:
-                last = error  # this actor is gone for good: another one takes the request
-                log.warning("scoring actor %d failed (%s); sending its request elsewhere", index, type(error).__name__)
+                last = error  # this actor is gone for good: another one takes the batch
+                log.warning("scoring actor %d failed (%s); sending its %d requests elsewhere", index, type(error).__name__, len(batch))
             finally:
-                in_flight[index] -= 1
+                in_flight[index] -= len(batch)
         raise EndpointUnavailable(f"scoring actors kept failing ({type(last).__name__}); check the Ray cluster")
 
 

@@ -183,6 +183,7 @@ class ScriptedEndpoint:
     throttle_retry_after: str = ""
     host: str = "127.0.0.1"
     port: int = 0
+    tls: Any = None  # an ssl.SSLContext: serve HTTPS
 
     def __post_init__(self) -> None:
         self.log: list[Logged] = []
@@ -201,7 +202,7 @@ class ScriptedEndpoint:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}/v1"
 
     def start(self) -> ScriptedEndpoint:
         ready = threading.Event()
@@ -211,7 +212,7 @@ class ScriptedEndpoint:
             asyncio.set_event_loop(self._loop)
             self._limit = asyncio.Semaphore(self.capacity) if self.capacity else None
             self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._handle, self.host, self.port, backlog=1024)
+                asyncio.start_server(self._handle, self.host, self.port, backlog=1024, ssl=self.tls)
             )
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()

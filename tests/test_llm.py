@@ -78,7 +78,7 @@ def test_errors_beyond_the_retry_budget_raise_endpoint_unavailable(endpoint, sta
 def test_timeouts_are_retried_then_reported():
     with ScriptedEndpoint(latency=1.0) as slow:
         client = make_client(slow, timeout=0.2, max_retries=1)
-        with pytest.raises(EndpointUnavailable, match="APITimeoutError"):
+        with pytest.raises(EndpointUnavailable, match=r"no reply within 0.2 s \(--timeout\)"):
             complete(client)
         time.sleep(1.2)  # let the abandoned requests reach the log
         assert len(slow.requests(status=None)) == 2
@@ -197,7 +197,7 @@ def test_cached_request_costs_nothing_and_survives_a_reopen(endpoint, cache_path
     total = second.meter.total()
     assert (total.requests, total.cache_hits) == (0, 1)
     assert total.cached_tokens > 0
-    assert second.cache.stats() == {"hits": 1, "misses": 0}
+    assert second.cache.stats() == {"hits": 1, "misses": 0, "write_transactions": 0}
 
 
 def test_cache_key_separates_what_shapes_a_reply(endpoint, cache_path):
@@ -212,7 +212,7 @@ def test_cache_key_separates_what_shapes_a_reply(endpoint, cache_path):
     asyncio.run(go())
     # five calls, one repeat: four reach the endpoint
     assert len(endpoint.requests()) == 4
-    assert client.cache.stats() == {"hits": 1, "misses": 4}
+    assert client.cache.stats() == {"hits": 1, "misses": 4, "write_transactions": 4}
 
 
 def test_no_cache_means_every_call_is_sent(endpoint):
@@ -251,6 +251,55 @@ def test_cache_is_safe_for_concurrent_writers(cache_path):
     assert len(ResponseCache(cache_path)) == 400
 
 
+def test_replies_that_arrive_together_are_written_in_one_transaction_at_the_end_of_the_turn(cache_path):
+    """Group commit: a stage's replies do not pay a commit each, and a run killed after a
+    turn of its event loop has every reply of that turn on disk."""
+    import sqlite3
+
+    cache = ResponseCache(cache_path)
+
+    def on_disk() -> int:  # what another process (a resumed run) would find
+        with sqlite3.connect(cache_path) as other:
+            return other.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+
+    async def one_turn() -> tuple[int, int]:
+        for i in range(50):
+            cache.put(f"key-{i}", CachedReply([f"reply {i}"], 3, 1))
+        assert cache.get("key-7").texts == ["reply 7"]  # readable before it is written
+        before = on_disk()
+        await asyncio.sleep(0)  # the turn ends
+        return before, on_disk()
+
+    assert asyncio.run(one_turn()) == (0, 50)
+    assert cache.transactions == 1
+    cache.put("outside", CachedReply(["no event loop"], 1, 1))  # no loop to group with: written at once
+    assert on_disk() == 51 and cache.transactions == 2
+    found = cache.get_many(["key-0", "missing", "outside"])
+    assert sorted(found) == ["key-0", "outside"] and found["outside"].texts == ["no event loop"]
+
+
+def test_a_stage_is_looked_up_in_the_cache_at_once_and_only_misses_are_sent(endpoint, cache_path):
+    client = make_client(endpoint, cache=ResponseCache(cache_path))
+    stage = [[{"role": "user", "content": f"Classify it.\n\nInput: review {i}"}] for i in range(30)]
+    done: list[int] = []
+
+    async def go(requests):
+        try:
+            return await client.complete_many(requests, temperature=0.0, max_tokens=20, stage="scoring", on_done=done.append)
+        finally:
+            await client.aclose()
+
+    first = asyncio.run(go(stage[:10]))
+    assert len(endpoint.requests()) == 10
+    client = make_client(endpoint, cache=ResponseCache(cache_path))
+    replies = asyncio.run(go(stage))
+    assert replies[:10] == first and all(replies)
+    assert len(endpoint.requests()) == 30  # the 10 cached ones were not sent again
+    total = client.meter.total()
+    assert (total.cache_hits, total.requests) == (10, 20)
+    assert sum(done) == 10 + 30  # progress heard of every request, cached or sent
+
+
 def test_unwritable_cache_path_is_a_user_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -272,3 +321,54 @@ def test_check_endpoint_rejects_a_wrong_key():
     with ScriptedEndpoint(api_key="right-key") as guarded:
         with pytest.raises(UserError, match="401"):
             asyncio.run(check_endpoint(guarded.base_url, "wrong", "test-model"))
+
+
+def self_signed_certificate(folder) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 signed by its own key (a company CA in miniature)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+def test_an_https_endpoint_with_an_untrusted_certificate_fails_at_once_and_ssl_cert_file_fixes_it(tmp_path, monkeypatch):
+    import ssl
+
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert_file, key_file)
+    with ScriptedEndpoint(tls=tls) as secure:
+        assert secure.base_url.startswith("https://")
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+        with pytest.raises(UserError, match="set SSL_CERT_FILE") as refused:
+            asyncio.run(check_endpoint(secure.base_url, None, "test-model"))
+        assert "\n" not in str(refused.value)
+        with pytest.raises(UserError, match="set SSL_CERT_FILE"):
+            complete(make_client(secure))  # no retries: a certificate does not get better
+        assert secure.requests() == []
+
+        monkeypatch.setenv("SSL_CERT_FILE", cert_file)
+        asyncio.run(check_endpoint(secure.base_url, None, "test-model"))
+        assert complete(make_client(secure)) == [answer_scoring(SCORING_MESSAGES[0]["content"])]
+        assert len(secure.requests()) == 1

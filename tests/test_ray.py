@@ -76,6 +76,30 @@ def test_actors_spread_over_both_nodes_and_score_like_in_process(cluster, endpoi
     assert ray_requests == local_requests  # the same requests, each sent once
 
 
+def wider(settings):
+    """32 requests in flight: 2 actors get batches of 8."""
+    return settings.model_copy(update={"llm": settings.llm.model_copy(update={"concurrency": 32})})
+
+
+def test_requests_reach_the_actors_in_batches(cluster, reviews_dir, tmp_path):
+    """One Ray call carries the attempts the limiter admits together (a call per request kept
+    the driver as busy as sending the requests itself)."""
+    with ScriptedEndpoint(latency=0.02) as slow:
+        settings = wider(settings_for(slow, reviews_dir, tmp_path / "ray", ray_address=cluster.address, ray_actors=2))
+        result, _ = asyncio.run(runner.optimize(settings))
+        ray_requests = Counter(e.body_hash for e in slow.requests())
+        slow.reset()
+        local = wider(settings_for(slow, reviews_dir, tmp_path / "local", executor="local"))
+        in_process, _ = asyncio.run(runner.optimize(local))
+        local_requests = Counter(e.body_hash for e in slow.requests())
+
+    record = result.extra["ray"]
+    assert record["requests"]["driver"] == 0  # an existing cluster answers every scoring request
+    assert record["calls"] * 4 <= record["requests"]["actors"], record
+    assert [c.to_dict() for c in result.history] == [c.to_dict() for c in in_process.history]
+    assert ray_requests == local_requests
+
+
 def test_an_actor_killed_mid_scoring_loses_and_repeats_nothing(cluster, reviews_dir, tmp_path):
     prompts = [f"Decide the sentiment of the review, variant {i}." for i in range(6)]
     with ScriptedEndpoint(latency=0.05) as slow:
