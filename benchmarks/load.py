@@ -21,7 +21,8 @@ maximum over the driver and every descendant it reaped (an upper bound for the d
 alone). Neither adds up the Ray worker processes: they are separate processes, shown as the
 peak of the summed RSS of the whole process tree.
 
-    python benchmarks/load.py                               # local and ray, clean endpoint
+    python benchmarks/load.py                               # local, ray and ray-cluster, clean endpoint
+    python benchmarks/load.py --cache                       # with a fresh response cache per run
     python benchmarks/load.py --executors local --fault 429=0.1 --fault 500=0.05 --fault drop=0.05
 """
 
@@ -155,7 +156,8 @@ def measure(args: argparse.Namespace, executor: str, folder: Path, head: HeadNod
             sys.executable, "-m", "distillprompt", "optimize", "--quiet",
             "--dataset", str(args.dataset), "--base-url", base_url, "--model", "test-model",
             "--epochs", str(args.epochs), "--train-size", str(args.train_size), "--test-size", str(args.test_size),
-            "--concurrency", str(args.concurrency), "--executor", "ray" if head else executor, "--no-cache",
+            "--concurrency", str(args.concurrency), "--executor", "ray" if head else executor,
+            *(["--cache-path", str(folder / "cache.sqlite")] if args.cache else ["--no-cache"]),
             "--seed", str(args.seed),
             # the actors' path from the start (by default a local instance waits for 5 busy seconds)
             *(["--ray-start", "now"] if executor == "ray" else []),
@@ -223,6 +225,7 @@ def measure(args: argparse.Namespace, executor: str, folder: Path, head: HeadNod
             final_test=result["final_scores"]["test"]["score"],
             by_actors=result.get("ray", {}).get("requests", {}).get("actors"),
             ray_calls=result.get("ray", {}).get("calls"),
+            cache_writes=result.get("cache", {}).get("write_transactions"),
             stop_reason=result.get("stop_reason"),
         )
     return row
@@ -266,6 +269,8 @@ def main() -> None:
     parser.add_argument("--executors", default="local,ray,ray-cluster",
                         help="local, ray (a local instance the run starts) and ray-cluster (an existing one-node cluster)")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--cache", action="store_true",
+                        help="a fresh response cache per run (default --no-cache); reports its write transactions")
     parser.add_argument("--fault", action="append", default=[], help="endpoint fault rate NAME=RATE, e.g. 429=0.1 (repeatable)")
     parser.add_argument("--rss-limit-mb", type=float, default=1024, help="the requirement on the driver's peak RSS")
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between two polls of /proc")
@@ -327,6 +332,10 @@ def main() -> None:
         for row in rows:
             if row["others_by_name"]:
                 print(f"  {row['executor']}: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in row["others_by_name"].items()))
+    if args.cache:
+        print("response cache write transactions (each commits the replies of one turn of the event loop):")
+        for row in rows:
+            print(f"  {row['executor']}: {fmt(row.get('cache_writes'), '{}')} for {fmt(row.get('requests'), '{}')} replies")
     completed = [row for row in rows if "final_prompt" in row]
     if completed:
         print(f"same final prompt in every completed run: {len({row['final_prompt'] for row in completed}) == 1}")
