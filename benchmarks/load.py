@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -133,7 +134,20 @@ class HeadNode:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        subprocess.run([self.ray, "stop", "--force"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        """Ends this cluster's processes only (``ray stop`` would end every Ray process of the
+        user on the machine, a test cluster's too): those naming its temp dir, and the
+        raylet's descendants (the workers)."""
+        named = subprocess.run(["pgrep", "-f", self.temp], capture_output=True, text=True).stdout.split()
+        pids = {int(pid) for pid in named} | (set(descendants(self.raylet)) if self.raylet else set())
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any((proc_stat(pid) or {"state": "Z"})["state"] != "Z" for pid in pids):
+                time.sleep(0.2)
 
 
 def run_once(args: argparse.Namespace, executor: str, folder: Path) -> dict:

@@ -94,6 +94,8 @@ class ResponseCache:
         self._lock = threading.RLock()
         self._pending: dict[str, CachedReply] = {}  # written at the end of this turn of the event loop
         self.transactions = 0  # write transactions committed (one per group of replies)
+        self._scheduled = False  # a flush waits for the end of this turn of an event loop
+        self._failure: UserError | None = None  # a flush at a turn's end failed: the next put says so
         self.hits = 0
         self.misses = 0
 
@@ -125,19 +127,33 @@ class ResponseCache:
 
     def put(self, key: str, reply: CachedReply) -> None:
         """Keeps a reply; inside an event loop it is written with the others of this turn
-        of the loop, elsewhere at once."""
+        of the loop, elsewhere at once. A write that failed is reported here, by the next
+        reply (the replies it held are kept and written with the next group)."""
         with self._lock:
-            first = not self._pending
             self._pending[key] = reply
-        if not first:
-            return
-        try:
-            asyncio.get_running_loop().call_soon(self.flush)
-        except RuntimeError:  # no event loop in this thread: nothing to group with
-            self.flush()
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop in this thread: nothing to group with
+                self.flush()
+                return
+            if not self._scheduled:
+                self._scheduled = True
+                loop.call_soon(self._flush_at_turn_end)
+
+    def _flush_at_turn_end(self) -> None:
+        with self._lock:
+            self._scheduled = False
+            try:
+                self.flush()
+            except UserError as failure:  # a callback cannot raise to the run: the next put does
+                self._failure = failure
 
     def flush(self) -> None:
-        """Writes the replies kept since the last flush, in one transaction."""
+        """Writes the replies kept since the last flush, in one transaction; on failure they
+        stay kept, and a UserError names the fix."""
         with self._lock:
             if not self._pending:
                 return
@@ -146,16 +162,24 @@ class ResponseCache:
                 (key, json.dumps(reply.texts, ensure_ascii=False), reply.input_tokens, reply.output_tokens, now)
                 for key, reply in self._pending.items()
             ]
-            self._db.execute("BEGIN")
             try:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO replies (key, texts, input_tokens, output_tokens, created) VALUES (?, ?, ?, ?, ?)",
-                    rows,
-                )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN")
+                try:
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO replies (key, texts, input_tokens, output_tokens, created)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        rows,
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as error:
+                raise UserError(
+                    f"cannot write the response cache at {self.path} ({error}): free disk space or pass another "
+                    "--cache-path (a rerun with it replays what was written)"
+                ) from None
             self._pending.clear()
             self.transactions += 1
 
@@ -169,5 +193,7 @@ class ResponseCache:
 
     def close(self) -> None:
         with self._lock:
-            self.flush()
-            self._db.close()
+            try:
+                self.flush()
+            finally:
+                self._db.close()

@@ -35,8 +35,9 @@ Send = Callable[[dict[str, Any]], Awaitable["Reply"]]
 META = 0
 SCORING = 1
 
-# Failures of the connection itself (no HTTP status): refused, reset, dropped, timed out.
-_NO_RESPONSE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+# Failures with no usable HTTP reply (refused, reset, dropped, timed out, a malformed reply,
+# a proxy that failed): worth another attempt, as the openai client's APIConnectionError was.
+_NO_RESPONSE = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
 class LLM(Protocol):
@@ -196,8 +197,8 @@ class Endpoint:
         texts = [
             str(((choice or {}).get("message") or {}).get("content") or "") for choice in choices if isinstance(choice, dict)
         ]
-        usage = data.get("usage") or {}
-        return Reply(texts, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        return Reply(texts, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
 
     async def models(self) -> list[str]:
         """The model ids the endpoint lists (AttemptFailed for an error status)."""
@@ -216,8 +217,8 @@ class Endpoint:
                 raw = await response.read()
                 if response.status >= 400:
                     raise AttemptFailed(response.status, _retry_after_header(response.headers), _body_message(raw))
-        except aiohttp.ClientSSLError as error:  # not transient: no retry
-            reason = getattr(error, "certificate_error", None) or getattr(error, "os_error", None) or error
+        except aiohttp.ClientConnectorCertificateError as error:  # not transient: no retry
+            reason = getattr(error, "certificate_error", None) or error
             raise UserError(
                 f"the TLS connection to {self.base_url} failed ({' '.join(str(reason).split())[:200]}): if the server's "
                 "certificate is signed by your own CA, set SSL_CERT_FILE to that CA's certificate"
@@ -226,7 +227,7 @@ class Endpoint:
             if isinstance(error, asyncio.TimeoutError):
                 detail = f"no reply within {self.timeout.total:g} s (--timeout)"
             else:
-                detail = f"connection failed ({type(error).__name__})"
+                detail = f"no usable reply ({type(error).__name__})"
             raise AttemptFailed(0, None, detail) from None
         try:
             return json.loads(raw)
@@ -236,6 +237,14 @@ class Endpoint:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _count(value: Any) -> int:
+    """A token count as the endpoint reported it (0 when it did not, or not as a number)."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -505,7 +514,10 @@ def _retry_after_header(headers: Any) -> float | None:
         try:
             return min(max(float(value) * scale, 0.0), 300.0)
         except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value) if name == "retry-after" else None
+            try:
+                parsed = email.utils.parsedate_to_datetime(value) if name == "retry-after" else None
+            except (TypeError, ValueError):  # neither seconds nor an HTTP date: not a usable wait
+                parsed = None
             if parsed is not None:
                 return min(max(parsed.timestamp() - time.time(), 0.0), 300.0)
     return None

@@ -36,7 +36,7 @@ from .cluster import Connection, connect, disconnect
 log = logging.getLogger(__name__)
 
 MAX_RESUBMITS = 5
-MAX_BATCH = 64  # requests in one Ray call
+MAX_BATCH = 32  # requests in one Ray call (an actor that dies loses the replies of its batches in flight)
 PLACEMENT_ATTEMPTS = 3  # checks of where the actors run, on a cluster of several nodes
 # ray_start=auto: a local instance starts once the driver's event loop has used more than this
 # share of a core over a window. Against an endpoint that limits the run (200 ms a request, 32 at once)
@@ -105,6 +105,8 @@ class ScoringWorker:
             return {"user_error": str(error)}
         except AttemptFailed as failure:
             return {"status": failure.status_code, "retry_after": failure.retry_after_s, "detail": failure.detail}
+        except Exception as error:  # a fault of this request alone: the rest of its batch goes on
+            return {"unexpected": f"{type(error).__name__}: {error}"}
         return {"texts": reply.texts, "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens}
 
     def where(self) -> dict[str, Any]:
@@ -305,6 +307,8 @@ class RayEvaluator(RequestEvaluator):
             return Reply(outcome["texts"], outcome["input_tokens"], outcome["output_tokens"])
         if "user_error" in outcome:
             raise UserError(outcome["user_error"])
+        if "unexpected" in outcome:
+            raise RuntimeError(f"a scoring actor failed on a request: {outcome['unexpected']}")
         raise AttemptFailed(outcome["status"], outcome["retry_after"], outcome["detail"])
 
 

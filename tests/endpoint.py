@@ -174,7 +174,7 @@ class ScriptedEndpoint:
     support_n: bool = True
     latency: float = 0.0
     capacity: int = 0  # 0: unbounded
-    script: list[str] = field(default_factory=list)  # "429", "429:2" (Retry-After 2 s), "500", "drop", "empty", "tagless", "ok"
+    script: list[str] = field(default_factory=list)  # "429", "429:2" (Retry-After 2 s), "500", "drop", "garbage", "empty", "tagless", "ok"
     rates: dict[str, float] = field(default_factory=dict)  # same names, as fractions of all requests
     responder: Responder | None = None
     # answer 429 at once to a request that arrives while this many are being served (0: never),
@@ -387,9 +387,12 @@ class ScriptedEndpoint:
             elif fault == "500":
                 status = 500
                 await self._send(writer, 500, {"error": {"message": "boom"}})
-            elif fault == "drop":
+            elif fault in ("drop", "garbage"):
                 status = 0
             self._record(kind, stage, n, status, body, request, content)
+            if fault == "garbage":  # not HTTP at all: a broken proxy or server
+                writer.write(b"SPAM 12 not a status line\r\n\r\n")
+                await writer.drain()
             if status == 0:
                 writer.transport.abort()
                 return False

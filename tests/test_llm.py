@@ -45,13 +45,13 @@ def complete(client: ChatClient, messages=SCORING_MESSAGES, **kwargs) -> list[st
 
 
 def test_transient_errors_are_retried_until_an_answer(endpoint):
-    endpoint.script = ["429", "500", "drop", "ok"]
-    client = make_client(endpoint)
+    endpoint.script = ["429", "500", "drop", "garbage", "429:not-a-date", "ok"]
+    client = make_client(endpoint, max_retries=6)
     assert complete(client) == [answer_scoring(SCORING_MESSAGES[0]["content"])]
     statuses = [entry.status for entry in endpoint.requests(status=None)]
-    assert statuses == [429, 500, 0, 200]
+    assert statuses == [429, 500, 0, 0, 429, 200]
     total = client.meter.total()
-    assert (total.requests, total.retries, total.failed) == (1, 3, 0)
+    assert (total.requests, total.retries, total.failed) == (1, 5, 0)
 
 
 def test_retry_after_header_sets_the_wait(endpoint):
@@ -276,6 +276,26 @@ def test_replies_that_arrive_together_are_written_in_one_transaction_at_the_end_
     assert on_disk() == 51 and cache.transactions == 2
     found = cache.get_many(["key-0", "missing", "outside"])
     assert sorted(found) == ["key-0", "outside"] and found["outside"].texts == ["no event loop"]
+
+
+def test_a_cache_write_that_fails_is_reported_by_the_next_reply_and_loses_nothing(cache_path):
+    cache = ResponseCache(cache_path)
+
+    async def run() -> str:
+        cache._db.execute("PRAGMA query_only = 1")  # as a full disk would refuse the write
+        cache.put("first", CachedReply(["paid for"], 3, 1))
+        await asyncio.sleep(0)  # the turn ends: its write fails
+        with pytest.raises(UserError) as failed:
+            cache.put("second", CachedReply(["paid for too"], 3, 1))
+        cache._db.execute("PRAGMA query_only = 0")  # space again
+        return str(failed.value)
+
+    message = asyncio.run(run())
+    assert "cannot write the response cache" in message and "--cache-path" in message and "\n" not in message
+    cache.close()  # writes what the failed turn held
+    reopened = ResponseCache(cache_path)
+    assert {key: reply.texts for key, reply in reopened.get_many(["first", "second"]).items()} == {
+        "first": ["paid for"], "second": ["paid for too"]}
 
 
 def test_a_stage_is_looked_up_in_the_cache_at_once_and_only_misses_are_sent(endpoint, cache_path):
