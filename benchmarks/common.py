@@ -1,14 +1,18 @@
 """What the benchmarks share: the scripted endpoint in its own process, a whole
-`distillprompt optimize` process measured from outside, and /proc readings."""
+`distillprompt optimize` process measured from outside, /proc readings, and a one-node
+Ray cluster for the ``ray-cluster`` runs."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -157,3 +161,78 @@ def run_command(args: argparse.Namespace, base_url: str, executor: str, output: 
 
 def read_result(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "result.json").read_text())
+
+
+def descendants(root: int) -> dict[int, dict]:
+    """Every live process under root (root excluded), with its /proc stat."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = proc_stat(int(entry))
+            if stat is not None:
+                stats[int(entry)] = stat
+    children: dict[int, list[int]] = {}
+    for pid, stat in stats.items():
+        children.setdefault(stat["ppid"], []).append(pid)
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found[pid] = stats[pid]
+        todo.extend(children.get(pid, []))
+    return found
+
+
+class HeadNode:
+    """A one-node Ray cluster started with ``ray start --head`` (the ``ray-cluster`` run): the
+    driver connects to it through RAY_ADDRESS, as to any existing cluster, so every scoring
+    request goes through the actors. Its worker processes are children of its raylet, which
+    is polled like the driver's tree."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.env = dict(os.environ, RAY_AUTH_MODE="disabled")  # a loopback-only cluster
+        self.ray = str(Path(sys.executable).with_name("ray"))
+        self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+        subprocess.run(
+            [self.ray, "start", "--head", f"--port={self.port}", f"--num-cpus={os.cpu_count()}", "--include-dashboard=false",
+             "--disable-usage-stats", f"--temp-dir={self.temp}"],
+            env=self.env, check=True, stdout=subprocess.DEVNULL, stderr=open(folder / "ray-start.txt", "w"),
+        )
+        found = subprocess.run(["pgrep", "-f", f"raylet.*{self.temp}"], capture_output=True, text=True).stdout.split()
+        self.raylet = int(found[0]) if found else None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        """Ends this cluster's processes only (``ray stop`` would end every Ray process of the
+        user on the machine, a test cluster's too): those naming its temp dir, and the
+        raylet's descendants (the workers)."""
+        named = subprocess.run(["pgrep", "-f", self.temp], capture_output=True, text=True).stdout.split()
+        pids = {int(pid) for pid in named} | (set(descendants(self.raylet)) if self.raylet else set())
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any((proc_stat(pid) or {"state": "Z"})["state"] != "Z" for pid in pids):
+                time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def executor_setup(executor: str, folder: Path) -> Any:
+    """The ``--executor`` value and environment of a run: ``ray-cluster`` is the Ray executor
+    joined to a one-node cluster started for the run (every scoring request then goes
+    through the actors), stopped after it."""
+    if executor != "ray-cluster":
+        yield executor, None
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    head = HeadNode(folder)
+    try:
+        yield "ray", dict(os.environ, RAY_ADDRESS=head.address, RAY_AUTH_MODE="disabled")
+    finally:
+        head.stop()

@@ -15,6 +15,7 @@ rest of the wall time went: before the first request, after the last reply, and 
 in between.
 
     python benchmarks/scoring_throughput.py --repeat 2     # the defaults of the throughput issue
+    python benchmarks/scoring_throughput.py --executors local,ray,ray-cluster   # and through Ray actors
     python benchmarks/scoring_throughput.py --reference "/path/to/venv/bin/python benchmarks/reference_distillprompt.py"
 """
 
@@ -26,13 +27,19 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from common import add_run_arguments, read_result, run_against_endpoint, run_command
+from common import add_run_arguments, executor_setup, read_result, run_against_endpoint, run_command
 
 STAGES_PER_ROUND = 5
 
 
 def measure(args: argparse.Namespace, name: str, folder: Path) -> dict:
-    env = None
+    if name == "reference":
+        return measure_in(args, name, folder, name, None)
+    with executor_setup(name, folder) as (executor, env):
+        return measure_in(args, name, folder, executor, env)
+
+
+def measure_in(args: argparse.Namespace, name: str, folder: Path, executor: str, env: dict[str, str] | None) -> dict:
     if name == "reference":
         def command(base_url: str) -> list[str]:
             return shlex.split(args.reference) + [
@@ -44,7 +51,7 @@ def measure(args: argparse.Namespace, name: str, folder: Path) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
     else:
         def command(base_url: str) -> list[str]:
-            return run_command(args, base_url, name, folder / "out", args.concurrency)
+            return run_command(args, base_url, executor, folder / "out", args.concurrency)
 
     finished, stats = run_against_endpoint((args.latency, args.capacity, [], []), command, folder, env)
     row = {

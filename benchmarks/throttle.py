@@ -10,6 +10,7 @@ prompts agree.
 
     python benchmarks/throttle.py                  # throttle 24, latency 0.2 s, local and ray
     python benchmarks/throttle.py --repeat 2 --executors local
+    python benchmarks/throttle.py --executors ray-cluster   # every scoring request through Ray actors
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import add_run_arguments, read_result, run_against_endpoint, run_command
+from common import add_run_arguments, executor_setup, read_result, run_against_endpoint, run_command
 
 
 def measure(args: argparse.Namespace, executor: str, concurrency: str, folder: Path) -> dict:
     extra = ["--throttle", str(args.throttle)] + (["--throttle-retry-after", args.retry_after] if args.retry_after else [])
 
-    def command(base_url: str) -> list[str]:
-        return run_command(args, base_url, executor, folder / "out", concurrency)
+    with executor_setup(executor, folder) as (flag, env):
+        def command(base_url: str) -> list[str]:
+            return run_command(args, base_url, flag, folder / "out", concurrency)
 
-    finished, stats = run_against_endpoint((args.latency, 0, [], extra), command, folder)
+        finished, stats = run_against_endpoint((args.latency, 0, [], extra), command, folder, env=env)
     result = read_result(folder / "out")
     refused = sum(count for key, count in stats["counts"].items() if key.endswith(":429"))
     limits = [r["concurrency"].get("limit") for r in result["rounds"] if r.get("concurrency")]

@@ -324,6 +324,7 @@ class Batches:
         self.executor = executor
         self.capacity = capacity  # the bound on requests in flight now
         self.pending: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+        self._calls: set[asyncio.Future[None]] = set()
         self._order = itertools.count()
 
     def submit(self, arguments: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
@@ -345,7 +346,9 @@ class Batches:
         count = -(-len(pending) // target)
         size = -(-len(pending) // count)
         for start in range(0, len(pending), size):
-            asyncio.ensure_future(self._call(pending[start : start + size]))
+            task = asyncio.ensure_future(self._call(pending[start : start + size]))
+            self._calls.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._calls.discard)
 
     async def _call(self, chunk: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]) -> None:
         try:
