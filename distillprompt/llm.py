@@ -137,11 +137,13 @@ class LLMCall:
 
 @dataclass(frozen=True)
 class Reply:
-    """What one answered attempt brought back, wherever it was made."""
+    """What one answered attempt brought back, wherever it was made, and how long the
+    endpoint took to answer it as seen where it was made (None: measure it here)."""
 
     texts: list[str]
     input_tokens: int
     output_tokens: int
+    latency: float | None = None
 
 
 class AttemptFailed(Exception):
@@ -832,7 +834,9 @@ class ChatClient:
                     response = await send(arguments)
                 else:
                     response = await self.post(arguments)
-                latency = time.monotonic() - started
+                # The endpoint's time as the process that sent it saw it: for a Ray actor's
+                # attempt, the wait for its batch and the trip back are not the endpoint queueing.
+                latency = response.latency if response.latency is not None else time.monotonic() - started
                 return response
             except Exception as error:
                 if _status(error) == 429:

@@ -99,6 +99,7 @@ class ScoringWorker:
 
     async def attempt(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """One request; a reply as texts and token counts, or the failure as data."""
+        started = time.monotonic()
         try:
             reply = await self.endpoint.post_chat(arguments)
         except UserError as error:
@@ -107,7 +108,8 @@ class ScoringWorker:
             return {"status": failure.status_code, "retry_after": failure.retry_after_s, "detail": failure.detail}
         except Exception as error:  # a fault of this request alone: the rest of its batch goes on
             return {"unexpected": f"{type(error).__name__}: {error}"}
-        return {"texts": reply.texts, "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens}
+        return {"texts": reply.texts, "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens,
+                "latency": time.monotonic() - started}
 
     def where(self) -> dict[str, Any]:
         import os
@@ -304,7 +306,7 @@ class RayEvaluator(RequestEvaluator):
             return await self.client.post(arguments)
         outcome = await self.batches.submit(arguments)
         if "texts" in outcome:
-            return Reply(outcome["texts"], outcome["input_tokens"], outcome["output_tokens"])
+            return Reply(outcome["texts"], outcome["input_tokens"], outcome["output_tokens"], outcome.get("latency"))
         if "user_error" in outcome:
             raise UserError(outcome["user_error"])
         if "unexpected" in outcome:
