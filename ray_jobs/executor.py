@@ -126,9 +126,10 @@ class RayExecutor(Callback):
     its processes compete with the driver for this machine's cores. So the driver answers
     requests itself until it is busy most of the time (``ray_start="auto"``; ``"now"``
     starts Ray at once), while the pool is not up yet, and once the rounds are over (only
-    test scoring is left), and shuts Ray down meanwhile. On an existing cluster every
-    scoring request goes to the actors: the driver may not even reach the endpoint the
-    cluster uses.
+    test scoring is left), and shuts Ray down meanwhile. On an existing cluster the pool
+    starts with the run and, once its actors are up, every scoring request goes to them;
+    until then (seconds: the package is shipped, the actors are placed) the driver answers,
+    as it can reach the endpoint (the run checked that before it started).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -234,7 +235,7 @@ class RayExecutor(Callback):
             log.info("the driver used %.0f%% of a core: starting a local Ray instance", 100 * self.load.share)
             self._start_now()
         if not self._ready.done():
-            return not self.local  # a remote cluster is waited for, a local one is not
+            return False  # the driver answers while the actors start, on a cluster too
         self._ready.result()
         return True
 
