@@ -177,7 +177,20 @@ class RayExecutor(Callback):
         self.actors = [spawn(i) for i in range(count)]
         if len(nodes) > 1:
             self._replace_misplaced(nodes, spawn)
+        else:
+            self._wait_until_up()
         return self.actors
+
+    def _wait_until_up(self) -> None:
+        """Returns once every actor answers (its process started, this package loaded), so
+        that the driver goes on answering until then instead of its first batch waiting
+        seconds for an actor that does not exist yet (measured: a 2.2 s idle endpoint)."""
+        import ray
+
+        try:
+            ray.get([actor.where.remote() for actor in self.actors], timeout=120)
+        except Exception as error:  # the actors answer later; calls wait for them then
+            log.warning("the scoring actors did not start within 120 s (%s)", type(error).__name__)
 
     def _replace_misplaced(self, nodes: list[str], spawn: Any) -> None:
         """A soft node affinity may still put an actor elsewhere while its node is alive (seen
