@@ -39,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, ROOT, HeadNode, proc_stat, start_endpoint  # this folder is on sys.path when run as a script
+from common import DEFAULT_DATA, ROOT, HeadNode, descendants, proc_stat, start_endpoint  # this folder is on sys.path when run as a script
 
 MB = 1024 * 1024
 
