@@ -184,9 +184,9 @@ def descendants(root: int) -> dict[int, dict]:
 
 class HeadNode:
     """A one-node Ray cluster started with ``ray start --head`` (the ``ray-cluster`` run): the
-    driver connects to it through RAY_ADDRESS, as to any existing cluster, so every scoring
-    request goes through the actors. Its worker processes are children of its raylet, which
-    is polled like the driver's tree."""
+    driver connects to it through RAY_ADDRESS (``driver_env``), as to any existing cluster,
+    so the scoring requests go through the actors once they are up. Its worker processes
+    are children of its raylet, which load.py polls like the driver's tree."""
 
     def __init__(self, folder: Path) -> None:
         self.port = free_port()
@@ -202,8 +202,9 @@ class HeadNode:
         self.raylet = int(found[0]) if found else None
 
     @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+    def driver_env(self) -> dict[str, str]:
+        """The environment of a run that joins this cluster."""
+        return dict(self.env, RAY_ADDRESS=f"127.0.0.1:{self.port}")
 
     def stop(self) -> None:
         """Ends this cluster's processes only (``ray stop`` would end every Ray process of the
@@ -224,15 +225,15 @@ class HeadNode:
 
 @contextlib.contextmanager
 def executor_setup(executor: str, folder: Path) -> Any:
-    """The ``--executor`` value and environment of a run: ``ray-cluster`` is the Ray executor
-    joined to a one-node cluster started for the run (every scoring request then goes
-    through the actors), stopped after it."""
+    """The ``--executor`` value, environment and cluster of a run: ``ray-cluster`` is the Ray
+    executor joined to a one-node cluster started for the run (``HeadNode``), stopped after
+    it; the other executors get neither."""
     if executor != "ray-cluster":
-        yield executor, None
+        yield executor, None, None
         return
     folder.mkdir(parents=True, exist_ok=True)
     head = HeadNode(folder)
     try:
-        yield "ray", dict(os.environ, RAY_ADDRESS=head.address, RAY_AUTH_MODE="disabled")
+        yield "ray", head.driver_env, head
     finally:
         head.stop()

@@ -5,8 +5,9 @@ A `distillprompt optimize` process with a 2,000-example train sample, 3 epochs a
 process, latency 0, no capacity bound), once per executor: ``local`` (in process), ``ray``
 (a local instance the run starts at once, ``--ray-start now``; the driver answers while it
 starts and after the rounds) and ``ray-cluster`` (a one-node cluster started beforehand with
-``ray start --head`` and reached through RAY_ADDRESS, so that every scoring request goes
-through the actors: the driver-CPU-per-request figure of a driver in front of a cluster).
+``ray start --head`` and reached through RAY_ADDRESS: once its actors are up every scoring
+request goes through them, the driver-CPU-per-request figure of a driver in front of a
+cluster).
 Each run gets a fresh endpoint, so runs do not share its request log (it keeps one entry
 per request) or its fault sequence.
 
@@ -39,7 +40,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, ROOT, HeadNode, descendants, proc_stat, start_endpoint  # this folder is on sys.path when run as a script
+from common import DEFAULT_DATA, ROOT, HeadNode, descendants, executor_setup, proc_stat, start_endpoint  # this folder is on sys.path when run as a script
 
 MB = 1024 * 1024
 
@@ -92,17 +93,14 @@ class TreeMonitor(threading.Thread):
 
 def run_once(args: argparse.Namespace, executor: str, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    head = HeadNode(folder) if executor == "ray-cluster" else None
-    try:
-        return measure(args, executor, folder, head)
-    finally:
-        if head is not None:
-            head.stop()
+    with executor_setup(executor, folder) as (flag, env, head):
+        return measure(args, executor, folder, flag, env, head)
 
 
-def measure(args: argparse.Namespace, executor: str, folder: Path, head: HeadNode | None) -> dict:
+def measure(
+    args: argparse.Namespace, executor: str, folder: Path, flag: str, env: dict[str, str] | None, head: HeadNode | None
+) -> dict:
     server, base_url = start_endpoint(args.latency, args.capacity, args.fault)
-    env = dict(os.environ, RAY_ADDRESS=head.address, RAY_AUTH_MODE="disabled") if head else None
     cluster = TreeMonitor(head.raylet, args.poll) if head and head.raylet else None
     try:
         endpoint_before = proc_stat(server.pid)
@@ -110,7 +108,7 @@ def measure(args: argparse.Namespace, executor: str, folder: Path, head: HeadNod
             sys.executable, "-m", "distillprompt", "optimize", "--quiet",
             "--dataset", str(args.dataset), "--base-url", base_url, "--model", "test-model",
             "--epochs", str(args.epochs), "--train-size", str(args.train_size), "--test-size", str(args.test_size),
-            "--concurrency", str(args.concurrency), "--executor", "ray" if head else executor,
+            "--concurrency", str(args.concurrency), "--executor", flag,
             *(["--cache-path", str(folder / "cache.sqlite")] if args.cache else ["--no-cache"]),
             "--seed", str(args.seed),
             # the actors' path from the start (by default a local instance waits for 5 busy seconds)

@@ -35,7 +35,7 @@ STAGES_PER_ROUND = 5
 def measure(args: argparse.Namespace, name: str, folder: Path) -> dict:
     if name == "reference":
         return measure_in(args, name, folder, name, None)
-    with executor_setup(name, folder) as (executor, env):
+    with executor_setup(name, folder) as (executor, env, _):
         return measure_in(args, name, folder, executor, env)
 
 

@@ -25,7 +25,7 @@ from common import add_run_arguments, executor_setup, read_result, run_against_e
 def measure(args: argparse.Namespace, executor: str, concurrency: str, folder: Path) -> dict:
     extra = ["--throttle", str(args.throttle)] + (["--throttle-retry-after", args.retry_after] if args.retry_after else [])
 
-    with executor_setup(executor, folder) as (flag, env):
+    with executor_setup(executor, folder) as (flag, env, _):
         def command(base_url: str) -> list[str]:
             return run_command(args, base_url, flag, folder / "out", concurrency)
 

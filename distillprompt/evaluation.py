@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from .data import Example, Task
-from .llm import LLM, SCORING
+from .llm import LLM, SCORING, Send
 from .metrics import answer_text, classification_scores, generation_scores, parse_label
 from .templates import ANSWER_STOP, message_maker
 
@@ -123,11 +123,13 @@ class RequestEvaluator:
 
 
 class InProcessEvaluator(RequestEvaluator):
-    """Answers in this process's event loop, through the shared LLM client and its limiter."""
+    """Answers in this process's event loop, through the shared LLM client and its limiter;
+    with ``send`` (a ChatClient's hook) each attempt is made elsewhere, e.g. by Ray actors."""
 
-    def __init__(self, task: Task, llm: LLM, **options: Any) -> None:
+    def __init__(self, task: Task, llm: LLM, *, send: Send | None = None, **options: Any) -> None:
         super().__init__(task, **options)
         self.llm = llm
+        self.send = send
 
     async def answer(self, messages: list[dict[str, str]], stage: str) -> str:
         replies = await self.llm.complete(
@@ -141,5 +143,5 @@ class InProcessEvaluator(RequestEvaluator):
             return await super().answer_all(requests, stage)
         return await complete_many(
             requests, temperature=0.0, max_tokens=self.max_tokens, stage=stage, priority=SCORING, stop=self.stop,
-            on_done=self.on_request_done,
+            send=self.send, on_done=self.on_request_done,
         )

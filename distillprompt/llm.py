@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import heapq
 import itertools
 import json
@@ -255,7 +256,13 @@ def _tls_context() -> ssl.SSLContext:
     does; the system's bundle may be missing."""
     import os
 
-    cafile, capath = os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None
+    return _trusting(os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None)
+
+
+@functools.lru_cache(maxsize=None)
+def _trusting(cafile: str | None, capath: str | None) -> ssl.SSLContext:
+    """One context per bundle and process: loading one takes 40-100 ms, and the endpoint
+    check's (made while the data loads) then serves the run's first request."""
     if cafile is None and capath is None:
         import certifi
 
@@ -551,10 +558,6 @@ def _status_error(status: int, detail: str, base_url: str, model: str) -> UserEr
     return UserError(f"the endpoint {base_url} refused the request ({status}{detail}): check --model and the endpoint's limits")
 
 
-def _error_detail(error: AttemptFailed) -> str:
-    return error.detail if error.status_code else ""
-
-
 class ChatClient:
     """The LLM protocol over one OpenAI-compatible endpoint and model."""
 
@@ -816,9 +819,10 @@ class ChatClient:
             arguments["seed"] = seed
         if stop:
             arguments["stop"] = list(stop)
-        def wait_after(state: RetryCallState, before: int) -> float:
+        def wait(state: RetryCallState) -> float:
+            # attempt k of this loop is the run's attempt k + 1: its failure is retry k (0-based)
             error = state.outcome.exception() if state.outcome else None
-            return retry_delay(error, before + state.attempt_number - 1, self.backoff_base, self.backoff_max, self._jitter)
+            return retry_delay(error, state.attempt_number, self.backoff_base, self.backoff_max, self._jitter)
 
         def count_retry(state: RetryCallState) -> None:
             spent.retries += 1
@@ -858,7 +862,7 @@ class ChatClient:
                 await asyncio.sleep(retry_delay(error, 0, self.backoff_base, self.backoff_max, self._jitter))
                 retrying = AsyncRetrying(
                     stop=stop_after_attempt(self.max_retries),
-                    wait=lambda state: wait_after(state, 1),
+                    wait=wait,
                     retry=retry_if_exception(retryable),
                     before_sleep=count_retry,
                     reraise=True,
@@ -867,7 +871,7 @@ class ChatClient:
         except AttemptFailed as error:
             spent.failed += 1
             if not retryable(error):
-                raise _status_error(error.status_code, _error_detail(error), self.base_url, self.model) from None
+                raise _status_error(error.status_code, error.detail, self.base_url, self.model) from None
             raise EndpointUnavailable(
                 f"{self.base_url} kept failing after {self.max_retries} retries ({_describe_error(error)})"
             ) from None
@@ -907,7 +911,7 @@ async def check_endpoint(base_url: str, api_key: str | None, model: str, timeout
                 f"cannot reach the endpoint {base_url}: start the server or fix --base-url (or OPENAI_BASE_URL)"
             ) from None
         if error.status_code in (401, 403):
-            raise _status_error(error.status_code, _error_detail(error), base_url, model) from None
+            raise _status_error(error.status_code, error.detail, base_url, model) from None
         return  # no /models route: the first real request will tell
     except UserError:
         raise

@@ -25,8 +25,8 @@ import time
 from typing import Any, Callable
 
 from distillprompt.errors import EndpointUnavailable, UserError
-from distillprompt.evaluation import RequestEvaluator
-from distillprompt.llm import SCORING, AttemptFailed, Endpoint, Reply
+from distillprompt.evaluation import InProcessEvaluator
+from distillprompt.llm import AttemptFailed, Endpoint, Reply
 from distillprompt.optimizer import Callback
 from distillprompt.runner import RunContext, client_options, evaluator_options
 from distillprompt.settings import Settings
@@ -294,21 +294,14 @@ class RayExecutor(Callback):
         self._pool.shutdown(wait=False)
 
 
-class RayEvaluator(RequestEvaluator):
+class RayEvaluator(InProcessEvaluator):
+    """The driver's evaluator (its cache, limiter, retries and accounting) whose attempts
+    ``_send`` makes."""
+
     def __init__(self, context: RunContext, executor: RayExecutor) -> None:
-        super().__init__(context.task, **evaluator_options(context))
-        self.client = context.target_llm  # cache keys, cache, limiter, retries and usage meter of the driver
+        super().__init__(context.task, context.target_llm, send=self._send, **evaluator_options(context))
         self.executor = executor
-        self.batches = Batches(executor, lambda: self.client.limiter.capacity)
-
-    async def answer(self, messages: list[dict[str, str]], stage: str) -> str:
-        return (await self.answer_all([messages], stage))[0]
-
-    async def answer_all(self, requests: list[list[dict[str, str]]], stage: str) -> list[str]:
-        return await self.client.complete_many(
-            requests, temperature=0.0, max_tokens=self.max_tokens, stage=stage, priority=SCORING, stop=self.stop,
-            send=self._send, on_done=self.on_request_done,
-        )
+        self.batches = Batches(executor, lambda: context.target_llm.limiter.capacity)
 
     async def _send(self, arguments: dict[str, Any]) -> Reply:
         """One attempt, made once the driver's limiter admitted it: by an actor, in a batch
@@ -317,7 +310,7 @@ class RayEvaluator(RequestEvaluator):
         to_actors = self.executor.pool_open()
         self.executor.answered["actors" if to_actors else "driver"] += 1
         if not to_actors:
-            return await self.client.post(arguments)
+            return await self.llm.post(arguments)
         outcome = await self.batches.submit(arguments)
         if "texts" in outcome:
             return Reply(outcome["texts"], outcome["input_tokens"], outcome["output_tokens"], outcome.get("latency"))
@@ -370,14 +363,14 @@ class Batches:
         try:
             outcomes = await self._dispatch([arguments for arguments, _ in chunk])
         except BaseException as error:
-            self.executor.queued -= len(chunk)
             for _, future in chunk:
                 if not future.done():
                     future.set_exception(error)
             if not isinstance(error, Exception):
                 raise
             return
-        self.executor.queued -= len(chunk)
+        finally:
+            self.executor.queued -= len(chunk)
         for (_, future), outcome in zip(chunk, outcomes):
             if not future.done():
                 future.set_result(outcome)

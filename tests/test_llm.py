@@ -298,7 +298,7 @@ def test_a_cache_write_that_fails_is_reported_by_the_next_reply_and_loses_nothin
         "first": ["paid for"], "second": ["paid for too"]}
 
 
-def test_a_stage_is_looked_up_in_the_cache_at_once_and_only_misses_are_sent(endpoint, cache_path):
+def test_a_stage_sends_only_the_requests_the_cache_does_not_hold(endpoint, cache_path):
     client = make_client(endpoint, cache=ResponseCache(cache_path))
     stage = [[{"role": "user", "content": f"Classify it.\n\nInput: review {i}"}] for i in range(30)]
     done: list[int] = []
