@@ -149,13 +149,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--executors", default="local,ray")
     parser.add_argument("--repeat", type=int, default=1)
+    # the throughput figures were measured with every candidate scored in full
+    parser.add_argument("--scoring", default="full", choices=("full", "race"), help="--scoring of the runs")
 
 
-def run_command(args: argparse.Namespace, base_url: str, executor: str, output: Path, concurrency: str) -> list[str]:
+def run_command(
+    args: argparse.Namespace, base_url: str, executor: str, output: Path, concurrency: str, scoring: str | None = None
+) -> list[str]:
     """`distillprompt optimize` with the options of ``add_run_arguments``."""
     return optimize_command(
         args.dataset, base_url, executor, output, epochs=args.epochs, train_size=args.train_size,
         test_size=args.test_size, concurrency=concurrency, seed=args.seed,
+        extra=["--scoring", scoring or args.scoring],
     )
 
 

@@ -110,7 +110,7 @@ def measure(
             "--epochs", str(args.epochs), "--train-size", str(args.train_size), "--test-size", str(args.test_size),
             "--concurrency", str(args.concurrency), "--executor", flag,
             *(["--cache-path", str(folder / "cache.sqlite")] if args.cache else ["--no-cache"]),
-            "--seed", str(args.seed),
+            "--seed", str(args.seed), "--scoring", args.scoring,
             # the actors' path from the start (by default a local instance waits for 5 busy seconds)
             *(["--ray-start", "now"] if executor == "ray" else []),
             "--output", str(folder / "out"),
@@ -221,6 +221,8 @@ def main() -> None:
     parser.add_argument("--executors", default="local,ray,ray-cluster",
                         help="local, ray (a local instance the run starts) and ray-cluster (an existing one-node cluster)")
     parser.add_argument("--repeat", type=int, default=1)
+    # the load figures were measured with every candidate scored in full
+    parser.add_argument("--scoring", default="full", choices=("full", "race"), help="--scoring of the runs")
     parser.add_argument("--cache", action="store_true",
                         help="a fresh response cache per run (default --no-cache); reports its write transactions")
     parser.add_argument("--fault", action="append", default=[], help="endpoint fault rate NAME=RATE, e.g. 429=0.1 (repeatable)")

@@ -17,6 +17,10 @@ in between.
     python benchmarks/scoring_throughput.py --repeat 2     # the defaults of the throughput issue
     python benchmarks/scoring_throughput.py --executors local,ray,ray-cluster   # and through Ray actors
     python benchmarks/scoring_throughput.py --reference "/path/to/venv/bin/python benchmarks/reference_distillprompt.py"
+    python benchmarks/scoring_throughput.py --scorings full,race --train-size 100 --epochs 3   # racing's wall time
+
+With ``--scorings`` each executor runs once per scoring mode, side by side; a race's blocks
+of one candidate run one after another, so its ideal time understates what it can reach.
 """
 
 from __future__ import annotations
@@ -32,14 +36,19 @@ from common import add_run_arguments, executor_setup, read_result, run_against_e
 STAGES_PER_ROUND = 5
 
 
-def measure(args: argparse.Namespace, name: str, folder: Path) -> dict:
+def measure(args: argparse.Namespace, name: str, folder: Path, scoring: str) -> dict:
     if name == "reference":
-        return measure_in(args, name, folder, name, None)
+        return measure_in(args, name, folder, name, None, scoring)
     with executor_setup(name, folder) as (executor, env, _):
-        return measure_in(args, name, folder, executor, env)
+        row = measure_in(args, name, folder, executor, env, scoring)
+    if len(args.scorings.split(",")) > 1:
+        row["name"] = f"{name}, {scoring}"
+    return row
 
 
-def measure_in(args: argparse.Namespace, name: str, folder: Path, executor: str, env: dict[str, str] | None) -> dict:
+def measure_in(
+    args: argparse.Namespace, name: str, folder: Path, executor: str, env: dict[str, str] | None, scoring: str
+) -> dict:
     if name == "reference":
         def command(base_url: str) -> list[str]:
             return shlex.split(args.reference) + [
@@ -51,11 +60,12 @@ def measure_in(args: argparse.Namespace, name: str, folder: Path, executor: str,
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
     else:
         def command(base_url: str) -> list[str]:
-            return run_command(args, base_url, executor, folder / "out", args.concurrency)
+            return run_command(args, base_url, executor, folder / "out", args.concurrency, scoring)
 
     finished, stats = run_against_endpoint((args.latency, args.capacity, [], []), command, folder, env)
     row = {
         "name": name,
+        "scoring": scoring,
         "wall_s": finished.wall_s,
         "requests": stats["requests"],
         "busy_s": stats["busy_s"],
@@ -69,10 +79,10 @@ def measure_in(args: argparse.Namespace, name: str, folder: Path, executor: str,
     if name != "reference":
         result = read_result(folder / "out")
         by_stage = result["usage"]["by_stage"]
-        scoring = sum(usage["requests"] for stage, usage in by_stage.items() if stage in ("scoring", "validation", "test"))
+        scored = sum(usage["requests"] for stage, usage in by_stage.items() if stage in ("scoring", "validation", "test"))
         chain = STAGES_PER_ROUND * len(result["rounds"])
         row.update(
-            ideal_s=args.latency * (chain + scoring / args.capacity),
+            ideal_s=args.latency * (chain + scored / args.capacity),
             final_prompt=result["final_prompt"],
             by_actors=result.get("ray", {}).get("requests", {}).get("actors"),
         )
@@ -88,18 +98,23 @@ def main() -> None:
         "--reference", help="command that runs the authors' implementation (it gets --base-url, --model, --dataset, "
         "--epochs, --train-size, --test-size, --concurrency)",
     )
+    parser.add_argument(
+        "--scorings", default=None, help="--scoring of each run, side by side, e.g. full,race (default: --scoring)"
+    )
     args = parser.parse_args()
+    args.scorings = args.scorings or args.scoring
 
     names = args.executors.split(",") + (["reference"] if args.reference else [])
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for attempt in range(args.repeat):
             for name in names:
-                rows.append(measure(args, name, Path(folder) / f"{attempt}-{name}"))
+                for scoring in args.scorings.split(",") if name != "reference" else ["full"]:
+                    rows.append(measure(args, name, Path(folder) / f"{attempt}-{name}-{scoring}", scoring))
 
     print(
         f"latency {args.latency}s, C={args.capacity}, --concurrency {args.concurrency}, {args.epochs} rounds, "
-        f"train {args.train_size}, test {args.test_size}, no cache, {os.cpu_count()} cores"
+        f"train {args.train_size}, test {args.test_size}, --scoring {args.scorings}, no cache, {os.cpu_count()} cores"
     )
     print("| run | wall s | requests | endpoint busy s | before first request s | after last reply s | idle gaps s "
           "| ideal s | wall / ideal | driver CPU ms / request | driver peak RSS MB |")
@@ -116,8 +131,9 @@ def main() -> None:
     for row in rows:
         shown = ", ".join(f"{gap:.2f} at {at:.1f} {before}->{after}" for gap, at, before, after in row["longest_gaps"][:5])
         print(f"  {row['name']}: {shown}")
-    ours = [row for row in rows if row["name"] != "reference"]
-    print(f"same final prompt in every run of this project: {len({row['final_prompt'] for row in ours}) == 1}")
+    for scoring in args.scorings.split(","):
+        ours = [row for row in rows if row["name"] != "reference" and row["scoring"] == scoring]
+        print(f"same final prompt in every {scoring}-scoring run: {len({row['final_prompt'] for row in ours}) == 1}")
     reference = [row["wall_s"] for row in rows if row["name"] == "reference"]
     if reference:
         best = sum(reference) / len(reference)

@@ -168,6 +168,10 @@ def _print_result(result: Any, folder: Path) -> None:
             f"{stage} {sum(reasons.values())} ({', '.join(f'{r} {n}' for r, n in sorted(reasons.items()))})"
             for stage, reasons in dropped.items()
         ))
+    race = result.race
+    if race.get("scoring") == "race" and race.get("full_requests"):
+        lines.insert(-1, f"racing: {race['stopped']} of {race['candidates']} candidates stopped early; train scoring "
+                         f"{race['requests']} of {race['full_requests']} requests ({race['saved_fraction']:.0%} saved)")
     lines[-1:-1] = _data_lines(result.task)
     if result.diagnosis:
         lines.append(result.diagnosis)

@@ -76,6 +76,36 @@ def score_outputs(task: Task, outputs: list[str], examples: list[Example]) -> Sc
     )
 
 
+def merge_scores(task: Task, parts: list[Score]) -> Score:
+    """One prompt's scores on several lists of examples as its score on all of them: the
+    per-example records joined, macro-F1 counted again over every answer (classification);
+    the other metrics are means over examples, so their example-weighted means."""
+    if len(parts) == 1:
+        return parts[0]
+    joined: dict[str, list[Any]] = {name: [] for name in ("outputs", "predictions", "targets", "per_example", "notes")}
+    for part in parts:
+        for name, values in joined.items():
+            values.extend(getattr(part, name))
+    count = len(joined["per_example"])
+    if len(joined["notes"]) != count:
+        joined["notes"] = []
+    if task.is_classification:
+        metrics = classification_scores(joined["predictions"], joined["targets"], task.labels)
+        value = metrics["macro_f1"]
+    else:
+        weights = [len(part.per_example) for part in parts]
+        names = dict.fromkeys(name for part in parts for name in part.metrics)
+        metrics = {name: _weighted(weights, [part.metrics.get(name, 0.0) for part in parts]) for name in names}
+        value = _weighted(weights, [part.value for part in parts])
+    parse_rate = _weighted([len(part.per_example) for part in parts], [part.parse_rate for part in parts])
+    return Score(value=value, metrics=metrics, parse_rate=parse_rate, **joined)
+
+
+def _weighted(weights: list[int], values: list[float]) -> float:
+    total = sum(weights)
+    return sum(w * v for w, v in zip(weights, values)) / total if total else 0.0
+
+
 def assemble(task: Task, prompts: list[str], examples: list[Example], outputs: list[str]) -> list[Score]:
     """Splits a flat list of outputs (prompt-major order) into one Score per prompt."""
     width = len(examples)

@@ -27,6 +27,7 @@ from .data import Example, Task
 from .evaluation import Evaluator, Score
 from .errors import EndpointUnavailable, UserError
 from .llm import LLM, META, LLMCall, Usage, UsageMeter
+from .racing import Race, RaceSummary, race_order, start_warm_up
 from .settings import OptimizerSettings
 from .state import Candidate, RunState, dedup_key
 from .verdict import Verdict, judge
@@ -66,6 +67,7 @@ class RoundResult:
     diagnosis: RoundDiagnosis | None = None
     # requests in flight over the round: the bound at its end ("limit"), "peak" and time-"mean"
     concurrency: dict[str, float] = field(default_factory=dict)
+    race: RaceSummary = field(default_factory=RaceSummary)  # what the round's train scoring cost
 
 
 @dataclass
@@ -87,6 +89,7 @@ class RunResult:
     failure: str | None = None  # what made the endpoint give up, when it did
     verdict: Verdict | None = None  # did the final prompt beat the initial one on test
     diagnosis: str | None = None  # why the run could not improve, when a round showed no signal
+    race: dict[str, Any] = field(default_factory=dict)  # how train scores were paid for, over all rounds
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -121,6 +124,7 @@ class RunResult:
             "failure": self.failure,
             "verdict": self.verdict.to_dict() if self.verdict else None,
             "diagnosis": self.diagnosis,
+            "race": self.race,
             **self.extra,
         }
 
@@ -188,6 +192,10 @@ class Selection:
     """Picks the best prompt once a round's candidates are scored."""
 
     uses_validation = False  # whether the loop scores the initial prompt on the validation sample
+    # whether a candidate that is clearly worse than the best prompt can never be chosen, so
+    # that ``--scoring race`` may stop scoring it early (a selection that keeps whatever the
+    # method built, such as ``LatestCandidate``, needs every score in full)
+    races = False
 
     async def choose(self, round: Round, new: list[Candidate]) -> Candidate:
         raise NotImplementedError
@@ -199,9 +207,11 @@ class HighestScore(Selection):
     candidates with the highest train scores are scored on the validation sample, and the
     best prompt so far is replaced by the one of them with the highest validation score, if
     it is strictly higher than the best's; ties keep the older prompt. Train proposes,
-    validation decides, so a small train sample cannot crown a prompt that only fits it."""
+    validation decides, so a small train sample cannot crown a prompt that only fits it.
+    Either way a candidate that a race stopped (``--scoring race``) is never chosen."""
 
     uses_validation = True
+    races = True
 
     def __init__(self, top: int = 3) -> None:
         self.top = top
@@ -210,10 +220,10 @@ class HighestScore(Selection):
         best = round.best
         if not round.validating:
             for candidate in new:
-                if candidate.score is not None and candidate.score > (best.score or 0.0):
+                if candidate.selectable and (candidate.score or 0.0) > (best.score or 0.0):
                     best = candidate
             return best
-        distinct = [c for c in new if c.duplicate_of is None and c.score is not None]
+        distinct = [c for c in new if c.duplicate_of is None and c.selectable]
         # highest train score first; at equal score the older candidate
         top = sorted(distinct, key=lambda c: (-(c.score or 0.0), c.id))[: self.top]
         await round.score_validation([c for c in top if c.val_score is None])
@@ -513,7 +523,12 @@ class Optimizer:
         ]
         self._by_text: dict[str, Candidate] = {}
         self._pending: list[asyncio.Task[None]] = []
-        self._train_scores: dict[str, Score] = {}  # prompt -> its train Score, for tasks that show outputs
+        # prompt -> its train Score and the train positions it covers, for tasks that show outputs
+        self._train_scores: dict[str, tuple[Score, list[int]]] = {}
+        # prompt -> per-example train scores (train order) of every prompt scored on the whole
+        # sample: the incumbent's side of a race, never paid for twice
+        self._per_example: dict[str, list[float]] = {}
+        self._race_order = race_order(len(task.train), seed)
 
     # ----- public ------------------------------------------------------------------------
 
@@ -527,11 +542,15 @@ class Optimizer:
         initial = state.history[0]
         self._emit("on_start", self.task, initial)
 
+        if self.racing:
+            start_warm_up()
         initial_test = asyncio.create_task(self._score_test(initial.prompt))
         self.failure: str | None = None
         try:
             if initial.score is None:
                 await self._score_now([initial])
+            if state.best_per_example is None:
+                state.best_per_example = self._per_example.get(dedup_key(state.best.prompt))
             if self.validating and initial.val_score is None:
                 await self._score_val([initial])
             rounds: list[dict[str, Any]] = []
@@ -581,6 +600,7 @@ class Optimizer:
             wall_time=time.perf_counter() - started,
             stop_reason=stop_reason,
             failure=self.failure,
+            race=self._race_record(state.history),
             diagnosis=next(
                 (r["diagnosis"]["sentence"] for r in reversed(rounds) if (r.get("diagnosis") or {}).get("flat")), None
             ),
@@ -612,6 +632,13 @@ class Optimizer:
         return bool(self.task.val) and self.selection.uses_validation
 
     @property
+    def racing(self) -> bool:
+        """Whether new candidates race (``--scoring race``, a selection that allows it, and a
+        train sample of more than one block)."""
+        settings = self.settings
+        return settings.scoring == "race" and self.selection.races and len(self.task.train) > settings.race_block
+
+    @property
     def max_prompt_length(self) -> int:
         """Characters beyond which a candidate is dropped: set, or sized from the reply budget."""
         return self.settings.max_prompt_length or META_CHARS_PER_TOKEN * self.meta_max_tokens
@@ -640,6 +667,7 @@ class Optimizer:
         chosen = await self.selection.choose(handle, new)
         improved = chosen.id != state.best_id
         state.best_id = chosen.id
+        state.best_per_example = self._per_example.get(dedup_key(chosen.prompt), state.best_per_example)
         if improved:
             self.method.accepted(handle, chosen)
         state.stale_epochs = 0 if improved else state.stale_epochs + 1
@@ -670,6 +698,7 @@ class Optimizer:
             stop_reason=stop_reason,
             diagnosis=diagnosis,
             concurrency=limiter.window() if limiter is not None else {},
+            race=self._race_summary(new),
         )
         for rule in self.stop_rules:
             result.stop_reason = result.stop_reason or rule.check(state, result)
@@ -712,7 +741,8 @@ class Optimizer:
 
     def _score_soon(self, candidates: list[Candidate]) -> None:
         if candidates:
-            self._pending.append(asyncio.create_task(self._score_now(candidates)))
+            scoring = self._race(candidates) if self.racing else self._score_now(candidates)
+            self._pending.append(asyncio.create_task(scoring))
 
     def _variables_problem(self, prompt: str) -> str | None:
         """For a template task: ``variable_dropped`` or ``variable_invented`` when the prompt's
@@ -728,17 +758,23 @@ class Optimizer:
 
     def _observed(self, prompt: str, examples: list[Example]) -> list[dict[str, str]] | None:
         """What the app answered with ``prompt`` on each example, its score and the judges'
-        notes, when the task shows outputs and the prompt's train scoring recorded them."""
-        score = self._train_scores.get(dedup_key(prompt)) if self.task.shows_outputs else None
-        if score is None:
+        notes, when the task shows outputs and the prompt's train scoring recorded them (an
+        empty record for an example a race stopped the prompt before)."""
+        found = self._train_scores.get(dedup_key(prompt)) if self.task.shows_outputs else None
+        if found is None:
             return None
-        position = {example.index: i for i, example in enumerate(self.task.train)}
-        observed = []
+        score, positions = found
+        train_position = {example.index: i for i, example in enumerate(self.task.train)}
+        where = {position: i for i, position in enumerate(positions)}
+        observed: list[dict[str, str]] = []
         for example in examples:
-            i = position[example.index]
+            i = where.get(train_position[example.index])
+            if i is None:
+                observed.append({})
+                continue
             note = score.notes[i] if i < len(score.notes) else ""
             observed.append({"output": _clip(score.outputs[i]), "score": f"{score.per_example[i]:.2f}", "notes": _clip(note)})
-        return observed
+        return observed if any(observed) else None
 
     def _candidate_cost(self, candidates: int) -> int:
         cost = candidates * len(self.task.train)
@@ -774,14 +810,60 @@ class Optimizer:
 
     async def _score_now(self, candidates: list[Candidate]) -> None:
         scores = await self.evaluator.score([c.prompt for c in candidates], self.task.train, stage=TRAIN_SCORING)
+        everywhere = list(range(len(self.task.train)))
         for candidate, score in zip(candidates, scores):
-            if self.task.shows_outputs:
-                self._train_scores[dedup_key(candidate.prompt)] = score
-            candidate.score = score.value
-            candidate.metrics = dict(score.metrics)
-            candidate.parse_rate = score.parse_rate
-            if self.task.is_classification:
-                candidate.answers = answer_counts(score.predictions)
+            self._take_score(candidate, score, everywhere)
+
+    async def _race(self, candidates: list[Candidate]) -> None:
+        """Scores new candidates block by block against the best prompt so far (``racing.py``)."""
+        incumbent = self.state.best
+        known = self._per_example.get(dedup_key(incumbent.prompt)) or self.state.best_per_example
+        if known is None or len(known) != len(self.task.train):
+            # a state saved before racing existed: its best prompt's per-example scores
+            # were not kept, and are scored once more (the response cache answers them)
+            log.info("scoring the best prompt once more for its per-example train scores")
+            copy = Candidate(id=incumbent.id, prompt=incumbent.prompt, stage=incumbent.stage, epoch=incumbent.epoch)
+            await self._score_now([copy])
+            known = self._per_example[dedup_key(incumbent.prompt)]
+        race = Race(self.evaluator, self.task, self._race_order, self.settings.race_block, self.settings.race_alpha,
+                    known, TRAIN_SCORING)
+        outcomes = await race.run([c.prompt for c in candidates])
+        for candidate, outcome in zip(candidates, outcomes):
+            self._take_score(candidate, outcome.score, outcome.positions)
+            if outcome.stopped:
+                candidate.eliminated_by = incumbent.id
+
+    def _take_score(self, candidate: Candidate, score: Score, positions: list[int]) -> None:
+        """Records a candidate's train score, which covers the train ``positions``."""
+        key = dedup_key(candidate.prompt)
+        if self.task.shows_outputs:
+            self._train_scores[key] = (score, positions)
+        if len(positions) == len(self.task.train):
+            self._per_example[key] = list(score.per_example)
+        candidate.score = score.value
+        candidate.metrics = dict(score.metrics)
+        candidate.parse_rate = score.parse_rate
+        candidate.examples_scored = len(positions)
+        if self.task.is_classification:
+            candidate.answers = answer_counts(score.predictions)
+
+    def _race_record(self, history: list[Candidate]) -> dict[str, Any]:
+        """How the run's train scores were paid for, over every round (resumed ones too)."""
+        settings = self.settings
+        summary = self._race_summary([c for c in history if c.epoch > 0])
+        how = {"scoring": "race", "block": settings.race_block, "alpha": settings.race_alpha} if self.racing else {"scoring": "full"}
+        return {**how, **summary.to_dict()}
+
+    def _race_summary(self, new: list[Candidate]) -> RaceSummary:
+        scored = [c for c in new if c.duplicate_of is None and c.examples_scored is not None]
+        stopped = [c for c in scored if c.eliminated_by is not None]
+        return RaceSummary(
+            candidates=len(scored),
+            stopped=len(stopped),
+            stopped_after=[c.examples_scored or 0 for c in stopped],
+            requests=sum(c.examples_scored or 0 for c in scored),
+            full_requests=len(scored) * len(self.task.train),
+        )
 
     def _scores(self, candidate: Candidate, test: Score | None) -> dict[str, dict[str, float]]:
         """A candidate's scores by sample: train, validation (when the run selects on one), test."""
@@ -846,6 +928,8 @@ def _copy_score(duplicate: Candidate, original: Candidate) -> None:
     duplicate.answers = dict(original.answers)
     duplicate.metrics = dict(original.metrics)
     duplicate.parse_rate = original.parse_rate
+    duplicate.examples_scored = original.examples_scored
+    duplicate.eliminated_by = original.eliminated_by
 
 
 def _test_metrics(score: Score | None) -> dict[str, float]:
@@ -857,11 +941,20 @@ def _train_metrics(candidate: Candidate) -> dict[str, float]:
 
 
 def _stage_stats(candidates: list[Candidate]) -> dict[str, dict[str, float]]:
+    """Per stage: the mean train score of its scored candidates (a candidate a race stopped
+    counts with its score on the examples it was scored on), how many they are and how many
+    were stopped, and the best score among those scored on the whole train sample."""
     stats: dict[str, dict[str, float]] = {}
     for stage in dict.fromkeys(c.stage for c in candidates):
-        scores = [c.score for c in candidates if c.stage == stage and c.score is not None]
-        if scores:
-            stats[stage] = {"best": max(scores), "mean": sum(scores) / len(scores), "count": float(len(scores))}
+        mine = [c for c in candidates if c.stage == stage and c.score is not None]
+        if not mine:
+            continue
+        scores = [c.score or 0.0 for c in mine]
+        stats[stage] = {"mean": sum(scores) / len(scores), "count": float(len(mine)),
+                        "stopped": float(sum(not c.selectable for c in mine))}
+        whole = [c.score or 0.0 for c in mine if c.selectable]
+        if whole:
+            stats[stage]["best"] = max(whole)
     return stats
 
 
@@ -891,4 +984,5 @@ def _round_summary(result: RoundResult) -> dict[str, Any]:
         "stop_reason": result.stop_reason,
         "diagnosis": result.diagnosis.to_dict() if result.diagnosis else None,
         "concurrency": result.concurrency,
+        "race": result.race.to_dict(),
     }

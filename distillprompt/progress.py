@@ -119,9 +119,10 @@ class ConsoleProgress(Callback):
         marker = "improved" if result.improved else "no gain"
         stop = f"; stopping: {result.stop_reason}" if result.stop_reason else ""
         diagnosis = f"; {result.diagnosis.summary()}" if result.diagnosis else ""
+        race = f"; {result.race.line()}" if result.race.candidates else ""
         self._line(
             f"round {result.epoch} done in {result.wall_time:.1f}s: best train score {result.best.score:.4f} ({marker}), "
-            f"{usage.requests} requests, {usage.cache_hits} cache hits, {usage.tokens} tokens{diagnosis}{stop}"
+            f"{usage.requests} requests, {usage.cache_hits} cache hits, {usage.tokens} tokens{race}{diagnosis}{stop}"
         )
         if result.diagnosis is not None and result.diagnosis.sentence:
             self._line(result.diagnosis.sentence)

@@ -26,6 +26,7 @@ from .llm import Adaptive, ChatClient, PriorityLimiter, RateBudget, UsageMeter, 
 from .local_llm import LocalServer, bundled_model, custom_model
 from .methods import method_for
 from .optimizer import Callback, Optimizer, RunResult, notify
+from .racing import start_warm_up
 from .progress import ConsoleProgress
 from .settings import AUTO_START_CONCURRENCY, LLMSettings, Settings
 from .state import RunState
@@ -162,6 +163,8 @@ async def open_context(
     # The data loads while the endpoints are checked; a data error is reported first, as
     # when one came after the other.
     loading = asyncio.to_thread(load_task, settings.data, settings.seed, need_train=need_train) if task is None else None
+    if need_train and settings.optimizer.scoring == "race":
+        start_warm_up()  # racing's statistics library, imported in the background
     loaded, checked = await asyncio.gather(loading or asyncio.sleep(0, task), check(), return_exceptions=True)
     for outcome in (loaded, checked):
         if isinstance(outcome, BaseException):

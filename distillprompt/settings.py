@@ -200,6 +200,17 @@ class OptimizerSettings(Group):
     temperature_aggregate: float = Field(0.4, ge=0, le=2)
     temperature_paraphrase: float = Field(0.7, ge=0, le=2)
     patience: int = Field(0, ge=0, description="stop after this many rounds without improvement (0: never)")
+    scoring: Literal["race", "full"] = Field(
+        "race",
+        description="how a new candidate's train score is paid for: race (block by block against the best prompt "
+        "so far, stopped once a paired test says it is worse; survivors are scored on the whole train sample) or "
+        "full (every candidate on the whole train sample, as the paper does)",
+    )
+    race_block: int = Field(10, gt=0, description="race: train examples per block; the test runs after each block")
+    race_alpha: float = Field(
+        0.2, gt=0, lt=1,
+        description="race: level of the one-sided paired t-test that stops a candidate as worse than the best prompt",
+    )
     max_scoring_calls: int = Field(
         0, ge=0, description="budget: scoring requests (train and validation) the search may spend; a method that "
         "can size its rounds (grips) stops before a candidate would pass it; compare --budget-match sets it (0: none)"

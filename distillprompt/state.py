@@ -30,6 +30,13 @@ class Candidate:
     note: str | None = None  # how it was made, where the stage alone does not say (GrIPS edits)
     val_score: float | None = None  # on the validation sample, for the round's top candidates by train score
     answers: dict[str, int] = field(default_factory=dict)  # the target's answers on the train sample, counted
+    examples_scored: int | None = None  # train examples its score covers (fewer when a race stopped it)
+    eliminated_by: int | None = None  # the incumbent a race found it worse than: never selected
+
+    @property
+    def selectable(self) -> bool:
+        """Scored on the whole train sample (not stopped by a race)."""
+        return self.score is not None and self.eliminated_by is None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,7 +51,11 @@ def dedup_key(prompt: str) -> str:
     return " ".join(prompt.split())
 
 
-STATE_SCHEMA_VERSION = 1  # raise it when a saved state's fields change meaning
+# Raise it when a saved state's fields change meaning or are added (an older distillprompt
+# then refuses the state instead of failing on a field it does not know). Version 2 added
+# racing: Candidate.examples_scored and .eliminated_by, RunState.best_per_example; a version 1
+# state reads with their defaults.
+STATE_SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -62,6 +73,7 @@ class RunState:
     rejections: dict[str, dict[str, int]] = field(default_factory=dict)
     stop_reason: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # what a method keeps between rounds
+    best_per_example: list[float] | None = None  # the best prompt's train scores per example, for racing
 
     def rng(self) -> random.Random:
         rng = random.Random(f"{self.seed}:optimizer")

@@ -142,8 +142,12 @@ def budget_matched(child: Settings, method: str, budget: int, train_size: int) -
         return  # the reference itself; the others do not search (MetaPrompt is one pass)
     child.optimizer.max_scoring_calls = budget  # MLflow's optimizers get it as their max_metric_calls
     if method == "grips":
-        per_iteration = max(1, child.optimizer.grips_candidates * train_size)
+        # a candidate costs the train sample, or one block when a race stops it at once
+        racing = child.optimizer.scoring == "race"
+        per_candidate = min(train_size, child.optimizer.race_block) if racing else train_size
+        per_iteration = max(1, child.optimizer.grips_candidates * per_candidate)
         # duplicates are not rescored, so an iteration may cost less: room for twice as many
+        # (the budget, not the count, ends the search)
         child.optimizer.grips_iterations = max(1, 2 * math.ceil(budget / per_iteration))
         child.optimizer.grips_patience = 0
 

@@ -34,6 +34,7 @@ from distillprompt.errors import UserError
 from distillprompt.evaluation import Score
 from distillprompt.llm import META, PriorityLimiter, Usage
 from distillprompt.optimizer import Callback, RoundResult, RunResult
+from distillprompt.racing import wait_warm_up
 from distillprompt.settings import Settings, load_settings, setting_specs
 from mlflow.genai.optimize.optimizers import BasePromptOptimizer
 from mlflow.genai.optimize.types import PromptOptimizerOutput
@@ -391,6 +392,7 @@ def _settle_prompt_links() -> None:
 
 def _settled_call(eval_fn: Callable[..., Any], *args: Any) -> Any:
     _settle_prompt_links()
+    wait_warm_up()  # racing's import thread: the same deadlock as the link threads'
     return eval_fn(*args)
 
 

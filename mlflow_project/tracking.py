@@ -60,7 +60,7 @@ def lineage(history: list[Candidate], final: Candidate) -> list[Candidate]:
 
 def round_metrics(result: RoundResult) -> dict[str, float]:
     """A round's MLflow metrics (logged at step = round): best score, candidates, usage,
-    parse rate, diagnosis, validation and per-stage scores."""
+    parse rate, diagnosis, validation, per-stage scores and what racing saved."""
     usage = result.usage
     scored = [c for c in result.candidates if c.duplicate_of is None and c.score is not None]
     metrics: dict[str, float] = {
@@ -88,8 +88,10 @@ def round_metrics(result: RoundResult) -> dict[str, float]:
         metrics["best_val_score"] = result.best.val_score
         metrics["candidates_validated"] = sum(1 for c in scored if c.val_score is not None)
     for stage, stats in result.stage_stats.items():
-        metrics[f"{stage}_best_score"] = stats["best"]
         metrics[f"{stage}_mean_score"] = stats["mean"]
+        if "best" in stats:  # some of the stage's candidates were scored on the whole train sample
+            metrics[f"{stage}_best_score"] = stats["best"]
+    metrics.update(result.race.metrics())
     return metrics
 
 
@@ -254,6 +256,8 @@ class MlflowTracker(Callback):
                 "train_score": c.score,
                 "val_score": c.val_score,
                 "duplicate_of": c.duplicate_of,
+                "examples_scored": c.examples_scored,
+                "eliminated_by": c.eliminated_by,
             }
             for c in result.candidates
         ]
@@ -277,6 +281,8 @@ class MlflowTracker(Callback):
             "total_tokens_out": usage.output_tokens,
             "total_cost_usd": usage.cost,
             "wall_time_s": result.wall_time,
+            "total_scoring_requests": float(result.race.get("requests", 0)),
+            "total_race_saved_fraction": float(result.race.get("saved_fraction", 0.0)),
         }
         for name, scores in (("initial", initial), ("final", final)):
             if (scores.get("val") or {}).get("score") is not None:

@@ -24,11 +24,14 @@ import argparse
 import asyncio
 import hashlib
 import json
+import math
 import re
 import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Callable
 
 POSITIVE = {
@@ -105,12 +108,18 @@ def true_label(text: str, labels: list[str]) -> str:
     return labels[digest(text) % len(labels)]
 
 
-def answer_scoring(content: str) -> str:
+def scoring_parts(content: str) -> tuple[str, list[str], str]:
+    """The instruction, the possible answers and the input of a scoring request."""
     labels_match = re.search(r"Possible answers: (.*?)\.\n", content)
     labels = [label.strip() for label in labels_match.group(1).split(",")] if labels_match else ["yes", "no"]
     instruction = content.split("\n\nPossible answers:")[0]
     text_match = re.search(r"Input: (.*?)\n\n", content, re.DOTALL)
     text = text_match.group(1) if text_match else content
+    return instruction, labels, text
+
+
+def answer_scoring(content: str) -> str:
+    instruction, labels, text = scoring_parts(content)
     helpful = sum(word in instruction.lower() for word in HELPFUL)
     quality = min(0.95, 0.45 + 0.1 * helpful)
     right = true_label(text, labels)
@@ -120,6 +129,75 @@ def answer_scoring(content: str) -> str:
         others = [label for label in labels if label != right] or labels
         label = others[digest("wrong", instruction, text) % len(others)]
     return f"<ans>{label}</ans>"
+
+
+class HiddenAccuracy:
+    """A target whose every instruction has an accuracy only this endpoint knows, for
+    measuring selection: each distinct instruction (white space aside) gets one drawn
+    uniformly from ``low``..``high`` by a hash, unless ``pinned`` sets it; its answer to an
+    input is right with that probability, decided by a hash, so every request is repeatable.
+
+    ``correlation`` is how much the inputs' difficulty is shared between instructions (the
+    correlation of the latent variables of a Gaussian copula): 0 makes every instruction's
+    mistakes independent of every other's, larger values make the same inputs hard for
+    every instruction, as on real tasks. ``gold`` maps an input text to its label (else the
+    sentiment word list decides, as for the reviews the tests write)."""
+
+    def __init__(
+        self, low: float = 0.78, high: float = 0.90, correlation: float = 0.0,
+        gold: dict[str, str] | None = None, pinned: dict[str, float] | None = None, fresh: bool = False,
+    ) -> None:
+        self.low, self.high, self.correlation, self.fresh = low, high, correlation, fresh
+        self.gold = {" ".join(text.split()): label for text, label in (gold or {}).items()}
+        self.pinned = {" ".join(text.split()): value for text, value in (pinned or {}).items()}
+        self._normal = NormalDist()
+
+    def accuracy(self, instruction: str) -> float:
+        key = " ".join(instruction.split())
+        if key in self.pinned:
+            return self.pinned[key]
+        return self.low + (self.high - self.low) * fraction("hidden accuracy", key)
+
+    def right(self, instruction: str, text: str) -> bool:
+        """Whether the instruction's answer to this input is right."""
+        shared = self._normal.inv_cdf((fraction("difficulty", text) * 10_000 + 0.5) / 10_001)
+        own = self._normal.inv_cdf((fraction("noise", " ".join(instruction.split()), text) * 10_000 + 0.5) / 10_001)
+        latent = math.sqrt(self.correlation) * shared + math.sqrt(1 - self.correlation) * own
+        return latent < self._normal.inv_cdf(self.accuracy(instruction))
+
+    def __call__(self, request: dict[str, Any], kind: str, stage: str) -> str | None:
+        content = "\n".join(str(m.get("content", "")) for m in request.get("messages", []))
+        if kind == "meta" and self.fresh and stage in ("rewrite", "distill", "compress", "aggregate", "paraphrase"):
+            # a new instruction every time, as a capable optimizer model writes them
+            number = digest(stage, request.get("_sample"), request.get("seed"), content) % 10**8
+            return f"<START>Decide whether the text is negative or positive. Take approach {number}.<END>"
+        if kind != "scoring":
+            return None
+        instruction, labels, text = scoring_parts(content)
+        truth = self.gold.get(" ".join(text.split())) or true_label(text, labels)
+        if self.right(instruction, text):
+            return f"<ans>{truth}</ans>"
+        others = [label for label in labels if label != truth] or labels
+        return f"<ans>{others[digest('wrong', instruction, text) % len(others)]}</ans>"
+
+    @classmethod
+    def from_arguments(
+        cls, spec: str, correlation: float, gold: str | None, pins: list[str], fresh: bool = False
+    ) -> HiddenAccuracy:
+        """From the command line: ``LOW:HIGH``, a folder or file of JSONL rows with the gold
+        labels, ``ACCURACY=INSTRUCTION`` pins, and whether meta-prompts get a new instruction
+        every time (else the scripted writer's, which repeats itself often)."""
+        low, high = (float(part) for part in spec.split(":"))
+        labels: dict[str, str] = {}
+        if gold:
+            files = sorted(Path(gold).glob("*.jsonl")) if Path(gold).is_dir() else [Path(gold)]
+            for file in files:
+                for line in file.read_text(encoding="utf-8").splitlines():
+                    if line.strip():
+                        row = json.loads(line)
+                        labels[str(row["text"])] = str(row["label"])
+        pinned = {text: float(value) for value, _, text in (pin.partition("=") for pin in pins)}
+        return cls(low, high, correlation, labels, pinned, fresh)
 
 
 SYNONYMS = {"Read": "Study", "text": "passage", "answer": "reply", "label": "category", "best": "most", "the": "this"}
@@ -466,12 +544,22 @@ def main() -> None:
     parser.add_argument("--fault", action="append", default=[], help="NAME=RATE, e.g. 429=0.1 500=0.05 drop=0.05")
     parser.add_argument("--throttle", type=int, default=0, help="429 at once above this many requests in flight")
     parser.add_argument("--throttle-retry-after", default="", help="Retry-After header of those 429s (none by default)")
+    parser.add_argument("--hidden-accuracy", metavar="LOW:HIGH", help="each instruction's accuracy, drawn from this range")
+    parser.add_argument("--correlation", type=float, default=0.0, help="hidden accuracy: difficulty shared by instructions")
+    parser.add_argument("--gold", help="hidden accuracy: JSONL file or folder with each input's label")
+    parser.add_argument("--pin", action="append", default=[], metavar="ACCURACY=INSTRUCTION",
+                        help="hidden accuracy: the accuracy of one instruction")
+    parser.add_argument("--fresh-prompts", action="store_true", help="hidden accuracy: a new instruction every meta reply")
     args = parser.parse_args()
     rates = {name: float(rate) for name, rate in (item.split("=") for item in args.fault)}
+    responder = (
+        HiddenAccuracy.from_arguments(args.hidden_accuracy, args.correlation, args.gold, args.pin, args.fresh_prompts)
+        if args.hidden_accuracy else None
+    )
     endpoint = ScriptedEndpoint(
         models=args.model or ["test-model"], support_n=not args.no_n, latency=args.latency,
         capacity=args.capacity, rates=rates, port=args.port, throttle=args.throttle,
-        throttle_retry_after=args.throttle_retry_after,
+        throttle_retry_after=args.throttle_retry_after, responder=responder,
     ).start()
     print(f"serving {endpoint.base_url}", flush=True)
     try:

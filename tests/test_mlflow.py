@@ -76,8 +76,13 @@ def test_run_records_settings_rounds_and_artifacts(first_run, mlflow_server):
     assert [m.step for m in history] == [1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "rewrite_mean_score")] == [1, 2]
     for name in ("llm_requests", "cache_hits", "tokens_in", "tokens_out", "cost_usd", "round_wall_time_s", "parse_rate",
-                 "throttled_429", "concurrency_limit", "concurrency_peak", "concurrency_mean"):
+                 "throttled_429", "concurrency_limit", "concurrency_peak", "concurrency_mean", "race_stopped",
+                 "scoring_requests", "scoring_requests_full", "race_saved_fraction"):
         assert len(client.get_metric_history(run.info.run_id, name)) == 2, name
+    # racing (the default): what each round's train scoring cost against scoring every candidate in full
+    for paid, full, saved in zip(*(client.get_metric_history(run.info.run_id, name) for name in
+                                   ("scoring_requests", "scoring_requests_full", "race_saved_fraction"))):
+        assert 0 < paid.value <= full.value and saved.value == pytest.approx(1 - paid.value / full.value)
     # --concurrency auto (the default) against an endpoint that never throttles: no 429, and
     # the bound was used (requests were in flight) and stayed within its ceiling
     assert all(m.value == 0 for m in client.get_metric_history(run.info.run_id, "throttled_429"))
