@@ -58,9 +58,9 @@ def output_folder(settings: Settings) -> Path:
 DEMO_DATASET = Path(__file__).resolve().parent / "demo"
 # Sized so that the whole demo (embedded 135M model, 2 cores) ends within 5 minutes with an
 # empty response cache: 2 rounds of 9 candidates (2 rewrites, each distilled and compressed,
-# one aggregate, 2 paraphrases) on 10 train reviews, then 30 test reviews; about 270 requests.
+# one aggregate, 2 paraphrases) raced on all 100 train reviews, then 30 test reviews.
 DEMO_SIZES = {
-    "data": {"train_size": 10, "test_size": 30},
+    "data": {"train_size": 100, "test_size": 30},
     "optimizer": {"epochs": 2, "rewrites": 2, "paraphrases": 2},
 }
 

@@ -45,7 +45,7 @@ def test_mlflow_run_main_on_the_embedded_model(mlflow_server):
             str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "main", "--env-manager", "local",
             "--experiment-name", "embedded",
             "-P", "epochs=1", "-P", "train_size=4", "-P", "test_size=6", "-P", "executor=local",
-            "-P", "prompt_name=embedded-demo",
+            "-P", "prompt_name=embedded-demo", "-P", "race_block=2",  # a race of two blocks
         ],
         capture_output=True, text=True, cwd=ROOT, timeout=900,
         env=venv_env({"MLFLOW_TRACKING_URI": mlflow_server["uri"], "DISTILLPROMPT_CACHE__ENABLED": "false"}),
@@ -65,6 +65,9 @@ def test_mlflow_run_main_on_the_embedded_model(mlflow_server):
     client = MlflowClient(mlflow_server["uri"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "best_train_score")] == [1]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "parse_rate")] == [1]
+    (saved,) = client.get_metric_history(run.info.run_id, "race_saved_fraction")  # raced, block by block
+    # the empty MLproject parameter left the default
+    assert params["effective_scoring"] == "race" and params["race_block"] == "2" and 0.0 <= saved.value < 1.0
     assert 0.0 <= metrics["initial_parse_rate"] <= 1.0
     assert params["train_examples"] == "4" and params["test_examples"] == "6"
 
