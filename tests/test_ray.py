@@ -76,6 +76,36 @@ def test_actors_spread_over_both_nodes_and_score_like_in_process(cluster, endpoi
     assert ray_requests == local_requests  # the same requests, each sent once
 
 
+def test_a_race_through_the_actors_stops_and_selects_as_in_process(cluster, reviews_dir, tmp_path):
+    from tests.test_racing import target
+
+    with ScriptedEndpoint(responder=target) as endpoint:
+        settings = settings_for(endpoint, reviews_dir, tmp_path / "ray", ray_address=cluster.address, ray_actors=2)
+        settings.optimizer.race_block = 4
+
+        async def on_ray():
+            executor = RayExecutor(settings)
+            try:
+                await executor.placement()  # the actors are up: they answer every scoring request
+                return (await runner.optimize(settings, executor=executor))[0], dict(executor.answered)
+            finally:
+                await executor.aclose()
+
+        on_cluster, answered = asyncio.run(on_ray())
+        ray_requests = Counter(e.body_hash for e in endpoint.requests())
+        endpoint.reset()
+        local = settings_for(endpoint, reviews_dir, tmp_path / "local", executor="local")
+        local.optimizer.race_block = 4
+        in_process, _ = asyncio.run(runner.optimize(local, executor=LocalExecutor()))
+        local_requests = Counter(e.body_hash for e in endpoint.requests())
+
+    assert answered["actors"] > 0 and answered["driver"] == 0, answered
+    assert any(c.eliminated_by is not None for c in on_cluster.history)  # the race stopped some
+    assert [c.to_dict() for c in on_cluster.history] == [c.to_dict() for c in in_process.history]
+    assert on_cluster.race == in_process.race, (on_cluster.race, in_process.race)
+    assert ray_requests == local_requests
+
+
 def wider(settings):
     """32 requests in flight: 2 actors get batches of 8."""
     return settings.model_copy(update={"llm": settings.llm.model_copy(update={"concurrency": 32})})
