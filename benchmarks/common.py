@@ -126,13 +126,13 @@ def run_measured(command: list[str], folder: Path, env: dict[str, str] | None = 
 
 
 def optimize_command(
-    dataset: Path, base_url: str, executor: str, output: Path, *, epochs: int, train_size: int, test_size: int,
+    dataset: Path, base_url: str, executor: str, output: Path, *, rounds: int, train_size: int, test_size: int,
     concurrency: str, seed: int = 0, extra: list[str] | None = None,
 ) -> list[str]:
     return [
         sys.executable, "-m", "distillprompt", "optimize", "--quiet",
         "--dataset", str(dataset), "--base-url", base_url, "--model", "test-model",
-        "--epochs", str(epochs), "--train-size", str(train_size), "--test-size", str(test_size),
+        "--rounds", str(rounds), "--train-size", str(train_size), "--test-size", str(test_size),
         "--concurrency", str(concurrency), "--executor", executor, "--no-cache", "--seed", str(seed),
         "--output", str(output), *(extra or []),
     ]
@@ -143,7 +143,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     defaults: 200 ms a request, 2 rounds, train 50, test 20, both executors)."""
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--latency", type=float, default=0.2, help="seconds the endpoint holds each request")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", "--epochs", type=int, default=2)
     parser.add_argument("--train-size", type=int, default=50)
     parser.add_argument("--test-size", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -158,7 +158,7 @@ def run_command(
 ) -> list[str]:
     """`distillprompt optimize` with the options of ``add_run_arguments``."""
     return optimize_command(
-        args.dataset, base_url, executor, output, epochs=args.epochs, train_size=args.train_size,
+        args.dataset, base_url, executor, output, rounds=args.rounds, train_size=args.train_size,
         test_size=args.test_size, concurrency=concurrency, seed=args.seed,
         extra=["--scoring", scoring or args.scoring],
     )

@@ -1,6 +1,6 @@
 """The load requirement: a large run completes with the driver's peak RSS under 1 GB.
 
-A `distillprompt optimize` process with a 2,000-example train sample, 3 epochs and
+A `distillprompt optimize` process with a 2,000-example train sample, 3 rounds and
 `--concurrency 128` runs against a fast scripted endpoint (tests/endpoint.py in its own
 process, latency 0, no capacity bound), once per executor: ``local`` (in process), ``ray``
 (a local instance the run starts at once, ``--ray-start now``; the driver answers while it
@@ -107,7 +107,7 @@ def measure(
         command = [
             sys.executable, "-m", "distillprompt", "optimize", "--quiet",
             "--dataset", str(args.dataset), "--base-url", base_url, "--model", "test-model",
-            "--epochs", str(args.epochs), "--train-size", str(args.train_size), "--test-size", str(args.test_size),
+            "--rounds", str(args.rounds), "--train-size", str(args.train_size), "--test-size", str(args.test_size),
             "--concurrency", str(args.concurrency), "--executor", flag,
             *(["--cache-path", str(folder / "cache.sqlite")] if args.cache else ["--no-cache"]),
             "--seed", str(args.seed), "--scoring", args.scoring,
@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds the endpoint waits per request")
     parser.add_argument("--capacity", type=int, default=0, help="requests the endpoint serves at once (0: no bound)")
     parser.add_argument("--concurrency", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", "--epochs", type=int, default=3)
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -243,7 +243,7 @@ def main() -> None:
 
     print(
         f"latency {args.latency}s, endpoint capacity {args.capacity or 'unbounded'}, --concurrency {args.concurrency}, "
-        f"{args.epochs} epochs, train {args.train_size}, test {args.test_size}, faults: {' '.join(args.fault) or 'none'}, "
+        f"{args.rounds} rounds, train {args.train_size}, test {args.test_size}, faults: {' '.join(args.fault) or 'none'}, "
         f"{os.cpu_count()} cores"
     )
     print()

@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--methods", default="distillprompt,initial")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="first seed")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", "--epochs", type=int, default=2)
     parser.add_argument("--train-size", type=int, default=20)
     parser.add_argument("--test-size", type=int, default=50)
     parser.add_argument("--base-url", help="target endpoint (default: the embedded model)")
@@ -130,7 +130,7 @@ def main() -> None:
     folder = (args.output or Path(tempfile.mkdtemp(prefix="quality-"))).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     common = [
-        "--dataset", args.dataset, "--epochs", str(args.epochs), "--train-size", str(args.train_size),
+        "--dataset", args.dataset, "--rounds", str(args.rounds), "--train-size", str(args.train_size),
         "--test-size", str(args.test_size), "--seed", str(args.seed), "--executor", args.executor,
         "--cache-path", args.cache_path or str(folder / "cache.sqlite"),
     ]
@@ -146,7 +146,7 @@ def main() -> None:
         results[name] = outcomes(folder / name, methods, seeds)
     text = report([name for name, _ in variants], results, walls, args)
     header = (
-        f"dataset {args.dataset}, methods {args.methods}, seeds {seeds}, epochs {args.epochs}, train "
+        f"dataset {args.dataset}, methods {args.methods}, seeds {seeds}, rounds {args.rounds}, train "
         f"{args.train_size}, test {args.test_size}, target {args.model or 'embedded'} at {args.base_url or 'local'}, "
         f"optimizer {args.optimizer_model or args.model or 'embedded'}\n\n"
     )

@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--dataset", type=Path, required=True, help="a folder with train.jsonl (text, label)")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", "--epochs", type=int, default=2)
     parser.add_argument("--train-size", type=int, default=50)
     parser.add_argument("--test-size", type=int, default=20)
     parser.add_argument("--concurrency", default="32")
@@ -80,7 +80,7 @@ def main() -> None:
         method="distill",
         problem_description="Sentiment classification of movie reviews: negative or positive.",
         batch_size=batch,
-        num_epochs=args.epochs,
+        num_epochs=args.rounds,
         enable_telemetry=False,
         verbose=0,
     )

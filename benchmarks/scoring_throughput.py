@@ -17,7 +17,7 @@ in between.
     python benchmarks/scoring_throughput.py --repeat 2     # the defaults of the throughput issue
     python benchmarks/scoring_throughput.py --executors local,ray,ray-cluster   # and through Ray actors
     python benchmarks/scoring_throughput.py --reference "/path/to/venv/bin/python benchmarks/reference_distillprompt.py"
-    python benchmarks/scoring_throughput.py --scorings full,race --train-size 100 --epochs 3   # racing's wall time
+    python benchmarks/scoring_throughput.py --scorings full,race --train-size 100 --rounds 3   # racing's wall time
 
 With ``--scorings`` each executor runs once per scoring mode, side by side; a race's blocks
 of one candidate run one after another, so its ideal time understates what it can reach.
@@ -53,7 +53,7 @@ def measure_in(
         def command(base_url: str) -> list[str]:
             return shlex.split(args.reference) + [
                 "--base-url", base_url, "--model", "test-model", "--dataset", str(args.dataset),
-                "--epochs", str(args.epochs), "--train-size", str(args.train_size), "--test-size", str(args.test_size),
+                "--rounds", str(args.rounds), "--train-size", str(args.train_size), "--test-size", str(args.test_size),
                 "--concurrency", str(args.concurrency),
             ]
 
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="32")
     parser.add_argument(
         "--reference", help="command that runs the authors' implementation (it gets --base-url, --model, --dataset, "
-        "--epochs, --train-size, --test-size, --concurrency)",
+        "--rounds, --train-size, --test-size, --concurrency)",
     )
     parser.add_argument(
         "--scorings", default=None, help="--scoring of each run, side by side, e.g. full,race (default: --scoring)"
@@ -113,7 +113,7 @@ def main() -> None:
                     rows.append(measure(args, name, Path(folder) / f"{attempt}-{name}-{scoring}", scoring))
 
     print(
-        f"latency {args.latency}s, C={args.capacity}, --concurrency {args.concurrency}, {args.epochs} rounds, "
+        f"latency {args.latency}s, C={args.capacity}, --concurrency {args.concurrency}, {args.rounds} rounds, "
         f"train {args.train_size}, test {args.test_size}, --scoring {args.scorings}, no cache, {os.cpu_count()} cores"
     )
     print("| run | wall s | requests | endpoint busy s | before first request s | after last reply s | idle gaps s "

@@ -54,7 +54,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def run_once(base_url: str, args: argparse.Namespace, flags: list[str], train_size: int, seed: int, folder: Path) -> dict:
     command = [
         "optimize", "--dataset", str(args.dataset), "--base-url", base_url, "--model", "test-model",
-        "--epochs", str(args.rounds), "--train-size", str(train_size), "--test-size", "1", "--seed", str(seed),
+        "--rounds", str(args.rounds), "--train-size", str(train_size), "--test-size", "1", "--seed", str(seed),
         "--executor", "local", "--cache-path", str(folder / "cache.sqlite"), "--no-register",
         "--output", str(folder / "runs" / f"{train_size}-{seed}-{abs(hash(tuple(flags)))}"), *flags,
     ]

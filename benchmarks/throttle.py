@@ -62,7 +62,7 @@ def main() -> None:
 
     print(
         f"endpoint: latency {args.latency}s, 429 above {args.throttle} in flight"
-        f"{', Retry-After ' + args.retry_after if args.retry_after else ''}; {args.epochs} rounds, "
+        f"{', Retry-After ' + args.retry_after if args.retry_after else ''}; {args.rounds} rounds, "
         f"train {args.train_size}, test {args.test_size}, no cache"
     )
     print("| executor | --concurrency | wall s | requests (429s included) | 429s | 429 share | counted by the run "

@@ -32,7 +32,7 @@ from typing import Any
 
 from . import templates
 from .candidates import extract_tagged
-from .optimizer import LatestCandidate, Method, Round, Selection
+from .engine import LatestCandidate, Method, Round, Selection
 from .settings import OptimizerSettings
 from .state import Candidate
 
@@ -96,39 +96,39 @@ class Grips(Method):
     def patience(self, settings: OptimizerSettings) -> int:
         return settings.grips_patience
 
-    async def propose(self, round: Round) -> None:
-        base = round.best
-        settings = round.settings
-        pool: list[str] = round.extras.setdefault(DELETED, [])
+    async def propose(self, current: Round) -> None:
+        base = current.best
+        settings = current.settings
+        pool: list[str] = current.method_state.setdefault(DELETED, [])
         addable = [chunk for chunk in pool if chunk not in base.prompt]  # the base's own chunks are in its text
         count = settings.grips_candidates
-        left = round.scoring_left()
+        left = current.scoring_left()
         if left is not None:  # a scoring budget (compare --budget-match): no candidate beyond it
-            while count and round.candidate_cost(count) > left:
+            while count and current.candidate_cost(count) > left:
                 count -= 1
-        plans = [plan_edits(settings.grips_edits, len(chunks(base.prompt)), len(addable), round.rng) for _ in range(count)]
-        edited = await asyncio.gather(*(self.apply(round, base.prompt, plan, addable, str(i)) for i, plan in enumerate(plans)))
+        plans = [plan_edits(settings.grips_edits, len(chunks(base.prompt)), len(addable), current.rng) for _ in range(count)]
+        edited = await asyncio.gather(*(self.apply(current, base.prompt, plan, addable, str(i)) for i, plan in enumerate(plans)))
         self._edits = {}
         for prompt, notes, removed, added in edited:
             if not prompt.strip():
-                round.reject("grips", "empty")
+                current.reject("grips", "empty")
                 continue
-            candidate = round.add(prompt, "grips", [base], note="; ".join(notes))
+            candidate = current.add(prompt, "grips", [base], note="; ".join(notes))
             self._edits.setdefault(candidate.id, (removed, added))
-        await round.end_stage("grips", list(round.new))
+        await current.end_stage("grips", list(current.new))
 
-    def accepted(self, round: Round, candidate: Candidate) -> None:
+    def accepted(self, current: Round, candidate: Candidate) -> None:
         """The pool follows the accepted candidate only: its deletions go in, the chunks it
         added back come out."""
         removed, added = self._edits.get(candidate.id, ([], []))
-        pool: list[str] = round.extras.setdefault(DELETED, [])
+        pool: list[str] = current.method_state.setdefault(DELETED, [])
         for chunk in added:
             if chunk in pool:
                 pool.remove(chunk)
         pool.extend(chunk for chunk in removed if chunk not in pool)
 
     async def apply(
-        self, round: Round, prompt: str, plan: list[Edit], pool: list[str], key: str
+        self, current: Round, prompt: str, plan: list[Edit], pool: list[str], key: str
     ) -> tuple[str, list[str], list[str], list[str]]:
         """Applies a plan of edits in order; returns the text, what each edit did, the chunks
         it deleted and the pool chunks it added back. ``key`` names the candidate in the
@@ -152,14 +152,14 @@ class Grips(Method):
                 notes.append(f"add {chunk!r}")
             else:
                 original = parts[edit.index]
-                meta = templates.paraphrase_phrase(round.task, original)
-                reply = await round.ask_text(meta, round.settings.temperature_paraphrase, f"{key}:{step}")
+                meta = templates.paraphrase_phrase(current.task, original)
+                reply = await current.ask_text(meta, current.settings.temperature_paraphrase, f"{key}:{step}")
                 rewritten = " ".join(extract_tagged(reply).split())
                 if rewritten and "<" not in rewritten and len(rewritten) <= 4 * len(original) + 20:
                     parts[edit.index] = rewritten
                     notes.append(f"paraphrase {original!r} -> {rewritten!r}")
                 else:
-                    round.reject("grips_paraphrase", "unusable")
+                    current.reject("grips_paraphrase", "unusable")
                     notes.append(f"paraphrase {original!r} failed")
         return join(parts), notes, removed, added
 
@@ -175,13 +175,13 @@ class FewShot(Method):
     def selection(self, settings: OptimizerSettings) -> Selection:
         return LatestCandidate()
 
-    async def propose(self, round: Round) -> None:
-        base = round.initial
-        examples = round.draw_examples(round.settings.fewshot_examples)
-        prompt = templates.with_examples(round.task, base.prompt, examples)
+    async def propose(self, current: Round) -> None:
+        base = current.initial
+        examples = current.draw_examples(current.settings.fewshot_examples)
+        prompt = templates.with_examples(current.task, base.prompt, examples)
         note = "examples " + ", ".join(f"train row {example.index}" for example in examples)
-        round.add(prompt, "fewshot", [base], note=note)
-        await round.end_stage("fewshot", list(round.new))
+        current.add(prompt, "fewshot", [base], note=note)
+        await current.end_stage("fewshot", list(current.new))
 
 
 class InitialOnly(Method):
@@ -195,5 +195,5 @@ class InitialOnly(Method):
     def selection(self, settings: OptimizerSettings) -> Selection:
         return LatestCandidate()  # never asked: there are no rounds (and no validation scoring)
 
-    async def propose(self, round: Round) -> None:
+    async def propose(self, current: Round) -> None:
         return None

@@ -20,7 +20,7 @@ from typing import Any, NoReturn, Sequence
 
 from .data import count_text
 from .errors import EndpointUnavailable, UserError
-from .optimizer import Callback
+from .engine import Callback
 from .progress import ConsoleProgress
 from .settings import ENV_PREFIX, Settings, load_settings, setting_specs
 
@@ -63,7 +63,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             if choices:
                 kwargs["choices"] = choices
             kwargs["metavar"] = spec.name.upper() if not choices else None
-        group.add_argument(spec.flag, **kwargs)
+        group.add_argument(spec.flag, *([spec.former_flag] if spec.former_flag else []), **kwargs)
 
 
 COMMAND_PLUGINS = "distillprompt.commands"
@@ -152,7 +152,7 @@ def _print_result(result: Any, folder: Path) -> None:
         f"  train: {_format_scores(result.initial_scores['train'])}",
         *_val_line(result.initial_scores),
         f"  test:  {_format_scores(result.initial_scores['test'])}",
-        f"final prompt (candidate {result.final.id}, {result.final.stage}, round {result.final.epoch}):",
+        f"final prompt (candidate {result.final.id}, {result.final.stage}, round {result.final.round}):",
         f"  {result.final_prompt}",
         f"  train: {_format_scores(result.final_scores['train'])}",
         *_val_line(result.final_scores),

@@ -28,7 +28,7 @@ ADVICE = "try a larger target model, a larger train sample or a different initia
 
 @dataclass
 class RoundDiagnosis:
-    epoch: int
+    round: int
     candidates: int  # scored candidates compared: the round's distinct new ones and the best
     score_low: float
     score_high: float
@@ -88,7 +88,7 @@ def is_copy(candidate: Candidate, history: list[Candidate]) -> bool:
 
 
 def diagnose(
-    epoch: int,
+    number: int,
     new: list[Candidate],
     best: Candidate,
     history: list[Candidate],
@@ -117,7 +117,7 @@ def diagnose(
         top_answer, top_count = Counter(best.answers).most_common(1)[0]
         share_min = min(max(c.answers.values()) / max(1, sum(c.answers.values())) for c in compared)
     diagnosis = RoundDiagnosis(
-        epoch=epoch,
+        round=number,
         candidates=len(compared),
         score_low=min(values),
         score_high=max(values),
@@ -154,20 +154,20 @@ def _judge(d: RoundDiagnosis, new_scored: int) -> None:
     if constant:
         d.reason = "constant_answer"
         d.sentence = (
-            f"Round {d.epoch} shows no signal: under every one of its {d.candidates} candidates {answered}, so the "
+            f"Round {d.round} shows no signal: under every one of its {d.candidates} candidates {answered}, so the "
             f"target model ignores the instruction; {ADVICE}."
         )
     elif d.score_high >= 1.0 - tolerance and d.spread <= tolerance:
         d.reason = "ceiling"
         d.sentence = (
-            f"Round {d.epoch} shows no signal: every candidate answers (nearly) every train example right, so there "
+            f"Round {d.round} shows no signal: every candidate answers (nearly) every train example right, so there "
             "is nothing left to learn on this sample; use a larger or harder train sample."
         )
     elif d.spread <= tolerance:
         d.reason = "flat_scores"
         unit = "accuracy" if d.gold else "score"
         d.sentence = (
-            f"Round {d.epoch} shows no signal: all {d.candidates} candidates scored within one example of each "
+            f"Round {d.round} shows no signal: all {d.candidates} candidates scored within one example of each "
             f"other ({unit} {d.score_low:.4f} to {d.score_high:.4f})"
             + (f" and {answered}" if answered else "")
             + f"; the target model does not respond to the instruction; {ADVICE}."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -112,66 +111,35 @@ def assemble(task: Task, prompts: list[str], examples: list[Example], outputs: l
     return [score_outputs(task, outputs[i * width : (i + 1) * width], examples) for i in range(len(prompts))]
 
 
-class RequestEvaluator:
-    """Scores by answering one request per (prompt, example), all of them at once; where
-    each request is answered is up to ``answer``."""
+class InProcessEvaluator:
+    """Scores by answering one request per (prompt, example), a stage's worth at once, in
+    this process's event loop through the shared LLM client and its limiter; with ``send``
+    (a ChatClient's hook) each attempt is made elsewhere, e.g. by Ray actors."""
 
     def __init__(
         self,
         task: Task,
+        llm: LLM,
         *,
+        send: Send | None = None,
         max_tokens: int = 256,
         on_request_done: Callable[[int], None] | None = None,
         on_requests_planned: Callable[[int], None] | None = None,
     ) -> None:
         self.task = task
+        self.llm = llm
+        self.send = send
         self.max_tokens = max_tokens
         self.stop = ANSWER_STOP  # the reply is complete once the answer tag closes
         self.on_request_done = on_request_done
         self.on_requests_planned = on_requests_planned
 
-    async def answer(self, messages: list[dict[str, str]], stage: str) -> str:
-        raise NotImplementedError
-
-    async def answer_all(self, requests: list[list[dict[str, str]]], stage: str) -> list[str]:
-        """Every request's answer, all at once (through ``answer`` unless overridden)."""
-
-        async def answer(messages: list[dict[str, str]]) -> str:
-            text = await self.answer(messages, stage)
-            if self.on_request_done:
-                self.on_request_done(1)
-            return text
-
-        return list(await asyncio.gather(*(answer(messages) for messages in requests)))
-
     async def score(self, prompts: list[str], examples: list[Example], stage: str = "scoring") -> list[Score]:
         requests = scoring_requests(self.task, prompts, examples)
         if self.on_requests_planned:
             self.on_requests_planned(len(requests))
-        outputs = await self.answer_all([request.messages for request in requests], stage)
+        outputs = await self.llm.complete_many(
+            [request.messages for request in requests], temperature=0.0, max_tokens=self.max_tokens, stage=stage,
+            priority=SCORING, stop=self.stop, send=self.send, on_done=self.on_request_done,
+        )
         return assemble(self.task, prompts, examples, outputs)
-
-
-class InProcessEvaluator(RequestEvaluator):
-    """Answers in this process's event loop, through the shared LLM client and its limiter;
-    with ``send`` (a ChatClient's hook) each attempt is made elsewhere, e.g. by Ray actors."""
-
-    def __init__(self, task: Task, llm: LLM, *, send: Send | None = None, **options: Any) -> None:
-        super().__init__(task, **options)
-        self.llm = llm
-        self.send = send
-
-    async def answer(self, messages: list[dict[str, str]], stage: str) -> str:
-        replies = await self.llm.complete(
-            messages, temperature=0.0, n=1, max_tokens=self.max_tokens, stage=stage, priority=SCORING, stop=self.stop
-        )
-        return replies[0] if replies else ""
-
-    async def answer_all(self, requests: list[list[dict[str, str]]], stage: str) -> list[str]:
-        complete_many = getattr(self.llm, "complete_many", None)  # ChatClient: one cache query per stage
-        if complete_many is None:
-            return await super().answer_all(requests, stage)
-        return await complete_many(
-            requests, temperature=0.0, max_tokens=self.max_tokens, stage=stage, priority=SCORING, stop=self.stop,
-            send=self.send, on_done=self.on_request_done,
-        )

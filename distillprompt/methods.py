@@ -1,6 +1,6 @@
 """The methods, by name (``--method``): DistillPrompt and the baselines it is compared with.
 
-Each is a ``Method`` (``optimizer.py``): it proposes a round's candidates through the
+Each is a ``Method`` (``distillprompt.engine``): it proposes a round's candidates through the
 ``Round`` the loop gives it, and the loop does the rest. A method of one's own subclasses
 ``Method`` and is handed to ``Optimizer(method=...)``.
 """
@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 from . import templates
 from .baselines import FewShot, Grips, InitialOnly
 from .errors import UserError
-from .optimizer import Method, Round
+from .engine import Method, Round
 from .settings import OptimizerSettings
 from .state import Candidate, dedup_key
 
@@ -27,62 +27,62 @@ class DistillPrompt(Method):
 
     name = "distillprompt"
 
-    async def propose(self, round: Round) -> None:
-        best = round.best
-        settings: OptimizerSettings = round.settings
-        task = round.task
+    async def propose(self, current: Round) -> None:
+        best = current.best
+        settings: OptimizerSettings = current.settings
+        task = current.task
         # rewrite: several new takes on the best prompt, told its score
         meta = templates.rewrite(task, best.prompt, best.score or 0.0, task.metric)
-        replies = await round.ask(meta, settings.temperature_rewrite, settings.rewrites, "rewrite", [best])
-        rewrites = round.admit(replies, meta.stage, [best])
-        if await round.end_stage("rewrite", rewrites):
+        replies = await current.ask(meta, settings.temperature_rewrite, settings.rewrites, "rewrite", [best])
+        rewrites = current.admit(replies, meta.stage, [best])
+        if await current.end_stage("rewrite", rewrites):
             return
         sources = [candidate or best for candidate in rewrites]
 
         # distill: each rewrite revised after studying a few random train examples
-        shown = [round.draw_examples(settings.distill_examples) for _ in sources]
+        shown = [current.draw_examples(settings.distill_examples) for _ in sources]
         if task.shows_outputs:
-            await round.scored()  # the sources' own answers go into their meta-prompts
-        metas = [templates.distill(task, source.prompt, examples, round.observed(source.prompt, examples))
+            await current.scored()  # the sources' own answers go into their meta-prompts
+        metas = [templates.distill(task, source.prompt, examples, current.observed(source.prompt, examples))
                  for source, examples in zip(sources, shown)]
-        distilled = await self._one_each(round, "distill", metas, sources, settings.temperature_distill)
-        if await round.end_stage("distill", distilled):
+        distilled = await self._one_each(current, "distill", metas, sources, settings.temperature_distill)
+        if await current.end_stage("distill", distilled):
             return
         sources = [candidate or source for candidate, source in zip(distilled, sources)]
 
         # compress: each distilled prompt cut to its key ideas
         metas = [templates.compress(task, source.prompt) for source in sources]
-        compressed = await self._one_each(round, "compress", metas, sources, settings.temperature_compress)
-        if await round.end_stage("compress", compressed):
+        compressed = await self._one_each(current, "compress", metas, sources, settings.temperature_compress)
+        if await current.end_stage("compress", compressed):
             return
         sources = [candidate or source for candidate, source in zip(compressed, sources)]
 
         # aggregate: one prompt that merges all compressed ones (each distinct prompt once)
-        merged = list({dedup_key(s.prompt): round.original(s) for s in sources}.values())
+        merged = list({dedup_key(s.prompt): current.original(s) for s in sources}.values())
         meta = templates.aggregate(task, [source.prompt for source in merged])
-        replies = await round.ask(meta, settings.temperature_aggregate, 1, "aggregate", merged)
-        aggregated = round.admit(replies, meta.stage, merged)
-        if await round.end_stage("aggregate", aggregated):
+        replies = await current.ask(meta, settings.temperature_aggregate, 1, "aggregate", merged)
+        aggregated = current.admit(replies, meta.stage, merged)
+        if await current.end_stage("aggregate", aggregated):
             return
         source = aggregated[0] or merged[0]
 
         # paraphrase: meaning-preserving variants of the aggregate
         meta = templates.paraphrase(task, source.prompt)
-        replies = await round.ask(meta, settings.temperature_paraphrase, settings.paraphrases, "paraphrase", [source])
-        await round.end_stage("paraphrase", round.admit(replies, meta.stage, [source]))
+        replies = await current.ask(meta, settings.temperature_paraphrase, settings.paraphrases, "paraphrase", [source])
+        await current.end_stage("paraphrase", current.admit(replies, meta.stage, [source]))
 
     @staticmethod
     async def _one_each(
-        round: Round, stage: str, metas: list[templates.MetaPrompt], sources: list[Candidate], temperature: float
+        current: Round, stage: str, metas: list[templates.MetaPrompt], sources: list[Candidate], temperature: float
     ) -> list[Candidate | None]:
         """One reply per source, asked together; each admitted with its source as parent."""
         replies = await asyncio.gather(
-            *(round.ask(meta, temperature, 1, f"{stage}:{i}", [source])
+            *(current.ask(meta, temperature, 1, f"{stage}:{i}", [source])
               for i, (meta, source) in enumerate(zip(metas, sources)))
         )
         admitted: list[Candidate | None] = []
         for meta, source, reply in zip(metas, sources, replies):
-            admitted += round.admit(reply, meta.stage, [source])
+            admitted += current.admit(reply, meta.stage, [source])
         return admitted
 
 

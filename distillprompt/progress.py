@@ -7,7 +7,7 @@ import time
 from typing import Any, TextIO
 
 from .data import Task
-from .optimizer import Callback, RoundResult, RunResult, StageEvent
+from .engine import Callback, RoundResult, RunResult, StageEvent
 from .state import Candidate
 
 
@@ -21,10 +21,10 @@ class ConsoleProgress(Callback):
     scored, the scoring requests answered out of those planned so far, the elapsed time and
     an estimate of the time left; elsewhere (a log file, CI) a plain line every 15 s."""
 
-    def __init__(self, stream: TextIO | None = None, epochs: int = 0, interval: float = 15.0) -> None:
+    def __init__(self, stream: TextIO | None = None, rounds: int = 0, interval: float = 15.0) -> None:
         self.stream = stream or sys.stderr
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.epochs = epochs
+        self.rounds = rounds
         self.interval = interval
         self.planned = 0
         self.done = 0
@@ -93,7 +93,7 @@ class ConsoleProgress(Callback):
         from .methods import method_for
 
         optimizer = settings.optimizer  # type: ignore[attr-defined]
-        self.epochs = method_for(optimizer.method).rounds(optimizer)
+        self.rounds = method_for(optimizer.method).rounds(optimizer)
 
     def on_start(self, task: Task, initial: Candidate) -> None:
         labels = f", labels {', '.join(task.labels)}" if task.labels else ""
@@ -108,9 +108,9 @@ class ConsoleProgress(Callback):
         dropped = f", {rejected} dropped ({reasons})" if rejected else ""
         duplicates = sum(1 for c in event.candidates if c.duplicate_of is not None)
         repeated = f", {duplicates} already scored" if duplicates else ""
-        of = f"/{self.epochs}" if self.epochs else ""
-        self._line(f"round {event.epoch}{of} {event.stage:<10} {len(event.candidates)} candidates{repeated}{dropped}")
-        self.phase = f"round {event.epoch}{of} {event.stage}"
+        of = f"/{self.rounds}" if self.rounds else ""
+        self._line(f"round {event.round}{of} {event.stage:<10} {len(event.candidates)} candidates{repeated}{dropped}")
+        self.phase = f"round {event.round}{of} {event.stage}"
         if self._bar is not None:
             self._bar.set_description_str(self.phase)
 
@@ -121,12 +121,12 @@ class ConsoleProgress(Callback):
         diagnosis = f"; {result.diagnosis.summary()}" if result.diagnosis else ""
         race = f"; {result.race.line()}" if result.race.candidates else ""
         self._line(
-            f"round {result.epoch} done in {result.wall_time:.1f}s: best train score {result.best.score:.4f} ({marker}), "
+            f"round {result.round} done in {result.wall_time:.1f}s: best train score {result.best.score:.4f} ({marker}), "
             f"{usage.requests} requests, {usage.cache_hits} cache hits, {usage.tokens} tokens{race}{diagnosis}{stop}"
         )
         if result.diagnosis is not None and result.diagnosis.sentence:
             self._line(result.diagnosis.sentence)
-        self._new_phase(f"round {result.epoch + 1}" + (f"/{self.epochs}" if self.epochs else ""))
+        self._new_phase(f"round {result.round + 1}" + (f"/{self.rounds}" if self.rounds else ""))
 
     def on_rounds_done(self, state: Any) -> None:
         self._new_phase("test sample")

@@ -25,8 +25,8 @@ from .evaluation import Evaluator, InProcessEvaluator, Score
 from .llm import Adaptive, ChatClient, PriorityLimiter, RateBudget, UsageMeter, check_endpoint
 from .local_llm import LocalServer, bundled_model, custom_model
 from .methods import method_for
-from .optimizer import Callback, Optimizer, RunResult, notify
-from .racing import start_warm_up
+from .engine import Callback, Optimizer, RunResult, notify
+from .engine.racing import start_warm_up
 from .progress import ConsoleProgress
 from .settings import AUTO_START_CONCURRENCY, LLMSettings, Settings
 from .state import RunState
@@ -61,7 +61,7 @@ DEMO_DATASET = Path(__file__).resolve().parent / "demo"
 # one aggregate, 2 paraphrases) raced on all 100 train reviews, then 30 test reviews.
 DEMO_SIZES = {
     "data": {"train_size": 100, "test_size": 30},
-    "optimizer": {"epochs": 2, "rewrites": 2, "paraphrases": 2},
+    "optimizer": {"rounds": 2, "rewrites": 2, "paraphrases": 2},
 }
 
 
@@ -249,7 +249,7 @@ def _own(stack: AsyncExitStack, executor: Executor) -> Executor:
 
 def make_optimizer(
     settings: Settings, context: RunContext, evaluator: Evaluator, callbacks: list[Callback], state: RunState | None = None
-) -> Any:
+) -> Optimizer:
     """The loop object of the method the settings name (every front door builds it here)."""
     return Optimizer(
         context.task,
@@ -313,8 +313,8 @@ async def optimize(
             optimizer = make_optimizer(settings, context, executor.evaluator(context), everyone, state)
             result = await optimizer.run(settings.optimizer.initial_prompt)
             if context.cache is not None:
-                result.extra["cache"] = context.cache.stats()
-        result.extra["settings"] = settings.public_dict()
+                result.run_records["cache"] = context.cache.stats()
+        result.run_records["settings"] = settings.public_dict()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
         succeeded = result.failure is None

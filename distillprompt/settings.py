@@ -37,8 +37,15 @@ def flag(name: str) -> dict[str, Any]:
     return {"flag": name}
 
 
+def alias(former: str) -> dict[str, Any]:
+    """A field's former name, still accepted everywhere the field is set: ``--former``
+    (CLI), ``…__FORMER`` (environment), ``former`` (config file, keyword arguments)."""
+    return {"validation_alias": former, "json_schema_extra": {"alias": former}}
+
+
 class Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # by name, and by a former name where a field has one (``alias``)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
 AUTO_START_CONCURRENCY = 16
@@ -190,7 +197,10 @@ class OptimizerSettings(Group):
     initial_prompt: str | None = Field(
         None, description="starting instruction (default: a one-sentence instruction built from the task)"
     )
-    epochs: int = Field(5, gt=0, description="rounds of rewrite, distill, compress, aggregate, paraphrase")
+    rounds: int = Field(
+        5, gt=0, description="rounds of rewrite, distill, compress, aggregate, paraphrase (also --epochs)",
+        **alias("epochs"),
+    )
     rewrites: int = Field(4, gt=0, description="rewrites of the best prompt per round")
     distill_examples: int = Field(5, gt=0, description="train examples shown to each distillation")
     paraphrases: int = Field(3, gt=0, description="paraphrases of the aggregated prompt per round")
@@ -392,6 +402,13 @@ class SettingSpec:
         return "--" + self.name.replace("_", "-")
 
     @property
+    def former_flag(self) -> str | None:
+        """The flag of the field's former name, still accepted (``alias``)."""
+        extra = self.info.json_schema_extra
+        former = extra.get("alias") if isinstance(extra, dict) else None
+        return "--" + str(former).replace("_", "-") if former else None
+
+    @property
     def env(self) -> str:
         return ENV_PREFIX + (f"{self.group}__{self.name}" if self.group else self.name).upper()
 
@@ -447,8 +464,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def _how_to_set(location: list[str]) -> str:
     for spec in setting_specs():
-        if list(spec.path) == location:
-            return f"flag {spec.flag}, variable {spec.env} or the config file"
+        former = spec.former_flag
+        names = [list(spec.path)] + ([[*spec.path[:-1], former.lstrip("-").replace("-", "_")]] if former else [])
+        if location in names:
+            flags = f"{spec.flag} (or {former})" if former else spec.flag
+            return f"flag {flags}, variable {spec.env} or the config file"
     return "config file"
 
 

@@ -21,7 +21,7 @@ class Candidate:
     id: int
     prompt: str
     stage: str  # "initial" or one of STAGES
-    epoch: int
+    round: int  # the round that made it (0: the initial prompt)
     parents: list[int] = field(default_factory=list)
     score: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -46,15 +46,20 @@ class Candidate:
         return cls(**data)
 
 
+def _candidate_from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    data["round"] = data.pop("epoch")
+    return data
+
+
 def dedup_key(prompt: str) -> str:
     """Prompts that differ only in white space are the same prompt."""
     return " ".join(prompt.split())
 
 
 # Raise it when a saved state's fields change meaning or are added (an older distillprompt
-# then refuses the state instead of failing on a field it does not know). Version 2 added
-# racing: Candidate.examples_scored and .eliminated_by, RunState.best_per_example; a version 1
-# state reads with their defaults.
+# then refuses the state instead of failing on a field it does not know), and add the step
+# that turns the previous version into the new one to MIGRATIONS.
 STATE_SCHEMA_VERSION = 2
 
 
@@ -66,13 +71,13 @@ class RunState:
     seed: int
     history: list[Candidate] = field(default_factory=list)
     best_id: int = 0
-    epoch: int = 0  # last finished epoch
-    stale_epochs: int = 0
+    round: int = 0  # the last finished round
+    stale_rounds: int = 0  # rounds in a row that did not change the best prompt
     flat_rounds: int = 0  # rounds in a row that showed no signal
     rng_state: Any = None
     rejections: dict[str, dict[str, int]] = field(default_factory=dict)
     stop_reason: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)  # what a method keeps between rounds
+    method_state: dict[str, Any] = field(default_factory=dict)  # what a method keeps between rounds
     best_per_example: list[float] | None = None  # the best prompt's train scores per example, for racing
 
     def rng(self) -> random.Random:
@@ -108,6 +113,8 @@ class RunState:
                 f"the saved run state has schema version {version}, newer than this distillprompt reads "
                 f"({STATE_SCHEMA_VERSION}): upgrade distillprompt to resume it"
             )
+        for older in range(version, STATE_SCHEMA_VERSION):
+            data = MIGRATIONS[older](data)
         data["history"] = [Candidate.from_dict(item) for item in data["history"]]
         return cls(**data)
 
@@ -122,3 +129,19 @@ class RunState:
     @classmethod
     def load(cls, path: str | Path) -> RunState:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 names rounds "round" (version 1 said "epoch") and a method's own state
+    ``method_state`` (``extras``), and adds racing's fields, which read with their defaults
+    (``best_per_example`` None: the best prompt's per-example scores are scored again, the
+    response cache answering them)."""
+    data = dict(data)
+    data["round"] = data.pop("epoch", 0)
+    data["stale_rounds"] = data.pop("stale_epochs", 0)
+    data["method_state"] = data.pop("extras", {})
+    data["history"] = [_candidate_from_version_1(item) for item in data["history"]]
+    return data
+
+
+MIGRATIONS = {1: _from_version_1}  # version -> the step to the next one

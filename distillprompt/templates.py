@@ -267,3 +267,16 @@ def meta_prompt_texts(task: Task) -> dict[str, str]:
         "task": task_messages(task, placeholder, example)[0]["content"],
         "grips_paraphrase": paraphrase_phrase(task, "{phrase}").messages[0]["content"],
     }
+
+
+def variables_problem(task: Task, prompt: str) -> str | None:
+    """For a template task: ``variable_dropped`` or ``variable_invented`` when the prompt's
+    placeholders are not exactly the template's (the app could not fill it in)."""
+    if task.template_variables is None:
+        return None
+    found, wanted = placeholders(prompt), set(task.template_variables)
+    if wanted - found:
+        return "variable_dropped"
+    if found - wanted:
+        return "variable_invented"
+    return None

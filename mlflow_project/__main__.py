@@ -1,6 +1,6 @@
 """MLproject entry points, kept thin: MLflow parameters become CLI flags, then the package runs.
 
-    python -m mlflow_project optimize --dataset {dataset} --epochs {epochs} ...
+    python -m mlflow_project optimize --dataset {dataset} --rounds {rounds} ...
 
 An empty parameter means "not set" (the settings' own default, environment or config file
 applies); whole numbers given as floats ("3.0") are passed as integers.

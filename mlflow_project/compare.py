@@ -27,7 +27,7 @@ from typing import Any
 
 from distillprompt import runner
 from distillprompt.errors import UserError
-from distillprompt.optimizer import TEST_SCORING, TRAIN_SCORING, VAL_SCORING
+from distillprompt.engine import TEST_SCORING, TRAIN_SCORING, VAL_SCORING
 from distillprompt.progress import ConsoleProgress
 from distillprompt.settings import Settings
 from distillprompt.verdict import paired_bootstrap

@@ -33,8 +33,8 @@ from distillprompt.data import Example, Task
 from distillprompt.errors import UserError
 from distillprompt.evaluation import Score
 from distillprompt.llm import META, PriorityLimiter, Usage
-from distillprompt.optimizer import Callback, RoundResult, RunResult
-from distillprompt.racing import wait_warm_up
+from distillprompt.engine import Callback, RoundResult, RunResult
+from distillprompt.engine.racing import wait_warm_up
 from distillprompt.settings import Settings, load_settings, setting_specs
 from mlflow.genai.optimize.optimizers import BasePromptOptimizer
 from mlflow.genai.optimize.types import PromptOptimizerOutput
@@ -49,14 +49,18 @@ APP_SCORING = "scoring"
 
 def settings_from_keywords(keywords: dict[str, Any]) -> Settings:
     """Settings from keyword arguments named like the CLI flags with underscores
-    (``optimizer_model``, ``base_url``, ``epochs``, ``max_calls``, …), over the environment,
+    (``optimizer_model``, ``base_url``, ``rounds``, ``max_calls``, …), over the environment,
     a ``config`` file and the defaults, as for the CLI. The API key comes from the
     environment (``OPENAI_API_KEY``), never from code."""
     keywords = dict(keywords)
     config = keywords.pop("config", None)
     if "api_key" in keywords:
         raise UserError("DistillPromptOptimizer takes no api_key: set OPENAI_API_KEY in the environment")
-    paths = {spec.flag.lstrip("-").replace("-", "_"): spec for spec in setting_specs() if not spec.secret}
+    paths = {
+        flag.lstrip("-").replace("-", "_"): spec
+        for spec in setting_specs() if not spec.secret
+        for flag in (spec.flag, spec.former_flag) if flag
+    }
     overrides: dict[str, Any] = {}
     for name, value in keywords.items():
         spec = paths.get(name)
@@ -296,7 +300,7 @@ class RoundLogger(Callback):
 
     def on_round(self, result: RoundResult) -> None:
         metrics = {f"{self.prefix}{name}": value for name, value in round_metrics(result).items()}
-        self.mlflow.log_metrics(metrics, step=result.epoch)
+        self.mlflow.log_metrics(metrics, step=result.round)
 
     def on_finish(self, result: RunResult) -> None:
         self.mlflow.log_dict(
@@ -311,7 +315,7 @@ class DistillPromptOptimizer(BasePromptOptimizer):
 
     Keyword arguments are the CLI settings with underscores, e.g. ``optimizer_model``,
     ``base_url`` (the optimizer model's endpoint; none configured: the embedded model),
-    ``epochs``, ``concurrency``, ``max_calls``, ``seed``, ``rewrites``, ``cache_path``;
+    ``rounds``, ``concurrency``, ``max_calls``, ``seed``, ``rewrites``, ``cache_path``;
     ``config`` names a settings file as ``--config`` does. The API key is read from
     ``OPENAI_API_KEY``.
 

@@ -29,7 +29,7 @@ from unittest import mock  # patch.dict: set environment variables for a block a
 
 from distillprompt.data import Example
 from distillprompt.errors import EndpointUnavailable, UserError
-from distillprompt.optimizer import LatestCandidate, Method, Round, Selection
+from distillprompt.engine import LatestCandidate, Method, Round, Selection
 from distillprompt.settings import OptimizerSettings
 
 log = logging.getLogger(__name__)
@@ -80,31 +80,31 @@ class MlflowOptimizerMethod(Method):
     def selection(self, settings: OptimizerSettings) -> Selection:
         return LatestCandidate()  # the outside optimizer decided; its result is the run's result
 
-    def metric_calls(self, round: Round) -> int:
+    def metric_calls(self, current: Round) -> int:
         """Scoring requests MLflow's optimizer may spend: the scoring budget less the loop's
         own scoring of the initial and final prompts, else a DistillPrompt-sized default."""
-        train = len(round.task.train)
-        if round.settings.max_scoring_calls:
-            return max(train, round.settings.max_scoring_calls - 2 * train)
-        return round.settings.epochs * NOMINAL_CANDIDATES * train
+        train = len(current.task.train)
+        if current.settings.max_scoring_calls:
+            return max(train, current.settings.max_scoring_calls - 2 * train)
+        return current.settings.rounds * NOMINAL_CANDIDATES * train
 
-    async def propose(self, round: Round) -> None:
+    async def propose(self, current: Round) -> None:
         bridge = Bridge(asyncio.get_running_loop())
-        initial = round.initial
-        prompt, note = await asyncio.to_thread(self._optimize, round, bridge)
-        round.add(prompt, self.name, [initial], note=note)
-        await round.end_stage(self.name, list(round.new))
+        initial = current.initial
+        prompt, note = await asyncio.to_thread(self._optimize, current, bridge)
+        current.add(prompt, self.name, [initial], note=note)
+        await current.end_stage(self.name, list(current.new))
 
-    def make_optimizer(self, round: Round, bridge: Bridge) -> Any:
+    def make_optimizer(self, current: Round, bridge: Bridge) -> Any:
         raise NotImplementedError
 
-    def _optimize(self, round: Round, bridge: Bridge) -> tuple[str, str]:
+    def _optimize(self, current: Round, bridge: Bridge) -> tuple[str, str]:
         import mlflow
 
         from .genai import _settle_prompt_links
 
-        task = round.task
-        by_input = {_rendered(round, example): example for example in task.train}
+        task = current.task
+        by_input = {_rendered(current, example): example for example in task.train}
         # input -> the task's measure on it under the candidate being evaluated (MLflow
         # evaluates one candidate at a time); cleared before each app run, so a failed run
         # scores 0, never a value left by another candidate
@@ -112,7 +112,7 @@ class MlflowOptimizerMethod(Method):
         unavailable: list[EndpointUnavailable] = []
 
         name = f"distillprompt-{self.name}-{task.digest()[:8]}"
-        prompt = mlflow.genai.register_prompt(name=name, template=round.initial.prompt,
+        prompt = mlflow.genai.register_prompt(name=name, template=current.initial.prompt,
                                               commit_message=f"initial prompt of a {self.name} run")
 
         def predict_fn(input: str) -> str:  # noqa: A002 - the name MLflow's records show
@@ -125,7 +125,7 @@ class MlflowOptimizerMethod(Method):
             if example is None:
                 raise UserError("the optimizer asked for an input that is not in the train sample")
             try:
-                (score,) = bridge(round.evaluate([instruction], [example]))
+                (score,) = bridge(current.evaluate([instruction], [example]))
             except EndpointUnavailable as error:  # MLflow would score it 0 and go on: the run must stop
                 unavailable.append(error)
                 raise
@@ -146,7 +146,7 @@ class MlflowOptimizerMethod(Method):
         # this is a worker thread; the loop's tracker records the round as for every method
         result = mlflow.genai.optimize_prompts(
             predict_fn=predict_fn, train_data=train_data, prompt_uris=[prompt.uri],
-            optimizer=self.make_optimizer(round, bridge), scorers=[task_metric], enable_tracking=False,
+            optimizer=self.make_optimizer(current, bridge), scorers=[task_metric], enable_tracking=False,
         )
         if unavailable:
             raise unavailable[0]
@@ -154,7 +154,7 @@ class MlflowOptimizerMethod(Method):
         template = optimized.template if isinstance(optimized.template, str) else json.dumps(optimized.template)
         note = (f"{self.name}: MLflow's score {result.initial_eval_score} -> {result.final_eval_score}; "
                 f"registered {optimized.name} version {optimized.version}")
-        return template.strip() or round.initial.prompt, note
+        return template.strip() or current.initial.prompt, note
 
 
 def _settled(optimizer_class: type) -> type:
@@ -170,10 +170,10 @@ def _settled(optimizer_class: type) -> type:
     return type(optimizer_class.__name__, (optimizer_class,), {"optimize": optimize})
 
 
-def _rendered(round: Round, example: Example) -> str:
+def _rendered(current: Round, example: Example) -> str:
     from distillprompt.templates import render_inputs
 
-    return render_inputs(round.task, example)
+    return render_inputs(current.task, example)
 
 
 class MlflowGepa(MlflowOptimizerMethod):
@@ -183,7 +183,7 @@ class MlflowGepa(MlflowOptimizerMethod):
     name = "mlflow-gepa"
     stage = "gepa_reflection"
 
-    def make_optimizer(self, round: Round, bridge: Bridge) -> Any:
+    def make_optimizer(self, current: Round, bridge: Bridge) -> Any:
         from gepa.proposer.reflective_mutation.reflection_lm import StatelessReflectionLM
         from mlflow.genai.optimize.optimizers import GepaPromptOptimizer
 
@@ -193,12 +193,12 @@ class MlflowGepa(MlflowOptimizerMethod):
 
         def reflection_model(prompt: str | list[dict[str, Any]]) -> str:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            return bridge(round.chat(messages, round.settings.temperature_rewrite, keys(messages), self.stage))
+            return bridge(current.chat(messages, current.settings.temperature_rewrite, keys(messages), self.stage))
 
         return GepaPromptOptimizer(
-            reflection_model=f"openai:/{round.optimizer_model}",
-            max_metric_calls=self.metric_calls(round),
-            gepa_kwargs={"reflection_strategy": StatelessReflectionLM(reflection_model), "seed": round.seed},
+            reflection_model=f"openai:/{current.optimizer_model}",
+            max_metric_calls=self.metric_calls(current),
+            gepa_kwargs={"reflection_strategy": StatelessReflectionLM(reflection_model), "seed": current.seed},
         )
 
 
@@ -210,24 +210,24 @@ class MlflowMetaPrompt(MlflowOptimizerMethod):
     name = "mlflow-metaprompt"
     stage = "metaprompt"
 
-    def make_optimizer(self, round: Round, bridge: Bridge) -> Any:
+    def make_optimizer(self, current: Round, bridge: Bridge) -> Any:
         from mlflow.genai.optimize.optimizers import MetaPromptOptimizer
 
-        return _settled(MetaPromptOptimizer)(reflection_model=f"openai:/{round.optimizer_model}")
+        return _settled(MetaPromptOptimizer)(reflection_model=f"openai:/{current.optimizer_model}")
 
-    def _optimize(self, round: Round, bridge: Bridge) -> tuple[str, str]:
+    def _optimize(self, current: Round, bridge: Bridge) -> tuple[str, str]:
         keys = Keys(self.stage)
 
         def answer(body: dict[str, Any]) -> str:
             messages = body.get("messages") or []
-            temperature = float(body.get("temperature", round.settings.temperature_rewrite))
-            return bridge(round.chat(messages, temperature, keys(messages), self.stage))
+            temperature = float(body.get("temperature", current.settings.temperature_rewrite))
+            return bridge(current.chat(messages, temperature, keys(messages), self.stage))
 
         # the environment is restored on the way out, OPENAI_BASE_URL included
         with Relay(answer) as relay, mock.patch.dict(os.environ, {"OPENAI_API_BASE": relay.base_url,
                                                                   "OPENAI_API_KEY": "relay"}):
             os.environ.pop("OPENAI_BASE_URL", None)  # no other client of the run reaches past the relay
-            return super()._optimize(round, bridge)
+            return super()._optimize(current, bridge)
 
 
 class Relay:

@@ -22,7 +22,7 @@ from pathlib import Path
 from distillprompt import templates
 from distillprompt.data import Example, Task
 from distillprompt.errors import UserError
-from distillprompt.optimizer import RunResult
+from distillprompt.engine import RunResult
 from distillprompt.settings import Settings
 
 CANDIDATE = "candidate"

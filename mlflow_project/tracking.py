@@ -3,7 +3,7 @@
 Inside ``mlflow run`` it logs into the run MLflow created (``MLFLOW_RUN_ID``); elsewhere it
 starts a run in ``--experiment`` when a tracking URI is known (``--tracking-uri`` or
 ``MLFLOW_TRACKING_URI``). Params are the settings (secrets left out); metrics use
-``step = epoch``; each round adds a candidate table and a checkpoint of the run state; the
+``step = round``; each round adds a candidate table and a checkpoint of the run state; the
 end adds prompts, scores, a bootstrap interval, a score plot and the winner's lineage, then
 registers the final prompt (see ``registry.py``).
 """
@@ -24,7 +24,7 @@ from typing import Any
 from distillprompt import templates
 from distillprompt.data import Task
 from distillprompt.errors import UserError
-from distillprompt.optimizer import FLAT_SIGNAL, Callback, RoundResult, RunResult
+from distillprompt.engine import FLAT_SIGNAL, Callback, RoundResult, RunResult
 from distillprompt.settings import Settings
 from distillprompt.state import STAGES, Candidate, RunState
 
@@ -172,7 +172,7 @@ class MlflowTracker(Callback):
             state = RunState.from_dict(self.mlflow.artifacts.load_dict(f"{artifacts}/{CHECKPOINT}"))
         except Exception:
             state = None  # killed before its first round finished: it starts again, from the cache
-        self.mlflow.set_tag("distillprompt.resumed_from_round", state.epoch if state else 0)
+        self.mlflow.set_tag("distillprompt.resumed_from_round", state.round if state else 0)
         return settings, state
 
     # ----- events ------------------------------------------------------------------------
@@ -244,11 +244,11 @@ class MlflowTracker(Callback):
 
     def on_round(self, result: RoundResult) -> None:
         metrics = round_metrics(result)
-        self.mlflow.log_metrics(metrics, step=result.epoch)
-        self.rounds.append({"epoch": result.epoch, **metrics})
+        self.mlflow.log_metrics(metrics, step=result.round)
+        self.rounds.append({"round": result.round, **metrics})
         rows = [
             {
-                "epoch": c.epoch,
+                "round": c.round,
                 "stage": c.stage,
                 "candidate": c.id,
                 "parents": ",".join(map(str, c.parents)),
@@ -262,7 +262,7 @@ class MlflowTracker(Callback):
             for c in result.candidates
         ]
         if rows:
-            self.mlflow.log_table(data=_columns(rows), artifact_file=f"candidates/round_{result.epoch:03d}.json")
+            self.mlflow.log_table(data=_columns(rows), artifact_file=f"candidates/round_{result.round:03d}.json")
         self.mlflow.log_dict(result.state.to_dict(), CHECKPOINT)
 
     def on_finish(self, result: RunResult) -> None:
@@ -410,12 +410,12 @@ class MlflowTracker(Callback):
         import matplotlib.ticker
 
         figure, axis = plt.subplots(figsize=(7, 4))
-        epochs = [0] + [r["epoch"] for r in self.rounds]
+        numbers = [0] + [r["round"] for r in self.rounds]
         best = [result.initial_scores["train"]["score"]] + [r["best_train_score"] for r in self.rounds]
-        axis.plot(epochs, best, marker="o", linewidth=2, label="best train score")
+        axis.plot(numbers, best, marker="o", linewidth=2, label="best train score")
         stages = [s for s in dict.fromkeys(c.stage for c in result.history) if s != "initial"]
         for stage in stages:
-            points = [(r["epoch"], r[f"{stage}_best_score"]) for r in self.rounds if f"{stage}_best_score" in r]
+            points = [(r["round"], r[f"{stage}_best_score"]) for r in self.rounds if f"{stage}_best_score" in r]
             if points:
                 axis.plot(*zip(*points), marker=".", linestyle="--", alpha=0.7, label=f"{stage} best")
         if "score" in result.final_scores["test"]:
@@ -444,7 +444,7 @@ class MlflowTracker(Callback):
             order.setdefault(candidate.stage, len(order))
         columns: dict[tuple[int, int], list[Candidate]] = {}
         for candidate in chain:
-            columns.setdefault((candidate.epoch, order[candidate.stage]), []).append(candidate)
+            columns.setdefault((candidate.round, order[candidate.stage]), []).append(candidate)
         keys = sorted(columns)
         position: dict[int, tuple[float, float]] = {}
         for x, key in enumerate(keys):
@@ -464,7 +464,7 @@ class MlflowTracker(Callback):
             x, y = position[candidate.id]
             winner = candidate.id == result.final.id or candidate.id == result.final.duplicate_of
             axis.text(
-                x, y, f"#{candidate.id} {candidate.stage}\nround {candidate.epoch}\nscore {candidate.score or 0:.3f}",
+                x, y, f"#{candidate.id} {candidate.stage}\nround {candidate.round}\nscore {candidate.score or 0:.3f}",
                 ha="center", va="center", fontsize=7,
                 bbox={"boxstyle": "round", "facecolor": "gold" if winner else "white", "edgecolor": "black"},
             )
@@ -483,7 +483,7 @@ class MlflowTracker(Callback):
         for candidate in lineage(result.history, result.final):
             parents = ", ".join(f"#{p}" for p in candidate.parents) or "none"
             lines.append(
-                f"- **#{candidate.id}** {candidate.stage}, round {candidate.epoch}, train score "
+                f"- **#{candidate.id}** {candidate.stage}, round {candidate.round}, train score "
                 f"{candidate.score or 0:.4f}, from {parents}: {candidate.prompt}"
             )
         return "\n".join(lines) + "\n"

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import time
 from typing import Any, Callable
 
-from distillprompt.errors import EndpointUnavailable, UserError
+from distillprompt.errors import EndpointUnavailable
 from distillprompt.evaluation import InProcessEvaluator
-from distillprompt.llm import AttemptFailed, Endpoint, Reply
-from distillprompt.optimizer import Callback
+from distillprompt.llm import Endpoint, Failure, Reply
+from distillprompt.engine import Callback
 from distillprompt.runner import RunContext, client_options, evaluator_options
 from distillprompt.settings import Settings
 
@@ -93,23 +94,18 @@ class ScoringWorker:
     def __init__(self, options: dict[str, Any]) -> None:
         self.endpoint = Endpoint(options["base_url"], options.get("api_key"), options.get("timeout", 120.0))
 
-    async def attempt_many(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def attempt_many(self, batch: list[dict[str, Any]]) -> list[Reply | Failure]:
         """Every request of a batch at once, each a single attempt; the outcomes in order."""
         return list(await asyncio.gather(*(self.attempt(arguments) for arguments in batch)))
 
-    async def attempt(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """One request; a reply as texts and token counts, or the failure as data."""
+    async def attempt(self, arguments: dict[str, Any]) -> Reply | Failure:
+        """One request: its reply with the endpoint's latency as measured here, or the failure as data."""
         started = time.monotonic()
         try:
             reply = await self.endpoint.post_chat(arguments)
-        except UserError as error:
-            return {"user_error": str(error)}
-        except AttemptFailed as failure:
-            return {"status": failure.status_code, "retry_after": failure.retry_after_s, "detail": failure.detail}
-        except Exception as error:  # a fault of this request alone: the rest of its batch goes on
-            return {"unexpected": f"{type(error).__name__}: {error}"}
-        return {"texts": reply.texts, "input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens,
-                "latency": time.monotonic() - started}
+        except Exception as error:  # noqa: BLE001 - a fault of this request alone: the rest of its batch goes on
+            return Failure.of(error)
+        return dataclasses.replace(reply, latency=time.monotonic() - started)
 
     def where(self) -> dict[str, Any]:
         import os
@@ -261,7 +257,7 @@ class RayExecutor(Callback):
         return list(await asyncio.gather(*(actor.where.remote() for actor in actors)))
 
     def on_finish(self, result: Any) -> None:
-        result.extra["ray"] = {
+        result.run_records["ray"] = {
             "local_instance": self.local,
             "started": self._ready is not None,
             "started_at_driver_load": self.started_at_share,
@@ -312,13 +308,9 @@ class RayEvaluator(InProcessEvaluator):
         if not to_actors:
             return await self.llm.post(arguments)
         outcome = await self.batches.submit(arguments)
-        if "texts" in outcome:
-            return Reply(outcome["texts"], outcome["input_tokens"], outcome["output_tokens"], outcome.get("latency"))
-        if "user_error" in outcome:
-            raise UserError(outcome["user_error"])
-        if "unexpected" in outcome:
-            raise RuntimeError(f"a scoring actor failed on a request: {outcome['unexpected']}")
-        raise AttemptFailed(outcome["status"], outcome["retry_after"], outcome["detail"])
+        if isinstance(outcome, Failure):
+            outcome.raise_()
+        return outcome
 
 
 class Batches:
@@ -332,13 +324,13 @@ class Batches:
     def __init__(self, executor: RayExecutor, capacity: Callable[[], int]) -> None:
         self.executor = executor
         self.capacity = capacity  # the bound on requests in flight now
-        self.pending: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+        self.pending: list[tuple[dict[str, Any], asyncio.Future[Reply | Failure]]] = []
         self._calls: set[asyncio.Future[None]] = set()
         self._order = itertools.count()
 
-    def submit(self, arguments: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+    def submit(self, arguments: dict[str, Any]) -> asyncio.Future[Reply | Failure]:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        future: asyncio.Future[Reply | Failure] = loop.create_future()
         self.pending.append((arguments, future))
         self.executor.queued += 1
         if len(self.pending) == 1:
@@ -359,7 +351,7 @@ class Batches:
             self._calls.add(task)  # the loop keeps only a weak reference to a task
             task.add_done_callback(self._calls.discard)
 
-    async def _call(self, chunk: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]) -> None:
+    async def _call(self, chunk: list[tuple[dict[str, Any], asyncio.Future[Reply | Failure]]]) -> None:
         try:
             outcomes = await self._dispatch([arguments for arguments, _ in chunk])
         except BaseException as error:
@@ -375,7 +367,7 @@ class Batches:
             if not future.done():
                 future.set_result(outcome)
 
-    async def _dispatch(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _dispatch(self, batch: list[dict[str, Any]]) -> list[Reply | Failure]:
         actors = await self.executor.ready()
         # imported once Ray is (by the pool's thread): importing it from two threads at once
         # fails with a partly initialised module

@@ -62,7 +62,7 @@ def test_each_grips_edit_does_what_it_claims(endpoint, reviews_dir, tmp_path):
             context = await runner.open_context(settings, stack, None)
             loop = Optimizer(context.task, context.meta_llm, LocalExecutor().evaluator(context), settings.optimizer,
                              seed=0, meter=UsageMeter(), method=Grips())
-            return await Grips().apply(Round(loop, 1, random.Random(0), {}), BASE, plan, pool, "t")
+            return await Grips().apply(Round(1, random.Random(0), loop.state, loop.tools), BASE, plan, pool, "t")
 
     first, second, third = chunks(BASE)
     text, notes, removed, added = asyncio.run(apply([Edit("delete", 1)], []))
@@ -112,8 +112,8 @@ def test_the_deleted_pool_follows_only_accepted_candidates(reviews_dir, tmp_path
     history = {c.id: c for c in result.history}
     chain = []
     for summary in result.rounds:  # the accepted candidates, in order
-        if summary["improved"]:
-            chain.append(history[summary["best_id"]])
+        if summary.improved:
+            chain.append(history[summary.best_id])
     assert chain, "the short-prompt target should accept at least one deletion"
     expected: list[str] = []
     for candidate in chain:
@@ -122,7 +122,7 @@ def test_the_deleted_pool_follows_only_accepted_candidates(reviews_dir, tmp_path
                 expected.remove(note[len("add "):].strip("'\""))
         expected += [note[len("delete "):].strip("'\"") for note in candidate.note.split("; ") if note.startswith("delete ")]
     state = json.loads((folder / "state.json").read_text())
-    assert state["extras"][DELETED] == expected  # rejected candidates' deletions never entered
+    assert state["method_state"][DELETED] == expected  # rejected candidates' deletions never entered
     assert any("add " in (c.note or "") for c in result.history)  # adds were drawn from that pool
     for candidate in (c for c in result.history if c.stage == "grips"):
         base = history[candidate.parents[0]]
@@ -139,7 +139,7 @@ def test_grips_search_scores_five_candidates_an_iteration_and_stops_on_patience(
         result, _ = asyncio.run(runner.optimize(settings_for(endpoint, reviews_dir, tmp_path, method="grips",
                                                              initial_prompt=BASE)))
     assert result.stop_reason == "patience" and len(result.rounds) == 2  # grips_patience 2, of 10 iterations
-    per_round = Counter(c.epoch for c in result.history if c.stage == "grips")
+    per_round = Counter(c.round for c in result.history if c.stage == "grips")
     assert per_round == {1: 5, 2: 5}
     assert all(c.note and c.parents == [0] for c in result.history if c.stage == "grips")
     assert result.final.id == 0

@@ -136,7 +136,7 @@ def test_two_rounds_with_a_capable_model_keep_every_reply_whole(reviews_dir, tmp
     with ScriptedEndpoint(responder=model) as endpoint:
         result, _ = asyncio.run(runner.optimize(_settings(endpoint, reviews_dir, tmp_path, epochs=2)))
     assert result.rejections == {}
-    per_round = Counter(c.epoch for c in result.history if c.stage != "initial")
+    per_round = Counter(c.round for c in result.history if c.stage != "initial")
     assert per_round == {1: 16, 2: 16}
     intended = set(model.intended.values())
     assert len(intended) == 32

@@ -37,11 +37,11 @@ def test_a_target_that_gives_one_label_stops_the_run_after_two_rounds(reviews_di
     assert result.stop_reason == "flat_signal"
     assert len(result.rounds) == 2
     assert requests == requests_of_two_rounds  # nothing paid beyond the second round
-    assert two_rounds.stop_reason == "epochs"
+    assert two_rounds.stop_reason == "rounds"
     for summary in result.rounds:
-        diagnosis = summary["diagnosis"]
-        assert diagnosis["flat"] and diagnosis["reason"] == "constant_answer"
-        assert diagnosis["top_answer"] == "negative" and diagnosis["top_answer_count"] == 12
+        diagnosis = summary.diagnosis
+        assert diagnosis.flat and diagnosis.reason == "constant_answer"
+        assert diagnosis.top_answer == "negative" and diagnosis.top_answer_count == 12
     assert "answered 'negative' to 12 of 12 inputs" in result.diagnosis
     assert "larger target model" in result.diagnosis
     saved = json.loads((folder / "result.json").read_text())
@@ -50,9 +50,9 @@ def test_a_target_that_gives_one_label_stops_the_run_after_two_rounds(reviews_di
 
 def test_a_target_that_follows_the_instruction_runs_every_round(endpoint, reviews_dir, tmp_path):
     result, _ = asyncio.run(runner.optimize(settings_for(endpoint, reviews_dir, tmp_path, epochs=3)))
-    assert result.stop_reason == "epochs" and len(result.rounds) == 3
+    assert result.stop_reason == "rounds" and len(result.rounds) == 3
     assert result.diagnosis is None
-    assert all(not r["diagnosis"]["flat"] and r["diagnosis"]["spread"] > 1 / 12 for r in result.rounds)
+    assert all(not r.diagnosis.flat and r.diagnosis.spread > 1 / 12 for r in result.rounds)
 
 
 def test_a_copy_of_the_parent_is_asked_once_more_at_a_higher_temperature(reviews_dir, tmp_path):
@@ -72,7 +72,7 @@ def test_a_copy_of_the_parent_is_asked_once_more_at_a_higher_temperature(reviews
     new = [c for c in result.history if c.stage == "rewrite"]
     assert len(new) == 4 and all("Weigh the overall sentiment" in c.prompt for c in new)
     assert len({c.prompt for c in new}) == 4
-    assert result.rounds[0]["diagnosis"]["copies"]["rewrite"] == 0
+    assert result.rounds[0].diagnosis.copies["rewrite"] == 0
     assert result.usage_by_stage["rewrite_copy_retry"].calls == 4  # the cost of the retries is visible
 
 
@@ -87,7 +87,7 @@ def test_a_copy_that_stays_a_copy_is_counted(reviews_dir, tmp_path):
         settings = settings_for(endpoint, reviews_dir, tmp_path, epochs=1, copy_retry_temperature=1.2)
         result, _ = asyncio.run(runner.optimize(settings))
         retries = [e for e in endpoint.requests(kind="meta") if e.temperature == 1.2]
-    copies = result.rounds[0]["diagnosis"]["copies"]
+    copies = result.rounds[0].diagnosis.copies
     assert copies["distill"] == 4 and copies["compress"] == 4 and copies["rewrite"] == 0
     assert len(retries) == 8  # each copy asked once more, no more
 

@@ -25,14 +25,14 @@ class RewriteTwice(Method):
     def selection(self, settings):
         return HighestScore(top=1)
 
-    async def propose(self, round: Round) -> None:
-        best = round.best
-        round.extras["rounds_seen"] = round.extras.get("rounds_seen", 0) + 1
-        meta = templates.rewrite(round.task, best.prompt, best.score or 0.0, round.task.metric)
-        replies = await round.ask(meta, 0.7, 2, "twice", [best])
-        admitted = round.admit(replies, "rewrite", [best])
-        round.add(best.prompt, "again", [best], note="the best, once more")
-        await round.end_stage("twice", admitted)
+    async def propose(self, current: Round) -> None:
+        best = current.best
+        current.method_state["rounds_seen"] = current.method_state.get("rounds_seen", 0) + 1
+        meta = templates.rewrite(current.task, best.prompt, best.score or 0.0, current.task.metric)
+        replies = await current.ask(meta, 0.7, 2, "twice", [best])
+        admitted = current.admit(replies, "rewrite", [best])
+        current.add(best.prompt, "again", [best], note="the best, once more")
+        await current.end_stage("twice", admitted)
 
 
 class StopAfter(StopRule):
@@ -40,7 +40,7 @@ class StopAfter(StopRule):
         self.rounds = rounds
 
     def check(self, state, result) -> str | None:
-        return "enough" if result.epoch >= self.rounds else None
+        return "enough" if result.round >= self.rounds else None
 
 
 class Recorder(Callback):
@@ -48,10 +48,10 @@ class Recorder(Callback):
         self.events: list[tuple[str, int, str]] = []
 
     def on_stage(self, event) -> None:
-        self.events.append(("stage", event.epoch, event.stage))
+        self.events.append(("stage", event.round, event.stage))
 
     def on_round(self, result) -> None:
-        self.events.append(("round", result.epoch, str(result.stop_reason)))
+        self.events.append(("round", result.round, str(result.stop_reason)))
 
 
 def run_method(endpoint, reviews_dir, tmp_path, stop_rules=None):
@@ -72,14 +72,15 @@ def run_method(endpoint, reviews_dir, tmp_path, stop_rules=None):
 
 def test_a_method_of_ones_own_runs_in_the_loop(endpoint, reviews_dir, tmp_path):
     result, loop, recorder = run_method(endpoint, reviews_dir, tmp_path)
-    assert result.stop_reason == "epochs" and [r["epoch"] for r in result.rounds] == [1, 2, 3]
-    assert loop.state.extras["rounds_seen"] == 3  # the method's own state lives in the run state
+    assert result.stop_reason == "rounds" and [r.round for r in result.rounds] == [1, 2, 3]
+    assert loop.state.method_state["rounds_seen"] == 3  # the method's own state lives in the run state
     again = [c for c in result.history if c.stage == "again"]
     assert len(again) == 3 and all(c.duplicate_of is not None for c in again)  # recognised, never rescored
     distinct = [c for c in result.history if c.duplicate_of is None]
-    # every distinct prompt scored once on the 12 train examples, and the two test prompts on 10
+    # every distinct prompt scored once on the 12 train examples (or until a race stopped it),
+    # and the two test prompts on 10
     train_scoring = endpoint.requests(kind="scoring")
-    assert len(train_scoring) == 12 * len(distinct) + 10 * (1 if result.final.id == 0 else 2)
+    assert len(train_scoring) == sum(c.examples_scored for c in distinct) + 10 * (1 if result.final.id == 0 else 2)
     # highest train score wins, ties keep the older prompt
     best = max(distinct, key=lambda c: (c.score, -c.id))
     assert result.final.id == best.id

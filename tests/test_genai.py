@@ -134,7 +134,7 @@ def test_a_text_prompt_gets_a_better_registered_version_linked_to_the_run(mlflow
     assert [m.step for m in client.get_metric_history(run.info.run_id, "best_train_score")] == [1, 2]
     assert client.get_metric_history(run.info.run_id, "distill_mean_score")
     assert run.data.metrics["final_eval_score"] == result.final_eval_score
-    assert run.data.params["distillprompt.epochs"] == "2"
+    assert run.data.params["distillprompt.rounds"] == "2"
     # the reply that forgot {{review}} and the one that invented {{rating}} never became candidates
     history = optimizer.results["app-text"]
     dropped = {reason: n for reasons in history.rejections.values() for reason, n in reasons.items()}

@@ -204,7 +204,7 @@ def test_cache_key_separates_what_shapes_a_reply(endpoint, cache_path):
     client = make_client(endpoint, cache=ResponseCache(cache_path), seed=3)
 
     async def go():
-        for kwargs in (dict(temperature=0.0), dict(temperature=0.5), dict(temperature=0.0, sample=1), dict(temperature=0.0)):
+        for kwargs in (dict(temperature=0.0), dict(temperature=0.5), dict(temperature=0.0, salt=1), dict(temperature=0.0)):
             await client.complete(SCORING_MESSAGES, max_tokens=20, **kwargs)
         await client.complete(SCORING_MESSAGES, max_tokens=21, temperature=0.0)
         await client.aclose()

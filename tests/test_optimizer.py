@@ -47,7 +47,7 @@ def test_one_round_runs_every_stage_with_its_lineage(endpoint, reviews_dir, tmp_
     originals = {c.id if c.duplicate_of is None else c.duplicate_of for c in by_stage["compress"]}
     assert set(by_stage["aggregate"][0].parents) == originals  # each distinct compressed prompt once
     assert all(c.parents == [by_stage["aggregate"][0].id] for c in by_stage["paraphrase"])
-    assert all(c.score is not None and c.epoch == 1 for c in history[1:])
+    assert all(c.score is not None and c.round == 1 for c in history[1:])
     # 11 meta-requests per round when the endpoint honours n: 1 + 4 + 4 + 1 + 1
     assert meta_requests(endpoint) == {"rewrite": 1, "distill": 4, "compress": 4, "aggregate": 1, "paraphrase": 1}
     assert [e.n for e in endpoint.requests(kind="meta", stage="rewrite")] == [4]
@@ -204,7 +204,7 @@ def test_a_failing_callback_is_logged_and_the_run_finishes(endpoint, reviews_dir
             raise ConnectionError("tracing backend gone")
 
     result, folder = optimize(endpoint, reviews_dir, tmp_path, callbacks=[Broken()])
-    assert result.stop_reason == "epochs" and len(result.rounds) == 1
+    assert result.stop_reason == "rounds" and len(result.rounds) == 1
     assert json.loads((folder / "result.json").read_text())["final_prompt"] == result.final_prompt
     assert (tmp_path / "out" / "state.json").exists()  # the checkpoint writer after it still ran
     assert "callback Broken failed in on_round (RuntimeError: dashboard down); the run goes on" in caplog.text
@@ -220,18 +220,20 @@ def test_saved_state_carries_its_schema_version(tmp_path):
     from distillprompt.errors import UserError
     from distillprompt.state import STATE_SCHEMA_VERSION, Candidate, RunState
 
-    state = RunState(seed=3, history=[Candidate(id=0, prompt="Classify.", stage="initial", epoch=0)])
+    state = RunState(seed=3, history=[Candidate(id=0, prompt="Classify.", stage="initial", round=0)])
     state.save(tmp_path / "state.json")
     saved = json.loads((tmp_path / "state.json").read_text())
     assert saved["schema_version"] == STATE_SCHEMA_VERSION == 2
     assert RunState.load(tmp_path / "state.json").history[0].prompt == "Classify."
-    # a version 1 state (before racing) reads with the new fields' defaults; one written
-    # before the version field existed is version 1
-    old = {key: value for key, value in saved.items() if key not in ("schema_version", "best_per_example")}
-    old["history"] = [{k: v for k, v in c.items() if k not in ("examples_scored", "eliminated_by")} for c in old["history"]]
+    # a state of version 1 (rounds called epochs, no racing) is migrated; one written before
+    # the version field existed is version 1
+    old = {"seed": 3, "history": [{"id": 0, "prompt": "Classify.", "stage": "initial", "epoch": 0, "score": 0.5}],
+           "best_id": 0, "epoch": 2, "stale_epochs": 1, "flat_rounds": 0, "rng_state": None, "rejections": {},
+           "stop_reason": None, "extras": {"grips_deleted": ["a"]}}
     (tmp_path / "old.json").write_text(json.dumps(old))
     loaded = RunState.load(tmp_path / "old.json")
-    assert loaded.seed == 3 and loaded.best_per_example is None and loaded.history[0].examples_scored is None
+    assert (loaded.seed, loaded.round, loaded.stale_rounds, loaded.method_state) == (3, 2, 1, {"grips_deleted": ["a"]})
+    assert loaded.history[0].round == 0 and loaded.history[0].examples_scored is None and loaded.best_per_example is None
     saved["schema_version"] = STATE_SCHEMA_VERSION + 1
     (tmp_path / "new.json").write_text(json.dumps(saved))
     with pytest.raises(UserError, match="upgrade distillprompt"):

@@ -16,7 +16,7 @@ import pytest
 
 from distillprompt import runner
 from distillprompt.progress import ConsoleProgress
-from distillprompt.racing import is_worse
+from distillprompt.engine.racing import is_worse
 from distillprompt.settings import load_settings
 from tests.conftest import ROOT, review_rows, run_cli, venv_env, write_jsonl
 from tests.endpoint import ScriptedEndpoint, fraction, scoring_parts, true_label
@@ -200,7 +200,7 @@ def test_a_run_killed_mid_race_resumes_to_the_same_result(mlflow_server, slow_ta
     process.kill()
     process.wait(30)
     state = json.loads((tmp_path / "killed" / "state.json").read_text())
-    assert state["epoch"] == 1  # round 2 had not finished
+    assert state["round"] == 1  # round 2 had not finished
     (run,) = mlflow.search_runs(experiment_names=["race-resume"], output_format="list")
 
     resumed = run_cli("optimize", "--resume", run.info.run_id, "--output", str(tmp_path / "resumed"), env=env)

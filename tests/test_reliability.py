@@ -91,7 +91,7 @@ def test_an_outage_stops_the_run_cleanly_and_mlflow_run_resumes_it(mlflow_server
         assert len(lines) == 1 and "gave up" in lines[0] and "result.json" in lines[0], stderr[-3000:]
         result = result_of(tmp_path / "out")
         assert result["stop_reason"] == "endpoint_unavailable" and "500" in result["failure"]
-        assert {c["epoch"] for c in result["history"]} <= {0, 1}  # the unfinished round is not kept
+        assert {c["round"] for c in result["history"]} <= {0, 1}  # the unfinished round is not kept
         assert result["final_prompt"] == max(result["history"], key=lambda c: (c["score"], -c["id"]))["prompt"]
         assert result["usage"]["total"]["failed"] >= 1
 
@@ -118,7 +118,7 @@ def test_an_outage_stops_the_run_cleanly_and_mlflow_run_resumes_it(mlflow_server
         assert "round 2/3" in resumed.stderr and "round 1/3" not in resumed.stderr  # it starts at round 2 of the run's 3
         assert endpoint.requests() and not paid & {e.body_hash for e in endpoint.requests()}  # nothing paid twice
     finished = mlflow.get_run(run.info.run_id)
-    assert finished.info.status == "FINISHED" and finished.data.tags["distillprompt.stop_reason"] == "epochs"
+    assert finished.info.status == "FINISHED" and finished.data.tags["distillprompt.stop_reason"] == "rounds"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "best_train_score")] == [1, 2, 3]
     assert mlflow.genai.load_prompt("prompts:/outage-prompt@candidate").template
     assert "Failed" not in finished.data.tags["mlflow.note.content"]  # the description tells the final outcome

@@ -40,7 +40,7 @@ def settings_error(**kwargs) -> str:
 
 def test_defaults() -> None:
     s = load_settings()
-    assert s.optimizer.epochs == 5
+    assert s.optimizer.rounds == 5
     assert s.optimizer.rewrites == 4
     assert s.optimizer.distill_examples == 5
     assert s.optimizer.paraphrases == 3
@@ -100,7 +100,7 @@ def test_env_nested_numbers_and_booleans(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("DISTILLPROMPT_OPTIMIZER__EPOCHS", "2")
     monkeypatch.setenv("DISTILLPROMPT_CACHE__ENABLED", "false")
     s = load_settings()
-    assert s.optimizer.epochs == 2
+    assert s.optimizer.rounds == 2
     assert s.cache.enabled is False
 
 
@@ -179,7 +179,7 @@ def test_precedence_merges_groups_field_by_field(monkeypatch: pytest.MonkeyPatch
     assert s.data.train_size == 7  # file
     assert s.data.test_size == 9  # CLI over file
     assert s.llm.api_key.get_secret_value() == SECRET  # OPENAI_API_KEY, nothing stronger set it
-    assert s.optimizer.epochs == 5  # default
+    assert s.optimizer.rounds == 5  # default
 
 
 def test_api_key_precedence_file_over_openai_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -209,7 +209,7 @@ def test_toml_config_file(tmp_path: Path) -> None:
     assert s.llm.model == "toml-model"
     assert s.data.text_column == ["premise", "hypothesis"]
     assert s.data.train_size == 12
-    assert s.optimizer.epochs == 2
+    assert s.optimizer.rounds == 2
     assert s.optimizer.temperature_rewrite == 1.1
     assert s.cache.enabled is False
 
@@ -230,7 +230,7 @@ def test_yaml_config_file(tmp_path: Path, suffix: str) -> None:
 
 def test_empty_yaml_file_means_defaults(tmp_path: Path) -> None:
     s = load_settings(config_file=write(tmp_path / "empty.yaml", ""))
-    assert s.optimizer.epochs == 5
+    assert s.optimizer.rounds == 5
 
 
 @pytest.mark.parametrize(
@@ -345,4 +345,4 @@ def test_public_dict_uses_flag_names() -> None:
     public = load_settings({"data": {"train_size": 33}}).public_dict()
     assert public["train_size"] == 33
     assert public["cache"] is True  # the --cache flag
-    assert public["epochs"] == 5
+    assert public["rounds"] == 5

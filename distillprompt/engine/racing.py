@@ -24,8 +24,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from .data import Example, Task
-from .evaluation import Evaluator, Score, merge_scores
+from ..data import Example, Task
+from ..evaluation import Evaluator, Score, merge_scores
 
 
 def race_order(size: int, seed: int) -> list[int]:

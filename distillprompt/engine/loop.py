@@ -1,0 +1,289 @@
+"""The loop every method runs in.
+
+Each round the ``Method`` proposes candidates through a ``Round``; every new distinct one is
+scored on the train sample, the method's ``Selection`` picks the best, and the ``StopRule``s
+and budgets decide whether another round runs. The loop knows nothing of where scoring runs
+or where results are recorded: it talks to an ``LLM`` for meta-prompts, an ``Evaluator``
+for scores and ``Callback``s for everything else.
+
+Scoring of a stage's candidates starts as soon as the stage's replies are in, while the
+next stage's meta-prompts are written; meta-prompts overtake queued scoring requests in the
+shared request limiter, so the chain the round must wait for is never stuck behind scoring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from typing import Any
+
+from .. import templates
+from ..data import Task
+from ..diagnosis import diagnose
+from ..errors import EndpointUnavailable
+from ..evaluation import Evaluator, Score
+from ..llm import LLM, Usage, UsageMeter
+from ..settings import OptimizerSettings
+from ..state import Candidate, RunState
+from ..verdict import judge
+from .budgets import Budgets
+from .events import ENDPOINT_UNAVAILABLE, ROUNDS_DONE, TEST_SCORING, Callback, Events, RoundResult, RoundSummary, RunResult
+from .history import History
+from .policies import FlatSignal, HighestScore, Method, Patience, StopRule
+from .racing import start_warm_up
+from .round import Round, RoundTools
+from .scoring import Scoring
+from .writer import MetaWriter
+
+
+class Optimizer:
+    """The loop: it scores the initial prompt, runs rounds of the ``Method``, selects with the
+    method's ``Selection``, stops on a ``StopRule`` (the method's patience, no signal twice in
+    a row) or a budget, scores the initial and final prompts on the test sample and judges
+    the difference. Scoring goes through the ``Evaluator`` (in this process, Ray actors, or
+    MLflow's ``eval_fn``); callbacks hear every event. ``runner.make_optimizer`` builds it
+    for every front door (``optimize``, ``compare``, the MLflow optimizer)."""
+
+    def __init__(
+        self,
+        task: Task,
+        llm: LLM,
+        evaluator: Evaluator,
+        settings: OptimizerSettings,
+        *,
+        method: Method,
+        seed: int,
+        meter: UsageMeter,
+        callbacks: list[Callback] | None = None,
+        meta_max_tokens: int = 1024,
+        state: RunState | None = None,
+        stop_rules: list[StopRule] | None = None,
+    ) -> None:
+        self.task = task
+        self.settings = settings
+        self.seed = seed
+        self.meter = meter
+        self.method = method
+        self.selection = method.selection(settings)
+        self.stop_rules = stop_rules if stop_rules is not None else [
+            Patience(method.patience(settings)),
+            *([FlatSignal(2)] if settings.stop_when_flat else []),
+        ]
+        self.events = Events(callbacks or [])
+        self.writer = MetaWriter(llm, meta_max_tokens, settings.max_prompt_length)
+        self.validating = bool(task.val) and self.selection.uses_validation
+        validated = isinstance(self.selection, HighestScore) and self.validating
+        self.scoring = Scoring(
+            task, evaluator, settings, seed=seed, meter=meter,
+            racing=settings.scoring == "race" and self.selection.races,
+            validation_top=self.selection.top if validated else None,  # type: ignore[attr-defined]
+        )
+        self.limiter = llm.limiter
+        self.budgets = Budgets(settings, meter, self.scoring)
+        self._use_state(state or RunState(seed=seed))
+        self.failure: str | None = None
+
+    @property
+    def rounds(self) -> int:
+        return self.method.rounds(self.settings)
+
+    @property
+    def searches(self) -> bool:
+        """Whether the method looks for a better prompt (``initial`` does not)."""
+        return self.rounds > 0
+
+    async def run(self, initial_prompt: str | None = None) -> RunResult:
+        started = time.perf_counter()
+        state = self.state
+        if not state.history:
+            prompt = (initial_prompt or "").strip() or templates.default_initial_prompt(self.task)
+            state.history.append(Candidate(id=0, prompt=prompt, stage="initial", round=0))
+        self._use_state(state)
+        initial = state.history[0]
+        self.events.emit("on_start", self.task, initial)
+        scoring = self.scoring
+        if scoring.racing:
+            start_warm_up()
+        initial_test = asyncio.create_task(scoring.score_test(initial.prompt))
+        rounds: list[RoundSummary] = []
+        try:
+            if initial.score is None:
+                await scoring.score_now([initial])
+            if state.best_per_example is None:
+                state.best_per_example = scoring.per_example(state.best.prompt)
+            if self.validating and initial.val_score is None:
+                await scoring.score_validation([initial])
+            stop_reason = state.stop_reason
+            while stop_reason is None and self.state.round < self.rounds:
+                checkpoint = copy.deepcopy(self.state)
+                try:
+                    result = await self._round(self.state.round + 1)
+                except EndpointUnavailable as error:
+                    # The endpoint gave up beyond every retry: forget the unfinished round and
+                    # stop with the best prompt of the finished ones.
+                    await scoring.cancel()
+                    self._use_state(checkpoint)
+                    self.failure = str(error)
+                    stop_reason = ENDPOINT_UNAVAILABLE
+                    break
+                rounds.append(result.summary())
+                stop_reason = result.stop_reason
+            state = self.state
+            stop_reason = stop_reason or ROUNDS_DONE
+            state.stop_reason = stop_reason
+            self.events.emit("on_rounds_done", state)
+            final = state.best
+            initial_test_score = await self._unless_unavailable(initial_test)
+            if final.id == initial.id:
+                final_test_score = initial_test_score
+            else:
+                final_test_score = await self._unless_unavailable(scoring.score_test(final.prompt))
+        finally:
+            if not initial_test.done():
+                initial_test.cancel()
+            await scoring.cancel()
+        result = RunResult(
+            task=self.task.describe(),
+            initial=initial,
+            final=final,
+            initial_scores=self._scores(initial, initial_test_score),
+            final_scores=self._scores(final, final_test_score),
+            initial_test=initial_test_score,
+            final_test=final_test_score,
+            history=list(state.history),
+            rounds=rounds,
+            usage=self.meter.total(),
+            usage_by_stage=self.meter.snapshot(),
+            rejections=state.rejections,
+            wall_time=time.perf_counter() - started,
+            stop_reason=stop_reason,
+            failure=self.failure,
+            diagnosis=next((r.diagnosis.sentence for r in reversed(rounds) if r.diagnosis and r.diagnosis.flat), None),
+            verdict=judge(
+                metric=self.task.metric,
+                classification=self.task.is_classification,
+                kept_initial=final.id == initial.id and self.searches,
+                initial_test=initial_test_score,
+                final_test=final_test_score,
+                seed=self.seed,
+            ),
+            race=scoring.race_record(state.history),
+        )
+        self.events.emit("on_finish", result)
+        return result
+
+    async def _round(self, number: int) -> RoundResult:
+        """One round: the method proposes candidates (sent to scoring as they come), then the
+        best is selected, the round is diagnosed and the stop rules are asked."""
+        state = self.state
+        started = time.perf_counter()
+        usage_before = self.meter.snapshot()
+        self.limiter.window()
+        rng = state.rng()
+        current = Round(number, rng, state, self.tools)
+        await self.method.propose(current)
+        current.send_to_scoring()
+        new = current.new
+
+        await self.scoring.wait()
+        for candidate in new:
+            if candidate.duplicate_of is not None:
+                _copy_score(candidate, state.history[candidate.duplicate_of])
+        chosen = await self.selection.choose(current, new)
+        improved = chosen.id != state.best_id
+        state.best_id = chosen.id
+        state.best_per_example = self.scoring.per_example(chosen.prompt) or state.best_per_example
+        if improved:
+            self.method.accepted(current, chosen)
+        state.stale_rounds = 0 if improved else state.stale_rounds + 1
+        diagnosis = diagnose(
+            number, new, state.best, state.history, [e.target for e in self.task.train], self.task.is_classification
+        )
+        state.flat_rounds = state.flat_rounds + 1 if diagnosis.flat else 0
+        state.round = number
+        state.keep_rng(rng)
+
+        # Test-sample scoring runs beside the rounds; it belongs to the run, not to a round.
+        by_stage = UsageMeter.since(self.meter.snapshot(), usage_before)
+        by_stage.pop(TEST_SCORING, None)
+        round_usage = Usage()
+        for usage in by_stage.values():
+            round_usage.add(usage)
+        result = RoundResult(
+            round=number,
+            candidates=new,
+            best=state.best,
+            improved=improved,
+            stage_stats=_stage_stats(new),
+            usage=round_usage,
+            usage_by_stage=by_stage,
+            rejections=current.rejections,
+            wall_time=time.perf_counter() - started,
+            state=state,
+            stop_reason=current.stop_reason,
+            diagnosis=diagnosis,
+            concurrency=self.limiter.window(),
+            race=self.scoring.race_summary(new),
+        )
+        for rule in self.stop_rules:
+            result.stop_reason = result.stop_reason or rule.check(state, result)
+        state.stop_reason = result.stop_reason
+        self.events.emit("on_round", result)
+        return result
+
+    def _use_state(self, state: RunState) -> None:
+        """Makes ``state`` the run's state (a new one, or the checkpoint of a round rolled back)."""
+        self.state = state
+        self.tools = RoundTools(
+            task=self.task, settings=self.settings, seed=self.seed, validating=self.validating, writer=self.writer,
+            history=History(state), scoring=self.scoring, budgets=self.budgets, events=self.events,
+        )
+
+    def _scores(self, candidate: Candidate, test: Score | None) -> dict[str, dict[str, float]]:
+        """A candidate's scores by sample: train, validation (when the run selects on one), test."""
+        scores: dict[str, dict[str, float]] = {"train": _train_metrics(candidate)}
+        if self.validating:
+            scores["val"] = {"score": candidate.val_score} if candidate.val_score is not None else {}
+        scores["test"] = test.summary() if test is not None else {}
+        return scores
+
+    async def _unless_unavailable(self, scoring: Any) -> Score | None:
+        try:
+            return await scoring
+        except EndpointUnavailable as error:
+            self.failure = self.failure or str(error)
+            return None
+
+
+def _copy_score(duplicate: Candidate, original: Candidate) -> None:
+    duplicate.score = original.score
+    duplicate.val_score = original.val_score
+    duplicate.answers = dict(original.answers)
+    duplicate.metrics = dict(original.metrics)
+    duplicate.parse_rate = original.parse_rate
+    duplicate.examples_scored = original.examples_scored
+    duplicate.eliminated_by = original.eliminated_by
+
+
+def _train_metrics(candidate: Candidate) -> dict[str, float]:
+    return {"score": candidate.score or 0.0, **candidate.metrics, "parse_rate": candidate.parse_rate or 0.0}
+
+
+def _stage_stats(candidates: list[Candidate]) -> dict[str, dict[str, float]]:
+    """Per stage: the mean train score of its scored candidates (a candidate a race stopped
+    counts with its score on the examples it was scored on), how many they are and how many
+    were stopped, and the best score among those scored on the whole train sample."""
+    stats: dict[str, dict[str, float]] = {}
+    for stage in dict.fromkeys(c.stage for c in candidates):
+        mine = [c for c in candidates if c.stage == stage and c.score is not None]
+        if not mine:
+            continue
+        scores = [c.score or 0.0 for c in mine]
+        stats[stage] = {"mean": sum(scores) / len(scores), "count": float(len(mine)),
+                        "stopped": float(sum(not c.selectable for c in mine))}
+        whole = [c.score or 0.0 for c in mine if c.selectable]
+        if whole:
+            stats[stage]["best"] = max(whole)
+    return stats
+

@@ -1,0 +1,227 @@
+"""``Round``: what a method may use during one round, and nothing else of the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from .. import templates
+from ..candidates import Extraction
+from ..data import Example, Task
+from ..evaluation import Score
+from ..settings import OptimizerSettings
+from ..state import Candidate, RunState, dedup_key
+from .budgets import Budgets
+from .events import TRAIN_SCORING, Events, StageEvent
+from .history import History
+from .scoring import Scoring
+from .writer import MetaWriter
+
+
+@dataclass
+class RoundTools:
+    """The run's parts a round works through: the optimizer model, the candidates, scoring,
+    budgets and the callbacks."""
+
+    task: Task
+    settings: OptimizerSettings
+    seed: int
+    validating: bool  # whether the selection compares candidates on a validation sample
+    writer: MetaWriter
+    history: History
+    scoring: Scoring
+    budgets: Budgets
+    events: Events
+
+
+class Round:
+    """One round, as a method sees it: the best prompt so far, the run's random state, the
+    optimizer model (``ask``), candidates it adds (``admit``, ``add``, sent to scoring at
+    once) and the end of each stage (``end_stage``, where budgets are checked)."""
+
+    def __init__(self, number: int, rng: random.Random, state: RunState, tools: RoundTools) -> None:
+        self.number = number  # 1 for the run's first round
+        self.rng = rng  # the run's random state; saved after the round, so a resumed run draws the same
+        self.new: list[Candidate] = []  # the round's candidates, duplicates included, in creation order
+        self.stop_reason: str | None = None  # set when a budget ran out at the end of a stage
+        self._state = state
+        self._tools = tools
+        self._rejections_before = {stage: dict(reasons) for stage, reasons in state.rejections.items()}
+        self._queued: list[Candidate] = []
+
+    # ----- what the round knows ------------------------------------------------------------
+
+    @property
+    def task(self) -> Task:
+        return self._tools.task
+
+    @property
+    def settings(self) -> OptimizerSettings:
+        return self._tools.settings
+
+    @property
+    def seed(self) -> int:
+        return self._tools.seed
+
+    @property
+    def best(self) -> Candidate:
+        return self._state.best
+
+    @property
+    def initial(self) -> Candidate:
+        return self._state.history[0]
+
+    @property
+    def history(self) -> list[Candidate]:
+        return self._state.history
+
+    @property
+    def method_state(self) -> dict[str, Any]:
+        """The method's own state, kept between rounds and saved with the run state."""
+        return self._state.method_state
+
+    @property
+    def validating(self) -> bool:
+        return self._tools.validating
+
+    @property
+    def optimizer_model(self) -> str:
+        """The optimizer model's name at its endpoint."""
+        return self._tools.writer.model
+
+    @property
+    def rejections(self) -> dict[str, dict[str, int]]:
+        """The replies and candidates dropped during this round, by stage and reason."""
+        return self._tools.history.rejections_since(self._rejections_before)
+
+    # ----- the optimizer model -------------------------------------------------------------
+
+    async def ask(
+        self, meta: templates.MetaPrompt, temperature: float, n: int, key: str, parents: list[Candidate]
+    ) -> list[Extraction]:
+        """``n`` replies of the optimizer model, each cleaned into a candidate prompt or a reason
+        to drop it. ``key`` tells this request apart from others of the round in the response
+        cache (the same key on a rerun gets the same reply). A reply that repeats a parent is
+        asked again at the copy-retry temperature (``copy_retries`` times at most, each a
+        request of its own, counted as ``<stage>_copy_retry``); a retry that is unusable keeps
+        the copy."""
+        writer = self._tools.writer
+        salt = f"{self.number}:{key}"
+        extractions = [writer.extract(reply, meta) for reply in await writer.ask(meta, temperature, n, salt)]
+        parent_keys = {dedup_key(parent.prompt) for parent in parents}
+        for attempt in range(self.settings.copy_retries):
+            copies = [
+                i for i, extraction in enumerate(extractions)
+                if extraction.prompt is not None and dedup_key(extraction.prompt) in parent_keys
+            ]
+            if not copies:
+                break
+            retried = await asyncio.gather(*(
+                writer.ask(meta, self.settings.copy_retry_temperature, 1, f"{salt}:copy{i}:{attempt}",
+                           stage=f"{meta.stage}_copy_retry")
+                for i in copies
+            ))
+            for i, again in zip(copies, retried):
+                extraction = writer.extract(again[0] if again else "", meta)
+                if extraction.prompt is not None:
+                    extractions[i] = extraction
+        return extractions
+
+    async def ask_text(self, meta: templates.MetaPrompt, temperature: float, key: str) -> str:
+        """One raw reply of the optimizer model (no cleaning), e.g. a rewritten phrase."""
+        replies = await self._tools.writer.ask(meta, temperature, 1, f"{self.number}:{key}")
+        return replies[0] if replies else ""
+
+    async def chat(self, messages: list[dict[str, Any]], temperature: float, key: str, stage: str) -> str:
+        """One raw reply of the optimizer model to any messages (an outside optimizer's own
+        meta-prompts), through the run's cache, retries, limiter and usage meter."""
+        return await self._tools.writer.chat(messages, temperature, f"{self.number}:{key}", stage)
+
+    # ----- candidates ----------------------------------------------------------------------
+
+    def admit(self, extractions: list[Extraction], stage: str, parents: list[Candidate]) -> list[Candidate | None]:
+        """Cleaned replies become candidates, sent to scoring at once (None where a reply is
+        dropped, counted by reason; a template's candidate that drops or invents a variable is
+        dropped too)."""
+        admitted: list[Candidate | None] = []
+        for extraction in extractions:
+            if extraction.prompt is None:
+                reason: str | None = extraction.reason
+            else:
+                reason = templates.variables_problem(self.task, extraction.prompt)
+            if extraction.prompt is None or reason is not None:
+                self.reject(stage, reason or "unusable")
+                admitted.append(None)
+                continue
+            admitted.append(self.add(extraction.prompt, stage, parents))
+        self.send_to_scoring()
+        return admitted
+
+    def add(self, prompt: str, stage: str, parents: list[Candidate], note: str | None = None) -> Candidate:
+        """Records a candidate and queues it for scoring (``send_to_scoring``, ``admit`` and
+        ``end_stage`` send the queue); a prompt seen before in the run is a duplicate and is
+        not scored again."""
+        candidate = self._tools.history.record(prompt, stage, self.number, parents, note)
+        self.new.append(candidate)
+        if candidate.duplicate_of is None:
+            self._queued.append(candidate)
+        return candidate
+
+    def send_to_scoring(self) -> None:
+        """Starts scoring the queued candidates on the train sample (in one batch)."""
+        queued, self._queued = self._queued, []
+        self._tools.scoring.score_soon(queued, self.best, self._state.best_per_example)
+
+    def reject(self, stage: str, reason: str) -> None:
+        """Counts a dropped reply or candidate (reported per stage and reason)."""
+        self._tools.history.reject(stage, reason)
+
+    def original(self, candidate: Candidate) -> Candidate:
+        """The first candidate with this prompt (itself unless it is a duplicate)."""
+        return self._tools.history.original(candidate)
+
+    def draw_examples(self, wanted: int) -> list[Example]:
+        """``wanted`` random train examples (all of them if fewer), in sample order."""
+        train = self.task.train
+        count = min(wanted, len(train))
+        return [train[i] for i in sorted(self.rng.sample(range(len(train)), count))]
+
+    async def end_stage(self, stage: str, candidates: list[Candidate | None]) -> bool:
+        """Ends a stage: scoring of its candidates starts, callbacks hear ``on_stage``, and the
+        budgets are checked. True means a budget ran out: the method should return."""
+        self.send_to_scoring()
+        kept = [candidate for candidate in candidates if candidate is not None]
+        self._tools.events.emit("on_stage", StageEvent(self.number, stage, kept, self.rejections.get(stage, {})))
+        self.stop_reason = await self._tools.budgets.reached()
+        return self.stop_reason is not None
+
+    # ----- scores --------------------------------------------------------------------------
+
+    async def scored(self) -> None:
+        """Waits until every candidate sent to scoring has its train score."""
+        await self._tools.scoring.wait()
+
+    async def evaluate(self, prompts: list[str], examples: list[Example], stage: str = TRAIN_SCORING) -> list[Score]:
+        """Scores prompts on any examples through the run's evaluator (counted under ``stage``),
+        with per-example outputs; for a method that needs scores of its own making."""
+        return await self._tools.scoring.evaluate(prompts, examples, stage)
+
+    def observed(self, prompt: str, examples: list[Example]) -> list[dict[str, str]] | None:
+        """What the app answered with ``prompt`` on each example, its score and the judges'
+        notes, when the task shows outputs (the MLflow path) and ``prompt`` was scored."""
+        return self._tools.scoring.observed(prompt, examples)
+
+    async def score_validation(self, candidates: list[Candidate]) -> None:
+        await self._tools.scoring.score_validation(candidates)
+
+    def scoring_left(self) -> int | None:
+        """Scoring requests left under ``max_scoring_calls`` (None when there is no such
+        budget). Counts finished scoring only: call after ``scored()`` to be exact."""
+        return self._tools.budgets.scoring_left()
+
+    def candidate_cost(self, candidates: int) -> int:
+        """Scoring requests that ``candidates`` new distinct candidates may cost at most: the
+        train sample each, and the validation sample for those the selection will validate."""
+        return self._tools.scoring.candidate_cost(candidates)

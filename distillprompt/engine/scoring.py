@@ -1,0 +1,194 @@
+"""How a run pays for scores: candidates on the train sample (in full, or raced against the
+best prompt so far), the round's top ones on the validation sample, the initial and final
+prompts on the test sample, all through the run's ``Evaluator``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable
+
+from ..data import Example, Task
+from ..diagnosis import answer_counts
+from ..evaluation import Evaluator, Score
+from ..llm import UsageMeter
+from ..settings import OptimizerSettings
+from ..state import Candidate, dedup_key
+from .events import TEST_SCORING, TRAIN_SCORING, VAL_SCORING
+from .racing import Race, RaceSummary, race_order
+
+log = logging.getLogger(__name__)
+
+
+class Scoring:
+    """The run's scoring. Train scoring of a batch of candidates starts at once and runs in
+    the background (``score_soon``), beside the meta-prompts the round writes meanwhile;
+    ``wait`` is where the round waits for it."""
+
+    def __init__(
+        self, task: Task, evaluator: Evaluator, settings: OptimizerSettings, *, seed: int, meter: UsageMeter,
+        racing: bool, validation_top: int | None,
+    ) -> None:
+        self.task = task
+        self.evaluator = evaluator
+        self.settings = settings
+        self.meter = meter
+        self.racing = racing and len(task.train) > settings.race_block
+        self.validation_top = validation_top  # how many a round validates at most (None: no validation)
+        self._pending: list[asyncio.Task[Any]] = []
+        # prompt -> its train Score and the train positions it covers, for tasks that show outputs
+        self._train_scores: dict[str, tuple[Score, list[int]]] = {}
+        # prompt -> per-example train scores (train order) of every prompt scored on the whole
+        # sample: the incumbent's side of a race, never paid for twice
+        self._per_example: dict[str, list[float]] = {}
+        self._race_order = race_order(len(task.train), seed)
+
+    # ----- train ---------------------------------------------------------------------------
+
+    def score_soon(self, candidates: list[Candidate], incumbent: Candidate, known: list[float] | None) -> None:
+        """Starts scoring ``candidates`` on the train sample: raced against ``incumbent``
+        (``known``: its per-example train scores, if the run state kept them) or in full."""
+        if candidates:
+            scoring = self._race(candidates, incumbent, known) if self.racing else self.score_now(candidates)
+            self.start(scoring)
+
+    def start(self, work: Awaitable[Any]) -> None:
+        """Runs ``work`` in the background until ``wait`` (or ``cancel``)."""
+        self._pending.append(asyncio.ensure_future(work))
+
+    async def score_now(self, candidates: list[Candidate]) -> None:
+        """Scores candidates on every train example."""
+        scores = await self.evaluator.score([c.prompt for c in candidates], self.task.train, stage=TRAIN_SCORING)
+        everywhere = list(range(len(self.task.train)))
+        for candidate, score in zip(candidates, scores):
+            self._take(candidate, score, everywhere)
+
+    def per_example(self, prompt: str) -> list[float] | None:
+        """A prompt's per-example train scores, if it was scored on the whole sample."""
+        return self._per_example.get(dedup_key(prompt))
+
+    async def _race(self, candidates: list[Candidate], incumbent: Candidate, known: list[float] | None) -> None:
+        """Scores new candidates block by block against the best prompt so far (``racing.py``)."""
+        known = self.per_example(incumbent.prompt) or known
+        if known is None or len(known) != len(self.task.train):
+            # a state saved before racing existed: its best prompt's per-example scores
+            # were not kept, and are scored once more (the response cache answers them)
+            log.info("scoring the best prompt once more for its per-example train scores")
+            await self.score_now([Candidate(id=incumbent.id, prompt=incumbent.prompt, stage=incumbent.stage,
+                                            round=incumbent.round)])
+            known = self._per_example[dedup_key(incumbent.prompt)]
+        settings = self.settings
+        race = Race(self.evaluator, self.task, self._race_order, settings.race_block, settings.race_alpha, known,
+                    TRAIN_SCORING)
+        outcomes = await race.run([c.prompt for c in candidates])
+        for candidate, outcome in zip(candidates, outcomes):
+            self._take(candidate, outcome.score, outcome.positions)
+            if outcome.stopped:
+                candidate.eliminated_by = incumbent.id
+
+    def _take(self, candidate: Candidate, score: Score, positions: list[int]) -> None:
+        """Records a candidate's train score, which covers the train ``positions``."""
+        key = dedup_key(candidate.prompt)
+        if self.task.shows_outputs:
+            self._train_scores[key] = (score, positions)
+        if len(positions) == len(self.task.train):
+            self._per_example[key] = list(score.per_example)
+        candidate.score = score.value
+        candidate.metrics = dict(score.metrics)
+        candidate.parse_rate = score.parse_rate
+        candidate.examples_scored = len(positions)
+        if self.task.is_classification:
+            candidate.answers = answer_counts(score.predictions)
+
+    async def wait(self) -> None:
+        """Waits until every scoring started so far is done."""
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
+
+    async def cancel(self) -> None:
+        pending, self._pending = self._pending, []
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def observed(self, prompt: str, examples: list[Example]) -> list[dict[str, str]] | None:
+        """What the app answered with ``prompt`` on each example, its score and the judges'
+        notes, when the task shows outputs and the prompt's train scoring recorded them (an
+        empty record for an example a race stopped the prompt before)."""
+        found = self._train_scores.get(dedup_key(prompt)) if self.task.shows_outputs else None
+        if found is None:
+            return None
+        score, positions = found
+        train_position = {example.index: i for i, example in enumerate(self.task.train)}
+        where = {position: i for i, position in enumerate(positions)}
+        observed: list[dict[str, str]] = []
+        for example in examples:
+            i = where.get(train_position[example.index])
+            if i is None:
+                observed.append({})
+                continue
+            note = score.notes[i] if i < len(score.notes) else ""
+            observed.append({"output": _clip(score.outputs[i]), "score": f"{score.per_example[i]:.2f}", "notes": _clip(note)})
+        return observed if any(observed) else None
+
+    # ----- validation and test ---------------------------------------------------------------
+
+    async def score_validation(self, candidates: list[Candidate]) -> None:
+        if not candidates:
+            return
+        scores = await self.evaluator.score([c.prompt for c in candidates], self.task.val, stage=VAL_SCORING)
+        for candidate, score in zip(candidates, scores):
+            candidate.val_score = score.value
+
+    async def score_test(self, prompt: str) -> Score | None:
+        if not self.task.test:
+            return None  # a task without a test sample (an app's train data only): no verdict
+        (score,) = await self.evaluator.score([prompt], self.task.test, stage=TEST_SCORING)
+        return score
+
+    async def evaluate(self, prompts: list[str], examples: list[Example], stage: str) -> list[Score]:
+        """Scores prompts on any examples (counted under ``stage``), with per-example outputs."""
+        return await self.evaluator.score(prompts, examples, stage=stage)
+
+    # ----- what it costs ---------------------------------------------------------------------
+
+    def candidate_cost(self, candidates: int) -> int:
+        """Scoring requests that ``candidates`` new distinct candidates may cost at most: the
+        train sample each, and the validation sample for those the selection validates."""
+        cost = candidates * len(self.task.train)
+        if self.validation_top is not None:
+            cost += min(candidates, self.validation_top) * len(self.task.val)
+        return cost
+
+    def spent(self) -> int:
+        """Scoring requests (train and validation) of the search so far, served by the cache or not."""
+        by_stage = self.meter.snapshot()
+        return sum(by_stage[stage].calls for stage in (TRAIN_SCORING, VAL_SCORING) if stage in by_stage)
+
+    def race_summary(self, new: list[Candidate]) -> RaceSummary:
+        """What the train scoring of these (new) candidates cost, against the whole sample each."""
+        scored = [c for c in new if c.duplicate_of is None and c.examples_scored is not None]
+        stopped = [c for c in scored if c.eliminated_by is not None]
+        return RaceSummary(
+            candidates=len(scored),
+            stopped=len(stopped),
+            stopped_after=[c.examples_scored or 0 for c in stopped],
+            requests=sum(c.examples_scored or 0 for c in scored),
+            full_requests=len(scored) * len(self.task.train),
+        )
+
+    def race_record(self, history: list[Candidate]) -> dict[str, Any]:
+        """How the run's train scores were paid for, over every round (resumed ones too)."""
+        settings = self.settings
+        summary = self.race_summary([c for c in history if c.round > 0])
+        how = (
+            {"scoring": "race", "block": settings.race_block, "alpha": settings.race_alpha}
+            if self.racing else {"scoring": "full"}
+        )
+        return {**how, **summary.to_dict()}
+
+
+def _clip(text: str, limit: int = 600) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,16 @@
+"""The optimizer's only code that talks to an OpenAI-compatible endpoint: usage (what calls
+cost), transport (``Endpoint``), limits (the bound on requests in flight, AIMD, rates per
+minute), retry (which failures are worth another attempt) and the client (``ChatClient``,
+the ``LLM`` protocol)."""
+
+from .client import LLM, ChatClient, ReplyBook, Send
+from .limits import META, SCORING, Adaptive, PriorityLimiter, RateBudget, request_tokens
+from .retry import Retries, retry_after, retry_delay, retryable
+from .transport import AttemptFailed, Endpoint, Failure, Reply, check_endpoint
+from .usage import LLMCall, Messages, Usage, UsageMeter
+
+__all__ = [
+    "LLM", "ChatClient", "ReplyBook", "Send", "META", "SCORING", "Adaptive", "PriorityLimiter", "RateBudget",
+    "request_tokens", "Retries", "retry_after", "retry_delay", "retryable", "AttemptFailed", "Endpoint", "Failure", "Reply",
+    "check_endpoint", "LLMCall", "Messages", "Usage", "UsageMeter",
+]

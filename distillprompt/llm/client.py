@@ -1,0 +1,366 @@
+"""The ``LLM`` protocol and ``ChatClient``, its implementation over one endpoint and model.
+
+``ChatClient.complete`` looks the request up in the response cache, waits for a slot under
+the run's one bound on requests in flight, retries what is worth retrying (``retry.py``),
+turns what is not into a one-line ``UserError``, and counts requests, cache hits, tokens
+and cost per stage (``ReplyBook``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any, Awaitable, Callable, Protocol
+
+from ..cache import CachedReply, ResponseCache, request_key
+from ..errors import EndpointUnavailable, UserError
+from .limits import META, PriorityLimiter, request_tokens
+from .retry import Retries, describe_error, retry_after, retryable, status_of
+from .transport import AttemptFailed, Endpoint, Reply, status_error
+from .usage import LLMCall, Messages, Usage, UsageMeter
+
+# one attempt made elsewhere: the request's arguments in, a Reply out (or AttemptFailed)
+Send = Callable[[dict[str, Any]], Awaitable[Reply]]
+
+
+class LLM(Protocol):
+    """What the loop and the evaluators use of a model: one request's replies, a stage's
+    worth of single replies, the model's name and the run's limiter."""
+
+    model: str
+    limiter: PriorityLimiter
+
+    async def complete(
+        self,
+        messages: Messages,
+        *,
+        temperature: float,
+        n: int = 1,
+        max_tokens: int,
+        stage: str = "",
+        salt: int | str = 0,
+        priority: int = META,
+        stop: tuple[str, ...] = (),
+    ) -> list[str]: ...
+
+    async def complete_many(
+        self,
+        requests: list[Messages],
+        *,
+        temperature: float,
+        max_tokens: int,
+        stage: str = "",
+        priority: int = META,
+        stop: tuple[str, ...] = (),
+        send: Send | None = None,
+        on_done: Callable[[int], None] | None = None,
+    ) -> list[str]: ...
+
+
+class ReplyBook:
+    """Where replies are looked up and recorded: the response cache (keyed by the whole
+    request and, for the endpoint, ``identity``), the usage meter and the per-call observers."""
+
+    def __init__(self, identity: str, model: str, meter: UsageMeter, cache: ResponseCache | None) -> None:
+        self.identity = identity
+        self.model = model
+        self.meter = meter
+        self.cache = cache
+        self.observers: list[Callable[[LLMCall], None]] = []
+
+    def key(
+        self, messages: Messages, *, temperature: float, max_tokens: int, n: int, salt: int | str, stop: tuple[str, ...] = ()
+    ) -> str:
+        return request_key(
+            endpoint=self.identity, model=self.model, messages=messages, temperature=temperature,
+            max_tokens=max_tokens, n=n, sample=salt, stop=stop,
+        )
+
+    def lookup(self, key: str, stage: str) -> list[str] | None:
+        """The cached reply of a request, counted as a hit, or None."""
+        if self.cache is None:
+            return None
+        cached = self.cache.get(key)
+        if cached is None:
+            return None
+        self.meter.record(stage, Usage(cache_hits=1, cached_tokens=cached.input_tokens + cached.output_tokens))
+        return list(cached.texts)
+
+    def lookup_many(self, keys: list[str], stage: str) -> dict[str, CachedReply]:
+        """The cached replies among ``keys``, in one query, counted as hits."""
+        found = self.cache.get_many(keys) if self.cache is not None else {}
+        if found:
+            hits = [key for key in keys if key in found]
+            tokens = sum(found[key].input_tokens + found[key].output_tokens for key in hits)
+            self.meter.record(stage, Usage(cache_hits=len(hits), cached_tokens=tokens))
+        return found
+
+    def store(
+        self, key: str, texts: list[str], spent: Usage, stage: str, messages: Messages | None = None, started: float = 0.0
+    ) -> None:
+        """Counts what a reply cost, keeps it for the next identical request, and tells the
+        observers (per-request tracing) about it."""
+        spent.answered += 1
+        self.meter.record(stage, spent)
+        if self.cache is not None:
+            self.cache.put(key, CachedReply(texts, spent.input_tokens, spent.output_tokens))
+        if self.observers:
+            call = LLMCall(stage, self.model, messages or [], texts, spent, started or time.time(), time.time())
+            for observe in self.observers:
+                observe(call)
+
+
+class ChatClient:
+    """The LLM protocol over one OpenAI-compatible endpoint and model."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        model: str,
+        limiter: PriorityLimiter,
+        meter: UsageMeter,
+        cache: ResponseCache | None = None,
+        timeout: float = 120.0,
+        max_retries: int = 8,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        n_mode: str = "auto",
+        price_input: float = 0.0,
+        price_output: float = 0.0,
+        seed: int | None = None,
+        cache_identity: str | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.limiter = limiter
+        self.meter = meter
+        # the cache keys on ``cache_identity`` instead of the URL for endpoints whose URL
+        # changes from run to run while the model behind it does not (a local server on a free port)
+        self.book = ReplyBook(cache_identity or self.base_url, model, meter, cache)
+        self.retries = Retries(max_retries, backoff_base, backoff_max, random.Random())
+        self.native_n: bool | None = {"native": True, "separate": False}.get(n_mode)
+        self.price_input = price_input
+        self.price_output = price_output
+        self.seed = seed
+        self.endpoint = Endpoint(self.base_url, api_key, timeout)
+
+    @property
+    def cache(self) -> ResponseCache | None:
+        return self.book.cache
+
+    @property
+    def observers(self) -> list[Callable[[LLMCall], None]]:
+        """Callables told about every answered call (per-request tracing)."""
+        return self.book.observers
+
+    async def aclose(self) -> None:
+        await self.endpoint.close()
+
+    async def post(self, arguments: dict[str, Any]) -> Reply:
+        """One attempt at a chat completion from this process (no cache, limiter or retry)."""
+        return await self.endpoint.post_chat(arguments)
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.price_input + output_tokens * self.price_output) / 1_000_000
+
+    async def complete(
+        self,
+        messages: Messages,
+        *,
+        temperature: float,
+        n: int = 1,
+        max_tokens: int,
+        stage: str = "",
+        salt: int | str = 0,
+        priority: int = META,
+        stop: tuple[str, ...] = (),
+        send: Send | None = None,
+    ) -> list[str]:
+        """The cached reply, else the endpoint's. ``salt`` tells apart requests that are
+        otherwise identical (several takes on one meta-prompt) in the cache and in the seed;
+        ``send`` makes each attempt elsewhere (``fetch_and_store``)."""
+        key = self.book.key(messages, temperature=temperature, max_tokens=max_tokens, n=n, salt=salt, stop=stop)
+        cached = self.book.lookup(key, stage)
+        if cached is not None:
+            return cached
+        return await self.fetch_and_store(
+            key, messages, temperature=temperature, n=n, max_tokens=max_tokens, stage=stage, salt=salt,
+            priority=priority, stop=stop, send=send,
+        )
+
+    async def complete_many(
+        self,
+        requests: list[Messages],
+        *,
+        temperature: float,
+        max_tokens: int,
+        stage: str = "",
+        priority: int = META,
+        stop: tuple[str, ...] = (),
+        send: Send | None = None,
+        on_done: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """One reply each (n=1, no salt) to a stage's worth of requests: the cache is asked
+        once for all of them, and only the misses go to the endpoint, at once under the
+        limiter. ``on_done`` hears of every request answered (cached ones in one call)."""
+        if self.book.cache is None:  # no keys to compute
+            keys = [str(i) for i in range(len(requests))]
+            found: dict[str, CachedReply] = {}
+        else:
+            keys = [self.book.key(messages, temperature=temperature, max_tokens=max_tokens, n=1, salt=0, stop=stop)
+                    for messages in requests]
+            found = self.book.lookup_many(keys, stage)
+        if found and on_done:
+            on_done(sum(key in found for key in keys))
+
+        async def miss(key: str, messages: Messages) -> str:
+            texts = await self.fetch_and_store(
+                key, messages, temperature=temperature, n=1, max_tokens=max_tokens, stage=stage, salt=0,
+                priority=priority, stop=stop, send=send,
+            )
+            if on_done:
+                on_done(1)
+            return texts[0] if texts else ""
+
+        misses = [(i, key, messages) for i, (key, messages) in enumerate(zip(keys, requests)) if key not in found]
+        replies = [(found[key].texts or [""])[0] if key in found else "" for key in keys]
+        answered = await asyncio.gather(*(miss(key, messages) for _, key, messages in misses))
+        for (i, _, _), text in zip(misses, answered):
+            replies[i] = text
+        return replies
+
+    async def fetch_and_store(
+        self,
+        key: str,
+        messages: Messages,
+        *,
+        temperature: float,
+        n: int,
+        max_tokens: int,
+        stage: str,
+        salt: int | str,
+        priority: int,
+        stop: tuple[str, ...] = (),
+        send: Send | None = None,
+    ) -> list[str]:
+        """A cache miss: asks the endpoint, counts what it cost (failures too) and caches it.
+        ``send`` makes each attempt elsewhere (a Ray actor) under this client's limiter,
+        retry rules and accounting."""
+        spent = Usage()
+        started = time.time()
+        try:
+            texts = await self.fetch(
+                messages, temperature=temperature, n=n, max_tokens=max_tokens, salt=salt, priority=priority,
+                spent=spent, stop=stop, send=send,
+            )
+        except BaseException:
+            self.meter.record(stage, spent)
+            raise
+        self.book.store(key, texts, spent, stage, messages, started)
+        return texts
+
+    async def fetch(
+        self,
+        messages: Messages,
+        *,
+        temperature: float,
+        n: int,
+        max_tokens: int,
+        salt: int | str,
+        priority: int,
+        spent: Usage,
+        stop: tuple[str, ...] = (),
+        send: Send | None = None,
+    ) -> list[str]:
+        """Asks the endpoint (no cache): n samples, retried as the rules say; adds what it
+        cost, retries and failures included, to ``spent``."""
+        seed = self._request_seed(salt) if temperature > 0 else None
+
+        def ask(count: int, seed: int | None) -> Awaitable[list[str]]:
+            return self._request(messages, temperature, count, max_tokens, priority, seed, spent, stop, send)
+
+        if n == 1:  # no task of its own for the common case
+            return (await ask(1, _offset(seed, 0)))[:1]
+        if self.native_n is False:
+            replies = await asyncio.gather(*(ask(1, _offset(seed, i)) for i in range(n)))
+        else:
+            first = await ask(n, seed)
+            replies = [first]
+            if len(first) < n:
+                if self.native_n is True:
+                    raise UserError(
+                        f"the endpoint {self.base_url} returned {len(first)} of {n} samples: use --n-mode separate or auto"
+                    )
+                self.native_n = False
+                replies += await asyncio.gather(*(ask(1, _offset(seed, i)) for i in range(len(first), n)))
+            elif self.native_n is None:
+                self.native_n = True
+        return [text for reply in replies for text in reply][:n]
+
+    def _request_seed(self, salt: int | str) -> int | None:
+        if self.seed is None:
+            return None
+        digest = request_key(endpoint="", model="", messages=[], temperature=0, max_tokens=0, n=0, sample=f"{self.seed}:{salt}")
+        return int(digest[:8], 16)
+
+    async def _request(
+        self,
+        messages: Messages,
+        temperature: float,
+        n: int,
+        max_tokens: int,
+        priority: int,
+        seed: int | None,
+        spent: Usage,
+        stop: tuple[str, ...] = (),
+        send: Send | None = None,
+    ) -> list[str]:
+        arguments: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temperature,
+                                     "max_tokens": max_tokens}
+        if n > 1:
+            arguments["n"] = n
+        if seed is not None:
+            arguments["seed"] = seed
+        if stop:
+            arguments["stop"] = list(stop)
+        tokens = request_tokens(messages, max_tokens * n) if self.limiter.rate is not None else 0
+
+        async def attempt() -> Reply:
+            await self.limiter.acquire(priority, tokens)
+            started = time.monotonic()
+            latency = None
+            try:
+                response = await (send(arguments) if send is not None else self.post(arguments))
+                # The endpoint's time as the process that sent it saw it: for a Ray actor's
+                # attempt, the wait for its batch and the trip back are not the endpoint queueing.
+                latency = response.latency if response.latency is not None else time.monotonic() - started
+                return response
+            except Exception as error:
+                if status_of(error) == 429:
+                    spent.throttled += 1
+                    self.limiter.throttle(retry_after(error), started)
+                raise
+            finally:
+                self.limiter.release(latency, priority)  # the slot is free while the retry waits
+
+        try:
+            response = await self.retries.run(attempt, spent)
+        except AttemptFailed as error:
+            spent.failed += 1
+            if not retryable(error):
+                raise status_error(error.status_code, error.detail, self.base_url, self.model) from None
+            raise EndpointUnavailable(
+                f"{self.base_url} kept failing after {self.retries.most} retries ({describe_error(error)})"
+            ) from None
+        spent.requests += 1
+        spent.input_tokens += response.input_tokens
+        spent.output_tokens += response.output_tokens
+        spent.cost += self.cost(response.input_tokens, response.output_tokens)
+        return response.texts
+
+
+def _offset(seed: int | None, index: int) -> int | None:
+    return None if seed is None else (seed + index) % (2**31)
