@@ -209,13 +209,10 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 class ImportAhead(Callback):
-    """Imports NumPy (the test verdict's bootstrap needs it at the very end) in a background
-    thread once the rounds are over, while the test scoring is out, so that the run's last
-    moments do not go to an import with the endpoint already done (earlier, an import in a
-    thread stalled the event loop mid-run: it holds the interpreter lock while it loads
-    compiled modules). Only on the command line: MLflow's optimize_prompts sets up import
-    hooks of its own, and a second importing thread beside them has deadlocked before (see
-    mlflow_project.genai)."""
+    """Imports NumPy (the test verdict's bootstrap needs it at the very end) in a thread once
+    the rounds are over, while the test scoring is out, so that the run's last moments do not
+    go to an import. Only on the command line: beside ``optimize_prompts``' import hooks a
+    second importing thread deadlocks (docs/decisions.md)."""
 
     def on_rounds_done(self, state: Any) -> None:
         if "numpy" not in sys.modules:
@@ -235,15 +232,10 @@ def _run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     progress = None if args.quiet else ConsoleProgress()
     if args.command == "optimize":
+        resume = runner.resume_point(settings) if settings.resume else None
         callbacks = callback_plugins(settings)
-        state = None
-        if settings.resume:
-            resumers = [c for c in callbacks if getattr(c, "resumed", None) is not None]
-            if not resumers:
-                raise UserError("--resume needs MLflow tracking: pass --tracking-uri or set MLFLOW_TRACKING_URI")
-            settings, state = resumers[0].resumed  # the progress display hears them through on_settings
         result, folder = asyncio.run(
-            runner.optimize(settings, progress=progress, callbacks=[ImportAhead(), *callbacks], state=state)
+            runner.optimize(settings, progress=progress, callbacks=[ImportAhead(), *callbacks], resume=resume)
         )
         _print_result(result, folder)
         if result.failure:

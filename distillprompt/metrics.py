@@ -70,11 +70,10 @@ def _last_mentioned(text: str, normalized_labels: dict[str, str]) -> str | None:
 def classification_scores(predictions: list[str | None], targets: list[str], labels: list[str]) -> dict[str, float]:
     """Macro-F1 over the task's labels (unparsed answers count as wrong) and accuracy.
 
-    Counted here rather than with scikit-learn's ``f1_score``: importing scikit-learn (and
-    the SciPy it pulls in) took 1 to 3 s, and the first score of a run waits for it with the
-    endpoint idle, where the counts themselves take microseconds. The formulas are
-    scikit-learn's (``average="macro", zero_division=0``: F1 = 2·TP / (2·TP + FP + FN), 0
-    where a label is neither predicted nor true), and a test checks them against it."""
+    Counted here rather than with scikit-learn, whose import would delay every run's first
+    score (docs/decisions.md). The formulas are scikit-learn's (``average="macro",
+    zero_division=0``: F1 = 2·TP / (2·TP + FP + FN), 0 where a label is neither predicted
+    nor true), and a test checks them against it."""
     if not targets:
         return {"macro_f1": 0.0, "accuracy": 0.0}
     true_positives = dict.fromkeys(labels, 0)

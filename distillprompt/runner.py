@@ -32,6 +32,7 @@ from .settings import AUTO_START_CONCURRENCY, LLMSettings, Settings
 from .state import RunState
 
 EXECUTOR_PLUGINS = "distillprompt.executors"
+RESUME_SOURCES = "distillprompt.resume_sources"  # where a run to resume (--resume RUN_ID) is found: MLflow
 
 
 @dataclass
@@ -46,7 +47,6 @@ class RunContext:
     meta_llm: ChatClient
     target_llm: ChatClient
     progress: ConsoleProgress | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def output_folder(settings: Settings) -> Path:
@@ -148,12 +148,16 @@ async def open_context(
     need_train: bool = True,
     local: LocalServer | None = None,
     task: Task | None = None,
+    with_target: bool = True,
 ) -> RunContext:
-    """Loads the task (unless one is given), checks the endpoints and opens the clients."""
-    target_url = _require_endpoint(settings.llm.base_url)
+    """Loads the task (unless one is given), checks the endpoints and opens the clients.
+    ``with_target=False``: the caller scores prompts its own way (``optimize_task``), so only
+    the optimizer model is checked and opened, and it stands in as ``target_llm``."""
     meta_url = _require_endpoint(settings.optimizer_base_url)
+    target_url = _require_endpoint(settings.llm.base_url) if with_target else meta_url
+    target_model = settings.llm.model if with_target else settings.optimizer_model
     options = client_options(settings)
-    checks = {(target_url, settings.llm.model), (meta_url, settings.optimizer_model)}
+    checks = {(target_url, target_model), (meta_url, settings.optimizer_model)}
 
     async def check() -> None:
         if local is not None:
@@ -180,9 +184,9 @@ async def open_context(
         options, limiter=limiter, meter=meter, cache=cache, n_mode=settings.llm.n_mode, seed=settings.seed
     )
     identity = local.model.identity if local is not None else None
-    target = ChatClient(base_url=target_url, model=settings.llm.model, cache_identity=identity, **common)
+    target = ChatClient(base_url=target_url, model=target_model, cache_identity=identity, **common)
     stack.push_async_callback(target.aclose)
-    if (meta_url, settings.optimizer_model) == (target_url, settings.llm.model):
+    if (meta_url, settings.optimizer_model) == (target_url, target_model):
         meta = target
     else:
         meta_identity = identity if meta_url == target_url else None
@@ -207,6 +211,10 @@ class Executor(Protocol):
 
     def evaluator(self, context: RunContext) -> Evaluator: ...
 
+    def callback(self) -> Callback | None:
+        """What of the run's events the executor follows, when it opened for this run (to
+        wind down early, to record itself); None: nothing."""
+
     async def aclose(self) -> None: ...
 
 
@@ -224,6 +232,9 @@ class LocalExecutor:
 
     def evaluator(self, context: RunContext) -> Evaluator:
         return InProcessEvaluator(context.task, context.target_llm, **evaluator_options(context))
+
+    def callback(self) -> Callback | None:
+        return None
 
     async def aclose(self) -> None:
         return None
@@ -265,6 +276,22 @@ def make_optimizer(
     )
 
 
+@dataclass
+class ResumePoint:
+    """Where a run goes on from: the settings it started with and its last checkpoint (None:
+    it was stopped before its first round finished, and starts again from the cache)."""
+
+    settings: Settings
+    state: RunState | None
+
+
+def resume_point(settings: Settings) -> ResumePoint:
+    """The run ``settings.resume`` names, from the resume source installed (MLflow's runs)."""
+    for entry in entry_points(group=RESUME_SOURCES):
+        return entry.load()(settings)
+    raise UserError("--resume needs the MLflow integration: reinstall the package (pip install -e .)")
+
+
 class CheckpointWriter(Callback):
     """Saves the run state after every round, so a killed run loses at most the round in progress."""
 
@@ -281,12 +308,14 @@ async def optimize(
     callbacks: list[Callback] | None = None,
     progress: ConsoleProgress | None = None,
     executor: Executor | None = None,
-    state: RunState | None = None,
+    resume: ResumePoint | None = None,
 ) -> tuple[RunResult, Path]:
     """Runs the optimizer and writes ``result.json``; returns the result and the output folder.
+    With ``resume`` the run goes on from that point, with its settings.
 
     Every callback hears ``on_end`` once, whether the run finished or failed."""
-    settings = anchor_paths(with_demo_defaults(settings))
+    state = resume.state if resume is not None else None
+    settings = anchor_paths(with_demo_defaults(resume.settings if resume is not None else settings))
     folder = output_folder(settings)
     extra = list(callbacks or [])
     succeeded = False
@@ -307,7 +336,7 @@ async def optimize(
                 *([progress] if progress else []),
                 CheckpointWriter(folder / "state.json"),
                 # an executor the run opened may follow it too (to wind down early)
-                *([executor] if owned and isinstance(executor, Callback) else []),
+                *(follower for follower in [executor.callback() if owned else None] if follower is not None),
                 *extra,
             ]
             optimizer = make_optimizer(settings, context, executor.evaluator(context), everyone, state)
@@ -339,7 +368,7 @@ async def optimize_task(
     settings = anchor_paths(settings)
     async with AsyncExitStack() as stack:
         settings, local = start_local_llm(settings, stack)
-        context = await open_context(settings, stack, None, local=local, task=task)
+        context = await open_context(settings, stack, None, local=local, task=task, with_target=False)
         return await make_optimizer(settings, context, evaluator(context), list(callbacks or [])).run(initial_prompt)
 
 

@@ -197,10 +197,8 @@ class OptimizerSettings(Group):
     initial_prompt: str | None = Field(
         None, description="starting instruction (default: a one-sentence instruction built from the task)"
     )
-    rounds: int = Field(
-        5, gt=0, description="rounds of rewrite, distill, compress, aggregate, paraphrase (also --epochs)",
-        **alias("epochs"),
-    )
+    rounds: int = Field(5, gt=0, description="rounds of rewrite, distill, compress, aggregate, paraphrase "
+                        "(also --epochs)", **alias("epochs"))
     rewrites: int = Field(4, gt=0, description="rewrites of the best prompt per round")
     distill_examples: int = Field(5, gt=0, description="train examples shown to each distillation")
     paraphrases: int = Field(3, gt=0, description="paraphrases of the aggregated prompt per round")
@@ -217,10 +215,8 @@ class OptimizerSettings(Group):
         "full (every candidate on the whole train sample, as the paper does)",
     )
     race_block: int = Field(10, gt=0, description="race: train examples per block; the test runs after each block")
-    race_alpha: float = Field(
-        0.2, gt=0, lt=1,
-        description="race: level of the one-sided paired t-test that stops a candidate as worse than the best prompt",
-    )
+    race_alpha: float = Field(0.2, gt=0, lt=1, description="race: level of the one-sided paired t-test that stops "
+                              "a candidate as worse than the best prompt")
     max_scoring_calls: int = Field(
         0, ge=0, description="budget: scoring requests (train and validation) the search may spend; a method that "
         "can size its rounds (grips) stops before a candidate would pass it; compare --budget-match sets it (0: none)"

@@ -85,8 +85,8 @@ def message_maker(task: Task, instruction: str) -> Callable[[Example], list[dict
     head = [instruction.strip()]
     if task.is_classification:
         head.append(f"Possible answers: {', '.join(task.labels)}.")
-        # Measured on the embedded 135M model (demo task, 150 rows): "one word from the
-        # possible answers" gives parseable answers 95% of the time, "give only the answer" 85%.
+        # "one word from the possible answers": small models answer in a parseable form more
+        # often than with "give only the answer" (docs/decisions.md)
         single_words = all(len(label.split()) == 1 for label in task.labels)
         choice = "one word from the possible answers" if single_words else "one of the possible answers"
         tail = f"Answer with {choice}, written as {ANSWER_OPEN}label{ANSWER_CLOSE}."

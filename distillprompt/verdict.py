@@ -31,10 +31,9 @@ def paired_bootstrap(before: list[float], after: list[float], seed: int = 0) -> 
 
     The resampling is SciPy's ``bootstrap(method="percentile")`` step for step (one batch of
     index draws from ``default_rng(seed)``, the mean of each resample, linear quantiles), and
-    a test holds it to SciPy's numbers; it is written out here because importing
-    ``scipy.stats`` took 0.7 s after the run's last reply, or stalled the event loop when
-    imported ahead in a thread. Identical differences (a prompt compared with itself, or a
-    flat sample) have a zero-width interval."""
+    a test holds it to SciPy's numbers; it is written out here to keep ``scipy.stats``' import
+    off the end of every run (docs/decisions.md). Identical differences (a prompt compared
+    with itself, or a flat sample) have a zero-width interval."""
     import numpy as np
 
     differences = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)

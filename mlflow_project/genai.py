@@ -223,10 +223,9 @@ class EvalFnEvaluator:
     thread-safe, so calls take turns; each app run counts as one call in the usage meter, so
     ``max_calls`` bounds the app's calls too.
 
-    While ``eval_fn`` runs, MLflow switches on OpenAI autologging for the whole process; a
-    meta-prompt sent meanwhile would be traced into the user's run, and its import hooks
-    racing with ours deadlocked (seen in the tests). So the evaluator first takes every slot
-    of the run's request limiter: the optimizer's own requests wait until the app is scored."""
+    While ``eval_fn`` runs, MLflow switches on OpenAI autologging for the whole process, so
+    the evaluator first takes every slot of the run's request limiter: the optimizer's own
+    requests wait until the app is scored, never traced into the user's run (docs/decisions.md)."""
 
     def __init__(
         self,
@@ -383,12 +382,9 @@ PROMPT_LINK_WAIT = 30.0  # seconds; one registry request each
 
 def _settle_prompt_links() -> None:
     """Waits for MLflow's background threads that link a registered or loaded prompt to the
-    experiment or to a trace. In MLflow 3.17 each ``eval_fn`` call sets up autologging
-    (holding its import-hook lock while it imports); a link thread importing at that moment
-    holds the interpreter's import lock and waits for the hook lock: a deadlock, seen in
-    tests (py-spy and faulthandler dumps: one thread in ``register_post_import_hook``, the
-    other in ``databricks_utils`` under a link thread). Waiting for them before each
-    ``eval_fn`` call and before ``optimize_prompts`` starts closes that window."""
+    experiment or to a trace: one importing while an ``eval_fn`` call sets up autologging
+    deadlocks on MLflow's import hooks (docs/decisions.md). Called before each ``eval_fn``
+    call and before ``optimize_prompts`` starts."""
     for thread in threading.enumerate():
         if thread.name.startswith(PROMPT_LINK_THREADS) and thread is not threading.current_thread():
             thread.join(PROMPT_LINK_WAIT)

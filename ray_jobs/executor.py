@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from distillprompt.errors import EndpointUnavailable
@@ -40,12 +41,8 @@ MAX_RESUBMITS = 5
 MAX_BATCH = 32  # requests in one Ray call (an actor that dies loses the replies of its batches in flight)
 PLACEMENT_ATTEMPTS = 3  # checks of where the actors run, on a cluster of several nodes
 # ray_start=auto: a local instance starts once the driver's event loop has used more than this
-# share of a core over a window. Against an endpoint that limits the run (200 ms a request, 32 at once)
-# the driver uses about 0.4 of a core and Ray, whose start-up takes seconds of CPU on a
-# 2-core machine, could only slow the run down; against a fast endpoint the driver is the
-# bottleneck (near 1.0) and actors take the work off it.
-# It must stay that busy for BUSY_WINDOWS windows in a row: Ray's start-up costs about 10 s of
-# CPU on 2 cores (load benchmark), which a run that is over in a few seconds never earns back.
+# share of a core for BUSY_WINDOWS windows in a row: only a driver that is the bottleneck earns
+# Ray's seconds of start-up back (docs/decisions.md).
 BUSY_SHARE = 0.7
 BUSY_WINDOW_S = 1.0
 BUSY_WINDOWS = 5
@@ -115,7 +112,42 @@ class ScoringWorker:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
-class RayExecutor(Callback):
+@dataclass
+class PoolCounts:
+    """What went through the pool: scoring requests by who sent them, the Ray calls (batches)
+    that carried the actors' share, requests out with the actors, and batches per actor."""
+
+    answered: dict[str, int] = field(default_factory=lambda: {"actors": 0, "driver": 0})
+    calls: int = 0
+    queued: int = 0
+    in_flight: dict[int, int] = field(default_factory=dict)
+
+    def sent(self, to_actors: bool) -> None:
+        self.answered["actors" if to_actors else "driver"] += 1
+
+    def batch_out(self, actor: int, size: int) -> None:
+        self.calls += 1
+        self.in_flight[actor] = self.in_flight.get(actor, 0) + size
+
+    def batch_back(self, actor: int, size: int) -> None:
+        self.in_flight[actor] -= size
+
+
+class PoolFollower(Callback):
+    """The run's events the pool acts on: it winds a local instance down once the rounds are
+    over, and records itself in ``result.json``."""
+
+    def __init__(self, executor: RayExecutor) -> None:
+        self.executor = executor
+
+    def on_rounds_done(self, state: Any) -> None:
+        self.executor.wind_down()
+
+    def on_finish(self, result: Any) -> None:
+        result.run_records["ray"] = self.executor.record()
+
+
+class RayExecutor:
     """The pool of scoring actors.
 
     On a local instance (no address), Ray's start-up and shutdown take seconds each, and
@@ -133,11 +165,8 @@ class RayExecutor(Callback):
         self.local = not settings.ray_address
         self.connection: Connection | None = None
         self.actors: list[Any] = []
-        self.in_flight: dict[int, int] = {}
         self.stopping = False
-        self.answered = {"actors": 0, "driver": 0}  # scoring requests sent, by who sent them
-        self.calls = 0  # Ray calls that carried them (batches)
-        self.queued = 0  # requests handed to the actors whose batch has not come back
+        self.counts = PoolCounts()
         self._closing: asyncio.Future[None] | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ray-pool")
         self.load = DriverLoad()
@@ -180,7 +209,7 @@ class RayExecutor(Callback):
     def _wait_until_up(self) -> None:
         """Returns once every actor answers (its process started, this package loaded), so
         that the driver goes on answering until then instead of its first batch waiting
-        seconds for an actor that does not exist yet (measured: a 2.2 s idle endpoint)."""
+        seconds for an actor that does not exist yet, with the endpoint idle."""
         import ray
 
         try:
@@ -189,9 +218,9 @@ class RayExecutor(Callback):
             log.warning("the scoring actors did not start within 120 s (%s)", type(error).__name__)
 
     def _replace_misplaced(self, nodes: list[str], spawn: Any) -> None:
-        """A soft node affinity may still put an actor elsewhere while its node is alive (seen
-        on a freshly started cluster under load): such actors are made again, a few times, so
-        that scoring fans out over every node."""
+        """A soft node affinity may still put an actor elsewhere while its node is alive (a
+        freshly started cluster under load): such actors are made again, a few times, so that
+        scoring fans out over every node."""
         import ray
 
         for attempt in range(PLACEMENT_ATTEMPTS):
@@ -213,9 +242,8 @@ class RayExecutor(Callback):
             time.sleep(1.0)  # let the scheduler's view of the cluster settle
             for i in misplaced:
                 ray.kill(self.actors[i])
-                # Soft affinity kept choosing the busy head node on a freshly started cluster
-                # (all 4 actors on one node in CI even after re-making them): the new actor
-                # must go to its node, which is alive.
+                # made again softly, they may land on the busy head node again
+                # (docs/decisions.md): the new actor must go to its node, which is alive
                 self.actors[i] = spawn(i, hard=True)
 
     def _stop(self) -> None:
@@ -256,23 +284,38 @@ class RayExecutor(Callback):
         actors = await self.ready()
         return list(await asyncio.gather(*(actor.where.remote() for actor in actors)))
 
-    def on_finish(self, result: Any) -> None:
-        result.run_records["ray"] = {
+    @property
+    def answered(self) -> dict[str, int]:
+        """Scoring requests sent, by who sent them (``actors``, ``driver``)."""
+        return self.counts.answered
+
+    @property
+    def calls(self) -> int:
+        """Ray calls that carried the actors' requests (batches)."""
+        return self.counts.calls
+
+    def callback(self) -> PoolFollower:
+        return PoolFollower(self)
+
+    def record(self) -> dict[str, Any]:
+        """The pool's part of ``result.json``."""
+        return {
             "local_instance": self.local,
             "started": self._ready is not None,
             "started_at_driver_load": self.started_at_share,
             "actors": len(self.actors),
-            "requests": dict(self.answered),
-            "calls": self.calls,
+            "requests": dict(self.counts.answered),
+            "calls": self.counts.calls,
         }
 
-    def on_rounds_done(self, state: Any) -> None:
+    def wind_down(self) -> None:
+        """Only test scoring is left: a local instance is shut down once its batches are back."""
         if self.local and not self.stopping:
             self.stopping = True
             self._closing = asyncio.ensure_future(self._close_when_idle())
 
     async def _close_when_idle(self) -> None:
-        while self.queued:
+        while self.counts.queued:
             await asyncio.sleep(0.01)
         if self._ready is None:
             return  # never started
@@ -304,7 +347,7 @@ class RayEvaluator(InProcessEvaluator):
         with the other attempts admitted in the same turn of the event loop, or, while the
         pool is not up (or no longer), by the driver itself."""
         to_actors = self.executor.pool_open()
-        self.executor.answered["actors" if to_actors else "driver"] += 1
+        self.executor.counts.sent(to_actors)
         if not to_actors:
             return await self.llm.post(arguments)
         outcome = await self.batches.submit(arguments)
@@ -316,10 +359,8 @@ class RayEvaluator(InProcessEvaluator):
 class Batches:
     """Attempts go to the actors in batches: those the limiter admits in one turn of the
     event loop (a batch's worth of slots freed at once, or a stage's first requests) leave
-    together, to the least busy actors, at most ``MAX_BATCH`` a call. Each Ray call
-    costs the driver about as much CPU as the HTTP request it carries would (load
-    benchmark), so one call per request kept the driver as busy as sending the requests
-    itself."""
+    together, to the least busy actors, at most ``MAX_BATCH`` a call: a Ray call costs the
+    driver about as much CPU as the HTTP request it carries (docs/decisions.md)."""
 
     def __init__(self, executor: RayExecutor, capacity: Callable[[], int]) -> None:
         self.executor = executor
@@ -332,7 +373,7 @@ class Batches:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply | Failure] = loop.create_future()
         self.pending.append((arguments, future))
-        self.executor.queued += 1
+        self.executor.counts.queued += 1
         if len(self.pending) == 1:
             loop.call_soon(self._flush)
         return future
@@ -362,7 +403,7 @@ class Batches:
                 raise
             return
         finally:
-            self.executor.queued -= len(chunk)
+            self.executor.counts.queued -= len(chunk)
         for (_, future), outcome in zip(chunk, outcomes):
             if not future.done():
                 future.set_result(outcome)
@@ -373,21 +414,20 @@ class Batches:
         # fails with a partly initialised module
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-        in_flight = self.executor.in_flight
+        counts = self.executor.counts
         last: Exception | None = None
         for _ in range(MAX_RESUBMITS):
             start = next(self._order)  # the least busy actor; ties go round-robin
             rotation = [(start + k) % len(actors) for k in range(len(actors))]
-            index = min(rotation, key=lambda i: in_flight.get(i, 0))
-            in_flight[index] = in_flight.get(index, 0) + len(batch)
-            self.executor.calls += 1
+            index = min(rotation, key=lambda i: counts.in_flight.get(i, 0))
+            counts.batch_out(index, len(batch))
             try:
                 return await actors[index].attempt_many.remote(batch)
             except (RayActorError, ActorDiedError, ActorUnavailableError) as error:
                 last = error  # this actor is gone for good: another one takes the batch
                 log.warning("scoring actor %d failed (%s); sending its %d requests elsewhere", index, type(error).__name__, len(batch))
             finally:
-                in_flight[index] -= len(batch)
+                counts.batch_back(index, len(batch))
         raise EndpointUnavailable(f"scoring actors kept failing ({type(last).__name__}); check the Ray cluster")
 
 

@@ -73,7 +73,7 @@ def test_jsonl_folder_with_train_and_test(tmp_path: Path) -> None:
 def test_json_files_read_without_datasets_give_the_task_datasets_gives(tmp_path: Path, monkeypatch, train) -> None:
     """Local JSON Lines are read with the standard library (importing datasets costs a
     second before the first request); the task must be the one datasets builds."""
-    import distillprompt.data as data
+    import distillprompt.data.files as data
 
     write_jsonl(tmp_path / "train.jsonl", train)
     write_jsonl(tmp_path / "test.jsonl", train[:12])
@@ -90,7 +90,7 @@ def test_json_files_read_without_datasets_give_the_task_datasets_gives(tmp_path:
 
 
 def test_a_json_column_mixing_text_and_numbers_is_left_to_datasets(tmp_path: Path) -> None:
-    from distillprompt.data import _read_json_splits
+    from distillprompt.data.files import _read_json_splits
 
     write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": "one"}])
     assert _read_json_splits({"train": [str(tmp_path / "train.jsonl")]}) is None

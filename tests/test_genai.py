@@ -240,3 +240,37 @@ def test_unknown_settings_and_missing_scorers_fail_with_the_fix(mlflow_server, a
     optimizer = DistillPromptOptimizer(base_url=app_endpoint.base_url, model="opt-model", cache_path=str(tmp_path / "c"))
     with pytest.raises(UserError, match="train_data and scorers"):
         optimizer.optimize(None, [], {"p": "Classify {{review}}"}, enable_tracking=False)
+
+
+def test_an_optimizer_endpoint_that_serves_only_the_optimizer_model(mlflow_server, app_endpoint, tmp_path):
+    """In optimize_prompts the app's predict_fn is the target: only the optimizer model is
+    checked on its endpoint, and ``model`` is never needed (a vLLM serving one model)."""
+    import mlflow
+    import openai
+    from mlflow.genai.scorers import scorer
+
+    from mlflow_project import DistillPromptOptimizer
+
+    mlflow.set_tracking_uri(mlflow_server["uri"])
+    mlflow.set_experiment("genai-one-model")
+    prompt = mlflow.genai.register_prompt(name="app-one-model", template=TEXT_TEMPLATE)
+    client = openai.OpenAI(base_url=app_endpoint.base_url, api_key="unused")
+
+    def predict_fn(review: str, product: str) -> str:
+        filled = mlflow.genai.load_prompt(prompt.uri).format(review=review, product=product)
+        reply = client.chat.completions.create(model="app-model", messages=[{"role": "user", "content": filled}])
+        return reply.choices[0].message.content
+
+    @scorer
+    def accuracy(outputs: str, expectations: dict) -> float:
+        return float(outputs.strip().lower() == expectations["expected_response"])
+
+    with ScriptedEndpoint(responder=AppModel(), models=["my-model"]) as only_mine:
+        optimizer = DistillPromptOptimizer(optimizer_model="my-model", base_url=only_mine.base_url, rounds=1, rewrites=2,
+                                           cache_path=str(tmp_path / "cache.sqlite"))
+        result = mlflow.genai.optimize_prompts(
+            predict_fn=predict_fn, train_data=train_records(), prompt_uris=[prompt.uri], optimizer=optimizer,
+            scorers=[accuracy],
+        )
+        asked = {e.body_hash for e in only_mine.requests(kind="meta")}
+    assert result.optimized_prompts[0].version == 2 and asked  # it ran, its meta-prompts on that endpoint

@@ -40,10 +40,10 @@ _warm_up_lock = threading.Lock()
 
 
 def start_warm_up() -> None:
-    """Starts importing the test's library (scipy.stats: about a second) in a thread of its
+    """Starts importing the test's library (scipy.stats, a slow import) in a thread of its
     own, once per process, so that the run's first test does not stall the event loop for it.
     Code that runs other imports in threads under a lock of its own (MLflow's ``eval_fn``
-    with its import hooks) waits for it first: ``wait_warm_up``."""
+    with its import hooks) waits for it first: ``wait_warm_up`` (docs/decisions.md)."""
     global _warm_up
     with _warm_up_lock:
         if _warm_up is None:

@@ -81,13 +81,9 @@ class Endpoint:
     ``GET /models``, with the bearer key, and every failure as an ``AttemptFailed`` (HTTP
     status, Retry-After, the endpoint's message).
 
-    Why not the ``openai`` client, which the served model (mlflow_project/prompt_model.py)
-    uses: importing it took 1.1 s here against aiohttp's 0.3 s (benchmarks/http_client.py),
-    most of it the type models of its whole API, and that was half of the time before a
-    run's first request. Per request the two cost the same CPU (1.15 ms against 0.9-1.15 ms
-    for its raw ``post`` over aiohttp, 3.2-3.6 ms for ``chat.completions.create`` over
-    HTTPX); the chat protocol this loop needs is one JSON POST. The retry rules, limits and
-    accounting are this module's either way (the openai client's own retries were off)."""
+    Not the ``openai`` client (which the served model uses): its import was half of the time
+    before a run's first request, and the chat protocol this loop needs is one JSON POST
+    (docs/decisions.md). Retries, limits and accounting are the client's (``client.py``)."""
 
     def __init__(self, base_url: str, api_key: str | None, timeout: float = 120.0) -> None:
         self.base_url = base_url.rstrip("/")
@@ -98,8 +94,8 @@ class Endpoint:
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # No TLS context for a plain-HTTP endpoint (a local vLLM, Ollama, llama.cpp): loading
-            # the certificate bundle costs 40-100 ms before the first request. The bound on
-            # connections is the run's limiter, not the connector's.
+            # the certificate bundle delays the first request. The bound on connections is the
+            # run's limiter, not the connector's.
             tls: ssl.SSLContext | bool = False if self.base_url.startswith("http://") else _tls_context()
             connector = aiohttp.TCPConnector(limit=0, ssl=tls)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, trust_env=True)
@@ -178,8 +174,8 @@ def _tls_context() -> ssl.SSLContext:
 
 @functools.lru_cache(maxsize=None)
 def _trusting(cafile: str | None, capath: str | None) -> ssl.SSLContext:
-    """One context per bundle and process: loading one takes 40-100 ms, and the endpoint
-    check's (made while the data loads) then serves the run's first request."""
+    """One context per bundle and process: loading one is slow, and the endpoint check's
+    (made while the data loads) then serves the run's first request."""
     if cafile is None and capath is None:
         import certifi
 

@@ -1,0 +1,176 @@
+"""``MlflowTracker``: the callback that records a run in MLflow, event by event.
+
+Inside ``mlflow run`` it logs into the run MLflow created (``MLFLOW_RUN_ID``); elsewhere it
+starts a run in ``--experiment`` when a tracking URI is known (``--tracking-uri`` or
+``MLFLOW_TRACKING_URI``). Params are the settings (secrets left out); metrics use ``step =
+round``; each round adds a candidate table and a checkpoint of the run state; the end adds
+prompts, scores, plots and the winner's lineage, then registers the final prompt
+(``registry.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from datetime import datetime
+from typing import Any
+
+from distillprompt import templates
+from distillprompt.data import Task
+from distillprompt.engine import FLAT_SIGNAL, Callback, RoundResult, RunResult
+from distillprompt.settings import Settings
+from distillprompt.state import Candidate
+
+from .artifacts import CANDIDATE_ALIAS, describe, log_evaluation, log_result, log_round
+from .metrics import final_metrics, param_key, round_metrics
+from .runs import CHECKPOINT, SETTINGS_TREE, connect, start_run, tracking_requested
+from .tracing import trace_call
+
+
+class MlflowTracker(Callback):
+    def __init__(self, settings: Settings, *, parent_run_id: str | None = None, run_name: str | None = None) -> None:
+        self.settings = settings
+        self.task: Task | None = None
+        if settings.mlflow.prompt_name:
+            from ..registry import check_name
+
+            check_name(settings.mlflow.prompt_name)  # before any work: the name is used at the very end
+        self.mlflow = connect(settings)
+        self.run = start_run(self.mlflow, settings, parent_run_id, run_name)
+        self.run_id = self.run.info.run_id
+        self.nested = parent_run_id is not None
+        self.registered: Any = None
+        self._closed = False
+
+    # ----- events ------------------------------------------------------------------------
+
+    def on_settings(self, settings: Settings) -> None:
+        self.settings = settings  # what the run really uses: demo defaults, embedded endpoint, a resumed run's
+
+    def on_start(self, task: Task, initial: Candidate) -> None:
+        mlflow = self.mlflow
+        self.task = task
+        params: dict[str, Any] = dict(self.settings.public_dict())
+        params.update(
+            dataset_name=task.name,
+            dataset_source=task.source,
+            dataset_digest=task.digest(),
+            train_examples=len(task.train),
+            test_examples=len(task.test),
+            val_examples=len(task.val),
+            labels=",".join(task.labels),
+            initial_prompt_text=initial.prompt,
+            **{f"rows_dropped_{param_key(split)}": sum(counts.values()) for split, counts in task.rows_dropped.items()},
+        )
+        if task.label_changes:
+            mlflow.set_tag("distillprompt.label_changes", " | ".join(task.label_changes)[:5000])
+        self._log_params(params)
+        mlflow.set_tags({"distillprompt.method": self.settings.optimizer.method, "distillprompt.dataset": task.name})
+        if self.settings.mlflow.run_name is None and not os.environ.get("MLFLOW_RUN_ID") and not self.nested:
+            mlflow.set_tag("mlflow.runName", f"{task.name}-{datetime.now():%Y%m%d-%H%M%S}")
+        self._log_dataset(task)
+        mlflow.log_dict(templates.meta_prompt_texts(task), "method/meta_prompts.json")
+        mlflow.log_dict(task.describe(), "method/task.json")
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        """Logs the effective settings. Inside `mlflow run`, MLflow has logged the raw MLproject
+        parameters under the same names already; where the effective value differs (an empty
+        parameter left to a default), it goes in as ``effective_<name>``."""
+        values = {
+            name: "" if value is None else json.dumps(value) if isinstance(value, list) else str(value)
+            for name, value in params.items()
+        }
+        existing = self.mlflow.get_run(self.run_id).data.params
+        fresh = {}
+        for name, value in values.items():
+            if name not in existing:
+                fresh[name] = value
+            elif existing[name] != value and existing[name].strip("'\"") != value:
+                fresh[f"effective_{name}"] = value
+        if fresh:
+            self.mlflow.log_params(fresh)
+        self.mlflow.log_dict(values, "settings.json")
+        self.mlflow.log_dict(json.loads(self.settings.model_dump_json(exclude={"llm": {"api_key"}})), SETTINGS_TREE)
+
+    def _log_dataset(self, task: Task) -> None:
+        import mlflow.data
+        import pandas
+
+        for context, examples in (("train", task.train), ("validation", task.val), ("test", task.test)):
+            if not examples:
+                continue
+            frame = pandas.DataFrame([{**e.inputs, task.label_column: e.target} for e in examples])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a local path "can be interpreted in multiple ways"
+                dataset = mlflow.data.from_pandas(
+                    frame, source=task.source, name=f"{task.name}-{context}", targets=task.label_column
+                )
+            self.mlflow.log_input(dataset, context=context)
+
+    def on_round(self, result: RoundResult) -> None:
+        self.mlflow.log_metrics(round_metrics(result), step=result.round)
+        log_round(self.mlflow, result)
+        self.mlflow.log_dict(result.state.to_dict(), CHECKPOINT)
+
+    def on_finish(self, result: RunResult) -> None:
+        mlflow = self.mlflow
+        metrics = final_metrics(result)
+        mlflow.log_metrics(metrics)
+        mlflow.log_metric("initial_parse_rate", metrics["initial_parse_rate"], step=0)
+        mlflow.set_tag("distillprompt.stop_reason", result.stop_reason)
+        if result.verdict is not None:
+            mlflow.set_tags({
+                "distillprompt.test_verdict": result.verdict.outcome,
+                "distillprompt.beat_initial_on_test": str(result.verdict.beat_initial).lower(),
+            })
+        if result.failure:
+            mlflow.set_tag("distillprompt.failure", result.failure[:5000])
+        method = self.settings.optimizer.method
+        log_result(mlflow, result, method)
+        if result.diagnosis:
+            mlflow.set_tag("distillprompt.diagnosis", result.diagnosis[:5000])
+        # a run stopped for lack of signal registers nothing, unless it found a better prompt all the same
+        unchanged = result.stop_reason == FLAT_SIGNAL and result.final.id == result.initial.id
+        if self.settings.mlflow.register_result and self.task is not None and result.failure is None and not unchanged:
+            from ..registry import register_result
+
+            self.registered = register_result(result, self.task, self.settings, self.run_id)
+        metric = self.task.metric if self.task is not None else "score"
+        describe(mlflow, self.run_id, result, method, metric, self.registered)
+
+    def on_evaluation(self, task: Task, prompt: str, score: Any, usage: dict[str, Any]) -> None:
+        """Records a stand-alone evaluation (``distillprompt evaluate`` / ``-e evaluate``)."""
+        mlflow = self.mlflow
+        params: dict[str, Any] = dict(self.settings.public_dict())
+        params.update(dataset_name=task.name, dataset_digest=task.digest(), test_examples=len(task.test))
+        self._log_params(params)
+        mlflow.set_tags({"distillprompt.method": "evaluate", "distillprompt.dataset": task.name})
+        mlflow.log_metrics({f"test_{name}": value for name, value in score.summary().items()})
+        mlflow.log_metrics({"llm_requests": usage["requests"], "cache_hits": usage["cache_hits"]})
+        log_evaluation(mlflow, prompt, score)
+
+    def on_llm_call(self, call: Any) -> None:
+        """With --trace: one MLflow trace per answered LLM request (prompt, reply, tokens)."""
+        if self.settings.mlflow.trace:
+            trace_call(self.mlflow, self.run, call)
+
+    def on_end(self, succeeded: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.registered is not None:
+            print(
+                f"registered prompt {self.registered.name} version {self.registered.prompt_version} "
+                f"(alias {CANDIDATE_ALIAS}) and model {self.registered.model_name} version {self.registered.model_version}",
+                file=sys.stderr,
+            )
+        self.mlflow.end_run(status="FINISHED" if succeeded else "FAILED")
+
+
+def make_tracker(settings: Settings) -> MlflowTracker | None:
+    """Entry point ``distillprompt.callbacks: mlflow``: a tracker when tracking was asked for."""
+    if not tracking_requested(settings):
+        return None
+    return MlflowTracker(settings)
