@@ -35,8 +35,10 @@ def request_key(
     n: int,
     sample: str | int = 0,
     stop: tuple[str, ...] = (),
+    seed: int | None = None,
 ) -> str:
-    """The cache key of one request: a SHA-256 over everything that shapes its reply."""
+    """The cache key of one request: a SHA-256 over everything that shapes its reply, the
+    sampling seed sent with it included (requests without one keep the keys they had)."""
     fields = {
         "endpoint": endpoint.rstrip("/"),
         "model": model,
@@ -48,6 +50,8 @@ def request_key(
     }
     if stop:
         fields["stop"] = list(stop)
+    if seed is not None:
+        fields["seed"] = int(seed)
     payload = json.dumps(
         fields,
         sort_keys=True,

@@ -392,3 +392,23 @@ def test_an_https_endpoint_with_an_untrusted_certificate_fails_at_once_and_ssl_c
         asyncio.run(check_endpoint(secure.base_url, None, "test-model"))
         assert complete(make_client(secure)) == [answer_scoring(SCORING_MESSAGES[0]["content"])]
         assert len(secure.requests()) == 1
+
+
+def test_runs_of_other_seeds_sharing_a_cache_sample_their_own_replies(endpoint, cache_path):
+    """The sampling seed a request carries shapes its reply, so it is part of the cache key:
+    a run with another --seed does not get the first run's samples for the same meta-prompt,
+    while answers at temperature 0 (scoring) are shared."""
+    meta = [{"role": "user", "content": "Improve it. <START> <END>\n\nInstruction:\nClassify.\n\n"}]
+
+    async def run(seed: int) -> None:
+        client = make_client(endpoint, cache=ResponseCache(cache_path), seed=seed)
+        await client.complete(meta, temperature=0.7, max_tokens=20, salt="1:rewrite")
+        await client.complete(SCORING_MESSAGES, temperature=0.0, max_tokens=20)
+        await client.aclose()
+
+    asyncio.run(run(1))
+    asyncio.run(run(2))
+    asyncio.run(run(1))  # a rerun of the first: everything from the cache
+    sent = endpoint.requests()
+    assert len(sent) == 3
+    assert sorted(entry.temperature for entry in sent) == [0.0, 0.7, 0.7]

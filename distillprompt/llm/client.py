@@ -70,11 +70,12 @@ class ReplyBook:
         self.observers: list[Callable[[LLMCall], None]] = []
 
     def key(
-        self, messages: Messages, *, temperature: float, max_tokens: int, n: int, salt: int | str, stop: tuple[str, ...] = ()
+        self, messages: Messages, *, temperature: float, max_tokens: int, n: int, salt: int | str,
+        stop: tuple[str, ...] = (), seed: int | None = None,
     ) -> str:
         return request_key(
             endpoint=self.identity, model=self.model, messages=messages, temperature=temperature,
-            max_tokens=max_tokens, n=n, sample=salt, stop=stop,
+            max_tokens=max_tokens, n=n, sample=salt, stop=stop, seed=seed,
         )
 
     def lookup(self, key: str, stage: str) -> list[str] | None:
@@ -182,7 +183,8 @@ class ChatClient:
         """The cached reply, else the endpoint's. ``salt`` tells apart requests that are
         otherwise identical (several takes on one meta-prompt) in the cache and in the seed;
         ``send`` makes each attempt elsewhere (``fetch_and_store``)."""
-        key = self.book.key(messages, temperature=temperature, max_tokens=max_tokens, n=n, salt=salt, stop=stop)
+        key = self.book.key(messages, temperature=temperature, max_tokens=max_tokens, n=n, salt=salt, stop=stop,
+                            seed=self._sampling_seed(temperature, salt))
         cached = self.book.lookup(key, stage)
         if cached is not None:
             return cached
@@ -210,8 +212,9 @@ class ChatClient:
             keys = [str(i) for i in range(len(requests))]
             found: dict[str, CachedReply] = {}
         else:
-            keys = [self.book.key(messages, temperature=temperature, max_tokens=max_tokens, n=1, salt=0, stop=stop)
-                    for messages in requests]
+            seed = self._sampling_seed(temperature, 0)
+            keys = [self.book.key(messages, temperature=temperature, max_tokens=max_tokens, n=1, salt=0, stop=stop,
+                                  seed=seed) for messages in requests]
             found = self.book.lookup_many(keys, stage)
         if found and on_done:
             on_done(sum(key in found for key in keys))
@@ -277,7 +280,7 @@ class ChatClient:
     ) -> list[str]:
         """Asks the endpoint (no cache): n samples, retried as the rules say; adds what it
         cost, retries and failures included, to ``spent``."""
-        seed = self._request_seed(salt) if temperature > 0 else None
+        seed = self._sampling_seed(temperature, salt)
 
         def ask(count: int, seed: int | None) -> Awaitable[list[str]]:
             return self._request(messages, temperature, count, max_tokens, priority, seed, spent, stop, send)
@@ -300,8 +303,9 @@ class ChatClient:
                 self.native_n = True
         return [text for reply in replies for text in reply][:n]
 
-    def _request_seed(self, salt: int | str) -> int | None:
-        if self.seed is None:
+    def _sampling_seed(self, temperature: float, salt: int | str) -> int | None:
+        """The seed sent with a sampled request (none at temperature 0), from the run's seed and the salt."""
+        if self.seed is None or temperature <= 0:
             return None
         digest = request_key(endpoint="", model="", messages=[], temperature=0, max_tokens=0, n=0, sample=f"{self.seed}:{salt}")
         return int(digest[:8], 16)
