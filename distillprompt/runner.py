@@ -11,7 +11,7 @@ import functools
 import json
 import time
 from contextlib import AsyncExitStack, ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from importlib.metadata import entry_points

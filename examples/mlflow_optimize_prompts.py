@@ -50,7 +50,7 @@ try:
         predict_fn=predict_fn,
         train_data=train_data,
         prompt_uris=[prompt.uri],
-        optimizer=DistillPromptOptimizer(epochs=2, rewrites=2, paraphrases=2, seed=0),
+        optimizer=DistillPromptOptimizer(rounds=2, rewrites=2, paraphrases=2, seed=0),
         scorers=[accuracy],
     )
 finally:

@@ -15,10 +15,6 @@ class History:
         for candidate in state.history:
             self._by_text.setdefault(dedup_key(candidate.prompt), candidate)
 
-    @property
-    def candidates(self) -> list[Candidate]:
-        return self.state.history
-
     def record(self, prompt: str, stage: str, number: int, parents: list[Candidate], note: str | None = None) -> Candidate:
         candidate = Candidate(
             id=len(self.state.history), prompt=prompt, stage=stage, round=number,

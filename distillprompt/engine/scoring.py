@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable
+from typing import Any
 
 from ..data import Example, Task
 from ..diagnosis import answer_counts
@@ -50,11 +50,7 @@ class Scoring:
         (``known``: its per-example train scores, if the run state kept them) or in full."""
         if candidates:
             scoring = self._race(candidates, incumbent, known) if self.racing else self.score_now(candidates)
-            self.start(scoring)
-
-    def start(self, work: Awaitable[Any]) -> None:
-        """Runs ``work`` in the background until ``wait`` (or ``cancel``)."""
-        self._pending.append(asyncio.ensure_future(work))
+            self._pending.append(asyncio.ensure_future(scoring))
 
     async def score_now(self, candidates: list[Candidate]) -> None:
         """Scores candidates on every train example."""

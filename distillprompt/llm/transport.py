@@ -167,8 +167,6 @@ def _tls_context() -> ssl.SSLContext:
     """The certificate authorities to trust: SSL_CERT_FILE / SSL_CERT_DIR when set (a
     company CA, a self-signed server), else Mozilla's bundle (certifi), as the openai client
     does; the system's bundle may be missing."""
-    import os
-
     return _trusting(os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None)
 
 

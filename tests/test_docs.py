@@ -1,0 +1,76 @@
+"""The documentation matches the code: the settings reference lists every setting as the
+code defines it, every relative link resolves, and no example needs a file outside a clone.
+
+    python -m tests.test_docs     # writes the settings reference again from the code
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from distillprompt.settings import setting_specs
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS_PAGE = ROOT / "docs" / "settings.md"
+BEGIN, END = "<!-- settings table: written by python -m tests.test_docs -->", "<!-- end of settings table -->"
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+GROUP_TITLES = {"llm": "Endpoint and models", "data": "Task and data", "optimizer": "Method", "cache": "Response cache",
+                "mlflow": "MLflow tracking and registry", None: "Run"}
+
+
+def settings_table() -> str:
+    """Every setting, by group: its flag (and former flag), variable, default and meaning."""
+    lines: list[str] = []
+    group: object = object()
+    for spec in setting_specs():
+        if spec.group != group:
+            group = spec.group
+            lines += ["", f"### {GROUP_TITLES[spec.group]}", "", "| flag | variable | default | what it sets |", "|---|---|---|---|"]
+        default = spec.info.get_default(call_default_factory=True)
+        shown = "" if default is None or spec.secret else ",".join(default) if isinstance(default, list) else str(default)
+        flags = f"`{spec.flag}`" + (f" (`{spec.former_flag}`)" if spec.former_flag else "")
+        text = (spec.info.description or spec.name.replace("_", " ")).replace("|", "\\|")
+        lines.append(f"| {flags} | `{spec.env}` | {f'`{shown}`' if shown else ''} | {text} |")
+    return "\n".join(lines).strip("\n")
+
+
+def written_table() -> str:
+    text = SETTINGS_PAGE.read_text(encoding="utf-8")
+    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+
+
+def test_the_settings_reference_lists_every_setting_as_the_code_defines_it():
+    assert written_table() == settings_table(), "run `python -m tests.test_docs` to write docs/settings.md again"
+
+
+def test_every_relative_link_of_the_docs_resolves():
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address or an anchor on the same page
+            path = (page.parent / target.split("#")[0]).resolve()
+            if not path.exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
+
+
+def test_no_user_example_needs_a_file_outside_a_clone():
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        assert "../shared" not in page.read_text(encoding="utf-8"), page.name
+
+
+def test_the_readme_shows_a_newcomer_everything_in_its_first_80_lines():
+    first = "\n".join((ROOT / "README.md").read_text(encoding="utf-8").splitlines()[:80])
+    for needed in ("pip install", "mlflow run . --env-manager local", "bash tests/run.sh", "--base-url",
+                   "--text-column", "--label-column", ".csv"):
+        assert needed in first, needed
+
+
+if __name__ == "__main__":
+    text = SETTINGS_PAGE.read_text(encoding="utf-8")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    SETTINGS_PAGE.write_text(f"{head}{BEGIN}\n{settings_table()}\n{END}{tail}", encoding="utf-8")
+    print(f"wrote {SETTINGS_PAGE}")
