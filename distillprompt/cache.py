@@ -33,12 +33,14 @@ def request_key(
     temperature: float,
     max_tokens: int,
     n: int,
-    sample: str | int = 0,
+    salt: str | int = 0,
     stop: tuple[str, ...] = (),
     seed: int | None = None,
 ) -> str:
     """The cache key of one request: a SHA-256 over everything that shapes its reply, the
-    sampling seed sent with it included (requests without one keep the keys they had)."""
+    sampling seed sent with it included (requests without one keep the keys they had), and
+    a ``salt`` that tells apart requests otherwise alike (several takes on one meta-prompt).
+    The salt's field keeps its first name, "sample", so that existing caches still answer."""
     fields = {
         "endpoint": endpoint.rstrip("/"),
         "model": model,
@@ -46,7 +48,7 @@ def request_key(
         "temperature": round(float(temperature), 6),
         "max_tokens": int(max_tokens),
         "n": int(n),
-        "sample": str(sample),
+        "sample": str(salt),
     }
     if stop:
         fields["stop"] = list(stop)

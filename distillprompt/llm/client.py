@@ -75,7 +75,7 @@ class ReplyBook:
     ) -> str:
         return request_key(
             endpoint=self.identity, model=self.model, messages=messages, temperature=temperature,
-            max_tokens=max_tokens, n=n, sample=salt, stop=stop, seed=seed,
+            max_tokens=max_tokens, n=n, salt=salt, stop=stop, seed=seed,
         )
 
     def lookup(self, key: str, stage: str) -> list[str] | None:
@@ -184,7 +184,7 @@ class ChatClient:
         otherwise identical (several takes on one meta-prompt) in the cache and in the seed;
         ``send`` makes each attempt elsewhere (``fetch_and_store``)."""
         key = self.book.key(messages, temperature=temperature, max_tokens=max_tokens, n=n, salt=salt, stop=stop,
-                            seed=self._sampling_seed(temperature, salt))
+                            seed=sampling_seed(self.seed, temperature, salt))
         cached = self.book.lookup(key, stage)
         if cached is not None:
             return cached
@@ -212,7 +212,7 @@ class ChatClient:
             keys = [str(i) for i in range(len(requests))]
             found: dict[str, CachedReply] = {}
         else:
-            seed = self._sampling_seed(temperature, 0)
+            seed = sampling_seed(self.seed, temperature, 0)
             keys = [self.book.key(messages, temperature=temperature, max_tokens=max_tokens, n=1, salt=0, stop=stop,
                                   seed=seed) for messages in requests]
             found = self.book.lookup_many(keys, stage)
@@ -280,7 +280,7 @@ class ChatClient:
     ) -> list[str]:
         """Asks the endpoint (no cache): n samples, retried as the rules say; adds what it
         cost, retries and failures included, to ``spent``."""
-        seed = self._sampling_seed(temperature, salt)
+        seed = sampling_seed(self.seed, temperature, salt)
 
         def ask(count: int, seed: int | None) -> Awaitable[list[str]]:
             return self._request(messages, temperature, count, max_tokens, priority, seed, spent, stop, send)
@@ -302,13 +302,6 @@ class ChatClient:
             elif self.native_n is None:
                 self.native_n = True
         return [text for reply in replies for text in reply][:n]
-
-    def _sampling_seed(self, temperature: float, salt: int | str) -> int | None:
-        """The seed sent with a sampled request (none at temperature 0), from the run's seed and the salt."""
-        if self.seed is None or temperature <= 0:
-            return None
-        digest = request_key(endpoint="", model="", messages=[], temperature=0, max_tokens=0, n=0, sample=f"{self.seed}:{salt}")
-        return int(digest[:8], 16)
 
     async def _request(
         self,
@@ -364,6 +357,14 @@ class ChatClient:
         spent.output_tokens += response.output_tokens
         spent.cost += self.cost(response.input_tokens, response.output_tokens)
         return response.texts
+
+
+def sampling_seed(run_seed: int | None, temperature: float, salt: int | str) -> int | None:
+    """The seed sent with a sampled request (none at temperature 0), from the run's seed and the salt."""
+    if run_seed is None or temperature <= 0:
+        return None
+    digest = request_key(endpoint="", model="", messages=[], temperature=0, max_tokens=0, n=0, salt=f"{run_seed}:{salt}")
+    return int(digest[:8], 16)
 
 
 def _offset(seed: int | None, index: int) -> int | None:
