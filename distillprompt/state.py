@@ -31,7 +31,7 @@ class Candidate:
     val_score: float | None = None  # on the validation sample, for the round's top candidates by train score
     answers: dict[str, int] = field(default_factory=dict)  # the target's answers on the train sample, counted
     examples_scored: int | None = None  # train examples its score covers (fewer when a race stopped it)
-    eliminated_by: int | None = None  # the incumbent a race found it worse than: never selected
+    eliminated_by: int | None = None  # the incumbent or batch leader a race found it worse than: never selected
 
     @property
     def selectable(self) -> bool:

@@ -113,6 +113,21 @@ def test_a_bad_candidate_stops_after_one_block_and_a_good_one_is_scored_in_full_
     assert f"{len(stopped)} of {len(distinct)} stopped after" in summary and f"scoring {paid}/{len(distinct) * TRAIN}" in summary
 
 
+def test_a_candidate_far_behind_the_leader_of_its_batch_stops_though_it_matches_the_incumbent(reviews, tmp_path):
+    with ScriptedEndpoint(responder=target) as endpoint:
+        result, folder = optimize(endpoint, reviews, tmp_path)
+        seen = scored_inputs(endpoint)
+    excellent = next(c for c in result.history if c.prompt == EXCELLENT)
+    # the plain rewrites answer as well as the initial prompt (7 in 10) and race beside the
+    # excellent one (10 in 10): the leader's lead stops them, and they name it
+    plain = [c for c in result.history if c.prompt in PLAIN and c.duplicate_of is None]
+    assert plain and all(c.eliminated_by == excellent.id for c in plain)
+    assert all(c.examples_scored < TRAIN and len(seen[c.prompt]) == c.examples_scored for c in plain)
+    assert all(not c.selectable for c in plain) and result.final.id == excellent.id
+    saved = {c["id"]: c for c in json.loads((folder / "result.json").read_text())["history"]}
+    assert all(saved[c.id]["eliminated_by"] == excellent.id for c in plain)
+
+
 def test_every_candidate_meets_the_blocks_in_the_same_order(reviews, tmp_path):
     with ScriptedEndpoint(responder=target) as endpoint:
         result, _ = optimize(endpoint, reviews, tmp_path)

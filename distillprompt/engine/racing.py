@@ -5,8 +5,10 @@ batch of new candidates on the train sample in blocks of ``block`` examples, in 
 order that every candidate of the run shares, so that each candidate is compared with the
 incumbent (the best prompt so far) on the very same examples. After each block but the last,
 a one-sided paired t-test on every example scored so far asks whether the candidate is worse
-than the incumbent; at ``p < alpha`` it stops there, with the score of the examples it was
-scored on, and can no longer be selected. A candidate that is never found worse ends up
+than the incumbent, or than the batch's leader (its highest mean so far); at ``p < alpha``
+it stops there, with the score of the examples it was scored on, and can no longer be
+selected: a candidate clearly behind a batch-mate is very unlikely to end with the highest
+score (CAPO, in promptolution, tests every candidate against the others in this way). A candidate that is never found worse ends up
 scored on the whole train sample, exactly as full scoring would have scored it.
 
 The incumbent's per-example scores come from its own (full) train scoring: it is never
@@ -84,7 +86,8 @@ class Outcome:
 
     score: Score  # on the examples it was scored on; in train order when it finished
     positions: list[int]  # the train positions ``score`` covers, in its order
-    stopped: bool  # found worse than the incumbent before the last block
+    stopped: bool  # found worse than the incumbent or the batch's leader before the last block
+    by: int | None = None  # the batch position of the leader that stopped it; None: the incumbent
 
 
 class Race:
@@ -106,20 +109,27 @@ class Race:
         parts: list[list[Score]] = [[] for _ in prompts]
         seen: list[int] = []
         alive = list(range(len(prompts)))
-        stopped: set[int] = set()
+        stopped: dict[int, int | None] = {}  # batch position -> who stopped it (None: the incumbent)
         train: list[Example] = self.task.train
         for number, block in enumerate(self.blocks):
             if not alive:
                 break
             scores = await self.evaluator.score([prompts[i] for i in alive], [train[p] for p in block], stage=self.stage)
             seen = seen + block
-            last = number == len(self.blocks) - 1
-            still = []
             for i, score in zip(alive, scores):
                 parts[i].append(score)
-                per_example = [value for part in parts[i] for value in part.per_example]
-                if not last and is_worse(per_example, [self.incumbent[p] for p in seen], self.alpha):
-                    stopped.add(i)
+            if number == len(self.blocks) - 1:
+                break
+            so_far = {i: [value for part in parts[i] for value in part.per_example] for i in alive}
+            incumbent = [self.incumbent[p] for p in seen]
+            # the batch's leader: the highest mean so far (the first on ties), tested as the incumbent is
+            leader = max(alive, key=lambda i: (sum(so_far[i]), -i))
+            still = []
+            for i in alive:
+                if is_worse(so_far[i], incumbent, self.alpha):
+                    stopped[i] = None
+                elif i != leader and is_worse(so_far[i], so_far[leader], self.alpha):
+                    stopped[i] = leader
                 else:
                     still.append(i)
             alive = still
@@ -128,7 +138,7 @@ class Race:
             positions = seen[: sum(len(part.per_example) for part in own)]
             merged = merge_scores(self.task, own)
             if i in stopped:
-                outcomes.append(Outcome(merged, positions, stopped=True))
+                outcomes.append(Outcome(merged, positions, stopped=True, by=stopped[i]))
             else:
                 outcomes.append(Outcome(_in_train_order(merged, positions), sorted(positions), stopped=False))
         return outcomes

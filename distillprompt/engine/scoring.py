@@ -80,7 +80,7 @@ class Scoring:
         for candidate, outcome in zip(candidates, outcomes):
             self._take(candidate, outcome.score, outcome.positions)
             if outcome.stopped:
-                candidate.eliminated_by = incumbent.id
+                candidate.eliminated_by = incumbent.id if outcome.by is None else candidates[outcome.by].id
 
     def _take(self, candidate: Candidate, score: Score, positions: list[int]) -> None:
         """Records a candidate's train score, which covers the train ``positions``."""
