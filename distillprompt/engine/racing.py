@@ -8,8 +8,9 @@ a one-sided paired t-test on every example scored so far asks whether the candid
 than the incumbent, or than the batch's leader (its highest mean so far); at ``p < alpha``
 it stops there, with the score of the examples it was scored on, and can no longer be
 selected: a candidate clearly behind a batch-mate is very unlikely to end with the highest
-score (CAPO, in promptolution, tests every candidate against the others in this way). A candidate that is never found worse ends up
-scored on the whole train sample, exactly as full scoring would have scored it.
+score (CAPO, in promptolution, tests every candidate against the others in this way). A
+candidate that is never found worse ends up scored on the whole train sample, exactly as
+full scoring would have scored it.
 
 The incumbent's per-example scores come from its own (full) train scoring: it is never
 scored again. Blocks of all the candidates of one batch that are still in the race go to the
