@@ -69,6 +69,9 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
 COMMAND_PLUGINS = "distillprompt.commands"
 CALLBACK_PLUGINS = "distillprompt.callbacks"
 PROMPT_SOURCES = "distillprompt.prompt_sources"
+# the exit status of a run that finished but left a record unfinished (tracking lost): not a
+# failed optimization (1) or a mistake to fix (2); the warning names the command that finishes it
+INCOMPLETE = 3
 
 
 def command_plugins() -> dict[str, Any]:
@@ -238,6 +241,9 @@ def _run(args: argparse.Namespace) -> int:
             runner.optimize(settings, progress=progress, callbacks=[ImportAhead(), *callbacks], resume=resume)
         )
         _print_result(result, folder)
+        unfinished = [text for text in (getattr(c, "incomplete", lambda: None)() for c in callbacks) if text]
+        for text in unfinished:
+            print(f"distillprompt: warning: {text}", file=sys.stderr)
         if result.failure:
             print(
                 f"distillprompt: error: the endpoint gave up ({result.failure}); the best prompt of the finished rounds "
@@ -245,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        return 0
+        return INCOMPLETE if unfinished else 0
     prompt = resolve_prompt(_read_prompt(args))
     callbacks = callback_plugins(settings)
     try:

@@ -110,22 +110,33 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` on loopback with a sqlite database and an artifact folder."""
     folder = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    log = (folder / "server.log").open("w")
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")), "server",
-            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-            "--artifacts-destination", str(folder / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
-        stdout=log, stderr=subprocess.STDOUT, env=venv_env(), cwd=folder, start_new_session=True,
-    )
+    server = start_mlflow_server(folder, port)
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health")
         yield {"uri": f"http://127.0.0.1:{port}", "db": folder / "mlflow.db", "artifacts": folder / "artifacts"}
     finally:
         stop_group(server)
-        log.close()
+
+
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on loopback, in a process group of its own (its uvicorn workers
+    outlive a killed parent), on a database and artifact folder in ``folder`` that outlive it;
+    answering once this returns."""
+    with (folder / "server.log").open("a") as log:
+        server = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("mlflow")), "server",
+                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                "--artifacts-destination", str(folder / "artifacts"),
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            ],
+            stdout=log, stderr=subprocess.STDOUT, env=venv_env(), cwd=folder, start_new_session=True,
+        )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health")
+    except RuntimeError:
+        stop_group(server)
+        raise
+    return server
 
 
 def stop_group(process: subprocess.Popen) -> None:

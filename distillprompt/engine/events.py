@@ -211,6 +211,11 @@ class Callback:
     def wants_llm_calls(cls) -> bool:
         return cls.on_llm_call is not Callback.on_llm_call
 
+    def incomplete(self) -> str | None:
+        """After the run: what this callback could not finish and the command that finishes it
+        (a tracking server that went away), or None. The CLI prints it and exits with 3."""
+        return None
+
 
 def notify(callback: Callback, event: str, *args: Any) -> None:
     """Calls one callback; one that fails is logged and the run goes on (a broken dashboard

@@ -28,8 +28,23 @@ def connect(settings: Settings) -> Any:
 
     if settings.mlflow.tracking_uri:
         mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
-    check_reachable(mlflow.get_tracking_uri())
+    uri = mlflow.get_tracking_uri()
+    check_reachable(uri)
+    if uri.startswith(("http://", "https://")):
+        bound_http_retries()
     return mlflow
+
+
+# MLflow's defaults (7 retries, back-off factor 2, 120 s timeout) hold one call of a server
+# that went away for minutes; the tracker stops calling after the first failure, so a few
+# seconds is what losing the server should cost. A value the user set is kept.
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def bound_http_retries() -> None:
+    for name, value in HTTP_RETRIES.items():
+        os.environ.setdefault(name, value)
 
 
 def start_run(mlflow: Any, settings: Settings, parent_run_id: str | None, run_name: str | None) -> Any:

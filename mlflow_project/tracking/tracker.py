@@ -10,15 +10,18 @@ prompts, scores, plots and the winner's lineage, then registers the final prompt
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import sys
 import warnings
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from distillprompt import templates
 from distillprompt.data import Task
+from distillprompt.errors import UserError
 from distillprompt.engine import FLAT_SIGNAL, Callback, RoundResult, RunResult
 from distillprompt.settings import Settings
 from distillprompt.state import Candidate
@@ -27,6 +30,29 @@ from .artifacts import CANDIDATE_ALIAS, describe, log_evaluation, log_result, lo
 from .metrics import final_metrics, param_key, round_metrics
 from .runs import CHECKPOINT, SETTINGS_TREE, connect, start_run, tracking_requested
 from .tracing import trace_call
+
+log = logging.getLogger(__name__)
+
+
+def tracked(event: Callable[..., None]) -> Callable[..., None]:
+    """An event that calls the tracking server. Its first failure marks tracking as lost:
+    later events call nothing (the run never waits on a server that went away), and the run's
+    end names the command that completes the record (``incomplete``)."""
+
+    @functools.wraps(event)
+    def guarded(self: MlflowTracker, *args: Any) -> None:
+        if self.lost is not None:
+            return
+        try:
+            event(self, *args)
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever the server or the network did
+            self.lost = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+            log.warning("MLflow tracking lost in %s after round %d was recorded (%s); the run goes on without it",
+                        event.__name__, self.rounds_recorded, self.lost)
+
+    return guarded
 
 
 class MlflowTracker(Callback):
@@ -42,6 +68,8 @@ class MlflowTracker(Callback):
         self.run_id = self.run.info.run_id
         self.nested = parent_run_id is not None
         self.registered: Any = None
+        self.rounds_recorded = 0
+        self.lost: str | None = None  # why tracking was given up, once a call failed
         self._closed = False
 
     # ----- events ------------------------------------------------------------------------
@@ -49,6 +77,7 @@ class MlflowTracker(Callback):
     def on_settings(self, settings: Settings) -> None:
         self.settings = settings  # what the run really uses: demo defaults, embedded endpoint, a resumed run's
 
+    @tracked
     def on_start(self, task: Task, initial: Candidate) -> None:
         mlflow = self.mlflow
         self.task = task
@@ -109,11 +138,14 @@ class MlflowTracker(Callback):
                 )
             self.mlflow.log_input(dataset, context=context)
 
+    @tracked
     def on_round(self, result: RoundResult) -> None:
         self.mlflow.log_metrics(round_metrics(result), step=result.round)
         log_round(self.mlflow, result)
         self.mlflow.log_dict(result.state.to_dict(), CHECKPOINT)
+        self.rounds_recorded = result.round
 
+    @tracked
     def on_finish(self, result: RunResult) -> None:
         mlflow = self.mlflow
         metrics = final_metrics(result)
@@ -140,6 +172,7 @@ class MlflowTracker(Callback):
         metric = self.task.metric if self.task is not None else "score"
         describe(mlflow, self.run_id, result, method, metric, self.registered)
 
+    @tracked
     def on_evaluation(self, task: Task, prompt: str, score: Any, usage: dict[str, Any]) -> None:
         """Records a stand-alone evaluation (``distillprompt evaluate`` / ``-e evaluate``)."""
         mlflow = self.mlflow
@@ -151,6 +184,7 @@ class MlflowTracker(Callback):
         mlflow.log_metrics({"llm_requests": usage["requests"], "cache_hits": usage["cache_hits"]})
         log_evaluation(mlflow, prompt, score)
 
+    @tracked
     def on_llm_call(self, call: Any) -> None:
         """With --trace: one MLflow trace per answered LLM request (prompt, reply, tokens)."""
         if self.settings.mlflow.trace:
@@ -166,7 +200,21 @@ class MlflowTracker(Callback):
                 f"(alias {CANDIDATE_ALIAS}) and model {self.registered.model_name} version {self.registered.model_version}",
                 file=sys.stderr,
             )
-        self.mlflow.end_run(status="FINISHED" if succeeded else "FAILED")
+        try:
+            self.mlflow.end_run(status="FINISHED" if succeeded and self.lost is None else "FAILED")
+        except Exception:  # noqa: BLE001 - the server is gone: ``incomplete`` says how to finish
+            if self.lost is None:
+                raise
+
+    def incomplete(self) -> str | None:
+        if self.lost is None:
+            return None
+        return (
+            f"MLflow tracking was lost after round {self.rounds_recorded} was recorded ({self.lost}); the result is in "
+            f"result.json. Once the server answers, complete the MLflow record (rounds, artifacts, registration) with: "
+            f"distillprompt optimize --resume {self.run_id} --tracking-uri {self.mlflow.get_tracking_uri()} "
+            "(the response cache answers what the run already paid for)"
+        )
 
 
 def make_tracker(settings: Settings) -> MlflowTracker | None:
