@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, free_port, start_endpoint  # this folder is on sys.path when run as a script
 
-from tests.conftest import free_port, review_rows, start_mlflow_server, stop_group, venv_env, write_jsonl  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from tests.conftest import review_rows, start_mlflow_server, stop_group, venv_env, write_jsonl  # noqa: E402
 
 
 def run_once(name: str, work: Path, base_url: str, data: Path, extra: list[str],
@@ -54,20 +54,13 @@ def main() -> None:
     data.mkdir()
     write_jsonl(data / "train.jsonl", review_rows(30, seed=1))
     write_jsonl(data / "test.jsonl", review_rows(30, seed=2))
-    port = free_port()
-    endpoint = subprocess.Popen(
-        [sys.executable, "-m", "tests.endpoint", "--port", str(port), "--latency", str(args.latency),
-         "--capacity", str(args.capacity)],
-        cwd=ROOT, env=venv_env({"PYTHONPATH": str(ROOT)}), stdout=subprocess.DEVNULL, start_new_session=True,
-    )
+    endpoint, base_url = start_endpoint(args.latency, args.capacity, [])
     store = work / "mlflow"
     store.mkdir()
     tracking_port = free_port()
     server = start_mlflow_server(store, tracking_port)
     tracking = ["--tracking-uri", f"http://127.0.0.1:{tracking_port}"]
-    base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        time.sleep(2)  # the endpoint's start
         rows = [
             ("untracked", run_once("untracked", work, base_url, data, [])),
             ("tracked", run_once("tracked", work, base_url, data, tracking)),
@@ -75,7 +68,7 @@ def main() -> None:
         ]
     finally:
         stop_group(server)
-        stop_group(endpoint)
+        endpoint.terminate()
     print(f"latency {args.latency} s, {args.capacity} slots, 3 rounds, train 30, test 30, no shared cache")
     print("| run | exit | wall s | result.json |")
     print("|---|---:|---:|---|")

@@ -108,6 +108,7 @@ class Race:
 
     async def run(self, prompts: list[str]) -> list[Outcome]:
         parts: list[list[Score]] = [[] for _ in prompts]
+        so_far: list[list[float]] = [[] for _ in prompts]  # per-example scores on ``seen``
         seen: list[int] = []
         alive = list(range(len(prompts)))
         stopped: dict[int, int | None] = {}  # batch position -> who stopped it (None: the incumbent)
@@ -119,9 +120,9 @@ class Race:
             seen = seen + block
             for i, score in zip(alive, scores):
                 parts[i].append(score)
+                so_far[i].extend(score.per_example)
             if number == len(self.blocks) - 1:
                 break
-            so_far = {i: [value for part in parts[i] for value in part.per_example] for i in alive}
             incumbent = [self.incumbent[p] for p in seen]
             # the batch's leader: the highest mean so far (the first on ties), tested as the incumbent is
             leader = max(alive, key=lambda i: (sum(so_far[i]), -i))
@@ -136,7 +137,7 @@ class Race:
             alive = still
         outcomes = []
         for i, own in enumerate(parts):
-            positions = seen[: sum(len(part.per_example) for part in own)]
+            positions = seen[: len(so_far[i])]
             merged = merge_scores(self.task, own)
             if i in stopped:
                 outcomes.append(Outcome(merged, positions, stopped=True, by=stopped[i]))
