@@ -1,8 +1,10 @@
 """What a tracking server that goes away mid-run costs a run: the same `distillprompt optimize`
-untracked, tracked by a real `mlflow server`, and tracked by one that is killed (SIGKILL, its
-whole process group) when round 2 starts.
+untracked, tracked by a real `mlflow server`, tracked by one that is killed (SIGKILL, its
+whole process group) when round 2 starts, and by one that is killed then and started again
+10 s later.
 
     python benchmarks/tracking_faults.py          # latency 0.3 s, 16 slots, 3 rounds, train 30, test 30
+    python benchmarks/tracking_faults.py --async-logging   # with MLFLOW_ENABLE_ASYNC_LOGGING=true
 
 Each run has a response cache of its own (every request reaches the endpoint); the table gives
 the exit status, the wall time of the whole process and whether result.json was written.
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,8 +28,10 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import review_rows, start_mlflow_server, stop_group, venv_env, write_jsonl  # noqa: E402
 
 
-def run_once(name: str, work: Path, base_url: str, data: Path, extra: list[str],
-             kill: subprocess.Popen | None = None) -> tuple[int, float, bool]:
+def run_once(name: str, work: Path, base_url: str, data: Path, extra: list[str], kill: list | None = None,
+             back_after: float | None = None, env: dict[str, str] | None = None) -> tuple[int, float, bool]:
+    """``kill`` holds the server (killed when round 2 starts); with ``back_after`` a new one
+    starts on the same store that many seconds later (and replaces it in ``kill``)."""
     command = [
         sys.executable, "-m", "distillprompt", "optimize", "--dataset", str(data), "--base-url", base_url,
         "--model", "test-model", "--epochs", "3", "--train-size", "30", "--test-size", "30", "--executor", "local",
@@ -34,13 +39,23 @@ def run_once(name: str, work: Path, base_url: str, data: Path, extra: list[str],
     ]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               env=venv_env({"PYTHONPATH": str(ROOT)}))
+                               env=venv_env({"PYTHONPATH": str(ROOT), **(env or {})}))
     assert process.stderr is not None
+    restart: threading.Thread | None = None
     for line in process.stderr:
-        if kill is not None and line.startswith("round 2/") and kill.poll() is None:
-            os.killpg(kill.pid, signal.SIGKILL)
-            kill.wait()
+        if kill and line.startswith("round 2/") and kill[0].poll() is None and restart is None:
+            os.killpg(kill[0].pid, signal.SIGKILL)
+            kill[0].wait()
+            if back_after is not None:
+                def come_back(server: subprocess.Popen = kill[0]) -> None:
+                    time.sleep(back_after)
+                    kill[0] = start_mlflow_server(work / "mlflow", int(server.args[server.args.index("--port") + 1]))
+
+                restart = threading.Thread(target=come_back)
+                restart.start()
     process.wait()
+    if restart is not None:
+        restart.join()
     return process.returncode, time.perf_counter() - started, any((work / name).rglob("result.json"))
 
 
@@ -48,7 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=float, default=0.3)
     parser.add_argument("--capacity", type=int, default=16)
+    parser.add_argument("--async-logging", action="store_true", help="set MLFLOW_ENABLE_ASYNC_LOGGING=true in the runs")
     args = parser.parse_args()
+    env = {"MLFLOW_ENABLE_ASYNC_LOGGING": "true"} if args.async_logging else {}
     work = Path(tempfile.mkdtemp(prefix="tracking-faults-"))
     data = work / "data"
     data.mkdir()
@@ -58,18 +75,22 @@ def main() -> None:
     store = work / "mlflow"
     store.mkdir()
     tracking_port = free_port()
-    server = start_mlflow_server(store, tracking_port)
+    server = [start_mlflow_server(store, tracking_port)]
     tracking = ["--tracking-uri", f"http://127.0.0.1:{tracking_port}"]
     try:
         rows = [
-            ("untracked", run_once("untracked", work, base_url, data, [])),
-            ("tracked", run_once("tracked", work, base_url, data, tracking)),
-            ("tracked, server killed at round 2", run_once("killed", work, base_url, data, tracking, kill=server)),
+            ("untracked", run_once("untracked", work, base_url, data, [], env=env)),
+            ("tracked", run_once("tracked", work, base_url, data, tracking, env=env)),
+            ("tracked, server killed at round 2", run_once("killed", work, base_url, data, tracking, kill=server, env=env)),
         ]
+        server = [start_mlflow_server(store, tracking_port)]
+        rows.append(("tracked, server away 10 s from round 2",
+                     run_once("blink", work, base_url, data, tracking, kill=server, back_after=10, env=env)))
     finally:
-        stop_group(server)
+        stop_group(server[0])
         endpoint.terminate()
-    print(f"latency {args.latency} s, {args.capacity} slots, 3 rounds, train 30, test 30, no shared cache")
+    print(f"latency {args.latency} s, {args.capacity} slots, 3 rounds, train 30, test 30, no shared cache"
+          + (", MLFLOW_ENABLE_ASYNC_LOGGING=true" if args.async_logging else ""))
     print("| run | exit | wall s | result.json |")
     print("|---|---:|---:|---|")
     for name, (code, wall, written) in rows:

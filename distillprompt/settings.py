@@ -270,6 +270,11 @@ class TrackingSettings(Group):
         True, description="register the final prompt and a model applying it", json_schema_extra=flag("--register")
     )
     trace: bool = Field(False, description="record every LLM call as an MLflow trace")
+    tracking_wait: float = Field(
+        20.0, ge=0,
+        description="seconds the end of a run waits for a tracking server that stopped answering to come back; "
+        "then the record is left incomplete, with the command that completes it (exit 3)",
+    )
 
 
 _config_file_data: ContextVar[dict[str, Any]] = ContextVar("_config_file_data", default={})

@@ -17,8 +17,9 @@ scoring requests, meta requests and tokens.
 from __future__ import annotations
 
 import argparse
-import math
 import asyncio
+import functools
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from distillprompt import runner
+from distillprompt.cli import INCOMPLETE
 from distillprompt.errors import UserError
 from distillprompt.engine import TEST_SCORING, TRAIN_SCORING, VAL_SCORING
 from distillprompt.progress import ConsoleProgress
@@ -154,8 +156,7 @@ def budget_matched(child: Settings, method: str, budget: int, train_size: int) -
 
 def compare(
     settings: Settings, methods: list[str], seeds: int, *, quiet: bool = False, budget_match: bool = False
-) -> tuple[str, str, str]:
-    import mlflow
+) -> tuple[str, str, str, list[str]]:
 
     if budget_match and REFERENCE not in methods:
         raise UserError(f"--budget-match gives every method {REFERENCE}'s scoring budget: add {REFERENCE} to --methods")
@@ -164,11 +165,17 @@ def compare(
     parent = MlflowTracker(settings)
     succeeded = False
     outcomes: list[Outcome] = []
+    children: list[MlflowTracker] = []
     try:
-        parent._log_params(
-            {**settings.public_dict(), "methods": ",".join(methods), "seeds": seeds, "budget_match": budget_match}
-        )
-        mlflow.set_tag("distillprompt.method", "compare")
+        params = {**settings.public_dict(), "methods": ",".join(methods), "seeds": seeds, "budget_match": budget_match}
+
+        def record_start() -> None:
+            import mlflow
+
+            parent._log_params(params)
+            mlflow.set_tag("distillprompt.method", "compare")
+
+        parent.record("comparison params", record_start)
         for offset in range(seeds):
             budget: tuple[int, int] | None = None  # the reference's scoring requests and train size, this seed
             for method in order:
@@ -181,6 +188,7 @@ def compare(
                 if child.output is not None:
                     child.output = Path(child.output) / f"{method}-seed{child.seed}"
                 tracker = MlflowTracker(child, parent_run_id=parent.run_id, run_name=f"{method}-seed{child.seed}")
+                children.append(tracker)
                 progress = None if quiet else ConsoleProgress()
                 print(f"== {method}, seed {child.seed} ==", file=sys.stderr, flush=True)
                 result, _ = asyncio.run(runner.optimize(child, callbacks=[tracker], progress=progress))
@@ -208,23 +216,35 @@ def compare(
                     )
                 )
         rows, table, timing = comparison_tables(outcomes, methods, settings.seed)
-        mlflow.log_table(data={k: [row.get(k) for row in rows] for k in dict.fromkeys(k for r in rows for k in r)},
-                         artifact_file="comparison/table.json")
-        mlflow.log_text(table + "\n\n" + timing + "\n", "comparison/table.md")
-        # The run's description (Markdown on its Overview page in the UI): the table itself.
-        diagnoses = "".join(
-            f"\n- {o.method}, seed {o.seed}: {o.diagnosis}" for o in outcomes if o.diagnosis
-        )
-        why = f"\n\nRuns that could not improve, and why:{diagnoses}" if diagnoses else ""
-        mlflow.set_tag("mlflow.note.content", f"{table}\n\n{timing}{why}\n\nChild runs: one per method and seed.")
-        mlflow.log_dict([o.__dict__ for o in outcomes], "comparison/runs.json")
-        for row in rows:
-            mlflow.log_metric(f"{row['method']}_test_score_mean", row["test_score_mean"])
-            mlflow.log_metric(f"{row['method']}_test_score_std", row["test_score_std"])
+        # the parent's table goes through its outbox: a server that is away gets it when it is back
+        parent.record("comparison table", functools.partial(record_table, rows, table, timing, outcomes))
         succeeded = True
-        return table, timing, parent.run_id
     finally:
         parent.on_end(succeeded)
+    unfinished = [text for text in (tracker.incomplete() for tracker in children) if text]
+    if parent.lost is not None:
+        unfinished.append(
+            f"the comparison's parent run {parent.run_id} lost MLflow tracking ({parent.lost}); its table is printed "
+            "above (and in comparison.md with --output). Rerun the same compare command once the server answers: "
+            "the response cache answers every request, and a new parent run holds the whole table"
+        )
+    return table, timing, parent.run_id, unfinished
+
+
+def record_table(rows: list[dict[str, Any]], table: str, timing: str, outcomes: list[Outcome]) -> None:
+    import mlflow
+
+    mlflow.log_table(data={k: [row.get(k) for row in rows] for k in dict.fromkeys(k for r in rows for k in r)},
+                     artifact_file="comparison/table.json")
+    mlflow.log_text(table + "\n\n" + timing + "\n", "comparison/table.md")
+    # The run's description (Markdown on its Overview page in the UI): the table itself.
+    diagnoses = "".join(f"\n- {o.method}, seed {o.seed}: {o.diagnosis}" for o in outcomes if o.diagnosis)
+    why = f"\n\nRuns that could not improve, and why:{diagnoses}" if diagnoses else ""
+    mlflow.set_tag("mlflow.note.content", f"{table}\n\n{timing}{why}\n\nChild runs: one per method and seed.")
+    mlflow.log_dict([o.__dict__ for o in outcomes], "comparison/runs.json")
+    for row in rows:
+        mlflow.log_metric(f"{row['method']}_test_score_mean", row["test_score_mean"])
+        mlflow.log_metric(f"{row['method']}_test_score_std", row["test_score_std"])
 
 
 class CompareCommand:
@@ -244,11 +264,15 @@ class CompareCommand:
         if args.seeds < 1:
             raise UserError("--seeds must be at least 1")
         methods = parse_methods(args.methods)
-        table, timing, run_id = compare(settings, methods, args.seeds, quiet=args.quiet, budget_match=args.budget_match)
+        table, timing, run_id, unfinished = compare(
+            settings, methods, args.seeds, quiet=args.quiet, budget_match=args.budget_match
+        )
         print(f"\n{table}\n\n{timing}\n\nMLflow parent run: {run_id}")
         if settings.output is not None:
             folder = Path(settings.output)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "comparison.md").write_text(table + "\n\n" + timing + "\n")
-        return 0
+        for text in unfinished:
+            print(f"distillprompt: warning: {text}", file=sys.stderr)
+        return INCOMPLETE if unfinished else 0
 

@@ -1,9 +1,12 @@
-"""A tracking server that goes away mid-run: the run finishes without it, says so in one
-line with the command that completes the record, and that command, once the server is back,
-completes it without a request to the endpoint."""
+"""A tracking server that goes away mid-run: the run finishes without waiting for it. A server
+that comes back in time gets the whole record; one that does not leaves a one-line notice with
+the command that completes the record, and that command, once the server is back, completes it
+without a request to the endpoint. A registry that refuses is handled the same way."""
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import json
 import os
 import re
@@ -11,18 +14,69 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 from tests.conftest import ROOT, free_port, review_rows, run_cli, start_mlflow_server, stop_group, venv_env, write_jsonl
 from tests.endpoint import ScriptedEndpoint
 
+NOTICE = re.compile(r"distillprompt optimize --resume (\w+) --tracking-uri (\S+)")
 
-def test_a_server_killed_after_round_one_costs_the_run_nothing_and_resume_completes_the_record(tmp_path):
-    import mlflow
 
+def reviews(tmp_path: Path) -> Path:
     data = tmp_path / "reviews"
     data.mkdir()
     write_jsonl(data / "train.jsonl", review_rows(30, seed=21))
     write_jsonl(data / "test.jsonl", review_rows(30, seed=22))
+    return data
+
+
+def optimize_command(tmp_path: Path, data: Path, endpoint: ScriptedEndpoint, uri: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "distillprompt", "optimize", "--dataset", str(data),
+        "--base-url", endpoint.base_url, "--model", "test-model", "--epochs", "3", "--train-size", "30",
+        "--test-size", "30", "--executor", "local", "--tracking-uri", uri, "--experiment", "blink",
+        "--prompt-name", "blink", "--cache-path", str(tmp_path / "cache.sqlite"), "--output", str(tmp_path / "out"),
+        *extra,
+    ]
+
+
+def run_with(command: list[str], on_line) -> tuple[int, str]:
+    """Runs the command; ``on_line`` sees each line of its stderr as it comes."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=venv_env(), cwd=ROOT)
+    lines: list[str] = []
+
+    def read_stderr() -> None:
+        for line in process.stderr:
+            lines.append(line)
+            on_line(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    process.wait(timeout=600)  # guards a hang: before, every call took minutes of retries
+    reader.join(30)
+    return process.returncode, "".join(lines)
+
+
+def whole_record(uri: str, run_id: str, final_prompt: str) -> None:
+    """The MLflow run holds every round and the final artifacts, and the prompt is registered."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(run_id, "best_train_score")] == [1, 2, 3]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert "final_test_score" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"result.json", "prompts", "checkpoints"} <= artifacts, artifacts
+    mlflow.set_tracking_uri(uri)
+    prompt = mlflow.genai.load_prompt("prompts:/blink@candidate")
+    assert final_prompt in prompt.template
+
+
+def test_a_server_killed_after_round_one_costs_the_run_nothing_and_resume_completes_the_record(tmp_path):
+    data = reviews(tmp_path)
     store = tmp_path / "mlflow"
     store.mkdir()
     port = free_port()
@@ -30,37 +84,21 @@ def test_a_server_killed_after_round_one_costs_the_run_nothing_and_resume_comple
     server = start_mlflow_server(store, port)
     try:
         with ScriptedEndpoint(latency=0.05) as endpoint:
-            command = [
-                sys.executable, "-m", "distillprompt", "optimize", "--dataset", str(data),
-                "--base-url", endpoint.base_url, "--model", "test-model", "--epochs", "3", "--train-size", "30",
-                "--test-size", "30", "--executor", "local", "--tracking-uri", uri, "--experiment", "blink",
-                "--prompt-name", "blink", "--cache-path", str(tmp_path / "cache.sqlite"),
-                "--output", str(tmp_path / "out"),
-            ]
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                       env=venv_env(), cwd=ROOT)
-            lines: list[str] = []
+            def kill_at_round_two(line: str) -> None:
+                if line.startswith("round 2/") and server.poll() is None:
+                    os.killpg(server.pid, signal.SIGKILL)  # the whole group, as an OOM kill would
+                    server.wait(30)
 
-            def read_stderr() -> None:
-                for line in process.stderr:
-                    lines.append(line)
-                    if line.startswith("round 2/") and server.poll() is None:  # round 1 is recorded
-                        os.killpg(server.pid, signal.SIGKILL)  # the whole group, as an OOM kill would
-                        server.wait(30)
-
-            reader = threading.Thread(target=read_stderr, daemon=True)
-            reader.start()
-            process.wait(timeout=600)  # guards a hang: before, every call took minutes of retries
-            reader.join(30)
-            stderr = "".join(lines)
+            status, stderr = run_with(optimize_command(tmp_path, data, endpoint, uri, "--tracking-wait", "5"),
+                                      kill_at_round_two)
             assert server.poll() is not None, "the server was never killed: no 'round 2/' line"
             # the optimization finished: its result is written whole, and the run says what is missing
-            assert process.returncode == 3, stderr[-3000:]
+            assert status == 3, stderr[-3000:]
             (result_file,) = (tmp_path / "out").rglob("result.json")
             result = json.loads(result_file.read_text())
             assert len(result["rounds"]) == 3 and result["stop_reason"] == "rounds"
-            (notice,) = [line for line in stderr.splitlines() if "MLflow tracking was lost after round 1" in line]
-            resume = re.search(r"distillprompt optimize --resume (\w+) --tracking-uri (\S+)", notice)
+            (notice,) = [line for line in stderr.splitlines() if "MLflow tracking was lost at" in line]
+            resume = NOTICE.search(notice)
             assert resume and resume.group(2) == uri
             run_id = resume.group(1)
             sent = len(endpoint.requests())
@@ -71,11 +109,127 @@ def test_a_server_killed_after_round_one_costs_the_run_nothing_and_resume_comple
                                 "--output", str(tmp_path / "completed"))
             assert completed.returncode == 0, completed.stderr[-3000:]
             assert len(endpoint.requests()) == sent  # not one request to the endpoint
-        client = mlflow.MlflowClient(uri)
-        assert [m.step for m in client.get_metric_history(run_id, "best_train_score")] == [1, 2, 3]
-        assert client.get_run(run_id).info.status == "FINISHED"
-        mlflow.set_tracking_uri(uri)
-        prompt = mlflow.genai.load_prompt("prompts:/blink@candidate")
-        assert result["final_prompt"] in prompt.template
+        whole_record(uri, run_id, result["final_prompt"])
     finally:
+        stop_group(server)
+
+
+def test_a_server_that_drops_for_ten_seconds_and_comes_back_gets_the_whole_record(tmp_path):
+    data = reviews(tmp_path)
+    store = tmp_path / "mlflow"
+    store.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    servers = [start_mlflow_server(store, port)]
+    try:
+        with ScriptedEndpoint(latency=0.05) as endpoint:
+            def blink(line: str) -> None:
+                if line.startswith("round 2/") and len(servers) == 1 and servers[0].poll() is None:
+                    os.killpg(servers[0].pid, signal.SIGKILL)
+                    servers[0].wait(30)
+
+                    def come_back() -> None:
+                        time.sleep(10)
+                        servers.append(start_mlflow_server(store, port))
+
+                    threading.Thread(target=come_back, daemon=True).start()
+
+            # the default wait (20 s from the outage) holds the server's 10 s away and its start;
+            # a loaded machine may take longer to start it, hence 90 s here
+            status, stderr = run_with(optimize_command(tmp_path, data, endpoint, uri, "--tracking-wait", "90"), blink)
+        assert len(servers) == 2, "the server was never killed: no 'round 2/' line"
+        assert status == 0, stderr[-3000:]
+        assert "MLflow tracking is back" in stderr
+        assert "MLflow tracking was lost" not in stderr
+        (result_file,) = (tmp_path / "out").rglob("result.json")
+        whole_record(uri, run_id_of(uri), json.loads(result_file.read_text())["final_prompt"])
+    finally:
+        for server in servers:
+            stop_group(server)
+
+
+def run_id_of(uri: str) -> str:
+    """The one run of the experiment."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("blink").experiment_id])
+    return run.info.run_id
+
+
+class RegistryGateway(http.server.ThreadingHTTPServer):
+    """A proxy in front of the tracking server whose registry routes answer 503 while
+    ``refusing`` is set (a gateway or a permission layer in trouble); everything else passes."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.refusing = True
+        self.refused = 0
+        super().__init__(("127.0.0.1", 0), GatewayHandler)
+
+
+class GatewayHandler(http.server.BaseHTTPRequestHandler):
+    server: RegistryGateway
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def relay(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.refusing and ("registered-models" in self.path or "model-versions" in self.path):
+            self.server.refused += 1
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "transfer-encoding")}
+        upstream.request(self.command, self.path, body=body, headers=headers)
+        reply = upstream.getresponse()
+        content = reply.read()
+        self.send_response(reply.status)
+        for name, value in reply.getheaders():
+            if name.lower() not in ("transfer-encoding", "content-length", "connection"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
+        upstream.close()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = relay
+
+
+def test_a_registry_that_refuses_keeps_the_result_and_resume_registers_it(tmp_path):
+    data = reviews(tmp_path)
+    store = tmp_path / "mlflow"
+    store.mkdir()
+    port = free_port()
+    server = start_mlflow_server(store, port)
+    gateway = RegistryGateway(port)
+    threading.Thread(target=gateway.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{gateway.server_address[1]}"
+    try:
+        with ScriptedEndpoint(latency=0.05) as endpoint:
+            status, stderr = run_with(optimize_command(tmp_path, data, endpoint, uri), lambda line: None)
+            assert status == 3, stderr[-3000:]
+            assert gateway.refused > 0
+            (result_file,) = (tmp_path / "out").rglob("result.json")
+            result = json.loads(result_file.read_text())
+            assert len(result["rounds"]) == 3
+            (notice,) = [line for line in stderr.splitlines() if "MLflow tracking was lost at registration" in line]
+            assert "3 round(s) recorded" in notice
+            run_id = NOTICE.search(notice).group(1)
+            sent = len(endpoint.requests())
+
+            gateway.refusing = False  # the registry is fixed; the notice's command registers the prompt
+            completed = run_cli("optimize", "--resume", run_id, "--tracking-uri", uri,
+                                "--output", str(tmp_path / "completed"))
+            assert completed.returncode == 0, completed.stderr[-3000:]
+            assert len(endpoint.requests()) == sent
+        whole_record(uri, run_id, result["final_prompt"])
+    finally:
+        gateway.shutdown()
         stop_group(server)

@@ -10,6 +10,7 @@ prompts, scores, plots and the winner's lineage, then registers the final prompt
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -27,6 +28,7 @@ from distillprompt.settings import Settings
 from distillprompt.state import Candidate
 
 from .artifacts import CANDIDATE_ALIAS, describe, log_evaluation, log_result, log_round
+from .outbox import Outbox
 from .metrics import final_metrics, param_key, round_metrics
 from .runs import CHECKPOINT, SETTINGS_TREE, connect, start_run, tracking_requested
 from .tracing import trace_call
@@ -35,24 +37,14 @@ log = logging.getLogger(__name__)
 
 
 def tracked(event: Callable[..., None]) -> Callable[..., None]:
-    """An event that calls the tracking server. Its first failure marks tracking as lost:
-    later events call nothing (the run never waits on a server that went away), and the run's
-    end names the command that completes the record (``incomplete``)."""
+    """An event whose MLflow calls go to the outbox: the loop goes on at once, and a server
+    that stops answering holds only the outbox (``outbox.py``)."""
 
     @functools.wraps(event)
-    def guarded(self: MlflowTracker, *args: Any) -> None:
-        if self.lost is not None:
-            return
-        try:
-            event(self, *args)
-        except UserError:
-            raise
-        except Exception as error:  # noqa: BLE001 - whatever the server or the network did
-            self.lost = " ".join(f"{type(error).__name__}: {error}".split())[:200]
-            log.warning("MLflow tracking lost in %s after round %d was recorded (%s); the run goes on without it",
-                        event.__name__, self.rounds_recorded, self.lost)
+    def queued(self: MlflowTracker, *args: Any) -> None:
+        self.outbox.submit(event.__name__, functools.partial(event, self, *args))
 
-    return guarded
+    return queued
 
 
 class MlflowTracker(Callback):
@@ -69,18 +61,31 @@ class MlflowTracker(Callback):
         self.nested = parent_run_id is not None
         self.registered: Any = None
         self.rounds_recorded = 0
-        self.lost: str | None = None  # why tracking was given up, once a call failed
+        self.lost: str | None = None  # why tracking was given up, with calls left unmade
         self._closed = False
+        self._logged_rounds: set[int] | None = None  # the rounds with metrics, read once
+        self.outbox = Outbox(self.mlflow.get_tracking_uri(), wait=settings.mlflow.tracking_wait, attach=self._attach)
+
+    def _attach(self) -> None:
+        """The run, active in the outbox's thread too (MLflow keeps the active run per thread)."""
+        self.mlflow.start_run(run_id=self.run_id)
+
+    def record(self, name: str, call: Callable[[], None]) -> None:
+        """Makes ``call`` (MLflow calls on this run) in order with the tracker's own: for a
+        comparison's parent table."""
+        self.outbox.submit(name, call)
 
     # ----- events ------------------------------------------------------------------------
 
     def on_settings(self, settings: Settings) -> None:
         self.settings = settings  # what the run really uses: demo defaults, embedded endpoint, a resumed run's
 
-    @tracked
     def on_start(self, task: Task, initial: Candidate) -> None:
+        self.task = task  # here, not in the outbox: the run's end decides on it
+        self.outbox.submit("run start", functools.partial(self._record_start, task, initial))
+
+    def _record_start(self, task: Task, initial: Candidate) -> None:
         mlflow = self.mlflow
-        self.task = task
         params: dict[str, Any] = dict(self.settings.public_dict())
         params.update(
             dataset_name=task.name,
@@ -138,15 +143,38 @@ class MlflowTracker(Callback):
                 )
             self.mlflow.log_input(dataset, context=context)
 
-    @tracked
     def on_round(self, result: RoundResult) -> None:
-        self.mlflow.log_metrics(round_metrics(result), step=result.round)
-        log_round(self.mlflow, result)
+        # a copy: the loop goes on changing the run state while the outbox records the round
+        # steps of their own, each made once: a step the server failed is made again, not the
+        # ones before it (metrics logged twice would show a round twice in the UI)
+        result = copy.deepcopy(result)
+        self.outbox.submit(f"round {result.round} metrics", functools.partial(self._round_metrics, result))
+        self.outbox.submit(f"round {result.round} candidates", functools.partial(log_round, self.mlflow, result))
+        self.outbox.submit(f"round {result.round} checkpoint", functools.partial(self._checkpoint, result))
+
+    def _round_metrics(self, result: RoundResult) -> None:
+        if self._logged_rounds is None:
+            self._logged_rounds = set()
+            if self.settings.resume:  # a resumed run may hold metrics of a round its checkpoint did not reach
+                history = self.mlflow.MlflowClient().get_metric_history(self.run_id, "best_train_score")
+                self._logged_rounds = {metric.step for metric in history}
+        if result.round not in self._logged_rounds:
+            self.mlflow.log_metrics(round_metrics(result), step=result.round)
+
+    def _checkpoint(self, result: RoundResult) -> None:
         self.mlflow.log_dict(result.state.to_dict(), CHECKPOINT)
         self.rounds_recorded = result.round
 
-    @tracked
     def on_finish(self, result: RunResult) -> None:
+        # steps of their own: a step the server failed is made again, not the ones before it
+        self.outbox.submit("final scores", functools.partial(self._record_final, result))
+        # a run stopped for lack of signal registers nothing, unless it found a better prompt all the same
+        unchanged = result.stop_reason == FLAT_SIGNAL and result.final.id == result.initial.id
+        if self.settings.mlflow.register_result and self.task is not None and result.failure is None and not unchanged:
+            self.outbox.submit("registration", functools.partial(self._register, result))
+        self.outbox.submit("description", functools.partial(self._describe, result))
+
+    def _record_final(self, result: RunResult) -> None:
         mlflow = self.mlflow
         metrics = final_metrics(result)
         mlflow.log_metrics(metrics)
@@ -159,18 +187,19 @@ class MlflowTracker(Callback):
             })
         if result.failure:
             mlflow.set_tag("distillprompt.failure", result.failure[:5000])
-        method = self.settings.optimizer.method
-        log_result(mlflow, result, method)
+        log_result(mlflow, result, self.settings.optimizer.method)
         if result.diagnosis:
             mlflow.set_tag("distillprompt.diagnosis", result.diagnosis[:5000])
-        # a run stopped for lack of signal registers nothing, unless it found a better prompt all the same
-        unchanged = result.stop_reason == FLAT_SIGNAL and result.final.id == result.initial.id
-        if self.settings.mlflow.register_result and self.task is not None and result.failure is None and not unchanged:
-            from ..registry import register_result
 
-            self.registered = register_result(result, self.task, self.settings, self.run_id)
+    def _register(self, result: RunResult) -> None:
+        from ..registry import register_result
+
+        assert self.task is not None
+        self.registered = register_result(result, self.task, self.settings, self.run_id)
+
+    def _describe(self, result: RunResult) -> None:
         metric = self.task.metric if self.task is not None else "score"
-        describe(mlflow, self.run_id, result, method, metric, self.registered)
+        describe(self.mlflow, self.run_id, result, self.settings.optimizer.method, metric, self.registered)
 
     @tracked
     def on_evaluation(self, task: Task, prompt: str, score: Any, usage: dict[str, Any]) -> None:
@@ -184,33 +213,42 @@ class MlflowTracker(Callback):
         mlflow.log_metrics({"llm_requests": usage["requests"], "cache_hits": usage["cache_hits"]})
         log_evaluation(mlflow, prompt, score)
 
+    def wants_llm_calls(self) -> bool:  # type: ignore[override] - per tracker, not per class
+        return self.settings.mlflow.trace
+
     @tracked
     def on_llm_call(self, call: Any) -> None:
         """With --trace: one MLflow trace per answered LLM request (prompt, reply, tokens)."""
-        if self.settings.mlflow.trace:
-            trace_call(self.mlflow, self.run, call)
+        trace_call(self.mlflow, self.run, call)
 
     def on_end(self, succeeded: bool) -> None:
         if self._closed:
             return
         self._closed = True
+        self.lost = self.outbox.close()  # waits for the calls left; gives up on a server gone too long
         if self.registered is not None:
             print(
                 f"registered prompt {self.registered.name} version {self.registered.prompt_version} "
                 f"(alias {CANDIDATE_ALIAS}) and model {self.registered.model_name} version {self.registered.model_version}",
                 file=sys.stderr,
             )
-        try:
-            self.mlflow.end_run(status="FINISHED" if succeeded and self.lost is None else "FAILED")
-        except Exception:  # noqa: BLE001 - the server is gone: ``incomplete`` says how to finish
-            if self.lost is None:
-                raise
+        if self.lost is not None:
+            # end_run would call the server that went away (for MLflow's full retry budget): the
+            # run leaves this thread's active runs (MLflow's own list: no public call does it
+            # without the server) and stays RUNNING until --resume completes it
+            from mlflow.tracking import fluent
+
+            stack = fluent._active_run_stack.get()
+            stack[:] = [run for run in stack if run.info.run_id != self.run_id]
+            return
+        self.mlflow.end_run(status="FINISHED" if succeeded else "FAILED")
 
     def incomplete(self) -> str | None:
         if self.lost is None:
             return None
         return (
-            f"MLflow tracking was lost after round {self.rounds_recorded} was recorded ({self.lost}); the result is in "
+            f"MLflow tracking was lost at {self.outbox.failed or 'the run'}, with {self.rounds_recorded} round(s) recorded "
+            f"({self.lost}); the result is in "
             f"result.json. Once the server answers, complete the MLflow record (rounds, artifacts, registration) with: "
             f"distillprompt optimize --resume {self.run_id} --tracking-uri {self.mlflow.get_tracking_uri()} "
             "(the response cache answers what the run already paid for)"

@@ -1,0 +1,151 @@
+"""The tracker's MLflow calls, off the optimizer's path.
+
+The loop hands each event's calls to an ``Outbox`` and goes on; one thread of the outbox makes
+them in order. When a call fails, the outbox holds it and everything after it, and probes the
+server (its ``/health``, every ``PROBE_EVERY`` seconds) instead of paying MLflow's retry
+schedule on every call; once the server answers, the held call is made again and the rest
+follow. At the run's end ``close`` waits for the calls left, and for a server that stopped
+answering at most ``wait`` seconds from when it stopped; then it gives up, and ``lost`` says why.
+
+Why a queue of our own and not MLflow's asynchronous logging (``MLFLOW_ENABLE_ASYNC_LOGGING``):
+that covers metrics, params and tags only, while a round also logs a candidate table and a
+checkpoint, and the run's end plots, artifacts and registry calls; it retries each batch on the
+full schedule and, once a batch fails, raises at the run's end with that batch dropped; and it
+never tells whether the server is back. The measurements are in benchmarks/README.md
+("Tracking faults").
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Callable
+
+from distillprompt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PROBE_EVERY = 2.0  # seconds between two probes of a server that stopped answering
+ATTEMPTS = 3  # a call that fails this often while the server answers is a fault of its own (the registry refuses)
+
+# When each tracking server stopped answering, shared by every outbox of the process: the
+# children of a `compare` do not wait for the same outage again, one after the other.
+_outages: dict[str, float] = {}
+
+
+def answers(uri: str) -> bool:
+    """Whether an HTTP tracking server answers now. A local store (a file, sqlite) has no probe:
+    the held call itself is tried again."""
+    if not uri.startswith(("http://", "https://")):
+        time.sleep(PROBE_EVERY)
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_EVERY):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answers, if not on that route
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class Outbox:
+    def __init__(self, uri: str, *, wait: float, attach: Callable[[], None], name: str = "mlflow-tracking") -> None:
+        self.uri = uri
+        self.wait = wait
+        self.lost: str | None = None  # why the outbox gave up, with the calls it held unmade
+        self.failed: str | None = None  # the call it gave up at
+        self._attach = attach  # makes the run active in the outbox's thread (MLflow's active run is per thread)
+        self._calls: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
+        self._ready = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, name: str, call: Callable[[], None]) -> None:
+        with self._ready:
+            if self.lost is None:
+                self._calls.append((name, call))
+                self._ready.notify()
+
+    def close(self) -> str | None:
+        """Waits for the calls left (while the server answers, as long as they take); returns
+        why tracking was lost, or None when every call was made."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        if self._calls:
+            log.info("recording the last %d MLflow calls", len(self._calls))
+        while self._thread.is_alive():
+            self._thread.join(0.5)
+            stopped = _outages.get(self.uri)
+            if stopped is not None and self._calls and time.monotonic() - stopped > self.wait + 2 * PROBE_EVERY:
+                # the thread is stuck in a call to a server that does not answer: leave it
+                self._give_up(f"the tracking server did not answer for {self.wait:.0f} s (--tracking-wait)")
+                self.failed = self.failed or self._calls[0][0]
+                break
+        return self.lost
+
+    def pending(self) -> list[str]:
+        return [name for name, _ in self._calls]
+
+    # ----- the outbox's thread -------------------------------------------------------------
+
+    def _work(self) -> None:
+        attached = False
+        failures = 0  # of the held call, while the server answered
+        while True:
+            with self._ready:
+                while not self._calls and not self._closing:
+                    self._ready.wait()
+                if not self._calls or self.lost is not None:
+                    return
+                name, call = self._calls[0]
+            try:
+                if not attached:
+                    self._attach()
+                    attached = True
+                call()
+            except Exception as error:  # noqa: BLE001 - whatever the server, the network or the registry did
+                reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+                self.failed = name
+                if isinstance(error, UserError):
+                    self._give_up(str(error))
+                    return
+                if self.uri not in _outages:
+                    _outages[self.uri] = time.monotonic()
+                    log.warning("MLflow tracking failed in %s (%s); the run goes on, and its record waits until "
+                                "the server answers again", name, reason)
+                if not self._await_server(reason):
+                    return
+                failures += 1
+                if failures >= ATTEMPTS:
+                    self._give_up(f"failed {failures} times while the server answered: {reason}")
+                    return
+                continue
+            if _outages.pop(self.uri, None) is not None:
+                log.warning("MLflow tracking is back; recording what it missed")
+            failures = 0
+            self.failed = None
+            with self._ready:
+                self._calls.popleft()
+
+    def _await_server(self, reason: str) -> bool:
+        """Probes the server until it answers (True), or until the run has ended and it has not
+        answered for ``wait`` seconds (False: tracking is lost)."""
+        while True:
+            stopped = _outages.get(self.uri, time.monotonic())
+            if self._closing and time.monotonic() - stopped > self.wait:
+                self._give_up(reason)
+                return False
+            if answers(self.uri):
+                return True
+            time.sleep(PROBE_EVERY)
+
+    def _give_up(self, reason: str) -> None:
+        with self._ready:
+            if self.lost is None:
+                self.lost = reason
