@@ -175,6 +175,14 @@ def _print_result(result: Any, folder: Path) -> None:
     if race.get("scoring") == "race" and race.get("full_requests"):
         lines.insert(-1, f"racing: {race['stopped']} of {race['candidates']} candidates stopped early; train scoring "
                          f"{race['requests']} of {race['full_requests']} requests ({race['saved_fraction']:.0%} saved)")
+    estimate = result.run_records.get("estimate")
+    if estimate:
+        lines.insert(-1, f"estimated before the run: {estimate['estimated_requests']} requests"
+                         + (f" (at most {estimate['estimated_requests_max']})" if estimate["scoring"] == "race" else "")
+                         + (f", ${estimate['estimated_cost_usd']:.4f}" if usage.cost or estimate["estimated_cost_usd"] else ""))
+    summary = (result.run_records.get("pareto") or {}).get("summary")
+    if summary:
+        lines.insert(-1, f"score against length: {summary} (pareto.png, candidates.csv)")
     lines[-1:-1] = _data_lines(result.task)
     if result.diagnosis:
         lines.append(result.diagnosis)
@@ -235,6 +243,14 @@ def _run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     progress = None if args.quiet else ConsoleProgress()
     if args.command == "optimize":
+        runner.check_max_cost(settings)
+        if settings.dry_run:
+            estimate = asyncio.run(runner.dry_run(settings))
+            print(estimate.text() if estimate is not None else
+                  f"no estimate for {settings.optimizer.method}: MLflow's optimizers choose their own calls "
+                  "(--max-scoring-calls bounds their scoring)")
+            print("dry run: no completion request was sent")
+            return 0
         resume = runner.resume_point(settings) if settings.resume else None
         callbacks = callback_plugins(settings)
         result, folder = asyncio.run(

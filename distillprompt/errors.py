@@ -18,3 +18,8 @@ class UserError(Exception):
 
 class EndpointUnavailable(Exception):
     """The endpoint kept failing after every retry (rate limits, 5xx, lost connections)."""
+
+
+class CostLimitReached(EndpointUnavailable):
+    """``--max-cost`` is spent: no new request goes out; the run stops as it does when the
+    endpoint gives up (the unfinished round is set aside), with the stop reason ``max_cost``."""

@@ -102,6 +102,9 @@ class ConsoleProgress(Callback):
         )
         self._line(f"initial prompt: {_short(initial.prompt)}")
 
+    def on_estimate(self, estimate: Any) -> None:
+        self._line(estimate.line())
+
     def on_stage(self, event: StageEvent) -> None:
         rejected = sum(event.rejected.values())
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(event.rejected.items()))

@@ -17,15 +17,16 @@ from pathlib import Path
 from importlib.metadata import entry_points
 from typing import Any, Callable, Protocol
 
-from . import templates
+from . import pareto, templates
 from .cache import ResponseCache
 from .data import Task, load_task
 from .errors import UserError
+from .estimate import Estimate, estimate_run
 from .evaluation import Evaluator, InProcessEvaluator, Score
-from .llm import Adaptive, ChatClient, PriorityLimiter, RateBudget, UsageMeter, check_endpoint
+from .llm import Adaptive, ChatClient, CostGuard, PriorityLimiter, RateBudget, UsageMeter, check_endpoint
 from .local_llm import LocalServer, bundled_model, custom_model
-from .methods import method_for
-from .engine import Callback, Optimizer, RunResult, notify
+from .methods import METHODS, method_for
+from .engine import TEST_SCORING, Callback, Optimizer, RunResult, notify
 from .engine.racing import start_warm_up
 from .progress import ConsoleProgress
 from .settings import AUTO_START_CONCURRENCY, LLMSettings, Settings
@@ -258,6 +259,55 @@ def _own(stack: AsyncExitStack, executor: Executor) -> Executor:
     return executor
 
 
+def check_max_cost(settings: Settings) -> None:
+    if settings.optimizer.max_cost and not (settings.llm.price_input or settings.llm.price_output):
+        raise UserError("--max-cost needs prices: give --price-input and --price-output (USD per 1M tokens)")
+
+
+async def estimate_for(settings: Settings, context: RunContext, local: LocalServer | None) -> Estimate | None:
+    """The run's estimate (``estimate.py``), or None for a method whose calls are its own
+    (MLflow's optimizers)."""
+    if settings.optimizer.method not in METHODS:
+        return None
+    identity = local.model.identity if local is not None else None
+    task = context.task
+
+    def make_loop(simulated: Settings, meter: UsageMeter, limiter: PriorityLimiter, cache: Any,
+                  meta: ChatClient, target: ChatClient) -> Optimizer:
+        stand_in = RunContext(simulated, task, meter, limiter, cache, meta, target, None)
+        return make_optimizer(simulated, stand_in, LocalExecutor().evaluator(stand_in), [], None)
+
+    return await estimate_run(settings, task, context.cache, identity,
+                              (context.target_llm.base_url, context.meta_llm.base_url), make_loop)
+
+
+def guard_cost(settings: Settings, context: RunContext, estimate: Estimate | None) -> None:
+    """``--max-cost``: the clients refuse new calls once the search has spent the budget less
+    the test scoring's estimated cost (held back so that the best prompt gets its test score)."""
+    budget = settings.optimizer.max_cost
+    if not budget:
+        return
+    spare = estimate.test_cost if estimate is not None else 0.0
+    if spare >= budget:
+        raise UserError(
+            f"--max-cost {budget:g} does not cover the test scoring alone (about ${spare:.4f}): raise --max-cost "
+            "or lower --test-size"
+        )
+    guard = CostGuard(context.meter, budget - spare, spare=(TEST_SCORING,))
+    context.target_llm.guard = guard
+    context.meta_llm.guard = guard
+
+
+async def dry_run(settings: Settings) -> Estimate | None:
+    """``--dry-run``: the data loaded and checked, the endpoints checked, the estimate made;
+    no completion request sent."""
+    settings = anchor_paths(with_demo_defaults(settings))
+    async with AsyncExitStack() as stack:
+        settings, local = start_local_llm(settings, stack)
+        context = await open_context(settings, stack, None, local=local)
+        return await estimate_for(settings, context, local)
+
+
 def make_optimizer(
     settings: Settings, context: RunContext, evaluator: Evaluator, callbacks: list[Callback], state: RunState | None = None
 ) -> Optimizer:
@@ -327,6 +377,11 @@ async def optimize(
             owned = executor is None
             executor = executor or _own(stack, open_executor(settings))
             context = await open_context(settings, stack, progress, local=local)
+            estimate = await estimate_for(settings, context, local)
+            if estimate is not None:
+                for callback in [*([progress] if progress else []), *extra]:
+                    notify(callback, "on_estimate", estimate)
+            guard_cost(settings, context, estimate)
             for callback in extra:  # per-request observers (tracing), when a callback wants them
                 wants = getattr(callback, "wants_llm_calls", None)  # a plugin may not subclass Callback
                 if wants() if wants else hasattr(callback, "on_llm_call"):
@@ -341,11 +396,18 @@ async def optimize(
             ]
             optimizer = make_optimizer(settings, context, executor.evaluator(context), everyone, state)
             result = await optimizer.run(settings.optimizer.initial_prompt)
+            task = context.task
             if context.cache is not None:
                 result.run_records["cache"] = context.cache.stats()
+            if estimate is not None:
+                result.run_records["estimate"] = estimate.to_dict()
         result.run_records["settings"] = settings.public_dict()
         folder.mkdir(parents=True, exist_ok=True)
+        rows = pareto.candidate_rows(result, task, settings.llm.price_input, settings.llm.price_output)
+        result.run_records["pareto"] = {"summary": pareto.summary(rows, len(task.train)),
+                                        "front": [row["id"] for row in rows if row["on_front"]]}
         (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
+        pareto.write(rows, folder, f"{task.name}: score against prompt length")
         succeeded = result.failure is None
         return result, folder
     finally:

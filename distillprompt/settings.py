@@ -225,6 +225,19 @@ class OptimizerSettings(Group):
     max_total_tokens: int = Field(
         0, ge=0, description="budget: stop after the stage that reaches this many tokens in+out (0: none)"
     )
+    max_cost: float | None = Field(
+        None, gt=0,
+        description="budget in USD: no new request once the run's calls (the cache's included) cost this much, less "
+        "the test scoring's estimated cost, held back for the end; stop reason max_cost (needs --price-input and "
+        "--price-output)",
+    )
+    prefer_shorter: bool = Field(
+        False, description="pick the shortest prompt among those within one train example's worth of the best score"
+    )
+    max_prompt_tokens: int = Field(
+        0, ge=0, description="drop a candidate prompt longer than this many tokens, estimated at 4 characters a "
+        "token (rejection reason too_many_tokens; 0: none)"
+    )
     fewshot_examples: int = Field(3, gt=0, description="fewshot: train examples added to the initial prompt")
     grips_candidates: int = Field(5, gt=0, description="grips: candidates per iteration")
     grips_edits: int = Field(1, gt=0, description="grips: edits composed per candidate")
@@ -323,6 +336,10 @@ class Settings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     mlflow: TrackingSettings = Field(default_factory=TrackingSettings)
     seed: int = Field(0, description="seed of every random choice; the same seed reproduces a run")
+    dry_run: bool = Field(
+        False, description="load and check the data and the endpoint, print what the run would send and cost "
+        "(requests, tokens, USD, what the cache holds), and send no completion request"
+    )
     output: Path | None = Field(
         None, description="folder for result.json (default: ./distillprompt-output/<timestamp>)"
     )

@@ -15,7 +15,7 @@ from distillprompt.cli import main as cli_main
 
 COMMANDS = {"optimize", "evaluate", "promote", "compare"}
 FLAG_FOR = {"resume_run_id": "--resume"}
-SWITCHES = {"--register", "--cache", "--trace"}  # --x / --no-x flags
+SWITCHES = {"--register", "--cache", "--trace", "--dry-run", "--prefer-shorter"}  # --x / --no-x flags
 ON_ONLY = {"--force", "--budget-match"}  # flags without a --no- form: "false" leaves them out
 
 

@@ -247,6 +247,40 @@ def record_table(rows: list[dict[str, Any]], table: str, timing: str, outcomes: 
         mlflow.log_metric(f"{row['method']}_test_score_std", row["test_score_std"])
 
 
+def dry_run(settings: Settings, methods: list[str], seeds: int, *, budget_match: bool = False) -> str:
+    """``compare --dry-run``: every child's estimate (``distillprompt optimize --dry-run``) and
+    their sum; no completion request is sent. With --budget-match a searching method gets
+    DistillPrompt's estimated scoring requests of the same seed as its budget."""
+    order = [REFERENCE, *(m for m in methods if m != REFERENCE)] if budget_match else methods
+    rows = ["| method | seed | requests | at most | cost USD | at most | cached calls |", "|---|---:|---:|---:|---:|---:|---:|"]
+    totals = [0, 0, 0.0, 0.0, 0]
+    unestimated = []
+    for offset in range(seeds):
+        budget: tuple[int, int] | None = None
+        for method in order:
+            child = settings.model_copy(deep=True)
+            child.seed = settings.seed + offset
+            child.optimizer.method = method
+            if budget is not None:
+                budget_matched(child, method, *budget)
+            estimate = asyncio.run(runner.dry_run(child))
+            if estimate is None:
+                unestimated.append(f"{method} (seed {child.seed})")
+                continue
+            if budget_match and method == REFERENCE:
+                budget = (estimate.requests - estimate.meta.calls, child.data.train_size or 1)
+            figures = [estimate.requests, estimate.requests_max, estimate.cost, estimate.cost_max, estimate.cached]
+            totals = [a + b for a, b in zip(totals, figures)]
+            rows.append(f"| {method} | {child.seed} | {figures[0]:,} | {figures[1]:,} | {figures[2]:.4f} | "
+                        f"{figures[3]:.4f} | {figures[4]:,} |")
+    rows.append(f"| **all** | | **{totals[0]:,}** | {totals[1]:,} | **{totals[2]:.4f}** | {totals[3]:.4f} | {totals[4]:,} |")
+    if unestimated:
+        rows.append(f"\nnot estimated (MLflow's optimizers choose their own calls; --max-scoring-calls bounds their "
+                    f"scoring): {', '.join(unestimated)}")
+    rows.append("dry run: no completion request was sent (cost: at --price-input / --price-output; 0 without them)")
+    return "\n".join(rows)
+
+
 class CompareCommand:
     name = "compare"
     help = "run several methods with several seeds under one MLflow run and compare them"
@@ -264,6 +298,9 @@ class CompareCommand:
         if args.seeds < 1:
             raise UserError("--seeds must be at least 1")
         methods = parse_methods(args.methods)
+        if settings.dry_run:
+            print(dry_run(settings, methods, args.seeds, budget_match=args.budget_match))
+            return 0
         table, timing, run_id, unfinished = compare(
             settings, methods, args.seeds, quiet=args.quiet, budget_match=args.budget_match
         )

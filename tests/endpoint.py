@@ -550,12 +550,17 @@ def main() -> None:
     parser.add_argument("--pin", action="append", default=[], metavar="ACCURACY=INSTRUCTION",
                         help="hidden accuracy: the accuracy of one instruction")
     parser.add_argument("--fresh-prompts", action="store_true", help="hidden accuracy: a new instruction every meta reply")
+    parser.add_argument("--capable", action="store_true", help="meta replies in a capable model's style (tests/capable.py)")
     args = parser.parse_args()
     rates = {name: float(rate) for name, rate in (item.split("=") for item in args.fault)}
     responder = (
         HiddenAccuracy.from_arguments(args.hidden_accuracy, args.correlation, args.gold, args.pin, args.fresh_prompts)
         if args.hidden_accuracy else None
     )
+    if args.capable:
+        from tests.capable import CapableModel
+
+        responder = CapableModel()
     endpoint = ScriptedEndpoint(
         models=args.model or ["test-model"], support_n=not args.no_n, latency=args.latency,
         capacity=args.capacity, rates=rates, port=args.port, throttle=args.throttle,

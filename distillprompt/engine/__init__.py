@@ -3,7 +3,7 @@
 typed events and results that ``Callback``s hear."""
 
 from .events import (
-    ENDPOINT_UNAVAILABLE, FLAT_SIGNAL, ROUNDS_DONE, TEST_SCORING, TRAIN_SCORING, VAL_SCORING, Callback, Events,
+    ENDPOINT_UNAVAILABLE, FLAT_SIGNAL, MAX_COST, ROUNDS_DONE, TEST_SCORING, TRAIN_SCORING, VAL_SCORING, Callback, Events,
     RoundResult, RoundSummary, RunResult, StageEvent, notify,
 )
 from .loop import Optimizer
@@ -12,7 +12,7 @@ from .racing import RaceSummary
 from .round import Round
 
 __all__ = [
-    "ENDPOINT_UNAVAILABLE", "FLAT_SIGNAL", "ROUNDS_DONE", "TEST_SCORING", "TRAIN_SCORING", "VAL_SCORING", "Callback",
+    "ENDPOINT_UNAVAILABLE", "FLAT_SIGNAL", "MAX_COST", "ROUNDS_DONE", "TEST_SCORING", "TRAIN_SCORING", "VAL_SCORING", "Callback",
     "Events", "RoundResult", "RoundSummary", "RunResult", "StageEvent", "notify", "Optimizer", "FlatSignal",
     "HighestScore", "LatestCandidate", "Method", "Patience", "Selection", "StopRule", "RaceSummary", "Round",
 ]

@@ -24,6 +24,7 @@ VAL_SCORING = "validation"
 TEST_SCORING = "test"
 # stop reasons the loop itself gives
 ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
+MAX_COST = "max_cost"  # --max-cost was spent
 FLAT_SIGNAL = "flat_signal"  # two rounds in a row showed no signal
 ROUNDS_DONE = "rounds"  # the method's rounds ran out
 
@@ -199,6 +200,9 @@ class Callback:
 
     def on_finish(self, result: RunResult) -> None:
         """The run's result, test scores and verdict included."""
+
+    def on_estimate(self, estimate: Any) -> None:
+        """What the run will send and cost (``distillprompt.estimate.Estimate``), before it starts."""
 
     def on_end(self, succeeded: bool) -> None:
         """The run is over, finished or failed (called by the runner, also on errors)."""

@@ -21,14 +21,14 @@ from typing import Any
 from .. import templates
 from ..data import Task
 from ..diagnosis import diagnose
-from ..errors import EndpointUnavailable
+from ..errors import CostLimitReached, EndpointUnavailable
 from ..evaluation import Evaluator, Score
 from ..llm import LLM, Usage, UsageMeter
 from ..settings import OptimizerSettings
 from ..state import Candidate, RunState
 from ..verdict import judge
 from .budgets import Budgets
-from .events import ENDPOINT_UNAVAILABLE, ROUNDS_DONE, TEST_SCORING, Callback, Events, RoundResult, RoundSummary, RunResult
+from .events import ENDPOINT_UNAVAILABLE, MAX_COST, ROUNDS_DONE, TEST_SCORING, Callback, Events, RoundResult, RoundSummary, RunResult
 from .history import History
 from .policies import FlatSignal, HighestScore, Method, Patience, StopRule
 from .racing import start_warm_up
@@ -120,12 +120,16 @@ class Optimizer:
                 try:
                     result = await self._round(self.state.round + 1)
                 except EndpointUnavailable as error:
-                    # The endpoint gave up beyond every retry: forget the unfinished round and
-                    # stop with the best prompt of the finished ones.
+                    # The endpoint gave up beyond every retry, or --max-cost is spent: forget
+                    # the unfinished round (its replies are in the cache) and stop with the
+                    # best prompt of the finished ones.
                     await scoring.cancel()
                     self._use_state(checkpoint)
-                    self.failure = str(error)
-                    stop_reason = ENDPOINT_UNAVAILABLE
+                    if isinstance(error, CostLimitReached):
+                        stop_reason = MAX_COST
+                    else:
+                        self.failure = str(error)
+                        stop_reason = ENDPOINT_UNAVAILABLE
                     break
                 rounds.append(result.summary())
                 stop_reason = result.stop_reason

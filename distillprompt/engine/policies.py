@@ -4,8 +4,9 @@ small object with one job; a method of one's own subclasses ``Method``."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+from ..llm import text_tokens
 from ..settings import OptimizerSettings
 from ..state import Candidate, RunState
 from .events import FLAT_SIGNAL, RoundResult
@@ -39,8 +40,9 @@ class HighestScore(Selection):
     uses_validation = True
     races = True
 
-    def __init__(self, top: int = 3) -> None:
+    def __init__(self, top: int = 3, prefer_shorter: bool = False) -> None:
         self.top = top
+        self.prefer_shorter = prefer_shorter
 
     async def choose(self, current: Round, new: list[Candidate]) -> Candidate:
         best = current.best
@@ -48,6 +50,9 @@ class HighestScore(Selection):
             for candidate in new:
                 if candidate.selectable and (candidate.score or 0.0) > (best.score or 0.0):
                     best = candidate
+            if self.prefer_shorter:
+                pool = [current.best, *(c for c in new if c.selectable and c.duplicate_of is None)]
+                best = shortest_near(pool, best, lambda c: c.score, len(current.task.train))
             return best
         distinct = [c for c in new if c.duplicate_of is None and c.selectable]
         # highest train score first; at equal score the older candidate
@@ -56,7 +61,20 @@ class HighestScore(Selection):
         for candidate in sorted(top, key=lambda c: c.id):
             if candidate.val_score is not None and candidate.val_score > (best.val_score or 0.0):
                 best = candidate
+        if self.prefer_shorter:
+            pool = [current.best, *(c for c in top if c.val_score is not None)]
+            best = shortest_near(pool, best, lambda c: c.val_score, len(current.task.val))
         return best
+
+
+def shortest_near(pool: list[Candidate], best: Candidate, score: Callable[[Candidate], float | None],
+                  examples: int) -> Candidate:
+    """``--prefer-shorter``: of the candidates within one example's worth (1/examples) of the
+    best's score, the one with the fewest tokens (at equal length the older one)."""
+    top = score(best) or 0.0
+    margin = 1.0 / max(1, examples) + 1e-9
+    near = [c for c in pool if (score(c) or 0.0) >= top - margin]
+    return min(near, key=lambda c: (text_tokens(c.prompt), c.id), default=best)
 
 
 class LatestCandidate(Selection):
@@ -115,7 +133,7 @@ class Method:
         return settings.patience
 
     def selection(self, settings: OptimizerSettings) -> Selection:
-        return HighestScore(settings.val_top)
+        return HighestScore(settings.val_top, settings.prefer_shorter)
 
     async def propose(self, current: Round) -> None:
         """Adds the round's candidates (``current.ask``, ``current.admit``, ``current.add``) and

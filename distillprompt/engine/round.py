@@ -11,6 +11,7 @@ from .. import templates
 from ..candidates import Extraction
 from ..data import Example, Task
 from ..evaluation import Score
+from ..llm import text_tokens
 from ..settings import OptimizerSettings
 from ..state import Candidate, RunState, dedup_key
 from .budgets import Budgets
@@ -151,6 +152,9 @@ class Round:
                 reason: str | None = extraction.reason
             else:
                 reason = templates.variables_problem(self.task, extraction.prompt)
+                limit = self.settings.max_prompt_tokens
+                if reason is None and limit and text_tokens(extraction.prompt) > limit:
+                    reason = "too_many_tokens"  # --max-prompt-tokens
             if extraction.prompt is None or reason is not None:
                 self.reject(stage, reason or "unusable")
                 admitted.append(None)

@@ -3,14 +3,14 @@ cost), transport (``Endpoint``), limits (the bound on requests in flight, AIMD, 
 minute), retry (which failures are worth another attempt) and the client (``ChatClient``,
 the ``LLM`` protocol)."""
 
-from .client import LLM, ChatClient, ReplyBook, Send
-from .limits import META, SCORING, Adaptive, PriorityLimiter, RateBudget, request_tokens
+from .client import LLM, ChatClient, CostGuard, ReplyBook, Send
+from .limits import META, SCORING, Adaptive, PriorityLimiter, RateBudget, request_tokens, text_tokens
 from .retry import Retries, retry_after, retry_delay, retryable
 from .transport import AttemptFailed, Endpoint, Failure, Reply, check_endpoint
 from .usage import LLMCall, Messages, Usage, UsageMeter
 
 __all__ = [
-    "LLM", "ChatClient", "ReplyBook", "Send", "META", "SCORING", "Adaptive", "PriorityLimiter", "RateBudget",
+    "LLM", "ChatClient", "CostGuard", "ReplyBook", "Send", "META", "SCORING", "Adaptive", "PriorityLimiter", "RateBudget", "text_tokens",
     "request_tokens", "Retries", "retry_after", "retry_delay", "retryable", "AttemptFailed", "Endpoint", "Failure", "Reply",
     "check_endpoint", "LLMCall", "Messages", "Usage", "UsageMeter",
 ]

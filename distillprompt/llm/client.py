@@ -14,7 +14,7 @@ import time
 from typing import Any, Awaitable, Callable, Protocol
 
 from ..cache import CachedReply, ResponseCache, request_key
-from ..errors import EndpointUnavailable, UserError
+from ..errors import CostLimitReached, EndpointUnavailable, UserError
 from .limits import META, PriorityLimiter, request_tokens
 from .retry import Retries, describe_error, retry_after, retryable, status_of
 from .transport import AttemptFailed, Endpoint, Reply, status_error
@@ -62,11 +62,13 @@ class ReplyBook:
     """Where replies are looked up and recorded: the response cache (keyed by the whole
     request and, for the endpoint, ``identity``), the usage meter and the per-call observers."""
 
-    def __init__(self, identity: str, model: str, meter: UsageMeter, cache: ResponseCache | None) -> None:
+    def __init__(self, identity: str, model: str, meter: UsageMeter, cache: ResponseCache | None,
+                 price: Callable[[int, int], float] = lambda tokens_in, tokens_out: 0.0) -> None:
         self.identity = identity
         self.model = model
         self.meter = meter
         self.cache = cache
+        self.price = price  # what a reply's tokens cost (for the cache's replies: --max-cost counts them)
         self.observers: list[Callable[[LLMCall], None]] = []
 
     def key(
@@ -85,7 +87,8 @@ class ReplyBook:
         cached = self.cache.get(key)
         if cached is None:
             return None
-        self.meter.record(stage, Usage(cache_hits=1, cached_tokens=cached.input_tokens + cached.output_tokens))
+        self.meter.record(stage, Usage(cache_hits=1, cached_tokens=cached.input_tokens + cached.output_tokens,
+                                       cached_cost=self.price(cached.input_tokens, cached.output_tokens)))
         return list(cached.texts)
 
     def lookup_many(self, keys: list[str], stage: str) -> dict[str, CachedReply]:
@@ -94,7 +97,8 @@ class ReplyBook:
         if found:
             hits = [key for key in keys if key in found]
             tokens = sum(found[key].input_tokens + found[key].output_tokens for key in hits)
-            self.meter.record(stage, Usage(cache_hits=len(hits), cached_tokens=tokens))
+            cost = sum(self.price(found[key].input_tokens, found[key].output_tokens) for key in hits)
+            self.meter.record(stage, Usage(cache_hits=len(hits), cached_tokens=tokens, cached_cost=cost))
         return found
 
     def store(
@@ -110,6 +114,24 @@ class ReplyBook:
             call = LLMCall(stage, self.model, messages or [], texts, spent, started or time.time(), time.time())
             for observe in self.observers:
                 observe(call)
+
+
+class CostGuard:
+    """``--max-cost``: refuses a new call once what the run's calls cost (the cache's replies
+    included) reaches ``limit``. Stages in ``spare`` are not refused: the test scoring, whose
+    estimated cost is held back from the limit so that the best prompt gets its test score."""
+
+    def __init__(self, meter: UsageMeter, limit: float, spare: tuple[str, ...] = ()) -> None:
+        self.meter = meter
+        self.limit = limit
+        self.spare = spare
+
+    def spent(self) -> float:
+        return sum(usage.all_cost for stage, usage in self.meter.by_stage.items() if stage not in self.spare)
+
+    def check(self, stage: str) -> None:
+        if stage not in self.spare and self.spent() >= self.limit:
+            raise CostLimitReached(f"--max-cost is spent (${self.spent():.4f} of ${self.limit:.4f} for the search)")
 
 
 class ChatClient:
@@ -140,13 +162,14 @@ class ChatClient:
         self.meter = meter
         # the cache keys on ``cache_identity`` instead of the URL for endpoints whose URL
         # changes from run to run while the model behind it does not (a local server on a free port)
-        self.book = ReplyBook(cache_identity or self.base_url, model, meter, cache)
+        self.book = ReplyBook(cache_identity or self.base_url, model, meter, cache, self.cost)
         self.retries = Retries(max_retries, backoff_base, backoff_max, random.Random())
         self.native_n: bool | None = {"native": True, "separate": False}.get(n_mode)
         self.price_input = price_input
         self.price_output = price_output
         self.seed = seed
         self.endpoint = Endpoint(self.base_url, api_key, timeout)
+        self.guard: CostGuard | None = None  # --max-cost: checked before every call, the cache's too
 
     @property
     def cache(self) -> ResponseCache | None:
@@ -183,6 +206,8 @@ class ChatClient:
         """The cached reply, else the endpoint's. ``salt`` tells apart requests that are
         otherwise identical (several takes on one meta-prompt) in the cache and in the seed;
         ``send`` makes each attempt elsewhere (``fetch_and_store``)."""
+        if self.guard is not None:
+            self.guard.check(stage)
         key = self.book.key(messages, temperature=temperature, max_tokens=max_tokens, n=n, salt=salt, stop=stop,
                             seed=sampling_seed(self.seed, temperature, salt))
         cached = self.book.lookup(key, stage)
@@ -208,6 +233,8 @@ class ChatClient:
         """One reply each (n=1, no salt) to a stage's worth of requests: the cache is asked
         once for all of them, and only the misses go to the endpoint, at once under the
         limiter. ``on_done`` hears of every request answered (cached ones in one call)."""
+        if self.guard is not None:
+            self.guard.check(stage)
         if self.book.cache is None:  # no keys to compute
             keys = [str(i) for i in range(len(requests))]
             found: dict[str, CachedReply] = {}
@@ -257,7 +284,7 @@ class ChatClient:
         try:
             texts = await self.fetch(
                 messages, temperature=temperature, n=n, max_tokens=max_tokens, salt=salt, priority=priority,
-                spent=spent, stop=stop, send=send,
+                spent=spent, stop=stop, send=send, stage=stage,
             )
         except BaseException:
             self.meter.record(stage, spent)
@@ -277,13 +304,14 @@ class ChatClient:
         spent: Usage,
         stop: tuple[str, ...] = (),
         send: Send | None = None,
+        stage: str = "",
     ) -> list[str]:
         """Asks the endpoint (no cache): n samples, retried as the rules say; adds what it
         cost, retries and failures included, to ``spent``."""
         seed = sampling_seed(self.seed, temperature, salt)
 
         def ask(count: int, seed: int | None) -> Awaitable[list[str]]:
-            return self._request(messages, temperature, count, max_tokens, priority, seed, spent, stop, send)
+            return self._request(messages, temperature, count, max_tokens, priority, seed, spent, stop, send, stage)
 
         if n == 1:  # no task of its own for the common case
             return (await ask(1, _offset(seed, 0)))[:1]
@@ -314,6 +342,7 @@ class ChatClient:
         spent: Usage,
         stop: tuple[str, ...] = (),
         send: Send | None = None,
+        stage: str = "",
     ) -> list[str]:
         arguments: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temperature,
                                      "max_tokens": max_tokens}
@@ -330,6 +359,8 @@ class ChatClient:
             started = time.monotonic()
             latency = None
             try:
+                if self.guard is not None:
+                    self.guard.check(stage)  # a request that waited for its slot while the budget ran out
                 response = await (send(arguments) if send is not None else self.post(arguments))
                 # The endpoint's time as the process that sent it saw it: for a Ray actor's
                 # attempt, the wait for its batch and the trip back are not the endpoint queueing.

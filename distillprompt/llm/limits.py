@@ -216,6 +216,15 @@ class PriorityLimiter:
             future.set_result(None)
 
 
+CHARS_PER_TOKEN = 4  # what providers use to budget a request before a tokenizer has seen it
+
+
+def text_tokens(text: str) -> int:
+    """A text's tokens, estimated at 4 characters a token (at least 1): no tokenizer for an
+    arbitrary endpoint's model is available offline."""
+    return max(1, len(text) // CHARS_PER_TOKEN)
+
+
 def request_tokens(messages: Messages, max_tokens: int) -> int:
     """What a request counts against a tokens-per-minute limit, as providers estimate it
     before answering: about 4 characters a token of input, plus the output it may write."""

@@ -23,6 +23,13 @@ class Usage:
     cached_tokens: int = 0  # tokens of the replies the cache served (not paid again)
     answered: int = 0  # calls the endpoint answered (one call asking n samples may take n requests)
     throttled: int = 0  # 429 replies (each one also counted in retries or failed)
+    cached_cost: float = 0.0  # what the replies the cache served cost at today's prices (not paid again)
+
+    @property
+    def all_cost(self) -> float:
+        """What every call cost, the cache's included: what ``--max-cost`` counts, so that a
+        rerun from the cache stops where the first run stopped."""
+        return self.cost + self.cached_cost
 
     @property
     def calls(self) -> int:

@@ -18,6 +18,7 @@ import os
 import sys
 import warnings
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Callable
 
 from distillprompt import templates
@@ -79,6 +80,13 @@ class MlflowTracker(Callback):
 
     def on_settings(self, settings: Settings) -> None:
         self.settings = settings  # what the run really uses: demo defaults, embedded endpoint, a resumed run's
+        # what --resume restarts from, at once and not through the outbox: a run killed before
+        # the outbox got to it could not be resumed (the server answered a moment ago)
+        tree = json.loads(settings.model_dump_json(exclude={"llm": {"api_key"}}))
+        try:
+            self.mlflow.log_dict(tree, SETTINGS_TREE)
+        except Exception:  # noqa: BLE001 - the server went away already: the outbox holds it
+            self.outbox.submit("settings", functools.partial(self.mlflow.log_dict, tree, SETTINGS_TREE))
 
     def on_start(self, task: Task, initial: Candidate) -> None:
         self.task = task  # here, not in the outbox: the run's end decides on it
@@ -126,7 +134,6 @@ class MlflowTracker(Callback):
         if fresh:
             self.mlflow.log_params(fresh)
         self.mlflow.log_dict(values, "settings.json")
-        self.mlflow.log_dict(json.loads(self.settings.model_dump_json(exclude={"llm": {"api_key"}})), SETTINGS_TREE)
 
     def _log_dataset(self, task: Task) -> None:
         import mlflow.data
@@ -142,6 +149,19 @@ class MlflowTracker(Callback):
                     frame, source=task.source, name=f"{task.name}-{context}", targets=task.label_column
                 )
             self.mlflow.log_input(dataset, context=context)
+
+    def on_estimate(self, estimate: Any) -> None:
+        """The estimate beside what the run will spend: params ``estimated_*``, and the whole of it."""
+        params, whole = estimate.params(), estimate.to_dict()
+
+        def record() -> None:
+            existing = self.mlflow.get_run(self.run_id).data.params  # a resumed run keeps its first estimate
+            fresh = {name: str(value) for name, value in params.items() if name not in existing}
+            if fresh:
+                self.mlflow.log_params(fresh)
+                self.mlflow.log_dict(whole, "estimate.json")
+
+        self.outbox.submit("estimate", record)
 
     def on_round(self, result: RoundResult) -> None:
         # a copy: the loop goes on changing the run state while the outbox records the round
@@ -188,6 +208,16 @@ class MlflowTracker(Callback):
         if result.failure:
             mlflow.set_tag("distillprompt.failure", result.failure[:5000])
         log_result(mlflow, result, self.settings.optimizer.method)
+        if self.task is not None:
+            import tempfile
+
+            from distillprompt import pareto
+
+            llm = self.settings.llm
+            rows = pareto.candidate_rows(result, self.task, llm.price_input, llm.price_output)
+            with tempfile.TemporaryDirectory() as folder:
+                pareto.write(rows, Path(folder), f"{self.task.name}: score against prompt length")
+                mlflow.log_artifacts(folder, "pareto")
         if result.diagnosis:
             mlflow.set_tag("distillprompt.diagnosis", result.diagnosis[:5000])
 
