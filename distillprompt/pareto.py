@@ -134,8 +134,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
             axis.scatter([row["prompt_tokens"]], [row["train_score"]], s=180, facecolors="none",
                          edgecolors="black", linewidths=1.8, label=f"final prompt (candidate {row['id']})", zorder=4)
         if row["stage"] == "initial":
-            axis.annotate("initial", (row["prompt_tokens"], row["train_score"]), textcoords="offset points",
-                          xytext=(6, -10), fontsize=8)
+            axis.annotate("initial prompt" + (" = final" if row["final"] else ""),
+                          (row["prompt_tokens"], row["train_score"]), textcoords="offset points", xytext=(25, -25),
+                          fontsize=8, arrowprops={"arrowstyle": "-", "color": "#555555", "linewidth": 0.8})
     from matplotlib.ticker import MaxNLocator
 
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -143,7 +144,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     axis.set_ylabel("train score")
     axis.set_title(title or "score against prompt length, every candidate")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="lower right")
+    axis.legend(fontsize=8, loc="best", framealpha=0.9)
     figure.tight_layout()
     figure.savefig(path)
     return path

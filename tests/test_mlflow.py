@@ -94,15 +94,19 @@ def test_run_records_settings_rounds_and_artifacts(first_run, mlflow_server):
     assert metrics["test_improvement_ci_low"] <= metrics["paired_mean_difference"] <= metrics["test_improvement_ci_high"]
     artifacts = {
         item.path
-        for folder in ("", "prompts", "plots", "candidates", "checkpoints", "method")
+        for folder in ("", "prompts", "plots", "candidates", "checkpoints", "method", "pareto")
         for item in client.list_artifacts(run.info.run_id, folder or None)
     }
     for expected in (
         "prompts/initial.txt", "prompts/final.txt", "plots/score_per_round.png", "plots/lineage.png", "lineage.md",
         "candidates/round_001.json", "candidates/round_002.json", "checkpoints/state.json",
-        "method/meta_prompts.json", "result.json",
+        "method/meta_prompts.json", "result.json", "pareto/candidates.csv", "pareto/pareto.png", "estimate.json",
     ):
         assert expected in artifacts, expected
+    # the estimate made before the run, beside what it spent
+    assert int(params["estimated_requests"]) <= int(params["estimated_requests_max"])
+    spent = sum(m.value for m in client.get_metric_history(run.info.run_id, "llm_requests"))
+    assert 0 < spent <= int(params["estimated_requests_max"])
     table = mlflow.artifacts.load_dict(run.info.artifact_uri + "/candidates/round_001.json")
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert {row["stage"] for row in rows} == {"rewrite", "distill", "compress", "aggregate", "paraphrase"}
