@@ -246,6 +246,11 @@ def _run(args: argparse.Namespace) -> int:
         runner.check_max_cost(settings)
         if settings.dry_run:
             estimate = asyncio.run(runner.dry_run(settings))
+            if estimate is not None and os.environ.get("MLFLOW_RUN_ID"):
+                # inside `mlflow run` the run exists already: it holds the estimate (params estimated_*)
+                for callback in callback_plugins(settings):
+                    callback.on_estimate(estimate)
+                    callback.on_end(True)
             print(estimate.text() if estimate is not None else
                   f"no estimate for {settings.optimizer.method}: MLflow's optimizers choose their own calls "
                   "(--max-scoring-calls bounds their scoring)")

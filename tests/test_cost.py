@@ -146,3 +146,23 @@ def test_prefer_shorter_picks_the_shortest_prompt_within_one_example_of_the_best
     near = [c for c in pool if c.score >= best - 1 / 40 - 1e-9]
     assert text_tokens(result.final.prompt) == min(text_tokens(c.prompt) for c in near)
     assert result.final.score >= best - 1 / 40 - 1e-9
+
+
+def test_compare_dry_run_sums_every_childs_estimate_and_sends_nothing(reviews_dir, tmp_path):
+    with ScriptedEndpoint() as endpoint:
+        done = run_cli(
+            "compare", "--methods", "distillprompt,grips,initial", "--seeds", "2", "--dataset", str(reviews_dir),
+            "--base-url", endpoint.base_url, "--model", "test-model", "--epochs", "2", "--train-size", "20",
+            "--test-size", "20", "--executor", "local", "--cache-path", str(tmp_path / "cache.sqlite"),
+            "--price-input", "0.15", "--price-output", "0.6", "--dry-run",
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert endpoint.requests() == []
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    children = [row for row in rows if not row.startswith("| **all**")]
+    assert len(children) == 6  # 3 methods, 2 seeds
+    requests = [int(row.split("|")[3].replace(",", "")) for row in children]
+    total = int(rows[-1].split("|")[3].strip(" *").replace(",", ""))
+    assert total == sum(requests) and all(r > 0 for r in requests)
+    initial = [r for row, r in zip(children, requests) if row.startswith("| initial")]
+    assert initial == [40, 40]  # the initial prompt on train and test, nothing else
