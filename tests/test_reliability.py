@@ -141,8 +141,16 @@ def test_a_run_killed_in_round_two_resumes_to_the_same_result(mlflow_server, slo
     process = subprocess.Popen([sys.executable, "-m", "distillprompt", *base], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=venv_env(env), cwd=ROOT)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # mid round 2: its distillation requests are being answered
-        if len(endpoint.requests(kind="meta", stage="distill")) >= 6:
+    run_id = None
+    checkpoint: list[Path] = []  # round 1's checkpoint, as the server stored it (the tracker's queue wrote it)
+    while time.monotonic() < deadline:  # mid round 2, once round 1's checkpoint is recorded
+        if run_id is None:
+            runs = mlflow.search_runs(experiment_names=["resume"], output_format="list")
+            run_id = runs[0].info.run_id if runs else None
+        else:
+            checkpoint = checkpoint or list(Path(mlflow_server["artifacts"]).glob(
+                f"*/{run_id}/artifacts/checkpoints/state.json"))
+        if checkpoint and len(endpoint.requests(kind="meta", stage="distill")) >= 6:
             break
         time.sleep(0.005)
     process.kill()

@@ -168,9 +168,10 @@ class MlflowTracker(Callback):
         # steps of their own, each made once: a step the server failed is made again, not the
         # ones before it (metrics logged twice would show a round twice in the UI)
         result = copy.deepcopy(result)
+        # the checkpoint right after the metrics: what --resume restarts from, soonest
         self.outbox.submit(f"round {result.round} metrics", functools.partial(self._round_metrics, result))
-        self.outbox.submit(f"round {result.round} candidates", functools.partial(log_round, self.mlflow, result))
         self.outbox.submit(f"round {result.round} checkpoint", functools.partial(self._checkpoint, result))
+        self.outbox.submit(f"round {result.round} candidates", functools.partial(log_round, self.mlflow, result))
 
     def _round_metrics(self, result: RoundResult) -> None:
         if self._logged_rounds is None:
