@@ -22,6 +22,7 @@ import functools
 import math
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,8 @@ def compare(
                 )
         rows, table, timing = comparison_tables(outcomes, methods, settings.seed)
         # the parent's table goes through its outbox: a server that is away gets it when it is back
-        parent.record("comparison table", functools.partial(record_table, rows, table, timing, outcomes))
+        ended = int(time.time() * 1000)
+        parent.record("comparison table", functools.partial(record_table, rows, table, timing, outcomes, ended))
         succeeded = True
     finally:
         parent.on_end(succeeded)
@@ -231,11 +233,17 @@ def compare(
     return table, timing, parent.run_id, unfinished
 
 
-def record_table(rows: list[dict[str, Any]], table: str, timing: str, outcomes: list[Outcome]) -> None:
+def record_table(rows: list[dict[str, Any]], table: str, timing: str, outcomes: list[Outcome], stamp: int) -> None:
+    """The parent run's table. Made again after a call whose answer was lost, it is the same
+    record: the table is written once (``log_table`` adds to a table there) and the metrics
+    carry the time the comparison ended."""
     import mlflow
 
-    mlflow.log_table(data={k: [row.get(k) for row in rows] for k in dict.fromkeys(k for r in rows for k in r)},
-                     artifact_file="comparison/table.json")
+    run_id = mlflow.active_run().info.run_id
+    there = {entry.path for entry in mlflow.MlflowClient().list_artifacts(run_id, "comparison")}
+    if "comparison/table.json" not in there:
+        mlflow.log_table(data={k: [row.get(k) for row in rows] for k in dict.fromkeys(k for r in rows for k in r)},
+                         artifact_file="comparison/table.json")
     mlflow.log_text(table + "\n\n" + timing + "\n", "comparison/table.md")
     # The run's description (Markdown on its Overview page in the UI): the table itself.
     diagnoses = "".join(f"\n- {o.method}, seed {o.seed}: {o.diagnosis}" for o in outcomes if o.diagnosis)
@@ -243,8 +251,8 @@ def record_table(rows: list[dict[str, Any]], table: str, timing: str, outcomes: 
     mlflow.set_tag("mlflow.note.content", f"{table}\n\n{timing}{why}\n\nChild runs: one per method and seed.")
     mlflow.log_dict([o.__dict__ for o in outcomes], "comparison/runs.json")
     for row in rows:
-        mlflow.log_metric(f"{row['method']}_test_score_mean", row["test_score_mean"])
-        mlflow.log_metric(f"{row['method']}_test_score_std", row["test_score_std"])
+        mlflow.log_metric(f"{row['method']}_test_score_mean", row["test_score_mean"], timestamp=stamp)
+        mlflow.log_metric(f"{row['method']}_test_score_std", row["test_score_std"], timestamp=stamp)
 
 
 def dry_run(settings: Settings, methods: list[str], seeds: int, *, budget_match: bool = False) -> str:

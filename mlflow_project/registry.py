@@ -18,6 +18,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from distillprompt import templates
 from distillprompt.data import Example, Task
@@ -65,6 +66,22 @@ def prompt_template(task: Task, instruction: str) -> str:
     return templates.task_messages(task, instruction, placeholders)[0]["content"]
 
 
+def registered_by(client: Any, name: str, run_id: str, template: str) -> Any:
+    """The version of prompt ``name`` that run ``run_id`` registered with this template, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_prompt_versions(name, max_results=1000)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None  # the first version of a new prompt
+        raise
+    for version in versions:
+        if version.tags.get("run_id") == run_id and version.template == template:
+            return version
+    return None
+
+
 def register_result(result: RunResult, task: Task, settings: Settings, run_id: str) -> Registered:
     import mlflow
     from mlflow import MlflowClient
@@ -99,7 +116,10 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
     local = settings.llm.backend == "local"
     # the embedded server's port lives as long as the run: a model using it starts its own
     base_url = LOCAL if local else settings.llm.base_url
-    version = mlflow.genai.register_prompt(
+    client = MlflowClient()
+    # a registration made again (its answer lost to a server that went away, or --resume after
+    # one) finds what the first made, instead of a version N+1 of the same prompt
+    version = registered_by(client, name, run_id, template) or mlflow.genai.register_prompt(
         name=name,
         template=template,
         commit_message=f"final prompt of run {run_id} ({metric} on test {scores['test_score']:.4f})",
@@ -116,7 +136,6 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
             },
         },
     )
-    client = MlflowClient()
     client.link_prompt_version_to_run(run_id, version)
     mlflow.genai.set_prompt_alias(name, CANDIDATE, version.version)
 
@@ -135,20 +154,24 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
         "max_tokens": max_tokens,
         "concurrency": min(settings.llm.max_in_flight, 16),
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no input example on purpose: it would call the endpoint
-        info = mlflow.pyfunc.log_model(
-            name="prompt_model",
-            python_model=str(Path(__file__).with_name("prompt_model.py")),
-            model_config={CONFIG_KEY: model_config},
-            code_paths=[str(PACKAGE_DIR)],
-            pip_requirements=[f"mlflow=={mlflow.__version__}", "openai>=3,<4", "pandas"],
-            signature=signature,
-            registered_model_name=model_name,
-            prompts=[version],
-            tags={"prompt_version": str(version.version), **tags},
-        )
-    model_version = int(info.registered_model_version)
+    made = client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+    if made:
+        model_version = max(int(entry.version) for entry in made)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no input example on purpose: it would call the endpoint
+            info = mlflow.pyfunc.log_model(
+                name="prompt_model",
+                python_model=str(Path(__file__).with_name("prompt_model.py")),
+                model_config={CONFIG_KEY: model_config},
+                code_paths=[str(PACKAGE_DIR)],
+                pip_requirements=[f"mlflow=={mlflow.__version__}", "openai>=3,<4", "pandas"],
+                signature=signature,
+                registered_model_name=model_name,
+                prompts=[version],
+                tags={"prompt_version": str(version.version), **tags},
+            )
+        model_version = int(info.registered_model_version)
     client.set_registered_model_alias(model_name, CANDIDATE, model_version)
     mlflow.genai.set_prompt_version_tag(name, version.version, "model_version", str(model_version))
     registered = Registered(name, int(version.version), model_name, model_version)

@@ -18,6 +18,10 @@ NOTE_MARK = "<!-- distillprompt -->"
 NOTE_LIMIT = 8000  # MLflow's longest tag value
 
 
+def round_table(result: RoundResult) -> str:
+    return f"candidates/round_{result.round:03d}.json"
+
+
 def log_round(mlflow: Any, result: RoundResult) -> None:
     """The round's candidates as a table (shown as one in the UI)."""
     rows = [
@@ -36,7 +40,7 @@ def log_round(mlflow: Any, result: RoundResult) -> None:
         for c in result.candidates
     ]
     if rows:
-        mlflow.log_table(data=columns(rows), artifact_file=f"candidates/round_{result.round:03d}.json")
+        mlflow.log_table(data=columns(rows), artifact_file=round_table(result))
 
 
 def log_result(mlflow: Any, result: RunResult, method: str) -> None:

@@ -58,6 +58,9 @@ class Outbox:
         self.wait = wait
         self.lost: str | None = None  # why the outbox gave up, with the calls it held unmade
         self.failed: str | None = None  # the call it gave up at
+        # whether the call being made failed before: it may have reached the server all the
+        # same (the answer was lost), so a call that would add a record twice checks first
+        self.replaying = False
         self._attach = attach  # makes the run active in the outbox's thread (MLflow's active run is per thread)
         self._calls: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
         self._ready = threading.Condition()
@@ -108,6 +111,7 @@ class Outbox:
                 if not attached:
                     self._attach()
                     attached = True
+                self.replaying = self.failed is not None
                 call()
             except Exception as error:  # noqa: BLE001 - whatever the server, the network or the registry did
                 reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]

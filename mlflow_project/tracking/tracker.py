@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -28,13 +29,17 @@ from distillprompt.engine import FLAT_SIGNAL, Callback, RoundResult, RunResult
 from distillprompt.settings import Settings
 from distillprompt.state import Candidate
 
-from .artifacts import CANDIDATE_ALIAS, describe, log_evaluation, log_result, log_round
+from .artifacts import CANDIDATE_ALIAS, describe, log_evaluation, log_result, log_round, round_table
 from .outbox import Outbox
 from .metrics import final_metrics, param_key, round_metrics
 from .runs import CHECKPOINT, SETTINGS_TREE, connect, start_run, tracking_requested
 from .tracing import trace_call
 
 log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def tracked(event: Callable[..., None]) -> Callable[..., None]:
@@ -165,22 +170,38 @@ class MlflowTracker(Callback):
 
     def on_round(self, result: RoundResult) -> None:
         # a copy: the loop goes on changing the run state while the outbox records the round
-        # steps of their own, each made once: a step the server failed is made again, not the
-        # ones before it (metrics logged twice would show a round twice in the UI)
         result = copy.deepcopy(result)
+        # steps of their own, each made once: a step the server failed is made again, not the
+        # ones before it; the time is the round's, so a metric the server took before its
+        # answer was lost is the same record when made again (a store keeps one of each)
+        stamp = now_ms()
         # the checkpoint right after the metrics: what --resume restarts from, soonest
-        self.outbox.submit(f"round {result.round} metrics", functools.partial(self._round_metrics, result))
+        self.outbox.submit(f"round {result.round} metrics", functools.partial(self._round_metrics, result, stamp))
         self.outbox.submit(f"round {result.round} checkpoint", functools.partial(self._checkpoint, result))
-        self.outbox.submit(f"round {result.round} candidates", functools.partial(log_round, self.mlflow, result))
+        self.outbox.submit(f"round {result.round} candidates", functools.partial(self._round_table, result))
 
-    def _round_metrics(self, result: RoundResult) -> None:
-        if self._logged_rounds is None:
+    def _round_metrics(self, result: RoundResult, stamp: int) -> None:
+        if self._logged_rounds is None or self.outbox.replaying:
             self._logged_rounds = set()
-            if self.settings.resume:  # a resumed run may hold metrics of a round its checkpoint did not reach
+            # a resumed run may hold metrics of a round its checkpoint did not reach, and a
+            # call made again may have reached the server the first time
+            if self.settings.resume or self.outbox.replaying:
                 history = self.mlflow.MlflowClient().get_metric_history(self.run_id, "best_train_score")
                 self._logged_rounds = {metric.step for metric in history}
         if result.round not in self._logged_rounds:
-            self.mlflow.log_metrics(round_metrics(result), step=result.round)
+            self.mlflow.log_metrics(round_metrics(result), step=result.round, timestamp=stamp)
+            self._logged_rounds.add(result.round)
+
+    def _round_table(self, result: RoundResult) -> None:
+        # a table logged again is appended to the one there (mlflow.log_table): made once
+        if (self.settings.resume or self.outbox.replaying) and self._has_artifact(round_table(result)):
+            return
+        log_round(self.mlflow, result)
+
+    def _has_artifact(self, path: str) -> bool:
+        folder = path.rpartition("/")[0] or None
+        listed = self.mlflow.MlflowClient().list_artifacts(self.run_id, folder)
+        return any(entry.path == path for entry in listed)
 
     def _checkpoint(self, result: RoundResult) -> None:
         self.mlflow.log_dict(result.state.to_dict(), CHECKPOINT)
@@ -188,18 +209,18 @@ class MlflowTracker(Callback):
 
     def on_finish(self, result: RunResult) -> None:
         # steps of their own: a step the server failed is made again, not the ones before it
-        self.outbox.submit("final scores", functools.partial(self._record_final, result))
+        self.outbox.submit("final scores", functools.partial(self._record_final, result, now_ms()))
         # a run stopped for lack of signal registers nothing, unless it found a better prompt all the same
         unchanged = result.stop_reason == FLAT_SIGNAL and result.final.id == result.initial.id
         if self.settings.mlflow.register_result and self.task is not None and result.failure is None and not unchanged:
             self.outbox.submit("registration", functools.partial(self._register, result))
         self.outbox.submit("description", functools.partial(self._describe, result))
 
-    def _record_final(self, result: RunResult) -> None:
+    def _record_final(self, result: RunResult, stamp: int) -> None:
         mlflow = self.mlflow
         metrics = final_metrics(result)
-        mlflow.log_metrics(metrics)
-        mlflow.log_metric("initial_parse_rate", metrics["initial_parse_rate"], step=0)
+        mlflow.log_metrics(metrics, timestamp=stamp)  # the time fixed: made again, the same record
+        mlflow.log_metric("initial_parse_rate", metrics["initial_parse_rate"], step=0, timestamp=stamp)
         mlflow.set_tag("distillprompt.stop_reason", result.stop_reason)
         if result.verdict is not None:
             mlflow.set_tags({
