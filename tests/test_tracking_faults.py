@@ -31,6 +31,14 @@ def reviews(tmp_path: Path) -> Path:
     return data
 
 
+def a_store(tmp_path: Path) -> tuple[Path, Path, int, str]:
+    """The reviews, a folder for a server's database and artifacts, its port and its URI."""
+    store = tmp_path / "mlflow"
+    store.mkdir()
+    port = free_port()
+    return reviews(tmp_path), store, port, f"http://127.0.0.1:{port}"
+
+
 def optimize_command(tmp_path: Path, data: Path, endpoint: ScriptedEndpoint, uri: str, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "distillprompt", "optimize", "--dataset", str(data),
@@ -73,14 +81,13 @@ def whole_record(uri: str, run_id: str, final_prompt: str) -> None:
     mlflow.set_tracking_uri(uri)
     prompt = mlflow.genai.load_prompt("prompts:/blink@candidate")
     assert final_prompt in prompt.template
+    # registered once: a registration made again finds the version the run made
+    assert len(client.search_prompt_versions("blink")) == 1
+    assert len(client.search_model_versions(f"run_id='{run_id}'")) == 1
 
 
 def test_a_server_killed_after_round_one_costs_the_run_nothing_and_resume_completes_the_record(tmp_path):
-    data = reviews(tmp_path)
-    store = tmp_path / "mlflow"
-    store.mkdir()
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
+    data, store, port, uri = a_store(tmp_path)
     server = start_mlflow_server(store, port)
     try:
         with ScriptedEndpoint(latency=0.05) as endpoint:
@@ -109,31 +116,24 @@ def test_a_server_killed_after_round_one_costs_the_run_nothing_and_resume_comple
                                 "--output", str(tmp_path / "completed"))
             assert completed.returncode == 0, completed.stderr[-3000:]
             assert len(endpoint.requests()) == sent  # not one request to the endpoint
+            whole_record(uri, run_id, result["final_prompt"])
+
+            # run twice (was the first one done?), the command leaves the record as it was
+            again = run_cli("optimize", "--resume", run_id, "--tracking-uri", uri,
+                            "--output", str(tmp_path / "again"))
+            assert again.returncode == 0, again.stderr[-3000:]
+            assert len(endpoint.requests()) == sent
         whole_record(uri, run_id, result["final_prompt"])
     finally:
         stop_group(server)
 
 
 def test_a_server_that_drops_for_ten_seconds_and_comes_back_gets_the_whole_record(tmp_path):
-    data = reviews(tmp_path)
-    store = tmp_path / "mlflow"
-    store.mkdir()
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
+    data, store, port, uri = a_store(tmp_path)
     servers = [start_mlflow_server(store, port)]
     try:
         with ScriptedEndpoint(latency=0.05) as endpoint:
-            def blink(line: str) -> None:
-                if line.startswith("round 2/") and len(servers) == 1 and servers[0].poll() is None:
-                    os.killpg(servers[0].pid, signal.SIGKILL)
-                    servers[0].wait(30)
-
-                    def come_back() -> None:
-                        time.sleep(10)
-                        servers.append(start_mlflow_server(store, port))
-
-                    threading.Thread(target=come_back, daemon=True).start()
-
+            blink = away_for_ten_seconds("round 2/", servers, store, port)
             # the default wait (20 s from the outage) holds the server's 10 s away and its start;
             # a loaded machine may take longer to start it, hence 90 s here
             status, stderr = run_with(optimize_command(tmp_path, data, endpoint, uri, "--tracking-wait", "90"), blink)
@@ -146,6 +146,24 @@ def test_a_server_that_drops_for_ten_seconds_and_comes_back_gets_the_whole_recor
     finally:
         for server in servers:
             stop_group(server)
+
+
+def away_for_ten_seconds(prefix: str, servers: list[subprocess.Popen], store: Path, port: int):
+    """A line handler that kills the server (its whole group) at the first line starting with
+    ``prefix`` and starts it again on the same store 10 s later, appended to ``servers``."""
+
+    def blink(line: str) -> None:
+        if line.startswith(prefix) and len(servers) == 1 and servers[0].poll() is None:
+            os.killpg(servers[0].pid, signal.SIGKILL)
+            servers[0].wait(30)
+
+            def come_back() -> None:
+                time.sleep(10)
+                servers.append(start_mlflow_server(store, port))
+
+            threading.Thread(target=come_back, daemon=True).start()
+
+    return blink
 
 
 def run_id_of(uri: str) -> str:
@@ -233,3 +251,39 @@ def test_a_registry_that_refuses_keeps_the_result_and_resume_registers_it(tmp_pa
     finally:
         gateway.shutdown()
         stop_group(server)
+
+
+def test_a_compare_whose_server_drops_finishes_every_child_and_completes_the_parents_table(tmp_path):
+    """The server goes away as the second method starts and comes back 10 s later: that child
+    runs locally meanwhile, and the parent's table reaches the server once it is back, once."""
+    import mlflow
+
+    data, store, port, uri = a_store(tmp_path)
+    servers = [start_mlflow_server(store, port)]
+    try:
+        with ScriptedEndpoint(latency=0.05) as endpoint:
+            blink = away_for_ten_seconds("== initial", servers, store, port)
+            command = [
+                sys.executable, "-m", "distillprompt", "compare", "--methods", "distillprompt,initial",
+                "--seeds", "1", "--dataset", str(data), "--base-url", endpoint.base_url, "--model", "test-model",
+                "--epochs", "2", "--train-size", "20", "--test-size", "30", "--executor", "local",
+                "--tracking-uri", uri, "--experiment", "blink-compare", "--tracking-wait", "90",
+                "--cache-path", str(tmp_path / "cache.sqlite"), "--output", str(tmp_path / "out"),
+            ]
+            status, stderr = run_with(command, blink)
+        assert len(servers) == 2, "the server was never killed: no '== initial' line"
+        assert status == 0, stderr[-3000:]
+        assert "MLflow tracking is back" in stderr
+        assert (tmp_path / "out" / "comparison.md").exists()
+        client = mlflow.MlflowClient(uri)
+        experiment = client.get_experiment_by_name("blink-compare").experiment_id
+        (parent,) = client.search_runs([experiment], "tags.`distillprompt.method` = 'compare'")
+        children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert sorted(r.data.tags["distillprompt.method"] for r in children) == ["distillprompt", "initial"]
+        assert all("final_test_score" in r.data.metrics for r in children)
+        assert {"distillprompt_test_score_mean", "initial_test_score_mean"} <= set(parent.data.metrics)
+        table = Path(client.download_artifacts(parent.info.run_id, "comparison/table.json", str(tmp_path)))
+        assert len(json.loads(table.read_text())["data"]) == 2  # one row per method, not a table appended twice
+    finally:
+        for server in servers:
+            stop_group(server)

@@ -130,14 +130,22 @@ class MlflowTracker(Callback):
             for name, value in params.items()
         }
         existing = self.mlflow.get_run(self.run_id).data.params
-        fresh = {}
+        fresh, changed = {}, {}
         for name, value in values.items():
             if name not in existing:
                 fresh[name] = value
-            elif existing[name] != value and existing[name].strip("'\"") != value:
+            elif existing[name] == value or existing[name].strip("'\"") == value:
+                continue
+            elif f"effective_{name}" not in existing:
                 fresh[f"effective_{name}"] = value
+            elif existing[f"effective_{name}"] != value:
+                # a second --resume with another value (an output folder): MLflow keeps a param's
+                # first value, so the latest goes in a tag (settings.json holds them all)
+                changed[f"distillprompt.resumed.{name}"] = value
         if fresh:
             self.mlflow.log_params(fresh)
+        if changed:
+            self.mlflow.set_tags(changed)
         self.mlflow.log_dict(values, "settings.json")
 
     def _log_dataset(self, task: Task) -> None:
