@@ -105,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="distillprompt",
         description="Optimize an LLM prompt with the DistillPrompt method against any OpenAI-compatible endpoint.",
         epilog=f"Settings come from flags, then {ENV_PREFIX}<GROUP>__<NAME> variables, then --config, then "
-        "OPENAI_API_KEY/OPENAI_BASE_URL, then defaults.",
+        "OPENAI_API_KEY/OPENAI_BASE_URL, then defaults. Exit codes: 0 finished; 1 the endpoint gave up "
+        "beyond every retry; 2 a setting, the data or a service to fix (the line names it); 3 finished with "
+        "result.json, but the MLflow record is incomplete (the warning names the command that completes it); "
+        "130 interrupted.",
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
     optimize = commands.add_parser("optimize", help="find a better prompt for a task", description="Run DistillPrompt.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Iterator
 
 from distillprompt.settings import setting_specs
 
@@ -44,14 +45,26 @@ def test_the_settings_reference_lists_every_setting_as_the_code_defines_it():
     assert written_table() == settings_table(), "run `python -m tests.test_docs` to write docs/settings.md again"
 
 
-def test_every_relative_link_of_the_docs_resolves():
+def anchors(page: Path) -> Iterator[str]:
+    """The anchors GitHub gives a Markdown page's headings: lower case, punctuation but hyphens
+    and underscores dropped, spaces made hyphens, a repeated heading numbered."""
+    seen: dict[str, int] = {}
+    text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)  # code
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", text, re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        yield slug if seen[slug] == 0 else f"{slug}-{seen[slug]}"
+
+
+def test_every_relative_link_of_the_docs_resolves_to_a_file_and_a_heading():
     broken = []
     for page in PAGES:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
-                continue  # a web address or an anchor on the same page
-            path = (page.parent / target.split("#")[0]).resolve()
-            if not path.exists():
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            file, _, anchor = target.partition("#")
+            path = (page.parent / file).resolve() if file else page
+            if not path.exists() or (anchor and path.suffix == ".md" and anchor not in set(anchors(path))):
                 broken.append(f"{page.relative_to(ROOT)} -> {target}")
     assert not broken, broken
 

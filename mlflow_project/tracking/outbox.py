@@ -12,7 +12,7 @@ that covers metrics, params and tags only, while a round also logs a candidate t
 checkpoint, and the run's end plots, artifacts and registry calls; it retries each batch on the
 full schedule and, once a batch fails, raises at the run's end with that batch dropped; and it
 never tells whether the server is back. The measurements are in benchmarks/README.md
-("Tracking faults").
+("A tracking server that goes away").
 """
 
 from __future__ import annotations

@@ -311,7 +311,9 @@ class MlflowTracker(Callback):
             f"({self.lost}); the result is in "
             f"result.json. Once the server answers, complete the MLflow record (rounds, artifacts, registration) with: "
             f"distillprompt optimize --resume {self.run_id} --tracking-uri {self.mlflow.get_tracking_uri()} "
-            "(the response cache answers what the run already paid for)"
+            + ("(the response cache answers what the run already paid for)" if self.settings.cache.enabled else
+               "(this run had no response cache (--no-cache), so that command sends again the requests of the "
+               "rounds after the last one recorded)")
         )
 
 
