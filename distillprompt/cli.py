@@ -291,7 +291,10 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nprompt: {prompt}")
     print(f"test ({len(task.test)} examples of {task.name}): {_format_scores(score.summary())}")
     print(f"LLM requests: {usage['requests']} sent, {usage['cache_hits']} from cache")
-    return 0
+    unfinished = [text for text in (getattr(c, "incomplete", lambda: None)() for c in callbacks) if text]
+    for text in unfinished:
+        print(f"distillprompt: warning: {text}", file=sys.stderr)
+    return INCOMPLETE if unfinished else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

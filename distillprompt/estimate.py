@@ -83,6 +83,8 @@ class Estimate:
     initial_tokens: int = 0
     longest: int = 0
     quotes: int = 1  # most candidate prompts one meta-prompt quotes (aggregate: every rewrite)
+    initial_val: int = 0  # validation scoring requests of the initial prompt (when the run validates)
+    answer_tokens: int = 0  # the answer budget of a scoring request (max_tokens): the longest a reply may be
     by_stage: dict[str, StageFigures] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -115,8 +117,10 @@ class Estimate:
         # meta replies as long as a candidate may be; the meta-prompts that quote candidates longer too
         meta_out = max(self.meta.output_tokens, self.meta.calls * self.longest)
         meta_in = self.meta.calls * max(0, self.longest - self.initial_tokens) * self.quotes
-        return (sum(p.input_tokens for p in parts) + self._longer + meta_in,
-                self.scoring_train.output_tokens + self.scoring_other.output_tokens + meta_out)
+        # every answer as long as the answer budget lets it be (a model that reasons first)
+        scoring_out = max(self.scoring_train.output_tokens + self.scoring_other.output_tokens,
+                          (self.scoring_train.calls + self.scoring_other.calls) * self.answer_tokens)
+        return sum(p.input_tokens for p in parts) + self._longer + meta_in, scoring_out + meta_out
 
     @property
     def tokens(self) -> tuple[int, int]:
@@ -134,6 +138,15 @@ class Estimate:
     @property
     def cost(self) -> float:
         return self.meta.cost + self.scoring_other.cost + self.scoring_train.cost * self._share()
+
+    @property
+    def initial_cost(self) -> float:
+        """Scoring the initial prompt on the train and validation samples: what the search pays
+        before its first candidate."""
+        val = self.by_stage.get(VAL_SCORING, StageFigures())
+        train = self.scoring_train
+        return sum(figures.cost * calls / figures.calls
+                   for figures, calls in ((train, self.initial_train), (val, self.initial_val)) if figures.calls)
 
     @property
     def test_cost(self) -> float:
@@ -224,7 +237,8 @@ class Estimate:
         else:
             lines.append("  response cache     holds none of these calls")
         lines.append(f"  at most: every candidate scored in full and {self.longest:,} tokens long (the longest a candidate "
-                     "may be: --max-prompt-tokens, else --meta-max-tokens); --max-cost caps what is spent")
+                     f"may be: --max-prompt-tokens, else --meta-max-tokens), every answer {self.answer_tokens:,} tokens "
+                     "(the answer budget, --answer-max-tokens); --max-cost caps what is spent")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -335,6 +349,7 @@ async def estimate_run(settings: Settings, task: Task, cache: Any, identity: str
         scoring="race" if racing else "full", rounds=result.rounds[-1].round if result.rounds else 0,
         candidates=candidates, meta=meta_figures, scoring_train=train, scoring_other=other,
         race_share=race_fraction(len(task.train)) if racing else 1.0, initial_train=len(task.train),
+        initial_val=len(task.val) if loop.validating else 0, answer_tokens=templates.answer_budget(task, llm),
         prices=(llm.price_input, llm.price_output), by_stage=by_stage, notes=notes,
     )
 
@@ -342,11 +357,10 @@ async def estimate_run(settings: Settings, task: Task, cache: Any, identity: str
 def _figures(usage: Usage) -> StageFigures:
     """A stage's figures: the stand-in's requests, and the calls the cache answered (their
     tokens as the cache recorded them)."""
-    cached_in = usage.cached_tokens  # the cache keeps in and out together: counted as input here
     return StageFigures(
         calls=usage.requests + usage.cache_hits,
         cached=usage.cache_hits,
-        input_tokens=usage.input_tokens + cached_in,
-        output_tokens=usage.output_tokens,
+        input_tokens=usage.input_tokens + usage.cached_tokens - usage.cached_output_tokens,
+        output_tokens=usage.output_tokens + usage.cached_output_tokens,
         cost=usage.cost + usage.cached_cost,
     )

@@ -293,7 +293,14 @@ def guard_cost(settings: Settings, context: RunContext, estimate: Estimate | Non
             f"--max-cost {budget:g} does not cover the test scoring alone (about ${spare:.4f}): raise --max-cost "
             "or lower --test-size"
         )
-    guard = CostGuard(context.meter, budget - spare, spare=(TEST_SCORING,))
+    floor = spare + (estimate.initial_cost if estimate is not None else 0.0)
+    if floor >= budget:
+        raise UserError(
+            f"--max-cost {budget:g} does not cover scoring the initial prompt and the test sample (about "
+            f"${floor:.4f}), before any candidate: raise --max-cost or lower --train-size"
+        )
+    guard = CostGuard(context.meter, budget, held_back=spare, spare=(TEST_SCORING,),
+                      price_input=settings.llm.price_input)
     context.target_llm.guard = guard
     context.meta_llm.guard = guard
 
@@ -322,6 +329,7 @@ def make_optimizer(
         callbacks=callbacks,
         meta_max_tokens=settings.llm.meta_max_tokens,
         state=state,
+        cost_guard=context.meta_llm.guard,  # --max-cost: the same guard on both clients
         method=method_for(settings.optimizer.method),
     )
 
@@ -428,9 +436,11 @@ async def optimize_task(
     response cache, budgets and events of ``optimize``; the embedded model when no endpoint
     is configured. Nothing is written to disk."""
     settings = anchor_paths(settings)
+    check_max_cost(settings)
     async with AsyncExitStack() as stack:
         settings, local = start_local_llm(settings, stack)
         context = await open_context(settings, stack, None, local=local, task=task, with_target=False)
+        guard_cost(settings, context, None)  # the optimizer model's calls: the app's own are not ours to price
         return await make_optimizer(settings, context, evaluator(context), list(callbacks or [])).run(initial_prompt)
 
 

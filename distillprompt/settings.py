@@ -227,16 +227,19 @@ class OptimizerSettings(Group):
     )
     max_cost: float | None = Field(
         None, gt=0,
-        description="budget in USD: no new request once the run's calls (the cache's included) cost this much, less "
-        "the test scoring's estimated cost, held back for the end; stop reason max_cost (needs --price-input and "
-        "--price-output)",
+        description="budget in USD: a round stops at the end of a stage when the next would not fit, and no new "
+        "request goes out once the run's calls (the cache's included) cost this much, less the test scoring's "
+        "estimated cost, held back for the end; the best prompt so far is kept; stop reason max_cost (needs "
+        "--price-input and --price-output; in compare, each run's own)",
     )
     prefer_shorter: bool = Field(
-        False, description="pick the shortest prompt among those within one train example's worth of the best score"
+        False, description="pick the shortest prompt among those within one example's worth of the best score the run "
+        "has seen (train examples; validation examples when there is a validation sample)"
     )
     max_prompt_tokens: int = Field(
         0, ge=0, description="drop a candidate prompt longer than this many tokens, estimated at 4 characters a "
-        "token (rejection reason too_many_tokens; 0: none)"
+        "token (rejection reason too_many_tokens; 0: none); DistillPrompt's candidates (GrIPS' edits and few-shot "
+        "prompts are built, not written, and are not dropped)"
     )
     fewshot_examples: int = Field(3, gt=0, description="fewshot: train examples added to the initial prompt")
     grips_candidates: int = Field(5, gt=0, description="grips: candidates per iteration")

@@ -167,6 +167,7 @@ def compare(
     succeeded = False
     outcomes: list[Outcome] = []
     children: list[MlflowTracker] = []
+    untracked: list[str] = []  # children that ran without a run of their own: the server was away
     try:
         params = {**settings.public_dict(), "methods": ",".join(methods), "seeds": seeds, "budget_match": budget_match}
 
@@ -188,11 +189,23 @@ def compare(
                     budget_matched(child, method, *budget)
                 if child.output is not None:
                     child.output = Path(child.output) / f"{method}-seed{child.seed}"
-                tracker = MlflowTracker(child, parent_run_id=parent.run_id, run_name=f"{method}-seed{child.seed}")
-                children.append(tracker)
+                name = f"{method}-seed{child.seed}"
+                try:
+                    tracker: MlflowTracker | None = MlflowTracker(child, parent_run_id=parent.run_id, run_name=name)
+                except UserError as error:
+                    # the settings passed for the parent: the server does not answer now. The
+                    # child runs locally all the same (its result.json with --output), and its
+                    # row reaches the parent's table through the parent's queue
+                    print(f"distillprompt: warning: {name} runs without an MLflow run of its own: {error}",
+                          file=sys.stderr, flush=True)
+                    tracker = None
+                    untracked.append(name)
+                else:
+                    children.append(tracker)
                 progress = None if quiet else ConsoleProgress()
                 print(f"== {method}, seed {child.seed} ==", file=sys.stderr, flush=True)
-                result, _ = asyncio.run(runner.optimize(child, callbacks=[tracker], progress=progress))
+                callbacks = [tracker] if tracker is not None else []
+                result, _ = asyncio.run(runner.optimize(child, callbacks=callbacks, progress=progress))
                 if result.failure or result.final_test is None:
                     raise UserError(f"{method} with seed {child.seed} did not finish ({result.failure}): see its child run")
                 usage = result.usage
@@ -203,7 +216,7 @@ def compare(
                     Outcome(
                         method=method,
                         seed=child.seed,
-                        run_id=tracker.run_id,
+                        run_id=tracker.run_id if tracker is not None else "",
                         test_score=result.final_scores["test"]["score"],
                         calls=usage.calls,
                         scoring_calls=scoring,
@@ -224,6 +237,12 @@ def compare(
     finally:
         parent.on_end(succeeded)
     unfinished = [text for text in (tracker.incomplete() for tracker in children) if text]
+    if untracked:
+        unfinished.append(
+            f"{', '.join(untracked)} ran while the MLflow server was away and have no child run; their scores are in "
+            "the table above. Rerun the same compare command once the server answers: the response cache answers "
+            "every request, and a new parent run holds every child"
+        )
     if parent.lost is not None:
         unfinished.append(
             f"the comparison's parent run {parent.run_id} lost MLflow tracking ({parent.lost}); its table is printed "
@@ -260,8 +279,9 @@ def dry_run(settings: Settings, methods: list[str], seeds: int, *, budget_match:
     their sum; no completion request is sent. With --budget-match a searching method gets
     DistillPrompt's estimated scoring requests of the same seed as its budget."""
     order = [REFERENCE, *(m for m in methods if m != REFERENCE)] if budget_match else methods
-    rows = ["| method | seed | requests | at most | cost USD | at most | cached calls |", "|---|---:|---:|---:|---:|---:|---:|"]
-    totals = [0, 0, 0.0, 0.0, 0]
+    rows = ["| method | seed | meta requests | scoring requests | requests | at most | tokens in | tokens out | "
+            "cost USD | at most | cached calls |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    totals: list[float] = [0] * 9
     unestimated = []
     for offset in range(seeds):
         budget: tuple[int, int] | None = None
@@ -277,16 +297,21 @@ def dry_run(settings: Settings, methods: list[str], seeds: int, *, budget_match:
                 continue
             if budget_match and method == REFERENCE:
                 budget = (estimate.requests - estimate.meta.calls, child.data.train_size or 1)
-            figures = [estimate.requests, estimate.requests_max, estimate.cost, estimate.cost_max, estimate.cached]
+            figures = [estimate.meta.calls, estimate.requests - estimate.meta.calls, estimate.requests,
+                       estimate.requests_max, *estimate.tokens, estimate.cost, estimate.cost_max, estimate.cached]
             totals = [a + b for a, b in zip(totals, figures)]
-            rows.append(f"| {method} | {child.seed} | {figures[0]:,} | {figures[1]:,} | {figures[2]:.4f} | "
-                        f"{figures[3]:.4f} | {figures[4]:,} |")
-    rows.append(f"| **all** | | **{totals[0]:,}** | {totals[1]:,} | **{totals[2]:.4f}** | {totals[3]:.4f} | {totals[4]:,} |")
+            rows.append(f"| {method} | {child.seed} | " + " | ".join(_figure(i, f) for i, f in enumerate(figures)) + " |")
+    rows.append("| **all** | | " + " | ".join(_figure(i, f) for i, f in enumerate(totals)) + " |")
     if unestimated:
         rows.append(f"\nnot estimated (MLflow's optimizers choose their own calls; --max-scoring-calls bounds their "
                     f"scoring): {', '.join(unestimated)}")
     rows.append("dry run: no completion request was sent (cost: at --price-input / --price-output; 0 without them)")
     return "\n".join(rows)
+
+
+def _figure(column: int, value: float) -> str:
+    """A dry-run table cell: dollars (columns 6 and 7) to 4 places, counts with separators."""
+    return f"{value:.4f}" if column in (6, 7) else f"{int(value):,}"
 
 
 class CompareCommand:
@@ -306,6 +331,7 @@ class CompareCommand:
         if args.seeds < 1:
             raise UserError("--seeds must be at least 1")
         methods = parse_methods(args.methods)
+        runner.check_max_cost(settings)  # each child run has the whole --max-cost of its own
         if settings.dry_run:
             print(dry_run(settings, methods, args.seeds, budget_match=args.budget_match))
             return 0

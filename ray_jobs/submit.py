@@ -114,8 +114,14 @@ def submit(settings: Settings, address: str, *, follow: bool = True, python: str
     while not JobStatus(status).is_terminal():
         time.sleep(0.5)
         status = client.get_job_status(job_id)
-    print(f"Ray job {job_id}: {status}", flush=True)
-    return 0 if status == JobStatus.SUCCEEDED else 1
+    if status == JobStatus.SUCCEEDED:
+        print(f"Ray job {job_id}: {status}", flush=True)
+        return 0
+    # the run's own exit code where Ray kept it: 2 (a fix) and 3 (finished, but its MLflow
+    # record is incomplete) tell a pipeline more than the job's FAILED
+    code = getattr(client.get_job_info(job_id), "driver_exit_code", None)
+    print(f"Ray job {job_id}: {status}" + (f" (exit code {code})" if code is not None else ""), flush=True)
+    return code if code in (2, 3) else 1
 
 
 class SubmitCommand:

@@ -67,7 +67,10 @@ class TwoNodeCluster:
     def start(cls) -> TwoNodeCluster:
         base = _port_block(1200)
         temp_dir = f"/tmp/rt{os.getpid()}"
-        env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+        # not this process's MLFLOW_*/DISTILLPROMPT_*/OPENAI_* (mlflow.set_tracking_uri in an
+        # earlier test exports one): a job on the cluster would inherit a server since stopped
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILLPROMPT_", "OPENAI_", "MLFLOW_"))}
+        env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         cluster = cls(base, base + 1, temp_dir, env)
         head = [

@@ -62,6 +62,14 @@ def test_a_full_scoring_run_spends_within_ten_percent_of_its_estimate_and_a_race
     with ScriptedEndpoint(responder=fresh_model(reviews_dir)) as endpoint:
         full, _ = asyncio.run(runner.optimize(settings_for(endpoint, reviews_dir, tmp_path / "full", scoring="full")))
         raced, _ = asyncio.run(runner.optimize(settings_for(endpoint, reviews_dir, tmp_path / "race")))
+        sent = len(endpoint.requests())
+        # the same command again, dry: the cache holds every call the run made, and their
+        # tokens as the endpoint counted them, in and out
+        again = asyncio.run(runner.dry_run(settings_for(endpoint, reviews_dir, tmp_path / "full", scoring="full")))
+        assert len(endpoint.requests()) == sent
+    assert again.cached == full.usage.calls
+    assert again.tokens == (full.usage.input_tokens, full.usage.output_tokens)
+    assert again.cached_cost == pytest.approx(full.usage.cost)
     estimate, usage = full.run_records["estimate"], full.usage
     assert usage.requests == pytest.approx(estimate["estimated_requests"], rel=0.10)
     spent = usage.input_tokens + usage.output_tokens
@@ -89,18 +97,41 @@ def test_max_cost_stops_at_its_budget_keeps_the_best_prompt_and_a_rerun_stops_at
         planned = asyncio.run(runner.dry_run(settings_for(endpoint, reviews_dir, tmp_path, scoring="full")))
         budget = planned.cost / 2
         capped = settings_for(endpoint, reviews_dir, tmp_path, scoring="full", max_cost=budget)
+        capped.llm.concurrency = 4  # a bound on the requests in flight that the overrun is held to
         result, folder = asyncio.run(runner.optimize(capped))
         rerun, _ = asyncio.run(runner.optimize(capped))
     assert result.stop_reason == "max_cost"
-    # over the budget by at most the requests in flight when it ran out (16 at most here)
+    # over the budget by at most the requests in flight when it ran out
     per_request = max(u.cost / u.requests for u in result.usage_by_stage.values() if u.requests)
-    assert result.usage.cost <= budget + capped.llm.max_in_flight * per_request
+    assert budget * 0.5 < result.usage.cost <= budget + capped.llm.max_in_flight * per_request
+    # the best prompt so far: the round the budget stopped is kept with the candidates it had
+    # scored (not rolled back), and the final prompt is the best of every candidate scored on
+    # the whole train sample
+    stopped = result.rounds[-1]
+    assert stopped.stop_reason == "max_cost", "the round the budget stopped was thrown away"
+    assert any(c.round == stopped.round and c.selectable for c in result.history)
+    assert result.final.score == max(c.score for c in result.history if c.selectable)
     assert result.final_scores["test"]["score"] is not None  # the best prompt so far, tested
     assert json.loads((folder / "result.json").read_text())["stop_reason"] == "max_cost"
     # the cache's replies count against the budget: the rerun stops where the first run did
     assert rerun.stop_reason == "max_cost" and rerun.final_prompt == result.final_prompt
     assert len(rerun.history) == len(result.history)
     assert rerun.usage.cache_hits > 0 and rerun.usage.cost < result.usage.cost
+
+
+def test_a_budget_that_cannot_pay_for_the_initial_prompts_scores_is_refused_before_any_request(reviews_dir, tmp_path):
+    with ScriptedEndpoint() as endpoint:
+        planned = asyncio.run(runner.dry_run(settings_for(endpoint, reviews_dir, tmp_path)))
+        # more than the test scoring, less than that and the initial prompt's train scoring
+        budget = planned.test_cost + planned.initial_cost / 2
+        done = run_cli("optimize", "--dataset", str(reviews_dir), "--base-url", endpoint.base_url, "--model", "test-model",
+                       "--train-size", "40", "--test-size", "30", "--executor", "local", "--price-input", "0.15",
+                       "--price-output", "0.6", "--max-cost", f"{budget:.8f}", "--cache-path", str(tmp_path / "c.sqlite"))
+        assert endpoint.requests() == []
+    assert done.returncode == 2, done.stderr[-2000:]
+    # the estimate's line, then one line that names the fix
+    (line,) = [line for line in done.stderr.strip().splitlines() if not line.startswith("estimate: ")]
+    assert "does not cover scoring the initial prompt and the test sample" in line and "raise --max-cost" in line
 
 
 def test_max_cost_without_prices_is_refused_in_one_line(reviews_dir, tmp_path):
@@ -110,6 +141,10 @@ def test_max_cost_without_prices_is_refused_in_one_line(reviews_dir, tmp_path):
     assert done.stderr.strip().splitlines() == [
         "distillprompt: error: --max-cost needs prices: give --price-input and --price-output (USD per 1M tokens)"
     ]
+    # compare too: without prices its children could spend without limit
+    done = run_cli("compare", "--methods", "initial", "--dataset", str(reviews_dir), "--base-url",
+                   "http://127.0.0.1:9/v1", "--model", "m", "--max-cost", "2", "--dry-run")
+    assert done.returncode == 2 and "--max-cost needs prices" in done.stderr, done.stderr[-2000:]
 
 
 def test_every_candidate_gets_its_length_and_cost_and_the_front_is_drawn(reviews_dir, tmp_path):
@@ -158,11 +193,20 @@ def test_compare_dry_run_sums_every_childs_estimate_and_sends_nothing(reviews_di
         )
         assert done.returncode == 0, done.stderr[-2000:]
         assert endpoint.requests() == []
+    (header,) = [line for line in done.stdout.splitlines() if line.startswith("| method")]
+    column = {name.strip(): i for i, name in enumerate(header.split("|"))}
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     children = [row for row in rows if not row.startswith("| **all**")]
     assert len(children) == 6  # 3 methods, 2 seeds
-    requests = [int(row.split("|")[3].replace(",", "")) for row in children]
-    total = int(rows[-1].split("|")[3].strip(" *").replace(",", ""))
-    assert total == sum(requests) and all(r > 0 for r in requests)
+
+    def figures(name: str, row: str) -> int:
+        return int(row.split("|")[column[name]].strip(" *").replace(",", ""))
+
+    requests = [figures("requests", row) for row in children]
+    assert figures("requests", rows[-1]) == sum(requests) and all(r > 0 for r in requests)
+    for row in children:  # meta and scoring requests make the total, and each carries tokens
+        assert figures("meta requests", row) + figures("scoring requests", row) == figures("requests", row)
+        assert figures("tokens in", row) > 0 and figures("tokens out", row) > 0
     initial = [r for row, r in zip(children, requests) if row.startswith("| initial")]
     assert initial == [40, 40]  # the initial prompt on train and test, nothing else
+    assert all(figures("meta requests", row) == 0 for row in children if row.startswith("| initial"))

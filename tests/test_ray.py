@@ -182,18 +182,31 @@ def test_an_actor_killed_mid_scoring_loses_and_repeats_nothing(cluster, reviews_
     assert sent_to_endpoint >= pairs  # whatever the killed actor had not answered was sent again
 
 
-def test_submit_runs_a_ray_job_to_the_end(cluster, endpoint, reviews_dir, tmp_path):
-    completed = run_cli(
+def submit(cluster, endpoint, reviews_dir, train_size: int):
+    return run_cli(
         "submit", "--job-address", cluster.job_address,
         "--dataset", str(reviews_dir), "--base-url", endpoint.base_url, "--model", "test-model",
-        "--epochs", "1", "--train-size", "10", "--test-size", "10", "--no-cache",
+        "--epochs", "1", "--train-size", str(train_size), "--test-size", "10", "--no-cache",
         env={"RAY_AUTH_MODE": "disabled", "PATH": cluster.env["PATH"]},
         timeout=600,
     )
+
+
+def test_submit_runs_a_ray_job_to_the_end(cluster, endpoint, reviews_dir, tmp_path):
+    completed = submit(cluster, endpoint, reviews_dir, 10)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "submitted Ray job raysubmit_" in completed.stdout
     assert "final prompt" in completed.stdout and "SUCCEEDED" in completed.stdout
     assert Counter(e.stage for e in endpoint.requests(kind="meta"))["rewrite"] == 1
+
+
+def test_submit_exits_with_the_runs_own_code_for_a_fix(cluster, endpoint, reviews_dir, tmp_path):
+    """A job whose run refuses its input exits 2, as the same run would on this machine, not
+    the 1 of a failed optimization (3, an incomplete MLflow record, passes the same way)."""
+    completed = submit(cluster, endpoint, reviews_dir, 100000)
+    assert completed.returncode == 2, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "FAILED (exit code 2)" in completed.stdout
+    assert "--train-size" in completed.stdout + completed.stderr  # the run's own line, from the job's log
 
 
 def test_submit_without_a_jobs_address_names_the_fix(reviews_dir, tmp_path):

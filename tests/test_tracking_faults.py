@@ -49,7 +49,19 @@ def optimize_command(tmp_path: Path, data: Path, endpoint: ScriptedEndpoint, uri
     ]
 
 
-def run_with(command: list[str], on_line) -> tuple[int, str]:
+def compare_command(tmp_path: Path, data: Path, endpoint: ScriptedEndpoint, uri: str, experiment: str,
+                    wait: float) -> list[str]:
+    """`compare` of distillprompt (2 rounds) and the initial prompt, tracked at ``uri``."""
+    return [
+        sys.executable, "-m", "distillprompt", "compare", "--methods", "distillprompt,initial",
+        "--seeds", "1", "--dataset", str(data), "--base-url", endpoint.base_url, "--model", "test-model",
+        "--epochs", "2", "--train-size", "20", "--test-size", "30", "--executor", "local",
+        "--tracking-uri", uri, "--experiment", experiment, "--tracking-wait", str(wait),
+        "--cache-path", str(tmp_path / "cache.sqlite"), "--output", str(tmp_path / "out"),
+    ]
+
+
+def run_with(command: list[str], on_line, timeout: float = 600) -> tuple[int, str]:
     """Runs the command; ``on_line`` sees each line of its stderr as it comes."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env=venv_env(), cwd=ROOT)
@@ -62,7 +74,7 @@ def run_with(command: list[str], on_line) -> tuple[int, str]:
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
-    process.wait(timeout=600)  # guards a hang: before, every call took minutes of retries
+    process.wait(timeout=timeout)  # guards a hang: before, every call took minutes of retries
     reader.join(30)
     return process.returncode, "".join(lines)
 
@@ -91,11 +103,7 @@ def test_a_server_killed_after_round_one_costs_the_run_nothing_and_resume_comple
     server = start_mlflow_server(store, port)
     try:
         with ScriptedEndpoint(latency=0.05) as endpoint:
-            def kill_at_round_two(line: str) -> None:
-                if line.startswith("round 2/") and server.poll() is None:
-                    os.killpg(server.pid, signal.SIGKILL)  # the whole group, as an OOM kill would
-                    server.wait(30)
-
+            kill_at_round_two = kill_at("round 2/", server)
             status, stderr = run_with(optimize_command(tmp_path, data, endpoint, uri, "--tracking-wait", "5"),
                                       kill_at_round_two)
             assert server.poll() is not None, "the server was never killed: no 'round 2/' line"
@@ -146,6 +154,18 @@ def test_a_server_that_drops_for_ten_seconds_and_comes_back_gets_the_whole_recor
     finally:
         for server in servers:
             stop_group(server)
+
+
+def kill_at(prefix: str, server: subprocess.Popen):
+    """A line handler that kills the server (its whole group, as an OOM kill would) at the
+    first line starting with ``prefix``."""
+
+    def kill(line: str) -> None:
+        if line.startswith(prefix) and server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(30)
+
+    return kill
 
 
 def away_for_ten_seconds(prefix: str, servers: list[subprocess.Popen], store: Path, port: int):
@@ -263,14 +283,7 @@ def test_a_compare_whose_server_drops_finishes_every_child_and_completes_the_par
     try:
         with ScriptedEndpoint(latency=0.05) as endpoint:
             blink = away_for_ten_seconds("== initial", servers, store, port)
-            command = [
-                sys.executable, "-m", "distillprompt", "compare", "--methods", "distillprompt,initial",
-                "--seeds", "1", "--dataset", str(data), "--base-url", endpoint.base_url, "--model", "test-model",
-                "--epochs", "2", "--train-size", "20", "--test-size", "30", "--executor", "local",
-                "--tracking-uri", uri, "--experiment", "blink-compare", "--tracking-wait", "90",
-                "--cache-path", str(tmp_path / "cache.sqlite"), "--output", str(tmp_path / "out"),
-            ]
-            status, stderr = run_with(command, blink)
+            status, stderr = run_with(compare_command(tmp_path, data, endpoint, uri, "blink-compare", 90), blink)
         assert len(servers) == 2, "the server was never killed: no '== initial' line"
         assert status == 0, stderr[-3000:]
         assert "MLflow tracking is back" in stderr
@@ -287,3 +300,57 @@ def test_a_compare_whose_server_drops_finishes_every_child_and_completes_the_par
     finally:
         for server in servers:
             stop_group(server)
+
+
+def test_a_server_that_hangs_mid_run_holds_the_run_no_longer_than_the_tracking_wait(tmp_path):
+    """The server's processes are stopped (SIGSTOP) when round 2 starts: it still takes
+    connections but never answers, so each MLflow call would wait out MLflow's timeout and
+    retries (3 attempts of 30 s). The run ends once the call has hung for --tracking-wait
+    seconds and /health does not answer either, with the notice and exit 3."""
+    data, store, port, uri = a_store(tmp_path)
+    server = start_mlflow_server(store, port)
+    stopped = []
+    try:
+        with ScriptedEndpoint(latency=0.05) as endpoint:
+            def hang_at_round_two(line: str) -> None:
+                if line.startswith("round 2/") and not stopped:
+                    os.killpg(server.pid, signal.SIGSTOP)
+                    stopped.append(True)
+
+            # the guard is below what one hung call would hold the run (about 92 s), so a run
+            # that waits it out fails here instead of passing slowly
+            status, stderr = run_with(optimize_command(tmp_path, data, endpoint, uri, "--tracking-wait", "5"),
+                                      hang_at_round_two, timeout=85)
+        assert stopped, "the server was never stopped: no 'round 2/' line"
+        assert status == 3, stderr[-3000:]
+        (result_file,) = (tmp_path / "out").rglob("result.json")
+        assert len(json.loads(result_file.read_text())["rounds"]) == 3
+        (notice,) = [line for line in stderr.splitlines() if "MLflow tracking was lost at" in line]
+        assert "did not answer for 5 s (--tracking-wait)" in notice and NOTICE.search(notice)
+    finally:
+        if stopped:
+            os.killpg(server.pid, signal.SIGCONT)
+        stop_group(server)
+
+
+def test_a_compare_whose_server_dies_for_good_still_runs_every_child_and_says_what_is_missing(tmp_path):
+    """The server is killed during the first method and never comes back: the second method
+    cannot get a child run, runs locally all the same, and the comparison ends with its
+    table, comparison.md, a warning per missing record and exit 3."""
+    data, store, port, uri = a_store(tmp_path)
+    server = start_mlflow_server(store, port)
+    try:
+        with ScriptedEndpoint(latency=0.05) as endpoint:
+            kill_at_round_one = kill_at("round 1/", server)
+            status, stderr = run_with(compare_command(tmp_path, data, endpoint, uri, "gone-compare", 5),
+                                      kill_at_round_one)
+        assert server.poll() is not None, "the server was never killed: no 'round 1/' line"
+        assert status == 3, stderr[-3000:]
+        table = (tmp_path / "out" / "comparison.md").read_text()
+        assert "distillprompt" in table and "initial" in table
+        assert {p.parent.name for p in (tmp_path / "out").rglob("result.json")} >= {"distillprompt-seed0", "initial-seed0"}
+        assert "initial-seed0 runs without an MLflow run of its own" in stderr
+        assert "initial-seed0 ran while the MLflow server was away" in stderr
+        assert "comparison's parent run" in stderr  # its table never reached the server
+    finally:
+        stop_group(server)

@@ -21,9 +21,9 @@ from typing import Any
 from .. import templates
 from ..data import Task
 from ..diagnosis import diagnose
-from ..errors import CostLimitReached, EndpointUnavailable
+from ..errors import CostLimitReached, EndpointUnavailable, UserError
 from ..evaluation import Evaluator, Score
-from ..llm import LLM, Usage, UsageMeter
+from ..llm import LLM, CostGuard, Usage, UsageMeter, text_tokens
 from ..settings import OptimizerSettings
 from ..state import Candidate, RunState
 from ..verdict import judge
@@ -59,6 +59,7 @@ class Optimizer:
         meta_max_tokens: int = 1024,
         state: RunState | None = None,
         stop_rules: list[StopRule] | None = None,
+        cost_guard: CostGuard | None = None,
     ) -> None:
         self.task = task
         self.settings = settings
@@ -80,7 +81,8 @@ class Optimizer:
             validation_top=self.selection.top if validated else None,  # type: ignore[attr-defined]
         )
         self.limiter = llm.limiter
-        self.budgets = Budgets(settings, meter, self.scoring)
+        self.cost_guard = cost_guard  # --max-cost, when set
+        self.budgets = Budgets(settings, meter, self.scoring, cost_guard)
         self._use_state(state or RunState(seed=seed))
         self.failure: str | None = None
 
@@ -108,21 +110,28 @@ class Optimizer:
         initial_test = asyncio.create_task(scoring.score_test(initial.prompt))
         rounds: list[RoundSummary] = []
         try:
-            if initial.score is None:
-                await scoring.score_now([initial])
-            if state.best_per_example is None:
-                state.best_per_example = scoring.per_example(state.best.prompt)
-            if self.validating and initial.val_score is None:
-                await scoring.score_validation([initial])
+            try:
+                if initial.score is None:
+                    await scoring.score_now([initial])
+                if state.best_per_example is None:
+                    state.best_per_example = scoring.per_example(state.best.prompt)
+                if self.validating and initial.val_score is None:
+                    await scoring.score_validation([initial])
+            except CostLimitReached as error:
+                # the estimate let the budget through (runner.guard_cost), but the initial
+                # prompt's own scoring cost more: there is nothing to optimize from
+                raise UserError(f"{error} before the initial prompt was scored: raise --max-cost (a rerun pays "
+                                "nothing twice: the replies are in the response cache)") from None
             stop_reason = state.stop_reason
             while stop_reason is None and self.state.round < self.rounds:
                 checkpoint = copy.deepcopy(self.state)
+                self.budgets.mark()
                 try:
                     result = await self._round(self.state.round + 1)
                 except EndpointUnavailable as error:
-                    # The endpoint gave up beyond every retry, or --max-cost is spent: forget
-                    # the unfinished round (its replies are in the cache) and stop with the
-                    # best prompt of the finished ones.
+                    # The endpoint gave up beyond every retry (or --max-cost was spent outside a
+                    # round's stages): forget the unfinished round (its replies are in the
+                    # cache) and stop with the best prompt of the finished ones.
                     await scoring.cancel()
                     self._use_state(checkpoint)
                     if isinstance(error, CostLimitReached):
@@ -186,16 +195,30 @@ class Optimizer:
         self.limiter.window()
         rng = state.rng()
         current = Round(number, rng, state, self.tools)
-        await self.method.propose(current)
-        current.send_to_scoring()
+        try:
+            await self.method.propose(current)
+            current.send_to_scoring()
+            await self.scoring.wait()
+        except CostLimitReached:
+            # --max-cost ran out inside a stage: the round ends as a budget ends it, with the
+            # candidates scored so far (those cut short stay unscored, never selected)
+            await self.scoring.settle()
+            current.stop_reason = MAX_COST
         new = current.new
-
-        await self.scoring.wait()
         for candidate in new:
             if candidate.duplicate_of is not None:
                 _copy_score(candidate, state.history[candidate.duplicate_of])
-        chosen = await self.selection.choose(current, new)
+        try:
+            chosen = await self.selection.choose(current, new)
+        except CostLimitReached:  # the validation of the round's top candidates was cut: keep the best
+            await self.scoring.settle()
+            current.stop_reason = MAX_COST
+            chosen = state.best
         improved = chosen.id != state.best_id
+        if improved and self.cost_guard is not None and self.task.test:
+            # its test scoring, at the end, carries its length: held back from the search
+            more = text_tokens(chosen.prompt) - text_tokens(state.history[0].prompt)
+            self.cost_guard.hold_back_tokens(more * len(self.task.test))
         state.best_id = chosen.id
         state.best_per_example = self.scoring.per_example(chosen.prompt) or state.best_per_example
         if improved:

@@ -52,7 +52,7 @@ class HighestScore(Selection):
                     best = candidate
             if self.prefer_shorter:
                 pool = [current.best, *(c for c in new if c.selectable and c.duplicate_of is None)]
-                best = shortest_near(pool, best, lambda c: c.score, len(current.task.train))
+                best = shortest_near(pool, best, lambda c: c.score, len(current.task.train), current.history)
             return best
         distinct = [c for c in new if c.duplicate_of is None and c.selectable]
         # highest train score first; at equal score the older candidate
@@ -63,15 +63,18 @@ class HighestScore(Selection):
                 best = candidate
         if self.prefer_shorter:
             pool = [current.best, *(c for c in top if c.val_score is not None)]
-            best = shortest_near(pool, best, lambda c: c.val_score, len(current.task.val))
+            best = shortest_near(pool, best, lambda c: c.val_score, len(current.task.val), current.history)
         return best
 
 
 def shortest_near(pool: list[Candidate], best: Candidate, score: Callable[[Candidate], float | None],
-                  examples: int) -> Candidate:
+                  examples: int, history: list[Candidate]) -> Candidate:
     """``--prefer-shorter``: of the candidates within one example's worth (1/examples) of the
-    best's score, the one with the fewest tokens (at equal length the older one)."""
-    top = score(best) or 0.0
+    best score the run has seen (``history``, so that shorter prompts chosen round after round
+    never drift further below it), the one with the fewest tokens (at equal length the older
+    one)."""
+    seen = [score(c) for c in history if c.selectable and score(c) is not None]
+    top = max([score(best) or 0.0, *seen])  # type: ignore[type-var]
     margin = 1.0 / max(1, examples) + 1e-9
     near = [c for c in pool if (score(c) or 0.0) >= top - margin]
     return min(near, key=lambda c: (text_tokens(c.prompt), c.id), default=best)

@@ -97,10 +97,22 @@ class Scoring:
             candidate.answers = answer_counts(score.predictions)
 
     async def wait(self) -> None:
-        """Waits until every scoring started so far is done."""
+        """Waits until every scoring started so far is done; the first failure is raised, and
+        the scoring started stays pending for ``settle`` or ``cancel``."""
         pending, self._pending = self._pending, []
         if pending:
-            await asyncio.gather(*pending)
+            try:
+                await asyncio.gather(*pending)
+            except BaseException:
+                self._pending = pending + self._pending
+                raise
+
+    async def settle(self) -> None:
+        """Lets every scoring started end, failed or not: once ``--max-cost`` is spent each new
+        request is refused at once, and the replies already on their way, which are paid for,
+        reach the response cache (a batch that finished keeps its scores)."""
+        pending, self._pending = self._pending, []
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def cancel(self) -> None:
         pending, self._pending = self._pending, []

@@ -88,6 +88,7 @@ class ReplyBook:
         if cached is None:
             return None
         self.meter.record(stage, Usage(cache_hits=1, cached_tokens=cached.input_tokens + cached.output_tokens,
+                                       cached_output_tokens=cached.output_tokens,
                                        cached_cost=self.price(cached.input_tokens, cached.output_tokens)))
         return list(cached.texts)
 
@@ -97,8 +98,10 @@ class ReplyBook:
         if found:
             hits = [key for key in keys if key in found]
             tokens = sum(found[key].input_tokens + found[key].output_tokens for key in hits)
+            output = sum(found[key].output_tokens for key in hits)
             cost = sum(self.price(found[key].input_tokens, found[key].output_tokens) for key in hits)
-            self.meter.record(stage, Usage(cache_hits=len(hits), cached_tokens=tokens, cached_cost=cost))
+            self.meter.record(stage, Usage(cache_hits=len(hits), cached_tokens=tokens, cached_output_tokens=output,
+                                           cached_cost=cost))
         return found
 
     def store(
@@ -118,13 +121,29 @@ class ReplyBook:
 
 class CostGuard:
     """``--max-cost``: refuses a new call once what the run's calls cost (the cache's replies
-    included) reaches ``limit``. Stages in ``spare`` are not refused: the test scoring, whose
-    estimated cost is held back from the limit so that the best prompt gets its test score."""
+    included) reaches ``limit``: the budget less what is held back for the test scoring. Stages
+    in ``spare`` are not refused: the test scoring, whose estimated cost (``held_back``) is kept
+    out of the search's share so that the best prompt gets its test score. A best prompt longer
+    than the one the estimate assumed holds back what its test requests carry more
+    (``hold_back_tokens``)."""
 
-    def __init__(self, meter: UsageMeter, limit: float, spare: tuple[str, ...] = ()) -> None:
+    def __init__(self, meter: UsageMeter, budget: float, *, held_back: float = 0.0, spare: tuple[str, ...] = (),
+                 price_input: float = 0.0) -> None:
         self.meter = meter
-        self.limit = limit
+        self.budget = budget
+        self.held_back = held_back
         self.spare = spare
+        self.price_input = price_input  # USD per 1M input tokens
+        self.more = 0.0  # held back beyond the estimate, for a longer best prompt's test scoring
+
+    @property
+    def limit(self) -> float:
+        """What the search may spend."""
+        return self.budget - self.held_back - self.more
+
+    def hold_back_tokens(self, tokens: int) -> None:
+        """The final prompt's test scoring will carry ``tokens`` input tokens more than estimated."""
+        self.more = max(0, tokens) * self.price_input / 1e6
 
     def spent(self) -> float:
         return sum(usage.all_cost for stage, usage in self.meter.by_stage.items() if stage not in self.spare)

@@ -24,6 +24,7 @@ class Usage:
     answered: int = 0  # calls the endpoint answered (one call asking n samples may take n requests)
     throttled: int = 0  # 429 replies (each one also counted in retries or failed)
     cached_cost: float = 0.0  # what the replies the cache served cost at today's prices (not paid again)
+    cached_output_tokens: int = 0  # of cached_tokens, the replies' own (the rest: their requests')
 
     @property
     def all_cost(self) -> float:

@@ -46,8 +46,10 @@ def answers(uri: str) -> bool:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_EVERY):
             return True
-    except urllib.error.HTTPError:
-        return True  # it answers, if not on that route
+    except urllib.error.HTTPError as error:
+        # it answers, if not on that route (404) or not to us (401, 403); a 5xx is a proxy or
+        # a gateway in front of a server that is down (502, 503, 504), or a server that fails
+        return error.code < 500
     except (urllib.error.URLError, OSError):
         return False
 
@@ -65,6 +67,7 @@ class Outbox:
         self._calls: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
         self._ready = threading.Condition()
         self._closing = False
+        self._busy_since: float | None = None  # when the call being made started (None: none is)
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -84,11 +87,19 @@ class Outbox:
             log.info("recording the last %d MLflow calls", len(self._calls))
         while self._thread.is_alive():
             self._thread.join(0.5)
+            # since when the server has not answered: an outage the thread saw, or a call that
+            # hangs while the server's /health does not answer either (a server that takes
+            # connections and never replies: each attempt would wait out MLflow's timeout); a
+            # call that is only slow (a large artifact) on a server that answers is waited for
             stopped = _outages.get(self.uri)
-            if stopped is not None and self._calls and time.monotonic() - stopped > self.wait + 2 * PROBE_EVERY:
+            busy = self._busy_since
+            if stopped is None and busy is not None and time.monotonic() - busy > self.wait and not answers(self.uri):
+                stopped = busy
+            held = list(self._calls)
+            if stopped is not None and held and time.monotonic() - stopped > self.wait + 2 * PROBE_EVERY:
                 # the thread is stuck in a call to a server that does not answer: leave it
                 self._give_up(f"the tracking server did not answer for {self.wait:.0f} s (--tracking-wait)")
-                self.failed = self.failed or self._calls[0][0]
+                self.failed = self.failed or held[0][0]
                 break
         return self.lost
 
@@ -112,8 +123,10 @@ class Outbox:
                     self._attach()
                     attached = True
                 self.replaying = self.failed is not None
+                self._busy_since = time.monotonic()
                 call()
             except Exception as error:  # noqa: BLE001 - whatever the server, the network or the registry did
+                self._busy_since = None
                 reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
                 self.failed = name
                 if isinstance(error, UserError):
@@ -130,6 +143,7 @@ class Outbox:
                     self._give_up(f"failed {failures} times while the server answered: {reason}")
                     return
                 continue
+            self._busy_since = None
             if _outages.pop(self.uri, None) is not None:
                 log.warning("MLflow tracking is back; recording what it missed")
             failures = 0

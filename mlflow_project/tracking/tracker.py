@@ -115,7 +115,8 @@ class MlflowTracker(Callback):
             mlflow.set_tag("distillprompt.label_changes", " | ".join(task.label_changes)[:5000])
         self._log_params(params)
         mlflow.set_tags({"distillprompt.method": self.settings.optimizer.method, "distillprompt.dataset": task.name})
-        if self.settings.mlflow.run_name is None and not os.environ.get("MLFLOW_RUN_ID") and not self.nested:
+        if (self.settings.mlflow.run_name is None and not os.environ.get("MLFLOW_RUN_ID") and not self.nested
+                and not self.settings.resume):  # a resumed run keeps its name
             mlflow.set_tag("mlflow.runName", f"{task.name}-{datetime.now():%Y%m%d-%H%M%S}")
         self._log_dataset(task)
         mlflow.log_dict(templates.meta_prompt_texts(task), "method/meta_prompts.json")
@@ -227,8 +228,12 @@ class MlflowTracker(Callback):
     def _record_final(self, result: RunResult, stamp: int) -> None:
         mlflow = self.mlflow
         metrics = final_metrics(result)
-        mlflow.log_metrics(metrics, timestamp=stamp)  # the time fixed: made again, the same record
-        mlflow.log_metric("initial_parse_rate", metrics["initial_parse_rate"], step=0, timestamp=stamp)
+        # the time fixed: made again, the same record; a resumed run whose final scores were
+        # recorded before (the registry refused) does not add a second point of each
+        recorded = self.settings.resume and "final_test_score" in mlflow.get_run(self.run_id).data.metrics
+        if not recorded:
+            mlflow.log_metrics(metrics, timestamp=stamp)
+            mlflow.log_metric("initial_parse_rate", metrics["initial_parse_rate"], step=0, timestamp=stamp)
         mlflow.set_tag("distillprompt.stop_reason", result.stop_reason)
         if result.verdict is not None:
             mlflow.set_tags({
@@ -292,20 +297,27 @@ class MlflowTracker(Callback):
                 f"(alias {CANDIDATE_ALIAS}) and model {self.registered.model_name} version {self.registered.model_version}",
                 file=sys.stderr,
             )
-        if self.lost is not None:
-            # end_run would call the server that went away (for MLflow's full retry budget): the
-            # run leaves this thread's active runs (MLflow's own list: no public call does it
-            # without the server) and stays RUNNING until --resume completes it
-            from mlflow.tracking import fluent
+        if self.lost is None:
+            try:
+                self.mlflow.end_run(status="FINISHED" if succeeded else "FAILED")
+                return
+            except Exception as error:  # noqa: BLE001 - the server went away after the last queued call
+                self.lost = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+                self.outbox.failed = "the end of the run"
+        # end_run would call the server that went away (for MLflow's full retry budget): the
+        # run leaves this thread's active runs (MLflow's own list: no public call does it
+        # without the server) and stays RUNNING until --resume completes it
+        from mlflow.tracking import fluent
 
-            stack = fluent._active_run_stack.get()
-            stack[:] = [run for run in stack if run.info.run_id != self.run_id]
-            return
-        self.mlflow.end_run(status="FINISHED" if succeeded else "FAILED")
+        stack = fluent._active_run_stack.get()
+        stack[:] = [run for run in stack if run.info.run_id != self.run_id]
 
     def incomplete(self) -> str | None:
         if self.lost is None:
             return None
+        if self.task is None:  # an evaluation: nothing to resume, the same command records it
+            return (f"MLflow tracking was lost at {self.outbox.failed or 'the run'} ({self.lost}); run the same "
+                    "command again once the server answers (the response cache answers what was paid for)")
         return (
             f"MLflow tracking was lost at {self.outbox.failed or 'the run'}, with {self.rounds_recorded} round(s) recorded "
             f"({self.lost}); the result is in "
