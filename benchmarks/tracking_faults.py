@@ -1,7 +1,7 @@
 """What a tracking server that goes away mid-run costs a run: the same `distillprompt optimize`
 untracked, tracked by a real `mlflow server`, tracked by one that is killed (SIGKILL, its
-whole process group) when round 2 starts, and by one that is killed then and started again
-10 s later.
+whole process group) when round 2 starts, by one that is killed then and started again
+10 s later, and by one that hangs from then on (SIGSTOP: it takes connections, never answers).
 
     python benchmarks/tracking_faults.py          # latency 0.3 s, 16 slots, 3 rounds, train 30, test 30
     python benchmarks/tracking_faults.py --async-logging   # with MLFLOW_ENABLE_ASYNC_LOGGING=true
@@ -29,9 +29,11 @@ from tests.conftest import review_rows, start_mlflow_server, stop_group, venv_en
 
 
 def run_once(name: str, work: Path, base_url: str, data: Path, extra: list[str], kill: list | None = None,
-             back_after: float | None = None, env: dict[str, str] | None = None) -> tuple[int, float, bool]:
-    """``kill`` holds the server (killed when round 2 starts); with ``back_after`` a new one
-    starts on the same store that many seconds later (and replaces it in ``kill``)."""
+             back_after: float | None = None, env: dict[str, str] | None = None,
+             how: signal.Signals = signal.SIGKILL) -> tuple[int, float, bool]:
+    """``kill`` holds the server (sent ``how`` when round 2 starts: SIGKILL, or SIGSTOP for a
+    server that hangs); with ``back_after`` a new one starts on the same store that many
+    seconds later (and replaces it in ``kill``)."""
     command = [
         sys.executable, "-m", "distillprompt", "optimize", "--dataset", str(data), "--base-url", base_url,
         "--model", "test-model", "--epochs", "3", "--train-size", "30", "--test-size", "30", "--executor", "local",
@@ -44,8 +46,9 @@ def run_once(name: str, work: Path, base_url: str, data: Path, extra: list[str],
     restart: threading.Thread | None = None
     for line in process.stderr:
         if kill and line.startswith("round 2/") and kill[0].poll() is None and restart is None:
-            os.killpg(kill[0].pid, signal.SIGKILL)
-            kill[0].wait()
+            os.killpg(kill[0].pid, how)
+            if how == signal.SIGKILL:
+                kill[0].wait()
             if back_after is not None:
                 def come_back(server: subprocess.Popen = kill[0]) -> None:
                     time.sleep(back_after)
@@ -86,6 +89,9 @@ def main() -> None:
         server = [start_mlflow_server(store, tracking_port)]
         rows.append(("tracked, server away 10 s from round 2",
                      run_once("blink", work, base_url, data, tracking, kill=server, back_after=10, env=env)))
+        rows.append(("tracked, server hung (SIGSTOP) at round 2",
+                     run_once("hung", work, base_url, data, tracking, kill=server, env=env, how=signal.SIGSTOP)))
+        os.killpg(server[0].pid, signal.SIGCONT)
     finally:
         stop_group(server[0])
         endpoint.terminate()
