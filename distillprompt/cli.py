@@ -165,7 +165,7 @@ def _print_result(result: Any, folder: Path) -> None:
         f"  test:  {_format_scores(result.final_scores['test'])}",
         f"stopped by: {result.stop_reason}; {len(result.history)} candidates, wall time {result.wall_time:.1f}s",
         f"LLM requests: {usage.requests} sent, {usage.cache_hits} from cache, {usage.retries} retried; "
-        f"tokens {usage.input_tokens} in, {usage.output_tokens} out; cost ${usage.cost:.4f}",
+        f"tokens {usage.input_tokens} in, {usage.output_tokens} out; cost ${usage.cost:.4f}" + _budget(result),
         f"result: {folder / 'result.json'}",
     ]
     dropped = {stage: reasons for stage, reasons in result.rejections.items() if sum(reasons.values())}
@@ -192,6 +192,15 @@ def _print_result(result: Any, folder: Path) -> None:
     if result.verdict is not None:
         lines.append(result.verdict.sentence)
     print("\n".join(lines))
+
+
+def _budget(result: Any) -> str:
+    """With --max-cost: what every call cost (the cache's included, as the budget counts them)
+    against the budget."""
+    budget = (result.run_records.get("settings") or {}).get("max_cost")
+    if not budget:
+        return ""
+    return f" (every call, the cache's included: ${result.usage.all_cost:.4f} of the --max-cost budget ${budget:g})"
 
 
 def _data_lines(task: dict[str, Any]) -> list[str]:
