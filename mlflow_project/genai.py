@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable
@@ -36,10 +37,12 @@ from distillprompt.llm import META, PriorityLimiter, Usage
 from distillprompt.engine import Callback, RoundResult, RunResult
 from distillprompt.engine.racing import wait_warm_up
 from distillprompt.settings import Settings, load_settings, setting_specs
+from mlflow.entities import Metric
 from mlflow.genai.optimize.optimizers import BasePromptOptimizer
 from mlflow.genai.optimize.types import PromptOptimizerOutput
 
 from .tracking import round_metrics
+from .tracking.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -289,24 +292,33 @@ def _score(results: list[Any], examples: list[Example]) -> Score:
 class RoundLogger(Callback):
     """Per-round metrics on the run ``optimize_prompts`` opened (step = round), the same
     metrics as ``distillprompt optimize`` logs; prefixed with the prompt's name when several
-    prompts are optimized in one run."""
+    prompts are optimized in one run. The calls go to a queue of their own (``Outbox``), so a
+    tracking server that goes away does not hold the loop; the loop's end waits for it at most
+    ``wait`` seconds (``--tracking-wait``), then says what did not reach it."""
 
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(self, prefix: str = "", wait: float = 20.0) -> None:
         import mlflow
 
-        self.mlflow = mlflow
+        self.client = mlflow.MlflowClient()
+        self.run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr] - only made for a tracked run
         self.prefix = prefix
+        self.outbox = Outbox(mlflow.get_tracking_uri(), wait=wait, attach=lambda: None, name="distillprompt-rounds")
 
     def on_round(self, result: RoundResult) -> None:
         metrics = {f"{self.prefix}{name}": value for name, value in round_metrics(result).items()}
-        self.mlflow.log_metrics(metrics, step=result.round)
+        stamp = int(time.time() * 1000)
+        self.outbox.submit(f"round {result.round} metrics", lambda: self.client.log_batch(
+            self.run_id, metrics=[Metric(key, value, stamp, result.round) for key, value in metrics.items()]))
 
     def on_finish(self, result: RunResult) -> None:
-        self.mlflow.log_dict(
-            {"history": [candidate.to_dict() for candidate in result.history], "rejections": result.rejections,
-             "stop_reason": result.stop_reason, "usage": result.usage.to_dict()},
-            f"distillprompt/{self.prefix or ''}history.json",
-        )
+        history = {"history": [candidate.to_dict() for candidate in result.history], "rejections": result.rejections,
+                   "stop_reason": result.stop_reason, "usage": result.usage.to_dict()}
+        self.outbox.submit("history", lambda: self.client.log_dict(
+            self.run_id, history, f"distillprompt/{self.prefix or ''}history.json"))
+        lost = self.outbox.close()
+        if lost is not None:
+            log.warning("DistillPrompt's round metrics did not all reach MLflow (%s, at %s); the loop's result is "
+                        "in the optimizer's results", lost, self.outbox.failed)
 
 
 class DistillPromptOptimizer(BasePromptOptimizer):
@@ -353,7 +365,7 @@ class DistillPromptOptimizer(BasePromptOptimizer):
                 fixed = dict(optimized)
                 key = name if len(positions) == 1 else f"{name}:{position}"
                 prefix = (f"{name}." if len(target_prompts) > 1 else "") + (f"message{position}." if len(positions) > 1 else "")
-                callbacks: list[Callback] = [RoundLogger(prefix)] if tracking else []
+                callbacks: list[Callback] = [RoundLogger(prefix, self.settings.mlflow.tracking_wait)] if tracking else []
 
                 def evaluator(context: Any, target: PromptTarget = target, fixed: dict[str, str] = fixed) -> EvalFnEvaluator:
                     return EvalFnEvaluator(eval_fn, target, train_data, fixed, context.meter, context.limiter)
