@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from .engine.racing import start_warm_up
 from .progress import ConsoleProgress
 from .settings import AUTO_START_CONCURRENCY, LLMSettings, Settings
 from .state import RunState
+
+log = logging.getLogger(__name__)
 
 EXECUTOR_PLUGINS = "distillprompt.executors"
 RESUME_SOURCES = "distillprompt.resume_sources"  # where a run to resume (--resume RUN_ID) is found: MLflow
@@ -163,7 +166,15 @@ async def open_context(
     async def check() -> None:
         if local is not None:
             await asyncio.to_thread(local.wait_ready)
-        await asyncio.gather(*(check_endpoint(url, options["api_key"], model) for url, model in checks))
+        try:
+            await asyncio.gather(*(check_endpoint(url, options["api_key"], model) for url, model in checks))
+        except UserError as error:
+            if not (settings.resume and settings.cache.enabled):
+                raise
+            # a --resume that completes an MLflow record is answered by the cache: the
+            # endpoint may be down by then, or its key not in this environment
+            log.warning("%s; --resume goes on from the response cache, and a request it does not hold will fail",
+                        error)
 
     # The data loads while the endpoints are checked; a data error is reported first, as
     # when one came after the other.
