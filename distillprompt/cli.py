@@ -274,9 +274,7 @@ def _run(args: argparse.Namespace) -> int:
             runner.optimize(settings, progress=progress, callbacks=[ImportAhead(), *callbacks], resume=resume)
         )
         _print_result(result, folder)
-        unfinished = [text for text in (getattr(c, "incomplete", lambda: None)() for c in callbacks) if text]
-        for text in unfinished:
-            print(f"distillprompt: warning: {text}", file=sys.stderr)
+        unfinished = _warn_unfinished(callbacks)
         if result.failure:
             print(
                 f"distillprompt: error: the endpoint gave up ({result.failure}); the best prompt of the finished rounds "
@@ -300,10 +298,16 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nprompt: {prompt}")
     print(f"test ({len(task.test)} examples of {task.name}): {_format_scores(score.summary())}")
     print(f"LLM requests: {usage['requests']} sent, {usage['cache_hits']} from cache")
+    return INCOMPLETE if _warn_unfinished(callbacks) else 0
+
+
+def _warn_unfinished(callbacks: list[Any]) -> bool:
+    """Prints what the callbacks could not finish (a tracking server that went away) and the
+    command that finishes it; whether there was any (exit code 3)."""
     unfinished = [text for text in (getattr(c, "incomplete", lambda: None)() for c in callbacks) if text]
     for text in unfinished:
         print(f"distillprompt: warning: {text}", file=sys.stderr)
-    return INCOMPLETE if unfinished else 0
+    return bool(unfinished)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

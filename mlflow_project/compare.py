@@ -281,7 +281,8 @@ def dry_run(settings: Settings, methods: list[str], seeds: int, *, budget_match:
     order = [REFERENCE, *(m for m in methods if m != REFERENCE)] if budget_match else methods
     rows = ["| method | seed | meta requests | scoring requests | requests | at most | tokens in | tokens out | "
             "cost USD | at most | cached calls |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    totals: list[float] = [0] * 9
+    # counts stay ints and dollars floats as they add up
+    totals: list[float] = [0, 0, 0, 0, 0, 0, 0.0, 0.0, 0]
     unestimated = []
     for offset in range(seeds):
         budget: tuple[int, int] | None = None
@@ -300,8 +301,8 @@ def dry_run(settings: Settings, methods: list[str], seeds: int, *, budget_match:
             figures = [estimate.meta.calls, estimate.requests - estimate.meta.calls, estimate.requests,
                        estimate.requests_max, *estimate.tokens, estimate.cost, estimate.cost_max, estimate.cached]
             totals = [a + b for a, b in zip(totals, figures)]
-            rows.append(f"| {method} | {child.seed} | " + " | ".join(_figure(i, f) for i, f in enumerate(figures)) + " |")
-    rows.append("| **all** | | " + " | ".join(_figure(i, f) for i, f in enumerate(totals)) + " |")
+            rows.append(f"| {method} | {child.seed} | " + " | ".join(map(_figure, figures)) + " |")
+    rows.append("| **all** | | " + " | ".join(map(_figure, totals)) + " |")
     if unestimated:
         rows.append(f"\nnot estimated (MLflow's optimizers choose their own calls; --max-scoring-calls bounds their "
                     f"scoring): {', '.join(unestimated)}")
@@ -309,9 +310,9 @@ def dry_run(settings: Settings, methods: list[str], seeds: int, *, budget_match:
     return "\n".join(rows)
 
 
-def _figure(column: int, value: float) -> str:
-    """A dry-run table cell: dollars (columns 6 and 7) to 4 places, counts with separators."""
-    return f"{value:.4f}" if column in (6, 7) else f"{int(value):,}"
+def _figure(value: float) -> str:
+    """A dry-run table cell: dollars (floats) to 4 places, counts (ints) with separators."""
+    return f"{value:.4f}" if isinstance(value, float) else f"{value:,}"
 
 
 class CompareCommand:

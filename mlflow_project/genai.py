@@ -24,7 +24,6 @@ import json
 import logging
 import re
 import threading
-import time
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable
@@ -43,6 +42,7 @@ from mlflow.genai.optimize.types import PromptOptimizerOutput
 
 from .tracking import round_metrics
 from .tracking.outbox import Outbox
+from .tracking.tracker import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ class RoundLogger(Callback):
 
     def on_round(self, result: RoundResult) -> None:
         metrics = {f"{self.prefix}{name}": value for name, value in round_metrics(result).items()}
-        stamp = int(time.time() * 1000)
+        stamp = now_ms()
         self.outbox.submit(f"round {result.round} metrics", lambda: self.client.log_batch(
             self.run_id, metrics=[Metric(key, value, stamp, result.round) for key, value in metrics.items()]))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..llm import CostGuard, Usage, UsageMeter
+from ..llm import CostGuard, Usage, UsageMeter, text_tokens
 from ..settings import OptimizerSettings
 from .events import MAX_COST, TEST_SCORING
 from .scoring import Scoring
@@ -34,6 +34,13 @@ class Budgets:
         """A round starts: what a stage costs is counted from here."""
         if self.cost_guard is not None:
             self._spent_at_mark = self.cost_guard.spent()
+
+    def new_best(self, prompt: str, initial: str) -> None:
+        """``--max-cost``: the best prompt's test scoring, at the end, carries its length; what
+        it has more than the initial prompt (the estimate's) is held back from the search."""
+        if self.cost_guard is not None:
+            more = text_tokens(prompt) - text_tokens(initial)
+            self.cost_guard.hold_back_tokens(more * len(self.scoring.task.test))
 
     async def reached(self) -> str | None:
         if not self.any:

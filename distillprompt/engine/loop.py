@@ -23,7 +23,7 @@ from ..data import Task
 from ..diagnosis import diagnose
 from ..errors import CostLimitReached, EndpointUnavailable, UserError
 from ..evaluation import Evaluator, Score
-from ..llm import LLM, CostGuard, Usage, UsageMeter, text_tokens
+from ..llm import LLM, CostGuard, Usage, UsageMeter
 from ..settings import OptimizerSettings
 from ..state import Candidate, RunState
 from ..verdict import judge
@@ -81,7 +81,6 @@ class Optimizer:
             validation_top=self.selection.top if validated else None,  # type: ignore[attr-defined]
         )
         self.limiter = llm.limiter
-        self.cost_guard = cost_guard  # --max-cost, when set
         self.budgets = Budgets(settings, meter, self.scoring, cost_guard)
         self._use_state(state or RunState(seed=seed))
         self.failure: str | None = None
@@ -215,10 +214,8 @@ class Optimizer:
             current.stop_reason = MAX_COST
             chosen = state.best
         improved = chosen.id != state.best_id
-        if improved and self.cost_guard is not None and self.task.test:
-            # its test scoring, at the end, carries its length: held back from the search
-            more = text_tokens(chosen.prompt) - text_tokens(state.history[0].prompt)
-            self.cost_guard.hold_back_tokens(more * len(self.task.test))
+        if improved:
+            self.budgets.new_best(chosen.prompt, state.history[0].prompt)
         state.best_id = chosen.id
         state.best_per_example = self.scoring.per_example(chosen.prompt) or state.best_per_example
         if improved:

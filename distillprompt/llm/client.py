@@ -87,22 +87,25 @@ class ReplyBook:
         cached = self.cache.get(key)
         if cached is None:
             return None
-        self.meter.record(stage, Usage(cache_hits=1, cached_tokens=cached.input_tokens + cached.output_tokens,
-                                       cached_output_tokens=cached.output_tokens,
-                                       cached_cost=self.price(cached.input_tokens, cached.output_tokens)))
+        self.meter.record(stage, self._hits([cached]))
         return list(cached.texts)
 
     def lookup_many(self, keys: list[str], stage: str) -> dict[str, CachedReply]:
         """The cached replies among ``keys``, in one query, counted as hits."""
         found = self.cache.get_many(keys) if self.cache is not None else {}
         if found:
-            hits = [key for key in keys if key in found]
-            tokens = sum(found[key].input_tokens + found[key].output_tokens for key in hits)
-            output = sum(found[key].output_tokens for key in hits)
-            cost = sum(self.price(found[key].input_tokens, found[key].output_tokens) for key in hits)
-            self.meter.record(stage, Usage(cache_hits=len(hits), cached_tokens=tokens, cached_output_tokens=output,
-                                           cached_cost=cost))
+            self.meter.record(stage, self._hits([found[key] for key in keys if key in found]))
         return found
+
+    def _hits(self, replies: list[CachedReply]) -> Usage:
+        """What cached replies count for: hits, their tokens (in and out, as first paid) and
+        what they cost at today's prices (``--max-cost`` counts them)."""
+        return Usage(
+            cache_hits=len(replies),
+            cached_tokens=sum(r.input_tokens + r.output_tokens for r in replies),
+            cached_output_tokens=sum(r.output_tokens for r in replies),
+            cached_cost=sum(self.price(r.input_tokens, r.output_tokens) for r in replies),
+        )
 
     def store(
         self, key: str, texts: list[str], spent: Usage, stage: str, messages: Messages | None = None, started: float = 0.0

@@ -37,6 +37,11 @@ ATTEMPTS = 3  # a call that fails this often while the server answers is a fault
 _outages: dict[str, float] = {}
 
 
+def error_line(error: BaseException) -> str:
+    """An error on one short line: its type and message, white space folded, at most 200 characters."""
+    return " ".join(f"{type(error).__name__}: {error}".split())[:200]
+
+
 def answers(uri: str) -> bool:
     """Whether an HTTP tracking server answers now. A local store (a file, sqlite) has no probe:
     the held call itself is tried again."""
@@ -127,7 +132,7 @@ class Outbox:
                 call()
             except Exception as error:  # noqa: BLE001 - whatever the server, the network or the registry did
                 self._busy_since = None
-                reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+                reason = error_line(error)
                 self.failed = name
                 if isinstance(error, UserError):
                     self._give_up(str(error))

@@ -30,7 +30,7 @@ from distillprompt.settings import Settings
 from distillprompt.state import Candidate
 
 from .artifacts import CANDIDATE_ALIAS, describe, log_evaluation, log_result, log_round, round_table
-from .outbox import Outbox
+from .outbox import Outbox, error_line
 from .metrics import final_metrics, param_key, round_metrics
 from .runs import CHECKPOINT, SETTINGS_TREE, connect, start_run, tracking_requested
 from .tracing import trace_call
@@ -302,7 +302,7 @@ class MlflowTracker(Callback):
                 self.mlflow.end_run(status="FINISHED" if succeeded else "FAILED")
                 return
             except Exception as error:  # noqa: BLE001 - the server went away after the last queued call
-                self.lost = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+                self.lost = error_line(error)
                 self.outbox.failed = "the end of the run"
         # end_run would call the server that went away (for MLflow's full retry budget): the
         # run leaves this thread's active runs (MLflow's own list: no public call does it
