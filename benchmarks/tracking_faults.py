@@ -30,15 +30,25 @@ from tests.conftest import review_rows, start_mlflow_server, stop_group, venv_en
 
 def run_once(name: str, work: Path, base_url: str, data: Path, extra: list[str], kill: list | None = None,
              back_after: float | None = None, env: dict[str, str] | None = None,
-             how: signal.Signals = signal.SIGKILL) -> tuple[int, float, bool]:
+             how: signal.Signals = signal.SIGKILL, tracking_uri: str | None = None) -> tuple[int, float, bool]:
     """``kill`` holds the server (sent ``how`` when round 2 starts: SIGKILL, or SIGSTOP for a
     server that hangs); with ``back_after`` a new one starts on the same store that many
-    seconds later (and replaces it in ``kill``)."""
-    command = [
-        sys.executable, "-m", "distillprompt", "optimize", "--dataset", str(data), "--base-url", base_url,
-        "--model", "test-model", "--epochs", "3", "--train-size", "30", "--test-size", "30", "--executor", "local",
-        "--cache-path", str(work / f"{name}.sqlite"), "--output", str(work / name), *extra,
-    ]
+    seconds later (and replaces it in ``kill``). With ``tracking_uri`` the run is launched by
+    `mlflow run . -e optimize` tracking there, as a user of the MLproject would."""
+    if tracking_uri is None:
+        command = [
+            sys.executable, "-m", "distillprompt", "optimize", "--dataset", str(data), "--base-url", base_url,
+            "--model", "test-model", "--epochs", "3", "--train-size", "30", "--test-size", "30", "--executor", "local",
+            "--cache-path", str(work / f"{name}.sqlite"), "--output", str(work / name), *extra,
+        ]
+    else:
+        parameters = {"dataset": data, "base_url": base_url, "model": "test-model", "rounds": 3, "train_size": 30,
+                      "test_size": 30, "executor": "local"}
+        command = [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "optimize", "--env-manager",
+                   "local", "--experiment-name", "tracking-faults",
+                   *(part for key, value in parameters.items() for part in ("-P", f"{key}={value}"))]
+        env = {**(env or {}), "MLFLOW_TRACKING_URI": tracking_uri, "DISTILLPROMPT_OUTPUT": str(work / name),
+               "DISTILLPROMPT_CACHE__PATH": str(work / f"{name}.sqlite")}
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                env=venv_env({"PYTHONPATH": str(ROOT), **(env or {})}))
@@ -67,6 +77,9 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.3)
     parser.add_argument("--capacity", type=int, default=16)
     parser.add_argument("--async-logging", action="store_true", help="set MLFLOW_ENABLE_ASYNC_LOGGING=true in the runs")
+    parser.add_argument("--mlflow-run", action="store_true",
+                        help="also launch with `mlflow run` and kill the server at round 2, with MLflow's HTTP "
+                        "retries as they are and bounded (MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, _TIMEOUT=30)")
     args = parser.parse_args()
     env = {"MLFLOW_ENABLE_ASYNC_LOGGING": "true"} if args.async_logging else {}
     work = Path(tempfile.mkdtemp(prefix="tracking-faults-"))
@@ -92,6 +105,14 @@ def main() -> None:
         rows.append(("tracked, server hung (SIGSTOP) at round 2",
                      run_once("hung", work, base_url, data, tracking, kill=server, env=env, how=signal.SIGSTOP)))
         os.killpg(server[0].pid, signal.SIGCONT)
+        if args.mlflow_run:
+            bounded = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+            for label, extra_env in (("MLflow's defaults", {}), ("retries bounded", bounded)):
+                stop_group(server[0])
+                server = [start_mlflow_server(store, tracking_port)]
+                rows.append((f"mlflow run, server killed at round 2, {label}",
+                             run_once(f"mlflow-run-{len(rows)}", work, base_url, data, [], kill=server,
+                                      env={**env, **extra_env}, tracking_uri=tracking[1])))
     finally:
         stop_group(server[0])
         endpoint.terminate()
