@@ -1,20 +1,25 @@
 """Result quality over seeds: `distillprompt compare` per variant, one table.
 
     python benchmarks/quality.py                                  # demo task, embedded model,
-                                                                  # distillprompt,initial, 3 seeds,
-                                                                  # validation off and on (20)
-    python benchmarks/quality.py --dataset ../shared/data/sst2 --train-size 50 --test-size 200 \\
-        --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-0.5B-Instruct \\
-        --optimizer-base-url http://localhost:8001/v1 --optimizer-model Qwen/Qwen2.5-7B-Instruct
+                                                                  # distillprompt,initial, 3 seeds
+    # the real-model benchmark (benchmarks/README.md): Qwen2.5-Coder-1.5B on llama.cpp
+    python benchmarks/quality.py --dataset ../shared/data/sst5 --train-size 60 --test-size 200 --rounds 2 \\
+        --base-url http://127.0.0.1:18015/v1 --model qwen15 \\
+        --variant "defaults=--methods distillprompt,initial,fewshot,grips --budget-match" \\
+        --variant "paper=--methods distillprompt --paper"
 
-Each variant (``--variants``: a name and the extra flags it gives, ``val0=--val-size 0``) is
-one `distillprompt compare` child process with its own MLflow parent run (a sqlite store in
-the output folder unless MLFLOW_TRACKING_URI is set); all variants share one response cache,
-so what they ask alike is paid once. The report: per variant and method, the test score
-mean ± std over seeds; the paired bootstrap interval of each method minus ``initial`` on the
-pooled test examples of all seeds; and, for every variant after the first, DistillPrompt of
-that variant minus DistillPrompt of the first. Written to REPORT.md in the output folder and
-printed.
+Each variant (``--variant NAME=FLAGS``: flags added to the common ones, a ``--methods`` among
+them wins) is one `distillprompt compare` child process with its own MLflow parent run (a
+sqlite store in the output folder unless MLFLOW_TRACKING_URI is set); all variants share one
+response cache, so what they ask alike (the initial prompt's scoring, above all) is paid
+once. The report, per variant and method: the test metric's mean ± std over seeds and per
+seed; the difference from ``initial`` with its paired 95% bootstrap interval over the test
+examples of every seed pooled (the examples resampled, the metric - macro-F1 for
+classification - counted again on each resample; accuracy's interval beside it); requests
+sent to the endpoint, calls (the cache's too) and wall time. Then DistillPrompt of each
+variant minus DistillPrompt of the first, and minus each baseline, the same way. Written to
+REPORT.md and report.json in the output folder and printed. ``--report-only`` rebuilds the
+report from the runs already in the output folder.
 """
 
 from __future__ import annotations
@@ -29,16 +34,28 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from distillprompt.verdict import paired_bootstrap  # noqa: E402
+from distillprompt.paired import label_codes, paired_interval  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     name, _, flags = text.partition("=")
     return name.strip(), shlex.split(flags)
+
+
+def methods_of(flags: list[str], default: str) -> list[str]:
+    """The methods a variant runs: its own ``--methods``, else the benchmark's."""
+    chosen = default
+    for i, flag in enumerate(flags):
+        if flag == "--methods" and i + 1 < len(flags):
+            chosen = flags[i + 1]
+        elif flag.startswith("--methods="):
+            chosen = flag.split("=", 1)[1]
+    return [m.strip() for m in chosen.split(",") if m.strip()]
 
 
 def run_variant(name: str, flags: list[str], args: argparse.Namespace, folder: Path, common: list[str]) -> float:
@@ -66,44 +83,92 @@ def outcomes(folder: Path, methods: list[str], seeds: list[int]) -> dict[str, li
     return found
 
 
-def per_example(result: dict) -> list[float]:
-    return [row["score"] for row in result["test_outputs"]["final"]]
+class Pooled:
+    """The final prompts' test answers of several runs (one per seed), pooled."""
+
+    def __init__(self, runs: list[dict]) -> None:
+        task = runs[0]["task"]
+        self.labels = task["labels"] if task["task"] == "classification" else None
+        rows = [row for run in runs for row in run["test_outputs"]["final"]]
+        if self.labels is None:
+            self.record = [float(row["score"]) for row in rows]
+            self.targets = None
+        else:
+            self.record = [float(c) for c in label_codes(self.labels, [row["prediction"] for row in rows])]
+            self.targets = [float(c) for c in label_codes(self.labels, [row["target"] for row in rows])]
+        self.correct = [float(row["score"]) for row in rows]
+        self.keys = [(run["task"]["digest"], i) for run in runs for i, _ in enumerate(run["test_outputs"]["final"])]
+
+    def minus(self, other: Pooled, seed: int) -> dict[str, float]:
+        """self − other on the metric (and accuracy), paired over the same pooled examples."""
+        if self.keys != other.keys:
+            raise SystemExit("the runs compared did not answer the same test examples: same seeds and sizes needed")
+        count = len(self.labels) if self.labels is not None else None
+        mean, low, high = paired_interval(other.record, self.record, self.targets, count, seed)
+        figures = {"difference": mean, "low": low, "high": high}
+        if self.labels is not None:
+            mean, low, high = paired_interval(other.correct, self.correct, seed=seed)
+            figures.update(accuracy_difference=mean, accuracy_low=low, accuracy_high=high)
+        return figures
 
 
-def report(variants: list[str], results: dict[str, dict[str, list[dict]]], walls: dict[str, float], args) -> str:
-    metric = next(iter(next(iter(results.values())).values()))[0]["task"]["metric"]
-    lines = [
-        f"| variant | method | test {metric} mean ± std | per seed | − initial, paired 95% CI (per-example) | "
-        "requests sent | calls |",
-        "|---|---|---:|---|---:|---:|---:|",
-    ]
+def interval_text(figures: dict[str, float] | None) -> str:
+    if not figures:
+        return "—"
+    text = f"{figures['difference']:+.4f} [{figures['low']:+.4f}, {figures['high']:+.4f}]"
+    if "accuracy_difference" in figures:
+        text += (f" (acc {figures['accuracy_difference']:+.4f} [{figures['accuracy_low']:+.4f}, "
+                 f"{figures['accuracy_high']:+.4f}])")
+    return text
+
+
+def summarize(variants: list[str], results: dict[str, dict[str, list[dict]]], seed: int) -> dict[str, Any]:
+    initial_runs = next((by["initial"] for by in results.values() if "initial" in by), None)
+    initial = Pooled(initial_runs) if initial_runs else None
+    rows = []
     for variant in variants:
-        by_method = results[variant]
-        initial = by_method.get("initial")
-        for method, runs in by_method.items():
+        for method, runs in results[variant].items():
+            pooled = Pooled(runs)
             scores = [r["final_scores"]["test"]["score"] for r in runs]
-            spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
-            difference = "—"
-            if initial is not None and method != "initial":
-                before = [x for r in initial for x in per_example(r)]
-                after = [x for r in runs for x in per_example(r)]
-                mean, low, high = paired_bootstrap(before, after, args.seed)
-                difference = f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
-            sent = sum(r["usage"]["total"]["requests"] for r in runs)
-            calls = sum(r["usage"]["total"]["calls"] for r in runs)
-            lines.append(
-                f"| {variant} | {method} | {statistics.fmean(scores):.4f} ± {spread:.4f} | "
-                f"{', '.join(f'{s:.4f}' for s in scores)} | {difference} | {sent} | {calls} |"
-            )
+            rows.append({
+                "variant": variant, "method": method, "scores": scores,
+                "mean": statistics.fmean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                "minus_initial": pooled.minus(initial, seed) if initial is not None and method != "initial" else None,
+                "sent": sum(r["usage"]["total"]["requests"] for r in runs),
+                "calls": sum(r["usage"]["total"]["calls"] for r in runs),
+                "wall": sum(r["wall_time_seconds"] for r in runs),
+                "final_prompts": [r["final_prompt"] for r in runs],
+                "kept_initial": sum(r["final_candidate"] == 0 for r in runs),
+            })
     reference = variants[0]
+    contrasts = []
     if "distillprompt" in results[reference]:
-        lines += ["", f"| DistillPrompt: variant − {reference} | paired 95% CI (per-example, pooled seeds) |", "|---|---:|"]
-        base = [x for r in results[reference]["distillprompt"] for x in per_example(r)]
+        ours = Pooled(results[reference]["distillprompt"])
         for variant in variants[1:]:
-            other = [x for r in results[variant]["distillprompt"] for x in per_example(r)]
-            mean, low, high = paired_bootstrap(base, other, args.seed)
-            lines.append(f"| {variant} | {mean:+.4f} [{low:+.4f}, {high:+.4f}] |")
-    lines += ["", "| variant | wall time s |", "|---|---:|"] + [f"| {v} | {walls[v]:.0f} |" for v in variants]
+            if "distillprompt" in results[variant]:
+                contrasts.append({"what": f"distillprompt {reference} − distillprompt {variant}",
+                                  **ours.minus(Pooled(results[variant]["distillprompt"]), seed)})
+        for method, runs in results[reference].items():
+            if method not in ("distillprompt", "initial"):
+                contrasts.append({"what": f"distillprompt {reference} − {method}", **ours.minus(Pooled(runs), seed)})
+    return {"rows": rows, "contrasts": contrasts}
+
+
+def report(summary: dict[str, Any], metric: str) -> str:
+    lines = [
+        f"| variant | method | test {metric} mean ± std | per seed | − initial, {metric} [paired 95% CI, pooled seeds] "
+        "(accuracy) | kept initial | requests sent | calls | wall s |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in summary["rows"]:
+        lines.append(
+            f"| {row['variant']} | {row['method']} | {row['mean']:.4f} ± {row['std']:.4f} | "
+            f"{', '.join(f'{s:.4f}' for s in row['scores'])} | {interval_text(row['minus_initial'])} | "
+            f"{row['kept_initial']} | {row['sent']} | {row['calls']} | {row['wall']:.0f} |"
+        )
+    if summary["contrasts"]:
+        lines += ["", f"| contrast | {metric} [paired 95% CI, pooled seeds] (accuracy) |", "|---|---:|"]
+        lines += [f"| {c['what']} | {interval_text(c)} |" for c in summary["contrasts"]]
     return "\n".join(lines)
 
 
@@ -121,10 +186,11 @@ def main() -> None:
     parser.add_argument("--optimizer-base-url")
     parser.add_argument("--optimizer-model")
     parser.add_argument("--variant", action="append", dest="variants",
-                        help="NAME=FLAGS, repeatable (default: val0='--val-size 0' and val20='--val-size 20')")
+                        help="NAME=FLAGS, repeatable (default: one variant, defaults=)")
     parser.add_argument("--cache-path", help="response cache shared by the variants (default: a fresh one)")
     parser.add_argument("--output", type=Path, help="folder for the runs and REPORT.md (default: a temp folder)")
     parser.add_argument("--executor", default="local")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report from --output's runs")
     args = parser.parse_args()
 
     folder = (args.output or Path(tempfile.mkdtemp(prefix="quality-"))).resolve()
@@ -137,20 +203,26 @@ def main() -> None:
     for flag in ("base_url", "model", "optimizer_base_url", "optimizer_model"):
         if getattr(args, flag):
             common += ["--" + flag.replace("_", "-"), getattr(args, flag)]
-    variants = [parse_variant(v) for v in (args.variants or ["val0=--val-size 0", "val20=--val-size 20"])]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.base_url:
+        common += ["--api-key", os.environ.get("OPENAI_API_KEY", "none")]
+    variants = [parse_variant(v) for v in (args.variants or ["defaults="])]
     seeds = [args.seed + offset for offset in range(args.seeds)]
-    walls, results = {}, {}
+    results = {}
     for name, flags in variants:
-        walls[name] = run_variant(name, flags, args, folder, common)
-        results[name] = outcomes(folder / name, methods, seeds)
-    text = report([name for name, _ in variants], results, walls, args)
+        if not args.report_only:
+            run_variant(name, flags, args, folder, common)
+        results[name] = outcomes(folder / name, methods_of(flags, args.methods), seeds)
+    summary = summarize([name for name, _ in variants], results, args.seed)
+    metric = next(iter(next(iter(results.values())).values()))[0]["task"]["metric"]
+    text = report(summary, metric)
     header = (
-        f"dataset {args.dataset}, methods {args.methods}, seeds {seeds}, rounds {args.rounds}, train "
-        f"{args.train_size}, test {args.test_size}, target {args.model or 'embedded'} at {args.base_url or 'local'}, "
-        f"optimizer {args.optimizer_model or args.model or 'embedded'}\n\n"
+        f"dataset {args.dataset}, seeds {seeds}, rounds {args.rounds}, train {args.train_size}, test "
+        f"{args.test_size}, target {args.model or 'embedded'} at {args.base_url or 'local'}, optimizer "
+        f"{args.optimizer_model or args.model or 'embedded'}; variants: "
+        + "; ".join(f"{name} = {' '.join(flags) or '(defaults)'}" for name, flags in variants) + "\n\n"
     )
     (folder / "REPORT.md").write_text(header + text + "\n")
+    (folder / "report.json").write_text(json.dumps(summary, indent=1))
     print(header + text)
     print(f"\nruns and REPORT.md in {folder}", file=sys.stderr)
 

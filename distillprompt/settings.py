@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
@@ -197,10 +197,27 @@ class OptimizerSettings(Group):
     initial_prompt: str | None = Field(
         None, description="starting instruction (default: a one-sentence instruction built from the task)"
     )
+    paper: bool = Field(
+        False,
+        description="DistillPrompt as the paper runs it: --demos 0 --distill-from random --scoring full, for each "
+        "of these not set otherwise",
+    )
     rounds: int = Field(5, gt=0, description="rounds of rewrite, distill, compress, aggregate, paraphrase "
                         "(also --epochs)", **alias("epochs"))
     rewrites: int = Field(4, gt=0, description="rewrites of the best prompt per round")
     distill_examples: int = Field(5, gt=0, description="train examples shown to each distillation")
+    distill_from: Literal["errors", "random"] = Field(
+        "errors",
+        description="which train examples a distillation studies: errors (mostly those its source prompt got wrong, "
+        "each with the target model's answer beside the correct one, and some it got right, covering the labels; "
+        "from scores already paid for) or random (random examples with their answers, as the paper does)",
+    )
+    demos: int = Field(
+        3, ge=0,
+        description="solved examples a demos candidate adds to the best instruction, stratified by label and drawn "
+        "from train-split rows outside the train, validation and test samples (0: no demos candidates, as the paper)",
+    )
+    demo_draws: int = Field(2, gt=0, description="demos candidates per round: different draws of --demos examples")
     paraphrases: int = Field(3, gt=0, description="paraphrases of the aggregated prompt per round")
     temperature_rewrite: float = Field(0.7, ge=0, le=2)
     temperature_distill: float = Field(0.5, ge=0, le=2)
@@ -238,8 +255,8 @@ class OptimizerSettings(Group):
     )
     max_prompt_tokens: int = Field(
         0, ge=0, description="drop a candidate prompt longer than this many tokens, estimated at 4 characters a "
-        "token (rejection reason too_many_tokens; 0: none); DistillPrompt's candidates (GrIPS' edits and few-shot "
-        "prompts are built, not written, and are not dropped)"
+        "token (rejection reason too_many_tokens; 0: none); DistillPrompt's candidates, the solved examples they "
+        "carry included (GrIPS' edits and few-shot prompts are built from the initial prompt and are not dropped)"
     )
     fewshot_examples: int = Field(3, gt=0, description="fewshot: train examples added to the initial prompt")
     grips_candidates: int = Field(5, gt=0, description="grips: candidates per iteration")
@@ -264,6 +281,22 @@ class OptimizerSettings(Group):
     val_top: int = Field(
         3, gt=0, description="with a validation sample: the round's best candidates by train score compared on it"
     )
+
+    @model_validator(mode="after")
+    def _paper_settings(self) -> OptimizerSettings:
+        """``--paper``: the paper's value of each setting in ``PAPER_SETTINGS`` that no flag,
+        variable or config key set (written past assignment validation, which would call this
+        again)."""
+        if self.paper:
+            for name, value in PAPER_SETTINGS.items():
+                if name not in self.model_fields_set:
+                    self.__dict__[name] = value
+        return self
+
+
+# What --paper sets: the method as arXiv 2508.18992 describes it (no examples in the prompt,
+# random examples for distillation, every candidate scored on the whole train sample).
+PAPER_SETTINGS: dict[str, Any] = {"demos": 0, "distill_from": "random", "scoring": "full"}
 
 
 class CacheSettings(Group):

@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import UserError
 
-STAGES = ("rewrite", "distill", "compress", "aggregate", "paraphrase")
+STAGES = ("demos", "rewrite", "distill", "compress", "aggregate", "paraphrase")
 
 
 @dataclass
@@ -32,6 +32,15 @@ class Candidate:
     answers: dict[str, int] = field(default_factory=dict)  # the target's answers on the train sample, counted
     examples_scored: int | None = None  # train examples its score covers (fewer when a race stopped it)
     eliminated_by: int | None = None  # the incumbent or batch leader a race found it worse than: never selected
+    # A prompt with solved examples (a demos candidate, or an instruction that inherited its
+    # parent's): the instruction they follow, and the train-split rows they are (Example.index)
+    instruction: str | None = None
+    demos: list[int] = field(default_factory=list)
+
+    @property
+    def bare_instruction(self) -> str:
+        """The prompt without its solved examples: what the meta-prompts rewrite."""
+        return self.instruction if self.instruction is not None else self.prompt
 
     @property
     def selectable(self) -> bool:
@@ -60,7 +69,7 @@ def dedup_key(prompt: str) -> str:
 # Raise it when a saved state's fields change meaning or are added (an older distillprompt
 # then refuses the state instead of failing on a field it does not know), and add the step
 # that turns the previous version into the new one to MIGRATIONS.
-STATE_SCHEMA_VERSION = 2
+STATE_SCHEMA_VERSION = 3
 
 
 @dataclass
@@ -78,7 +87,9 @@ class RunState:
     rejections: dict[str, dict[str, int]] = field(default_factory=dict)
     stop_reason: str | None = None
     method_state: dict[str, Any] = field(default_factory=dict)  # what a method keeps between rounds
-    best_per_example: list[float] | None = None  # the best prompt's train scores per example, for racing
+    # the best prompt's train record (``paired.record_of``: predicted label codes, or the
+    # per-example metric), for racing
+    best_record: list[float] | None = None
 
     def rng(self) -> random.Random:
         rng = random.Random(f"{self.seed}:optimizer")
@@ -144,4 +155,15 @@ def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-MIGRATIONS = {1: _from_version_1}  # version -> the step to the next one
+def _from_version_2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 races on the selection metric, so it keeps the best prompt's train record
+    (its predicted labels) instead of its per-example correctness: the record reads as None
+    and is scored once more, the response cache answering it. Candidates may carry solved
+    examples (``instruction``, ``demos``), which read with their defaults (none)."""
+    data = dict(data)
+    data.pop("best_per_example", None)
+    data["best_record"] = None
+    return data
+
+
+MIGRATIONS = {1: _from_version_1, 2: _from_version_2}  # version -> the step to the next one

@@ -173,25 +173,43 @@ def rewrite(task: Task, prompt: str, score: float, metric: str) -> MetaPrompt:
     return _meta("rewrite", lines, fixed)
 
 
-OBSERVED_LINES = (("output", "Answer given with this instruction"), ("score", "Its score"), ("notes", "Judges' notes"))
+OBSERVED_LINES = (("output", "The model's answer"), ("score", "Its score"), ("notes", "Judges' notes"))
 
 
-def distill(task: Task, prompt: str, examples: list[Example], observed: list[dict[str, str]] | None = None) -> MetaPrompt:
-    """``observed`` (one dict per example, when the scoring recorded them): what the app
-    answered with the instruction below, its score and the judges' notes."""
+def distill(
+    task: Task, prompt: str, examples: list[Example], observed: list[dict[str, str]] | None = None,
+    from_errors: bool = False,
+) -> MetaPrompt:
+    """``observed`` (one dict per example, when the scoring recorded them): what the model or
+    app answered with the instruction below, its score and the judges' notes. ``from_errors``:
+    the examples are mostly ones the instruction got wrong (``Round.mistakes``), and the
+    meta-prompt asks what led the model astray."""
     shown = []
     for i, example in enumerate(examples):
         lines = [render_inputs(task, example), f"Correct answer: {example.target}"]
         seen = observed[i] if observed and i < len(observed) else {}
         lines += [f"{label}: {seen[key]}" for key, label in OBSERVED_LINES if seen.get(key)]
         shown.append("\n".join(lines))
+    if from_errors:
+        study = (
+            "Below are examples the model answered while following the instruction: each shows the correct answer "
+            "and the model's own answer, and several of the model's answers are wrong. Work out what misled the "
+            "model on the wrong ones and what it did right on the others."
+        )
+        teach = (
+            "Then rewrite the instruction so that a model following it avoids those mistakes: state the general "
+            "rules that tell the answers apart. Do not copy the examples or their answers into the instruction."
+        )
+    else:
+        study = ("Study the solved examples below and work out what a model must pay attention to in order to answer "
+                 "them correctly.")
+        teach = ("Then rewrite the instruction so that it teaches those general rules. Do not copy the examples or "
+                 "their answers into the instruction.")
     fixed = [
         "You improve instructions that are given to a language model.",
         _task_summary(task),
-        "Study the solved examples below and work out what a model must pay attention to in order to answer them "
-        "correctly.",
-        "Then rewrite the instruction so that it teaches those general rules. Do not copy the examples or their "
-        "answers into the instruction.",
+        study,
+        teach,
         _REPLY_FORMAT,
     ]
     lines = fixed[:3] + ["Examples:\n" + "\n\n".join(shown), f"Instruction:\n{prompt}"] + fixed[3:]

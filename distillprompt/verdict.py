@@ -1,10 +1,12 @@
 """Did the final prompt beat the initial one on the test sample? One honest sentence.
 
-The two prompts answered the same test examples, so the comparison is paired: the
-per-example differences (correctness for classification, the metric for generation) are
-resampled with a bootstrap, and a gain counts only when the whole 95% interval lies above
-zero. The verdict goes into the run's summary, its MLflow description and the registered
-prompt's tags.
+The two prompts answered the same test examples, so the comparison is paired: the examples
+are resampled with both answers (a bootstrap) and the run's metric is counted again on each
+resample (``paired.paired_interval``): macro-F1 for classification, whose gain can be far
+larger than accuracy's when a prompt fixes a lean to one label. A gain counts only when the
+whole 95% interval of the metric's difference lies above zero. For classification the
+interval of accuracy's difference is given beside it. The verdict goes into the run's
+summary, its MLflow description and the registered prompt's tags.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-BOOTSTRAP_SAMPLES = 2000
+from .paired import label_codes, paired_interval, record_of
 
 BETTER = "better"  # higher test score, interval above zero
 WITHIN_NOISE = "within_noise"  # higher test score, interval includes zero
@@ -26,28 +28,13 @@ ADVICE = (
 )
 
 
-def paired_bootstrap(before: list[float], after: list[float], seed: int = 0) -> tuple[float, float, float]:
-    """Mean of after − before per example, with a 95% percentile bootstrap interval.
-
-    The resampling is SciPy's ``bootstrap(method="percentile")`` step for step (one batch of
-    index draws from ``default_rng(seed)``, the mean of each resample, linear quantiles), and
-    a test holds it to SciPy's numbers; it is written out here to keep ``scipy.stats``' import
-    off the end of every run (docs/decisions.md). Identical differences (a prompt compared
-    with itself, or a flat sample) have a zero-width interval."""
-    import numpy as np
-
-    differences = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
-    if differences.size == 0:
-        return 0.0, 0.0, 0.0
-    mean = float(differences.mean())
-    if np.all(differences == differences[0]):
-        return mean, mean, mean
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, differences.size, (BOOTSTRAP_SAMPLES, differences.size))
-    means = differences[draws].mean(axis=-1)
-    alpha = (1 - 0.95) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return mean, float(low), float(high)
+def score_interval(before: Any, after: Any, labels: list[str] | None, seed: int = 0) -> tuple[float, float, float]:
+    """The metric's difference between two ``Score``s of the same examples (after − before)
+    and its paired 95% bootstrap interval; ``labels`` for classification (macro-F1), None
+    for a metric that is a mean over examples."""
+    targets = label_codes(labels, before.targets) if labels is not None else None
+    return paired_interval(record_of(before, labels), record_of(after, labels), targets,
+                           len(labels) if labels is not None else None, seed)
 
 
 @dataclass(frozen=True)
@@ -57,10 +44,14 @@ class Verdict:
     examples: int
     initial_score: float | None
     final_score: float | None
-    difference: float  # mean per-example difference, final − initial
-    low: float
+    difference: float  # the metric's difference, final − initial
+    low: float  # its paired 95% bootstrap interval
     high: float
     sentence: str
+    # classification: accuracy's difference and interval, beside the metric's
+    accuracy_difference: float | None = None
+    accuracy_low: float | None = None
+    accuracy_high: float | None = None
 
     @property
     def beat_initial(self) -> bool:
@@ -73,7 +64,7 @@ class Verdict:
 def judge(
     *,
     metric: str,
-    classification: bool,
+    labels: list[str] | None,
     kept_initial: bool,
     initial_test: Any,
     final_test: Any,
@@ -85,10 +76,14 @@ def judge(
                        "The test sample was not scored, so whether the final prompt is better is unknown.")
     count = len(final_test.per_example)
     before, after = initial_test.value, final_test.value
-    difference, low, high = paired_bootstrap(initial_test.per_example, final_test.per_example, seed)
-    per_example = "accuracy" if classification else metric
+    difference, low, high = score_interval(initial_test, final_test, labels, seed)
     scores = f"test {metric} {before:.4f} → {after:.4f}"
-    interval = f"paired 95% interval of the per-example {per_example} difference {low:+.4f} to {high:+.4f}"
+    interval = f"paired 95% bootstrap interval of the {metric} difference {low:+.4f} to {high:+.4f}"
+    accuracy: tuple[float, float, float] | None = None
+    beside = ""
+    if labels is not None:
+        accuracy = score_interval(initial_test, final_test, None, seed)
+        beside = f"; accuracy {accuracy[0]:+.4f}, interval {accuracy[1]:+.4f} to {accuracy[2]:+.4f}"
     if kept_initial:
         outcome = KEPT_INITIAL
         sentence = (
@@ -97,17 +92,18 @@ def judge(
         )
     elif after > before and low > 0:
         outcome = BETTER
-        sentence = f"The final prompt beat the initial one on the {count} test examples: {scores}, {interval}."
+        sentence = f"The final prompt beat the initial one on the {count} test examples: {scores}, {interval}{beside}."
     elif after > before:
         outcome = WITHIN_NOISE
         sentence = (
             f"The final prompt scored higher on the {count} test examples ({scores}), but the gain is within the "
-            f"noise ({interval} includes zero); a larger test sample would tell."
+            f"noise ({interval} includes zero{beside}); a larger test sample would tell."
         )
     else:
         outcome = NOT_BETTER
         sentence = (
-            f"The final prompt did not beat the initial one on the {count} test examples ({scores}; {interval}): "
+            f"The final prompt did not beat the initial one on the {count} test examples ({scores}; {interval}{beside}): "
             f"keep the initial prompt; {ADVICE}."
         )
-    return Verdict(outcome, metric, count, before, after, difference, low, high, sentence)
+    return Verdict(outcome, metric, count, before, after, difference, low, high, sentence, *(accuracy or (None,) * 3))
+

@@ -23,7 +23,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from distillprompt.errors import UserError
 from distillprompt.engine import TEST_SCORING, TRAIN_SCORING, VAL_SCORING
 from distillprompt.progress import ConsoleProgress
 from distillprompt.settings import Settings
-from distillprompt.verdict import paired_bootstrap
+from distillprompt.paired import label_codes, paired_interval, record_of
 
 from .tracking import MlflowTracker
 
@@ -57,6 +57,19 @@ class Outcome:
     diagnosis: str | None = None  # why the run could not improve (a round without signal)
     scoring_calls: int = 0  # the search's scoring requests (train and validation)
     meta_calls: int = 0  # the optimizer model's requests
+    # the final prompt's test record (``paired.record_of``) and the targets as label codes
+    # (classification), for intervals on the metric itself
+    record: list[float] = field(default_factory=list)
+    targets: list[float] | None = None
+    label_count: int | None = None
+
+
+def test_record(score: Any, labels: list[str] | None) -> dict[str, Any]:
+    """An ``Outcome``'s test record, targets and label count, from its final test ``Score``."""
+    if labels is None:
+        return {"record": record_of(score, None)}
+    return {"record": record_of(score, labels), "targets": [float(c) for c in label_codes(labels, score.targets)],
+            "label_count": len(labels)}
 
 
 def parse_methods(text: str) -> list[str]:
@@ -91,18 +104,22 @@ def comparison_tables(outcomes: list[Outcome], methods: list[str], seed: int = 0
         if method != REFERENCE and reference:
             before: list[float] = []
             after: list[float] = []
+            targets: list[float] | None = [] if reference[0].targets is not None else None
             for ours in reference:
                 theirs = next((o for o in mine if o.seed == ours.seed), None)
                 if theirs is not None:
-                    before += theirs.per_example
-                    after += ours.per_example
-            mean, low, high = paired_bootstrap(before, after, seed)
+                    before += theirs.record
+                    after += ours.record
+                    if targets is not None:
+                        targets += ours.targets or []
+            # the metric counted again on resampled test examples of every seed pooled
+            mean, low, high = paired_interval(before, after, targets, reference[0].label_count, seed)
             row.update(diff_vs_distillprompt=mean, diff_ci_low=low, diff_ci_high=high)
         rows.append(row)
     metric = outcomes[0].metric if outcomes else "score"
     lines = [
         f"| method | runs | test {metric} (mean ± std) | scoring requests | meta requests | tokens | "
-        "DistillPrompt − method [95% CI] | runs without signal |",
+        f"DistillPrompt − method, {metric} [paired 95% CI] | runs without signal |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -226,6 +243,7 @@ def compare(
                         wall_time=result.wall_time,
                         per_example=result.final_test.per_example,
                         metric=result.task.get("metric", "score"),
+                        **test_record(result.final_test, result.task.get("labels") if result.task.get("task") == "classification" else None),
                         diagnosis=result.diagnosis,
                     )
                 )

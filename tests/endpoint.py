@@ -74,6 +74,7 @@ def request_kind(content: str) -> tuple[str, str]:
     if "<START>" in content:
         for marker, stage in (
             ("Study the solved examples", "distill"),
+            ("Below are examples the model answered", "distill"),
             ("You shorten", "compress"),
             ("You combine", "aggregate"),
             ("You paraphrase parts", "grips_paraphrase"),
@@ -113,8 +114,9 @@ def scoring_parts(content: str) -> tuple[str, list[str], str]:
     labels_match = re.search(r"Possible answers: (.*?)\.\n", content)
     labels = [label.strip() for label in labels_match.group(1).split(",")] if labels_match else ["yes", "no"]
     instruction = content.split("\n\nPossible answers:")[0]
-    text_match = re.search(r"Input: (.*?)\n\n", content, re.DOTALL)
-    text = text_match.group(1) if text_match else content
+    # the last input: a prompt with solved examples shows others before it
+    inputs = re.findall(r"Input: (.*?)\n\n", content, re.DOTALL)
+    text = inputs[-1] if inputs else content
     return instruction, labels, text
 
 

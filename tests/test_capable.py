@@ -136,12 +136,14 @@ def test_two_rounds_with_a_capable_model_keep_every_reply_whole(reviews_dir, tmp
     with ScriptedEndpoint(responder=model) as endpoint:
         result, _ = asyncio.run(runner.optimize(_settings(endpoint, reviews_dir, tmp_path, epochs=2)))
     assert result.rejections == {}
-    per_round = Counter(c.round for c in result.history if c.stage != "initial")
+    per_round = Counter(c.round for c in result.history if c.stage not in ("initial", "demos"))
     assert per_round == {1: 16, 2: 16}
+    assert Counter(c.round for c in result.history if c.stage == "demos") == {1: 2, 2: 2}
     intended = set(model.intended.values())
     assert len(intended) == 32
     for candidate in result.history[1:]:
-        assert candidate.prompt in intended, candidate.prompt[:80]
+        if candidate.stage != "demos":  # a demos candidate is the best instruction and examples, not a reply
+            assert candidate.bare_instruction in intended, candidate.prompt[:80]
     # every rule line of every reply is in the candidate it became
     rules = [line for prompt in intended for line in prompt.splitlines() if line.lstrip().startswith(("-", "1", "2"))]
     prompts = "\n".join(c.prompt for c in result.history)

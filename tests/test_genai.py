@@ -145,7 +145,7 @@ def test_a_text_prompt_gets_a_better_registered_version_linked_to_the_run(mlflow
     assert {c.examples_scored for c in history.history if c.duplicate_of is None} <= {5, 10, 12}
     # distillation saw what the app answered and its score, next to the expected answer
     distills = [e.content for e in app_endpoint.requests(kind="meta", stage="distill")]
-    assert distills and all("Answer given with this instruction:" in text and "Its score:" in text for text in distills)
+    assert distills and all("The model's answer:" in text and "Its score:" in text for text in distills)
 
 
 def test_a_rerun_with_the_same_seed_asks_the_optimizer_model_nothing(mlflow_server, app_endpoint, tmp_path):

@@ -327,7 +327,7 @@ def test_paired_bootstrap_gives_scipys_interval() -> None:
     import numpy as np
     from scipy.stats import bootstrap
 
-    from distillprompt.verdict import BOOTSTRAP_SAMPLES, paired_bootstrap
+    from distillprompt.paired import BOOTSTRAP_SAMPLES, paired_interval
 
     rng = random.Random(11)
     for trial in range(40):
@@ -338,7 +338,7 @@ def test_paired_bootstrap_gives_scipys_interval() -> None:
         if np.all(differences == differences[0]):
             continue
         seed = rng.randint(0, 100)
-        mean, low, high = paired_bootstrap(before, after, seed=seed)
+        mean, low, high = paired_interval(before, after, seed=seed)
         expected = bootstrap(
             (differences,), np.mean, n_resamples=BOOTSTRAP_SAMPLES, confidence_level=0.95, method="percentile",
             rng=np.random.default_rng(seed),
@@ -346,4 +346,39 @@ def test_paired_bootstrap_gives_scipys_interval() -> None:
         assert mean == pytest.approx(float(differences.mean()), abs=1e-12)
         assert (low, high) == pytest.approx((float(expected.low), float(expected.high)), abs=1e-12), trial
     # a prompt compared with itself: no spread, no resampling
-    assert paired_bootstrap([1.0, 0.0], [1.0, 0.0]) == (0.0, 0.0, 0.0)
+    assert paired_interval([1.0, 0.0], [1.0, 0.0]) == (0.0, 0.0, 0.0)
+
+
+def test_the_macro_f1_interval_is_scipys_paired_bootstrap_of_scikit_learns_f1() -> None:
+    """The verdict's interval on macro-F1: the examples resampled with both prompts' answers
+    and macro-F1 counted again, as SciPy's paired percentile bootstrap of scikit-learn's
+    macro-F1 difference gives it."""
+    import random
+
+    import numpy as np
+    from scipy.stats import bootstrap
+    from sklearn.metrics import f1_score
+
+    from distillprompt.paired import BOOTSTRAP_SAMPLES, label_codes, paired_interval
+
+    labels = ["very negative", "negative", "neutral", "positive", "very positive"]
+    rng = random.Random(5)
+    for trial in range(3):
+        size = rng.randint(20, 40)
+        targets = [rng.choice(labels) for _ in range(size)]
+        before = [t if rng.random() < 0.4 else rng.choice([*labels, None]) for t in targets]
+        after = [t if rng.random() < 0.6 else rng.choice([*labels, None]) for t in targets]
+        codes = [np.asarray(label_codes(labels, values), dtype=float) for values in (before, after, targets)]
+
+        def f1_gain(old, new, truth):
+            kept = list(range(len(labels)))
+            return (f1_score(truth, new, labels=kept, average="macro", zero_division=0)
+                    - f1_score(truth, old, labels=kept, average="macro", zero_division=0))
+
+        expected = bootstrap(
+            tuple(codes), f1_gain, paired=True, vectorized=False, n_resamples=BOOTSTRAP_SAMPLES,
+            confidence_level=0.95, method="percentile", rng=np.random.default_rng(trial),
+        ).confidence_interval
+        mean, low, high = paired_interval(*codes, label_count=len(labels), seed=trial)
+        assert mean == pytest.approx(f1_gain(*codes), abs=1e-12)
+        assert (low, high) == pytest.approx((float(expected.low), float(expected.high)), abs=1e-12), trial

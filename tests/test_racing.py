@@ -169,14 +169,29 @@ def test_a_rerun_from_the_cache_sends_nothing_and_races_alike(reviews, tmp_path)
 
 
 def test_the_paired_test_stops_only_what_is_worse():
-    right, wrong = [1.0] * 10, [0.0] * 10
-    assert is_worse(wrong, right, 0.05)  # worse on every example
-    assert not is_worse(right, wrong, 0.05)  # better
-    assert not is_worse(right, right, 0.05)  # the same answers: no evidence
+    right, wrong = [1.0] * 10, [0.0] * 10  # per-example values: the metric is their mean
+    assert is_worse(wrong, right, None, None, 0.05)  # worse on every example
+    assert not is_worse(right, wrong, None, None, 0.05)  # better
+    assert not is_worse(right, right, None, None, 0.05)  # the same answers: no evidence
     one_miss = [0.0] + [1.0] * 9
-    assert not is_worse(one_miss, right, 0.05)  # one example of ten is no evidence at 5%
+    assert not is_worse(one_miss, right, None, None, 0.05)  # one example of ten is no evidence at 5%
     mixed = [1.0, 0.0] * 5  # as often right, on other examples
-    assert not is_worse(mixed, [0.0, 1.0] * 5, 0.05)
+    assert not is_worse(mixed, [0.0, 1.0] * 5, None, None, 0.05)
+
+
+def test_the_race_tests_macro_f1_not_accuracy():
+    """75 examples of label 0, 25 of label 1. The incumbent leans: it answers 0 to every one
+    (accuracy 0.75, macro-F1 0.43). A candidate that fixes the lean finds every 1 but calls
+    40 of the 0s a 1 (accuracy 0.60, macro-F1 0.60). Selection reads macro-F1, so the race
+    must not stop the candidate, though a test of accuracy would; and the lean is what it
+    finds worse."""
+    targets = [0.0] * 75 + [1.0] * 25
+    leaning = [0.0] * 100
+    fixed = [0.0] * 35 + [1.0] * 40 + [1.0] * 25
+    assert not is_worse(fixed, leaning, targets, 2, 0.1)
+    assert is_worse(leaning, fixed, targets, 2, 0.1)
+    correct = lambda record: [float(p == t) for p, t in zip(record, targets)]  # noqa: E731
+    assert is_worse(correct(fixed), correct(leaning), None, None, 0.1)  # what accuracy would have said
 
 
 @pytest.fixture()

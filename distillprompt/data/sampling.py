@@ -12,7 +12,7 @@ from ..settings import DataSettings
 
 from .files import load_splits
 from .labels import checked_labels, count_text
-from .task import Example, Task
+from .task import DEMO_POOL_SIZE, Example, Task
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,10 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> 
                                                   test if test_split.endswith("(held out)") else [])
     else:
         val, val_split = [], None
+    used = {id(example) for example in (*train, *val, *test)}
+    spare = [example for example in train_all if id(example) not in used]
+    picked = sorted(random.Random(f"{seed}:demos").sample(range(len(spare)), min(DEMO_POOL_SIZE, len(spare))))
+    demo_pool = [spare[i] for i in picked] if need_train else []
     return Task(
         name=name,
         source=source,
@@ -143,6 +147,7 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> 
         val_split=val_split,
         rows_dropped=dropped,
         label_changes=label_changes,
+        demo_pool=demo_pool,
     )
 
 

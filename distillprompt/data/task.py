@@ -11,6 +11,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+DEMO_POOL_SIZE = 1000
+
 
 @dataclass(frozen=True)
 class Example:
@@ -44,6 +46,10 @@ class Task:
     rows_dropped: dict[str, dict[str, int]] = field(default_factory=dict)
     # labels rewritten before sampling: spelling variants merged, --label-names applied
     label_changes: list[str] = field(default_factory=list)
+    # rows of the train split in none of the samples (a seeded sample of at most DEMO_POOL_SIZE):
+    # where a demos candidate's solved examples come from, so that no candidate is scored on
+    # an example its prompt shows solved
+    demo_pool: list[Example] = field(default_factory=list)
     # A task brought by an application (mlflow.genai.optimize_prompts): its prompt is a whole
     # template whose {{variables}} every candidate must keep, its score is the app's scorers'
     # (named here), and distillation may show what the app answered and what the judges said.

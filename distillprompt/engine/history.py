@@ -15,10 +15,13 @@ class History:
         for candidate in state.history:
             self._by_text.setdefault(dedup_key(candidate.prompt), candidate)
 
-    def record(self, prompt: str, stage: str, number: int, parents: list[Candidate], note: str | None = None) -> Candidate:
+    def record(
+        self, prompt: str, stage: str, number: int, parents: list[Candidate], note: str | None = None,
+        instruction: str | None = None, demos: list[int] | None = None,
+    ) -> Candidate:
         candidate = Candidate(
             id=len(self.state.history), prompt=prompt, stage=stage, round=number,
-            parents=[parent.id for parent in parents], note=note,
+            parents=[parent.id for parent in parents], note=note, instruction=instruction, demos=list(demos or []),
         )
         known = self._by_text.get(dedup_key(prompt))
         if known is not None:

@@ -112,8 +112,8 @@ class Optimizer:
             try:
                 if initial.score is None:
                     await scoring.score_now([initial])
-                if state.best_per_example is None:
-                    state.best_per_example = scoring.per_example(state.best.prompt)
+                if state.best_record is None:
+                    state.best_record = scoring.record(state.best.prompt)
                 if self.validating and initial.val_score is None:
                     await scoring.score_validation([initial])
             except CostLimitReached as error:
@@ -174,7 +174,7 @@ class Optimizer:
             diagnosis=next((r.diagnosis.sentence for r in reversed(rounds) if r.diagnosis and r.diagnosis.flat), None),
             verdict=judge(
                 metric=self.task.metric,
-                classification=self.task.is_classification,
+                labels=self.task.labels if self.task.is_classification else None,
                 kept_initial=final.id == initial.id and self.searches,
                 initial_test=initial_test_score,
                 final_test=final_test_score,
@@ -217,7 +217,7 @@ class Optimizer:
         if improved:
             self.budgets.new_best(chosen.prompt, state.history[0].prompt)
         state.best_id = chosen.id
-        state.best_per_example = self.scoring.per_example(chosen.prompt) or state.best_per_example
+        state.best_record = self.scoring.record(chosen.prompt) or state.best_record
         if improved:
             self.method.accepted(current, chosen)
         state.stale_rounds = 0 if improved else state.stale_rounds + 1

@@ -4,9 +4,10 @@ Selection reads train scores, and a precise train score costs many requests. A r
 batch of new candidates on the train sample in blocks of ``block`` examples, in one seeded
 order that every candidate of the run shares, so that each candidate is compared with the
 incumbent (the best prompt so far) on the very same examples. After each block but the last,
-a one-sided paired t-test on every example scored so far asks whether the candidate is worse
-than the incumbent, or than the batch's leader (its highest mean so far); at ``p < alpha``
-it stops there, with the score of the examples it was scored on, and can no longer be
+a one-sided paired permutation test on every example scored so far asks whether the
+candidate's selection metric (macro-F1 for classification, ``paired.is_worse``) is lower
+than the incumbent's, or than the batch's leader's (the highest metric so far); at
+``p < alpha`` it stops there, with the score of the examples it was scored on, and can no longer be
 selected: a candidate clearly behind a batch-mate is very unlikely to end with the highest
 score (CAPO, in promptolution, tests every candidate against the others in this way). A
 candidate that is never found worse ends up scored on the whole train sample, exactly as
@@ -20,15 +21,16 @@ stages of a round) run side by side.
 
 from __future__ import annotations
 
-import math
 import random
 import threading
-import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
+
+import numpy as np
 
 from ..data import Example, Task
 from ..evaluation import Evaluator, Score, merge_scores
+from ..paired import is_worse, label_codes, metric_of, record_of
 
 
 def race_order(size: int, seed: int) -> list[int]:
@@ -64,23 +66,6 @@ def _import_statistics() -> None:
     import scipy.stats  # noqa: F401
 
 
-def is_worse(candidate: Sequence[float], incumbent: Sequence[float], alpha: float) -> bool:
-    """Whether a one-sided paired t-test says the candidate's per-example scores are lower
-    than the incumbent's on the same examples, at level ``alpha`` (scipy's ``ttest_rel``).
-    Equal scores on every example are no evidence either way."""
-    from scipy.stats import ttest_rel
-
-    differences = [c - i for c, i in zip(candidate, incumbent)]
-    if len(differences) < 2:
-        return False
-    if min(differences) == max(differences):  # no spread: the t statistic is undefined (or infinite)
-        return differences[0] < 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        p_value = float(ttest_rel(candidate, incumbent, alternative="less").pvalue)
-    return not math.isnan(p_value) and p_value < alpha
-
-
 @dataclass
 class Outcome:
     """How one candidate left the race."""
@@ -92,8 +77,8 @@ class Outcome:
 
 
 class Race:
-    """Scores one batch of candidates block by block against the incumbent's per-example
-    train scores (``incumbent``, in train order)."""
+    """Scores one batch of candidates block by block against the incumbent's train record
+    (``incumbent``, in train order: ``paired.record_of``)."""
 
     def __init__(
         self, evaluator: Evaluator, task: Task, order: list[int], block: int, alpha: float,
@@ -105,10 +90,13 @@ class Race:
         self.alpha = alpha
         self.incumbent = incumbent
         self.stage = stage
+        self.labels = task.labels if task.is_classification else None
+        self.label_count = len(task.labels) if task.is_classification else None
+        self.targets = label_codes(task.labels, [e.target for e in task.train]) if task.is_classification else None
 
     async def run(self, prompts: list[str]) -> list[Outcome]:
         parts: list[list[Score]] = [[] for _ in prompts]
-        so_far: list[list[float]] = [[] for _ in prompts]  # per-example scores on ``seen``
+        so_far: list[list[float]] = [[] for _ in prompts]  # records on ``seen``
         seen: list[int] = []
         alive = list(range(len(prompts)))
         stopped: dict[int, int | None] = {}  # batch position -> who stopped it (None: the incumbent)
@@ -120,17 +108,18 @@ class Race:
             seen = seen + block
             for i, score in zip(alive, scores):
                 parts[i].append(score)
-                so_far[i].extend(score.per_example)
+                so_far[i].extend(record_of(score, self.labels))
             if number == len(self.blocks) - 1:
                 break
             incumbent = [self.incumbent[p] for p in seen]
-            # the batch's leader: the highest mean so far (the first on ties), tested as the incumbent is
-            leader = max(alive, key=lambda i: (sum(so_far[i]), -i))
+            targets = None if self.targets is None else [self.targets[p] for p in seen]
+            # the batch's leader: the highest metric so far (the first on ties), tested as the incumbent is
+            leader = max(alive, key=lambda i: (self._metric(so_far[i], targets), -i))
             still = []
             for i in alive:
-                if is_worse(so_far[i], incumbent, self.alpha):
+                if is_worse(so_far[i], incumbent, targets, self.label_count, self.alpha):
                     stopped[i] = None
-                elif i != leader and is_worse(so_far[i], so_far[leader], self.alpha):
+                elif i != leader and is_worse(so_far[i], so_far[leader], targets, self.label_count, self.alpha):
                     stopped[i] = leader
                 else:
                     still.append(i)
@@ -144,6 +133,10 @@ class Race:
             else:
                 outcomes.append(Outcome(_in_train_order(merged, positions), sorted(positions), stopped=False))
         return outcomes
+
+    def _metric(self, record: list[float], targets: list[int] | None) -> float:
+        truth = None if targets is None else np.asarray(targets, dtype=float)
+        return float(metric_of(np.asarray(record, dtype=float), truth, self.label_count))
 
 
 def _in_train_order(score: Score, positions: list[int]) -> Score:

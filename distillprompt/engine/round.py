@@ -142,32 +142,51 @@ class Round:
 
     # ----- candidates ----------------------------------------------------------------------
 
-    def admit(self, extractions: list[Extraction], stage: str, parents: list[Candidate]) -> list[Candidate | None]:
+    def admit(
+        self, extractions: list[Extraction], stage: str, parents: list[Candidate], demos: list[Example] | None = None
+    ) -> list[Candidate | None]:
         """Cleaned replies become candidates, sent to scoring at once (None where a reply is
         dropped, counted by reason; a template's candidate that drops or invents a variable is
-        dropped too)."""
+        dropped too). With ``demos`` each new instruction is followed by these solved examples."""
         admitted: list[Candidate | None] = []
         for extraction in extractions:
             if extraction.prompt is None:
                 reason: str | None = extraction.reason
             else:
                 reason = templates.variables_problem(self.task, extraction.prompt)
-                limit = self.settings.max_prompt_tokens
-                if reason is None and limit and text_tokens(extraction.prompt) > limit:
+                if reason is None and self.too_long(extraction.prompt, demos):
                     reason = "too_many_tokens"  # --max-prompt-tokens
             if extraction.prompt is None or reason is not None:
                 self.reject(stage, reason or "unusable")
                 admitted.append(None)
                 continue
-            admitted.append(self.add(extraction.prompt, stage, parents))
+            admitted.append(self.add(extraction.prompt, stage, parents, demos=demos))
         self.send_to_scoring()
         return admitted
 
-    def add(self, prompt: str, stage: str, parents: list[Candidate], note: str | None = None) -> Candidate:
+    def too_long(self, instruction: str, demos: list[Example] | None = None) -> bool:
+        """Whether the prompt (the instruction and any examples after it) is longer than
+        ``--max-prompt-tokens`` allows."""
+        limit = self.settings.max_prompt_tokens
+        if not limit:
+            return False
+        prompt = templates.with_examples(self.task, instruction, demos) if demos else instruction
+        return text_tokens(prompt) > limit
+
+    def add(
+        self, prompt: str, stage: str, parents: list[Candidate], note: str | None = None,
+        demos: list[Example] | None = None,
+    ) -> Candidate:
         """Records a candidate and queues it for scoring (``send_to_scoring``, ``admit`` and
         ``end_stage`` send the queue); a prompt seen before in the run is a duplicate and is
-        not scored again."""
-        candidate = self._tools.history.record(prompt, stage, self.number, parents, note)
+        not scored again. With ``demos`` the candidate is the instruction ``prompt`` followed
+        by these solved examples."""
+        instruction = None
+        if demos:
+            instruction, prompt = prompt, templates.with_examples(self.task, prompt, demos)
+        candidate = self._tools.history.record(
+            prompt, stage, self.number, parents, note, instruction, [example.index for example in demos or []]
+        )
         self.new.append(candidate)
         if candidate.duplicate_of is None:
             self._queued.append(candidate)
@@ -176,7 +195,7 @@ class Round:
     def send_to_scoring(self) -> None:
         """Starts scoring the queued candidates on the train sample (in one batch)."""
         queued, self._queued = self._queued, []
-        self._tools.scoring.score_soon(queued, self.best, self._state.best_per_example)
+        self._tools.scoring.score_soon(queued, self.best, self._state.best_record)
 
     def reject(self, stage: str, reason: str) -> None:
         """Counts a dropped reply or candidate (reported per stage and reason)."""
@@ -191,6 +210,75 @@ class Round:
         train = self.task.train
         count = min(wanted, len(train))
         return [train[i] for i in sorted(self.rng.sample(range(len(train)), count))]
+
+    def draw_demos(self, wanted: int) -> list[Example]:
+        """``wanted`` solved examples for a prompt, from the train-split rows outside every
+        sample (``task.demo_pool``; none when there are none), stratified by label: one of
+        each label in a random order before a second of any; in a random order."""
+        pool = self.task.demo_pool
+        if not self.task.is_classification:
+            picked = self.rng.sample(pool, min(wanted, len(pool)))
+        else:
+            by_label: dict[str, list[Example]] = {}
+            for example in pool:
+                by_label.setdefault(example.target, []).append(example)
+            for examples in by_label.values():
+                self.rng.shuffle(examples)
+            labels = [label for label in self.task.labels if by_label.get(label)]
+            self.rng.shuffle(labels)
+            picked = []
+            while len(picked) < wanted and any(by_label.get(label) for label in labels):
+                for label in labels:
+                    if by_label.get(label) and len(picked) < wanted:
+                        picked.append(by_label[label].pop())
+            self.rng.shuffle(picked)
+        return picked
+
+    def _best_answers(self, record: list[float]) -> list[Answered]:
+        """The best prompt's answers on the train sample, from its saved record (label codes)."""
+        labels = self.task.labels
+        entries: list[Answered] = []
+        for example, code in zip(self.task.train, record):
+            label = labels[int(code)] if code >= 0 else None
+            entries.append((example, float(label == example.target), {"output": label or "no label"}))
+        return entries
+
+    def demos_of(self, candidate: Candidate) -> list[Example]:
+        """The solved examples a candidate's prompt carries (none for a bare instruction)."""
+        if not candidate.demos:
+            return []
+        by_index = {example.index: example for example in self.task.demo_pool}
+        return [by_index[index] for index in candidate.demos if index in by_index]
+
+    def mistakes(self, candidate: Candidate, wanted: int) -> tuple[list[Example], list[dict[str, str]]]:
+        """Train examples for a distillation that studies what went wrong: mostly ones the
+        candidate's prompt got wrong (at most three in five), then ones it got right, each
+        chosen to cover the labels (classification) before repeating one, with what the target
+        answered on each. Only from scores paid for already: the examples the candidate was
+        scored on (its race's blocks, or the whole sample): a candidate of this round, or the
+        best prompt (from its saved train record: classification only). Call after
+        ``scored()``; none for another candidate, so that a resumed round, which holds only
+        what the run state saved, draws as the first run did."""
+        original = self.original(candidate)
+        if original.round == self.number:
+            answered = self._tools.scoring.answered(original.prompt)
+        elif original.id == self._state.best_id and self._state.best_record and self.task.is_classification:
+            answered = self._best_answers(self._state.best_record)
+        else:
+            answered = []
+        if not answered:
+            return [], []
+        wrong = [entry for entry in answered if entry[1] < 1.0]
+        right = [entry for entry in answered if entry[1] >= 1.0]
+        # the worst first for a graded metric; equal scores (classification) in a random order
+        self.rng.shuffle(wrong)
+        wrong.sort(key=lambda entry: entry[1])
+        self.rng.shuffle(right)
+        picked = _covering(wrong, min(len(wrong), max(1, (3 * wanted) // 5)), [])
+        picked += _covering(right, wanted - len(picked), picked)
+        picked += _covering(wrong, wanted - len(picked), picked)
+        picked.sort(key=lambda entry: entry[0].index)
+        return [entry[0] for entry in picked], [entry[2] for entry in picked]
 
     async def end_stage(self, stage: str, candidates: list[Candidate | None]) -> bool:
         """Ends a stage: scoring of its candidates starts, callbacks hear ``on_stage``, and the
@@ -229,3 +317,20 @@ class Round:
         """Scoring requests that ``candidates`` new distinct candidates may cost at most: the
         train sample each, and the validation sample for those the selection will validate."""
         return self._tools.scoring.candidate_cost(candidates)
+
+
+Answered = tuple[Example, float, dict[str, str]]  # an example, its score, what the target answered on it
+
+
+def _covering(entries: list[Answered], count: int, taken: list[Answered]) -> list[Answered]:
+    """``count`` of ``entries`` (in their order) not in ``taken``, a target not yet covered
+    (by ``taken`` or the ones chosen) first."""
+    left = [entry for entry in entries if all(entry[0] is not other[0] for other in taken)]
+    covered = {entry[0].target for entry in taken}
+    chosen: list[Answered] = []
+    for entry in left:
+        if len(chosen) < count and entry[0].target not in covered:
+            chosen.append(entry)
+            covered.add(entry[0].target)
+    chosen += [entry for entry in left if all(entry is not other for other in chosen)][: max(0, count - len(chosen))]
+    return chosen

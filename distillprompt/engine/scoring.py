@@ -11,6 +11,7 @@ from typing import Any
 from ..data import Example, Task
 from ..diagnosis import answer_counts
 from ..evaluation import Evaluator, Score
+from ..paired import record_of
 from ..llm import UsageMeter
 from ..settings import OptimizerSettings
 from ..state import Candidate, dedup_key
@@ -36,18 +37,20 @@ class Scoring:
         self.racing = racing and len(task.train) > settings.race_block
         self.validation_top = validation_top  # how many a round validates at most (None: no validation)
         self._pending: list[asyncio.Task[Any]] = []
-        # prompt -> its train Score and the train positions it covers, for tasks that show outputs
+        # prompt -> its train Score and the train positions it covers (race order when a race
+        # stopped it): what it answered, for the distill stage
         self._train_scores: dict[str, tuple[Score, list[int]]] = {}
-        # prompt -> per-example train scores (train order) of every prompt scored on the whole
-        # sample: the incumbent's side of a race, never paid for twice
-        self._per_example: dict[str, list[float]] = {}
+        # prompt -> train record (train order, ``paired.record_of``) of every prompt scored on
+        # the whole sample: the incumbent's side of a race, never paid for twice
+        self._records: dict[str, list[float]] = {}
+        self._labels = task.labels if task.is_classification else None
         self._race_order = race_order(len(task.train), seed)
 
     # ----- train ---------------------------------------------------------------------------
 
     def score_soon(self, candidates: list[Candidate], incumbent: Candidate, known: list[float] | None) -> None:
         """Starts scoring ``candidates`` on the train sample: raced against ``incumbent``
-        (``known``: its per-example train scores, if the run state kept them) or in full."""
+        (``known``: its train record, if the run state kept it) or in full."""
         if candidates:
             scoring = self._race(candidates, incumbent, known) if self.racing else self.score_now(candidates)
             self._pending.append(asyncio.ensure_future(scoring))
@@ -59,20 +62,20 @@ class Scoring:
         for candidate, score in zip(candidates, scores):
             self._take(candidate, score, everywhere)
 
-    def per_example(self, prompt: str) -> list[float] | None:
-        """A prompt's per-example train scores, if it was scored on the whole sample."""
-        return self._per_example.get(dedup_key(prompt))
+    def record(self, prompt: str) -> list[float] | None:
+        """A prompt's train record (``paired.record_of``), if it was scored on the whole sample."""
+        return self._records.get(dedup_key(prompt))
 
     async def _race(self, candidates: list[Candidate], incumbent: Candidate, known: list[float] | None) -> None:
         """Scores new candidates block by block against the best prompt so far (``racing.py``)."""
-        known = self.per_example(incumbent.prompt) or known
+        known = self.record(incumbent.prompt) or known
         if known is None or len(known) != len(self.task.train):
-            # a state saved before racing existed: its best prompt's per-example scores
-            # were not kept, and are scored once more (the response cache answers them)
-            log.info("scoring the best prompt once more for its per-example train scores")
+            # a state saved before its best prompt's train record was kept: the record is
+            # scored once more (the response cache answers it)
+            log.info("scoring the best prompt once more for its train record")
             await self.score_now([Candidate(id=incumbent.id, prompt=incumbent.prompt, stage=incumbent.stage,
                                             round=incumbent.round)])
-            known = self._per_example[dedup_key(incumbent.prompt)]
+            known = self._records[dedup_key(incumbent.prompt)]
         settings = self.settings
         race = Race(self.evaluator, self.task, self._race_order, settings.race_block, settings.race_alpha, known,
                     TRAIN_SCORING)
@@ -85,10 +88,9 @@ class Scoring:
     def _take(self, candidate: Candidate, score: Score, positions: list[int]) -> None:
         """Records a candidate's train score, which covers the train ``positions``."""
         key = dedup_key(candidate.prompt)
-        if self.task.shows_outputs:
-            self._train_scores[key] = (score, positions)
+        self._train_scores[key] = (score, positions)
         if len(positions) == len(self.task.train):
-            self._per_example[key] = list(score.per_example)
+            self._records[key] = record_of(score, self._labels)
         candidate.score = score.value
         candidate.metrics = dict(score.metrics)
         candidate.parse_rate = score.parse_rate
@@ -120,6 +122,26 @@ class Scoring:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
+    def answered(self, prompt: str) -> list[tuple[Example, float, dict[str, str]]]:
+        """Every train example ``prompt`` was scored on (train order), with its per-example
+        score and what the target answered: the label it gave (classification), else the
+        answer and its score, and the judges' notes where there are some."""
+        found = self._train_scores.get(dedup_key(prompt))
+        if found is None:
+            return []
+        score, positions = found
+        entries = []
+        for i, position in sorted(enumerate(positions), key=lambda pair: pair[1]):
+            entries.append((self.task.train[position], score.per_example[i], self._shown(score, i)))
+        return entries
+
+    def _shown(self, score: Score, i: int) -> dict[str, str]:
+        if self.task.is_classification and not self.task.shows_outputs:
+            label = score.predictions[i]
+            return {"output": label if label is not None else f"no label ({_clip(score.outputs[i], 200)})"}
+        note = score.notes[i] if i < len(score.notes) else ""
+        return {"output": _clip(score.outputs[i]), "score": f"{score.per_example[i]:.2f}", "notes": _clip(note)}
+
     def observed(self, prompt: str, examples: list[Example]) -> list[dict[str, str]] | None:
         """What the app answered with ``prompt`` on each example, its score and the judges'
         notes, when the task shows outputs and the prompt's train scoring recorded them (an
@@ -136,8 +158,7 @@ class Scoring:
             if i is None:
                 observed.append({})
                 continue
-            note = score.notes[i] if i < len(score.notes) else ""
-            observed.append({"output": _clip(score.outputs[i]), "score": f"{score.per_example[i]:.2f}", "notes": _clip(note)})
+            observed.append(self._shown(score, i))
         return observed if any(observed) else None
 
     # ----- validation and test ---------------------------------------------------------------

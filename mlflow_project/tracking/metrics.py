@@ -69,16 +69,23 @@ def final_metrics(result: RunResult) -> dict[str, float]:
         if (scores.get("val") or {}).get("score") is not None:
             metrics[f"{name}_val_score"] = scores["val"]["score"]
     if result.initial_test is not None and result.final_test is not None and result.verdict is not None:
-        # the verdict's paired bootstrap: the same interval the description and the tags give
-        mean, low, high = result.verdict.difference, result.verdict.low, result.verdict.high
+        # the verdict's paired bootstrap of the score's metric (macro-F1 for classification):
+        # the same interval the description and the tags give; accuracy's beside it
+        verdict = result.verdict
         metrics.update(
             initial_test_score=initial["test"]["score"],
             final_test_score=final["test"]["score"],
             test_improvement=final["test"]["score"] - initial["test"]["score"],
-            test_improvement_ci_low=low,
-            test_improvement_ci_high=high,
-            paired_mean_difference=mean,
+            test_improvement_ci_low=verdict.low,
+            test_improvement_ci_high=verdict.high,
+            paired_mean_difference=verdict.difference,
         )
+        if verdict.accuracy_difference is not None:
+            metrics.update(
+                test_accuracy_improvement=verdict.accuracy_difference,
+                test_accuracy_improvement_ci_low=verdict.accuracy_low,
+                test_accuracy_improvement_ci_high=verdict.accuracy_high,
+            )
     for split in ("train", "test"):
         for name, value in final[split].items():
             if name not in ("score",):
