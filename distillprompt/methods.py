@@ -69,11 +69,14 @@ class DistillPrompt(Method):
             await current.scored()  # the sources' own answers go into their meta-prompts
         metas = []
         for source in sources:
-            examples, observed = current.mistakes(source, settings.distill_examples) if from_errors else ([], None)
-            if not examples:  # random examples, or a source with no answers in this process (a resumed best)
-                examples = current.draw_examples(settings.distill_examples)
-                observed = current.observed(source.prompt, examples)
-            metas.append(templates.distill(task, source.bare_instruction, examples, observed, from_errors and bool(observed)))
+            studied = current.mistakes(source, settings.distill_examples) if from_errors else None
+            if studied is not None and studied.examples:
+                metas.append(templates.distill(task, source.bare_instruction, studied.examples, studied.answers,
+                                               mistakes=studied.summary or ""))
+                continue
+            # random examples (the paper), or a source with no answers in this process (a resumed best)
+            examples = current.draw_examples(settings.distill_examples)
+            metas.append(templates.distill(task, source.bare_instruction, examples, current.observed(source.prompt, examples)))
         distilled = await self._one_each(current, "distill", metas, sources, settings.temperature_distill, kept)
         if await current.end_stage("distill", distilled):
             return

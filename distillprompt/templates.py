@@ -178,12 +178,14 @@ OBSERVED_LINES = (("output", "The model's answer"), ("score", "Its score"), ("no
 
 def distill(
     task: Task, prompt: str, examples: list[Example], observed: list[dict[str, str]] | None = None,
-    from_errors: bool = False,
+    mistakes: str | None = None,
 ) -> MetaPrompt:
     """``observed`` (one dict per example, when the scoring recorded them): what the model or
-    app answered with the instruction below, its score and the judges' notes. ``from_errors``:
-    the examples are mostly ones the instruction got wrong (``Round.mistakes``), and the
-    meta-prompt asks what led the model astray."""
+    app answered with the instruction below, its score and the judges' notes. ``mistakes``
+    (not None): the examples are mostly ones the instruction got wrong (``Round.mistakes``),
+    the meta-prompt asks what led the model astray, and a non-empty ``mistakes`` is the line
+    that counts its most frequent mistakes."""
+    from_errors = mistakes is not None
     shown = []
     for i, example in enumerate(examples):
         lines = [render_inputs(task, example), f"Correct answer: {example.target}"]
@@ -212,10 +214,11 @@ def distill(
         teach,
         _REPLY_FORMAT,
     ]
-    lines = fixed[:3] + ["Examples:\n" + "\n\n".join(shown), f"Instruction:\n{prompt}"] + fixed[3:]
+    counted = [mistakes] if mistakes else []
+    lines = fixed[:3] + ["Examples:\n" + "\n\n".join(shown), *counted, f"Instruction:\n{prompt}"] + fixed[3:]
     texts = [value for example in examples for value in example.inputs.values()]
     labels = [f"{label}:" for _, label in OBSERVED_LINES] if observed else []
-    return _meta("distill", lines, fixed + ["Correct answer:", *labels], texts)
+    return _meta("distill", lines, fixed + ["Correct answer:", *labels, *counted], texts)
 
 
 def compress(task: Task, prompt: str) -> MetaPrompt:

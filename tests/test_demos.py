@@ -119,6 +119,11 @@ def test_distillation_studies_the_mistakes_it_already_paid_for(reviews, tmp_path
         # the others right answers; both labels among them
         assert len(wrong) == 3 and len(shown) - len(wrong) == 2
         assert {correct for correct, _ in shown} == {"positive", "negative"}
+        # and a line counts the source's mistakes over every example it was scored on
+        counted = re.search(r"the model was right on (\d+) of (\d+) examples\. Its most frequent mistakes: (.*)\.\n", content)
+        assert counted and int(counted.group(1)) < int(counted.group(2))
+        assert re.search(r'"(positive|negative)" where the correct answer is "(negative|positive)" \(\d+ times?\)',
+                         counted.group(3))
     # nothing was scored to find them: every scoring request is a candidate's train scoring
     # (what its race paid) or the test sample's
     trained = sum(c.examples_scored or 0 for c in result.history if c.duplicate_of is None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,7 +251,7 @@ class Round:
         by_index = {example.index: example for example in self.task.demo_pool}
         return [by_index[index] for index in candidate.demos if index in by_index]
 
-    def mistakes(self, candidate: Candidate, wanted: int) -> tuple[list[Example], list[dict[str, str]]]:
+    def mistakes(self, candidate: Candidate, wanted: int) -> Mistakes:
         """Train examples for a distillation that studies what went wrong: mostly ones the
         candidate's prompt got wrong (at most three in five), then ones it got right, each
         chosen to cover the labels (classification) before repeating one, with what the target
@@ -267,7 +268,7 @@ class Round:
         else:
             answered = []
         if not answered:
-            return [], []
+            return Mistakes([], [], None)
         wrong = [entry for entry in answered if entry[1] < 1.0]
         right = [entry for entry in answered if entry[1] >= 1.0]
         # the worst first for a graded metric; equal scores (classification) in a random order
@@ -278,7 +279,8 @@ class Round:
         picked += _covering(right, wanted - len(picked), picked)
         picked += _covering(wrong, wanted - len(picked), picked)
         picked.sort(key=lambda entry: entry[0].index)
-        return [entry[0] for entry in picked], [entry[2] for entry in picked]
+        return Mistakes([entry[0] for entry in picked], [entry[2] for entry in picked],
+                        _confusions(answered, wrong) if self.task.is_classification else None)
 
     async def end_stage(self, stage: str, candidates: list[Candidate | None]) -> bool:
         """Ends a stage: scoring of its candidates starts, callbacks hear ``on_stage``, and the
@@ -320,6 +322,30 @@ class Round:
 
 
 Answered = tuple[Example, float, dict[str, str]]  # an example, its score, what the target answered on it
+
+
+@dataclass(frozen=True)
+class Mistakes:
+    """What a distillation studies of a prompt's answers: the examples, what the target
+    answered on each, and (classification) a line that counts its most frequent mistakes."""
+
+    examples: list[Example]
+    answers: list[dict[str, str]]
+    summary: str | None
+
+
+def _confusions(answered: list[Answered], wrong: list[Answered], most: int = 3) -> str:
+    """One line over every example the prompt was scored on: how many it got right, and its
+    most frequent mistakes (the correct label and the answer given instead, counted)."""
+    pairs = Counter((entry[0].target, entry[2].get("output", "")) for entry in wrong)
+    text = f"With this instruction the model was right on {len(answered) - len(wrong)} of {len(answered)} examples"
+    if not pairs:
+        return text + "."
+    listed = "; ".join(
+        f'"{given}" where the correct answer is "{correct}" ({count} {"time" if count == 1 else "times"})'
+        for (correct, given), count in sorted(pairs.items(), key=lambda item: (-item[1], item[0]))[:most]
+    )
+    return f"{text}. Its most frequent mistakes: {listed}."
 
 
 def _covering(entries: list[Answered], count: int, taken: list[Answered]) -> list[Answered]:
