@@ -39,8 +39,10 @@ def test_one_round_runs_every_stage_with_its_lineage(endpoint, reviews_dir, tmp_
     result, folder = optimize(endpoint, reviews_dir, tmp_path, copy_retries=0)
     history = result.history
     by_stage = {stage: [c for c in history if c.stage == stage] for stage in ("initial", *STAGES)}
-    assert [len(by_stage[s]) for s in ("initial", *STAGES)] == [1, 4, 4, 4, 1, 3]
+    assert [len(by_stage[s]) for s in ("initial", *STAGES)] == [1, 2, 4, 4, 4, 1, 3]
     ids = {stage: {c.id for c in cands} for stage, cands in by_stage.items()}
+    # the demos candidates: the initial instruction with solved examples; the rewrites of it
+    assert all(c.parents == [0] and c.bare_instruction == history[0].prompt and c.demos for c in by_stage["demos"])
     assert all(c.parents == [0] for c in by_stage["rewrite"])
     assert [c.parents for c in by_stage["distill"]] == [[i] for i in sorted(ids["rewrite"])]
     assert [c.parents for c in by_stage["compress"]] == [[i] for i in sorted(ids["distill"])]
@@ -139,8 +141,9 @@ def test_a_rerun_is_served_from_the_cache(endpoint, reviews_dir, tmp_path):
 
 def test_call_budget_stops_after_the_stage_that_reaches_it(endpoint, reviews_dir, tmp_path):
     # initial scoring takes 12 calls and the rewrite stage 1 + 4×12 more: a budget of 20
-    # is crossed inside the rewrite stage, so the run stops once that stage is scored
-    result, _ = optimize(endpoint, reviews_dir, tmp_path, epochs=3, max_calls=20)
+    # is crossed inside the rewrite stage, so the run stops once that stage is scored (no
+    # demos stage before it here: it would cross the budget first)
+    result, _ = optimize(endpoint, reviews_dir, tmp_path, epochs=3, max_calls=20, demos=0)
     assert result.stop_reason == "budget_calls"
     assert {c.stage for c in result.history} == {"initial", "rewrite"}
     assert all(c.score is not None for c in result.history)
@@ -150,7 +153,7 @@ def test_call_budget_stops_after_the_stage_that_reaches_it(endpoint, reviews_dir
 
 
 def test_token_budget_stops_cleanly(endpoint, reviews_dir, tmp_path):
-    result, _ = optimize(endpoint, reviews_dir, tmp_path, epochs=3, max_total_tokens=1)
+    result, _ = optimize(endpoint, reviews_dir, tmp_path, epochs=3, max_total_tokens=1, demos=0)
     assert result.stop_reason == "budget_tokens"
     assert meta_requests(endpoint) == {"rewrite": 1}
 
@@ -181,7 +184,7 @@ def test_unusable_replies_are_dropped_and_counted(reviews_dir, tmp_path):
         result, _ = optimize(weak, reviews_dir, tmp_path)
     assert result.rejections == {"rewrite": {"empty": 4}, "compress": {"tags": 4}, "paraphrase": {"echo": 3}}
     stages = Counter(c.stage for c in result.history)
-    assert stages == {"initial": 1, "distill": 4, "aggregate": 1}
+    assert stages == {"initial": 1, "demos": 2, "distill": 4, "aggregate": 1}
     # a dropped reply passes its parent on: with no rewrite left, each distillation works
     # from the best prompt itself, and aggregation from the distilled prompts
     distilled = [c for c in result.history if c.stage == "distill"]
@@ -223,7 +226,7 @@ def test_saved_state_carries_its_schema_version(tmp_path):
     state = RunState(seed=3, history=[Candidate(id=0, prompt="Classify.", stage="initial", round=0)])
     state.save(tmp_path / "state.json")
     saved = json.loads((tmp_path / "state.json").read_text())
-    assert saved["schema_version"] == STATE_SCHEMA_VERSION == 2
+    assert saved["schema_version"] == STATE_SCHEMA_VERSION == 3
     assert RunState.load(tmp_path / "state.json").history[0].prompt == "Classify."
     # a state of version 1 (rounds called epochs, no racing) is migrated; one written before
     # the version field existed is version 1
@@ -233,7 +236,8 @@ def test_saved_state_carries_its_schema_version(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     loaded = RunState.load(tmp_path / "old.json")
     assert (loaded.seed, loaded.round, loaded.stale_rounds, loaded.method_state) == (3, 2, 1, {"grips_deleted": ["a"]})
-    assert loaded.history[0].round == 0 and loaded.history[0].examples_scored is None and loaded.best_per_example is None
+    assert loaded.history[0].round == 0 and loaded.history[0].examples_scored is None and loaded.best_record is None
+    assert loaded.history[0].demos == [] and loaded.history[0].bare_instruction == "Classify."
     saved["schema_version"] = STATE_SCHEMA_VERSION + 1
     (tmp_path / "new.json").write_text(json.dumps(saved))
     with pytest.raises(UserError, match="upgrade distillprompt"):
