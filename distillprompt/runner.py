@@ -24,7 +24,7 @@ from .data import Task, load_task
 from .errors import UserError
 from .estimate import Estimate, estimate_run
 from .evaluation import Evaluator, InProcessEvaluator, Score
-from .llm import Adaptive, ChatClient, CostGuard, PriorityLimiter, RateBudget, UsageMeter, check_endpoint
+from .llm import Accepts, Adaptive, ChatClient, CostGuard, PriorityLimiter, RateBudget, UsageMeter, check_endpoint
 from .local_llm import LocalServer, bundled_model, custom_model
 from .methods import METHODS, method_for
 from .engine import TEST_SCORING, Callback, Optimizer, RunResult, notify
@@ -141,6 +141,7 @@ def client_options(settings: Settings) -> dict[str, Any]:
         backoff_max=llm.backoff_max,
         price_input=llm.price_input,
         price_output=llm.price_output,
+        reasoning_room=llm.reasoning_tokens,
     )
 
 
@@ -196,15 +197,25 @@ async def open_context(
         options, limiter=limiter, meter=meter, cache=cache, n_mode=settings.llm.n_mode, seed=settings.seed
     )
     identity = local.model.identity if local is not None else None
-    target = ChatClient(base_url=target_url, model=target_model, cache_identity=identity, **common)
+    # what the target's endpoint takes (learned from its refusals) holds for the whole run
+    target = ChatClient(base_url=target_url, model=target_model, cache_identity=identity,
+                        accepts=Accepts(target_url.rstrip("/"), target_model, settings.llm.reasoning_tokens), **common)
     stack.push_async_callback(target.aclose)
     if (meta_url, settings.optimizer_model) == (target_url, target_model):
         meta = target
     else:
         meta_identity = identity if meta_url == target_url else None
-        meta = ChatClient(base_url=meta_url, model=settings.optimizer_model, cache_identity=meta_identity, **common)
+        meta = ChatClient(base_url=meta_url, model=settings.optimizer_model, cache_identity=meta_identity,
+                          accepts=Accepts(meta_url.rstrip("/"), settings.optimizer_model, settings.llm.reasoning_tokens),
+                          **common)
         stack.push_async_callback(meta.aclose)
     return RunContext(settings, task, meter, limiter, cache, meta, target, progress)
+
+
+def endpoint_record(context: RunContext) -> dict[str, Any]:
+    """What the run learned its endpoints take (``result.json``'s ``endpoint``; the registered
+    model's config reads the target's)."""
+    return {"target": context.target_llm.accepts.record(), "optimizer": context.meta_llm.accepts.record()}
 
 
 def make_limiter(llm: LLMSettings) -> PriorityLimiter:
@@ -361,6 +372,17 @@ def resume_point(settings: Settings) -> ResumePoint:
     raise UserError("--resume needs the MLflow integration: reinstall the package (pip install -e .)")
 
 
+class EndpointRecorder(Callback):
+    """Puts what the run learned its endpoints take into the result, before the callbacks
+    after it (tracking, registration) read it."""
+
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
+
+    def on_finish(self, result: Any) -> None:
+        result.run_records["endpoint"] = endpoint_record(self.context)
+
+
 class CheckpointWriter(Callback):
     """Saves the run state after every round, so a killed run loses at most the round in progress."""
 
@@ -409,6 +431,7 @@ async def optimize(
             everyone: list[Callback] = [
                 *([progress] if progress else []),
                 CheckpointWriter(folder / "state.json"),
+                EndpointRecorder(context),
                 # an executor the run opened may follow it too (to wind down early)
                 *(follower for follower in [executor.callback() if owned else None] if follower is not None),
                 *extra,

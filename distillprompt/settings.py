@@ -111,6 +111,13 @@ class LLMSettings(Group):
         description="max_tokens of a scoring answer (default: 256 on an endpoint, room for a short reasoning "
         "before the tagged answer; on the embedded model the longest label + 16 for classification)",
     )
+    reasoning_tokens: int = Field(
+        8192,
+        ge=0,
+        description="room for a reasoning model's hidden reasoning: once the endpoint asks for max_completion_tokens "
+        "instead of max_tokens (OpenAI's o-series and gpt-5 family), every request's token limit is its answer or "
+        "meta budget plus this many tokens (a ceiling: only the tokens the model uses are paid)",
+    )
 
     @field_validator("concurrency")
     @classmethod
