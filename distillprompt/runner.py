@@ -10,6 +10,7 @@ import asyncio
 import functools
 import json
 import logging
+import tempfile
 import time
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
@@ -179,7 +180,9 @@ async def open_context(
 
     # The data loads while the endpoints are checked; a data error is reported first, as
     # when one came after the other.
-    loading = asyncio.to_thread(load_task, settings.data, settings.seed, need_train=need_train) if task is None else None
+    loading = asyncio.to_thread(
+        load_task, settings.data, settings.seed, need_train=need_train, context_tokens=settings.llm.known_context
+    ) if task is None else None
     if need_train and settings.optimizer.scoring == "race":
         start_warm_up()  # racing's statistics library, imported in the background
     loaded, checked = await asyncio.gather(loading or asyncio.sleep(0, task), check(), return_exceptions=True)
@@ -408,6 +411,7 @@ async def optimize(
     state = resume.state if resume is not None else None
     settings = anchor_paths(with_demo_defaults(resume.settings if resume is not None else settings))
     folder = output_folder(settings)
+    check_output(folder)
     extra = list(callbacks or [])
     succeeded = False
     try:
@@ -437,24 +441,83 @@ async def optimize(
                 *extra,
             ]
             optimizer = make_optimizer(settings, context, executor.evaluator(context), everyone, state)
-            result = await optimizer.run(settings.optimizer.initial_prompt)
+            try:
+                result = await optimizer.run(settings.optimizer.initial_prompt)
+            except BaseException as error:
+                keep_what_was_paid_for(optimizer, error, settings, context, estimate, folder)
+                raise
             task = context.task
-            if context.cache is not None:
-                result.run_records["cache"] = context.cache.stats()
-            if estimate is not None:
-                result.run_records["estimate"] = estimate.to_dict()
-        result.run_records["settings"] = settings.public_dict()
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = pareto.candidate_rows(result, task, settings.llm.price_input, settings.llm.price_output)
-        result.run_records["pareto"] = {"summary": pareto.summary(rows, len(task.train)),
-                                        "front": [row["id"] for row in rows if row["on_front"]]}
-        (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
-        pareto.write(rows, folder, f"{task.name}: score against prompt length")
+            add_run_records(result, context, estimate)
+        write_result(result, settings, task, folder)
         succeeded = result.failure is None
         return result, folder
     finally:
         for callback in extra:
             callback.on_end(succeeded)
+
+
+def check_output(folder: Path) -> None:
+    """Refuses, before the first request, an output folder that cannot be written: the
+    folder, or the nearest folder above it that exists (where it would be made), takes a
+    file. Nothing is made here: a run stopped by bad data leaves no empty folder behind."""
+    where = folder
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        if not where.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        with tempfile.TemporaryFile(dir=where, prefix=".distillprompt-check-"):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"cannot write result.json to {folder} ({where}: {error.strerror or type(error).__name__}): pass --output "
+            "a folder you can write to"
+        ) from None
+
+
+def add_run_records(result: RunResult, context: RunContext, estimate: Estimate | None) -> None:
+    """What the run adds to its result beside the loop's: the cache's figures, the estimate."""
+    if context.cache is not None:
+        result.run_records["cache"] = context.cache.stats()
+    if estimate is not None:
+        result.run_records["estimate"] = estimate.to_dict()
+    result.run_records.setdefault("endpoint", endpoint_record(context))
+
+
+def write_result(result: RunResult, settings: Settings, task: Task, folder: Path) -> None:
+    """``result.json``, ``candidates.csv`` and ``pareto.png`` in the output folder."""
+    result.run_records["settings"] = settings.public_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = pareto.candidate_rows(result, task, settings.llm.price_input, settings.llm.price_output)
+    result.run_records["pareto"] = {"summary": pareto.summary(rows, len(task.train)),
+                                    "front": [row["id"] for row in rows if row["on_front"]]}
+    (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
+    pareto.write(rows, folder, f"{task.name}: score against prompt length")
+
+
+def keep_what_was_paid_for(
+    optimizer: Optimizer, error: BaseException, settings: Settings, context: RunContext, estimate: Estimate | None,
+    folder: Path,
+) -> None:
+    """A run that an error (a setting found wrong mid-run, Ctrl-C, a bug) ends after it has
+    spent writes ``result.json`` all the same: every candidate so far, the best prompt of the
+    finished rounds, the usage, the refusals, with stop reason ``error`` or ``interrupted``
+    and the error as ``failure``."""
+    usage = context.meter.total()
+    if not (usage.requests or usage.cache_hits or usage.failed or usage.refusals):
+        return  # nothing paid for: the error line is all there is to say
+    try:
+        result = optimizer.result_so_far(error)
+        if result is None:
+            return
+        add_run_records(result, context, estimate)
+        write_result(result, settings, context.task, folder)
+    except Exception as failure:  # noqa: BLE001 - the run's own error is the one to report
+        log.warning("could not write result.json for the run that stopped (%s: %s)", type(failure).__name__, failure)
+        return
+    log.warning("the run stopped before its end: what it paid for (%d requests, $%.4f; %d candidates, the best of "
+                "the finished rounds as final_prompt) is in %s", usage.requests, usage.cost, len(result.history),
+                folder / "result.json")
 
 
 async def optimize_task(

@@ -21,6 +21,39 @@ from .racing import Race, RaceSummary, race_order
 log = logging.getLogger(__name__)
 
 
+class RefusedExamples:
+    """The examples whose scoring request the endpoint refused (longer than the model's
+    context, stopped by a content filter): by sample and row (``Example.index``, its position
+    in its split), how many prompts' requests for it were refused and why. Each such request
+    scored as an unparsed answer; the record says which examples the scores lost."""
+
+    def __init__(self) -> None:
+        self._by_example: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def load(self, saved: list[dict[str, Any]]) -> None:
+        """Goes on from a saved record (a resumed run's state)."""
+        for entry in saved:
+            key = (entry["sample"], entry["example"])
+            self._by_example[key] = {**entry, "reasons": dict(entry["reasons"])}
+
+    def add(self, sample: str, examples: list[Example], score: Score) -> int:
+        """Records a score's refused requests (``examples`` in the score's order); their count."""
+        count = 0
+        sample = "train" if sample == TRAIN_SCORING else sample
+        for example, reason in zip(examples, score.refused):
+            if not reason:
+                continue
+            count += 1
+            entry = self._by_example.setdefault(
+                (sample, example.index), {"sample": sample, "example": example.index, "requests": 0, "reasons": {}})
+            entry["requests"] += 1
+            entry["reasons"][reason] = entry["reasons"].get(reason, 0) + 1
+        return count
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [{**entry, "reasons": dict(entry["reasons"])} for _, entry in sorted(self._by_example.items())]
+
+
 class Scoring:
     """The run's scoring. Train scoring of a batch of candidates starts at once and runs in
     the background (``score_soon``), beside the meta-prompts the round writes meanwhile;
@@ -45,6 +78,7 @@ class Scoring:
         self._records: dict[str, list[float]] = {}
         self._labels = task.labels if task.is_classification else None
         self._race_order = race_order(len(task.train), seed)
+        self.refused = RefusedExamples()
 
     # ----- train ---------------------------------------------------------------------------
 
@@ -91,6 +125,7 @@ class Scoring:
         self._train_scores[key] = (score, positions)
         if len(positions) == len(self.task.train):
             self._records[key] = record_of(score, self._labels)
+        candidate.refused = self.refused.add(TRAIN_SCORING, [self.task.train[p] for p in positions], score)
         candidate.score = score.value
         candidate.metrics = dict(score.metrics)
         candidate.parse_rate = score.parse_rate
@@ -169,16 +204,21 @@ class Scoring:
         scores = await self.evaluator.score([c.prompt for c in candidates], self.task.val, stage=VAL_SCORING)
         for candidate, score in zip(candidates, scores):
             candidate.val_score = score.value
+            self.refused.add(VAL_SCORING, self.task.val, score)
 
     async def score_test(self, prompt: str) -> Score | None:
         if not self.task.test:
             return None  # a task without a test sample (an app's train data only): no verdict
         (score,) = await self.evaluator.score([prompt], self.task.test, stage=TEST_SCORING)
+        self.refused.add(TEST_SCORING, self.task.test, score)
         return score
 
     async def evaluate(self, prompts: list[str], examples: list[Example], stage: str) -> list[Score]:
         """Scores prompts on any examples (counted under ``stage``), with per-example outputs."""
-        return await self.evaluator.score(prompts, examples, stage=stage)
+        scores = await self.evaluator.score(prompts, examples, stage=stage)
+        for score in scores:
+            self.refused.add(stage, examples, score)
+        return scores
 
     # ----- what it costs ---------------------------------------------------------------------
 
