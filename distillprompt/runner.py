@@ -504,7 +504,7 @@ def keep_what_was_paid_for(
     finished rounds, the usage, the refusals, with stop reason ``error`` or ``interrupted``
     and the error as ``failure``."""
     usage = context.meter.total()
-    if not (usage.requests or usage.cache_hits or usage.failed or usage.refusals):
+    if not (usage.requests or usage.cache_hits or usage.failed):
         return  # nothing paid for: the error line is all there is to say
     try:
         result = optimizer.result_so_far(error)

@@ -51,7 +51,10 @@ class RefusedExamples:
         return count
 
     def to_list(self) -> list[dict[str, Any]]:
-        return [{**entry, "reasons": dict(entry["reasons"])} for _, entry in sorted(self._by_example.items())]
+        """By sample (train, validation, test) and row."""
+        order = {"train": 0, VAL_SCORING: 1, TEST_SCORING: 2}
+        keys = sorted(self._by_example, key=lambda key: (order.get(key[0], 3), key))
+        return [{**self._by_example[key], "reasons": dict(self._by_example[key]["reasons"])} for key in keys]
 
 
 class Scoring:
