@@ -262,7 +262,8 @@ class Logged:
 
 # what a reasoning model thinks before it answers, in tokens, by kind of request
 REASONING_TOKENS = {"scoring": 300, "meta": 1200, "other": 20}
-UNSUPPORTED_MAX_TOKENS = "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead."
+UNSUPPORTED_MAX_TOKENS = ("Unsupported parameter: 'max_tokens' is not supported with this model. "
+                          "Use 'max_completion_tokens' instead.")
 CONTENT_FILTER_MESSAGE = ("The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
                           "Please modify your prompt and retry.")
 

@@ -164,7 +164,9 @@ class Optimizer:
                 initial_test.cancel()
             await scoring.cancel()
         result = self._result(stop_reason, initial_test_score, final_test_score)
-        result.diagnosis = next((r.diagnosis.sentence for r in reversed(rounds) if r.diagnosis and r.diagnosis.flat), None)
+        result.diagnosis = next(
+            (r.diagnosis.sentence for r in reversed(rounds) if r.diagnosis and r.diagnosis.flat), None
+        )
         result.verdict = judge(
             metric=self.task.metric,
             labels=self.task.labels if self.task.is_classification else None,
@@ -212,7 +214,8 @@ class Optimizer:
         if not self.state.history:
             return None
         interrupted = isinstance(error, (KeyboardInterrupt, asyncio.CancelledError))
-        self.failure = self.failure or ("interrupted" if interrupted else " ".join(str(error).split()) or type(error).__name__)
+        said = "interrupted" if interrupted else " ".join(str(error).split()) or type(error).__name__
+        self.failure = self.failure or said
         return self._result(INTERRUPTED if interrupted else STOPPED_BY_ERROR, None, None)
 
     async def _round(self, number: int) -> RoundResult:

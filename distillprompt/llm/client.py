@@ -356,7 +356,9 @@ class ChatClient:
         if n == 1:  # no task of its own for the common case
             return (await ask(1, _offset(seed, 0)))[:1]
         if self.native_n is True and not self.accepts.takes("n"):
-            raise UserError(f"the endpoint {self.base_url} does not take n for model {self.model!r}: use --n-mode separate or auto")
+            raise UserError(
+                f"the endpoint {self.base_url} does not take n for model {self.model!r}: use --n-mode separate or auto"
+            )
         if self.native_n is False or not self.accepts.takes("n"):
             replies = await asyncio.gather(*(ask(1, _offset(seed, i)) for i in range(n)))
         else:
@@ -399,7 +401,9 @@ class ChatClient:
                 if self.guard is not None:
                     self.guard.check(stage)  # a request that waited for its slot while the budget ran out
                 # built once it has its slot: what the endpoint takes may have been learned meanwhile
-                sent = accepts.arguments(messages, temperature=temperature, n=n, max_tokens=max_tokens, seed=seed, stop=stop)
+                sent = accepts.arguments(
+                    messages, temperature=temperature, n=n, max_tokens=max_tokens, seed=seed, stop=stop
+                )
                 response = await (send(sent) if send is not None else self.post(sent))
                 # The endpoint's time as the process that sent it saw it: for a Ray actor's
                 # attempt, the wait for its batch and the trip back are not the endpoint queueing.
