@@ -165,7 +165,9 @@ def _print_result(result: Any, folder: Path) -> None:
         f"  test:  {_format_scores(result.final_scores['test'])}",
         f"stopped by: {result.stop_reason}; {len(result.history)} candidates, wall time {result.wall_time:.1f}s",
         f"LLM requests: {usage.requests} sent, {usage.cache_hits} from cache, {usage.retries} retried; "
-        f"tokens {usage.input_tokens} in, {usage.output_tokens} out; cost ${usage.cost:.4f}" + _budget(result),
+        f"tokens {usage.input_tokens} in, {usage.output_tokens} out"
+        + (f" ({usage.reasoning_tokens} of them reasoning)" if usage.reasoning_tokens else "")
+        + f"; cost ${usage.cost:.4f}" + _budget(result),
         f"result: {folder / 'result.json'}",
     ]
     dropped = {stage: reasons for stage, reasons in result.rejections.items() if sum(reasons.values())}
@@ -174,6 +176,8 @@ def _print_result(result: Any, folder: Path) -> None:
             f"{stage} {sum(reasons.values())} ({', '.join(f'{r} {n}' for r, n in sorted(reasons.items()))})"
             for stage, reasons in dropped.items()
         ))
+    if result.refused:
+        lines.insert(-1, refused_line(result.refused))
     race = result.race
     if race.get("scoring") == "race" and race.get("full_requests"):
         lines.insert(-1, f"racing: {race['stopped']} of {race['candidates']} candidates stopped early; train scoring "
@@ -192,6 +196,21 @@ def _print_result(result: Any, folder: Path) -> None:
     if result.verdict is not None:
         lines.append(result.verdict.sentence)
     print("\n".join(lines))
+
+
+def refused_line(refused: list[dict[str, Any]]) -> str:
+    """The examples the endpoint refused a scoring request for, in one line: by sample and by
+    reason, and the requests that scored as wrong answers."""
+    samples: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    for entry in refused:
+        samples[entry["sample"]] = samples.get(entry["sample"], 0) + 1
+        for reason in entry["reasons"]:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    requests = sum(entry["requests"] for entry in refused)
+    return (f"refused by the endpoint: {len(refused)} examples ({', '.join(f'{s} {n}' for s, n in samples.items())}; "
+            f"{', '.join(f'{r} {n}' for r, n in sorted(reasons.items()))}), {requests} scoring requests counted as "
+            "wrong answers (refused in result.json)")
 
 
 def _budget(result: Any) -> str:
@@ -297,6 +316,8 @@ def _run(args: argparse.Namespace) -> int:
         callback.on_end(True)
     print(f"\nprompt: {prompt}")
     print(f"test ({len(task.test)} examples of {task.name}): {_format_scores(score.summary())}")
+    if score.refused_count:
+        print(f"refused by the endpoint: {score.refused_count} of {len(task.test)} examples, counted as wrong answers")
     print(f"LLM requests: {usage['requests']} sent, {usage['cache_hits']} from cache")
     return INCOMPLETE if _warn_unfinished(callbacks) else 0
 

@@ -23,6 +23,13 @@ class Score:
     parse_rate: float
     per_example: list[float]  # correctness (classification) or the metric, per example
     notes: list[str] = field(default_factory=list)  # per example, what the scorers said (when they say it)
+    # per example, why the endpoint refused its request ("" where it answered; empty: it refused none):
+    # such an example has an empty output, scored as an unparsed answer
+    refused: list[str] = field(default_factory=list)
+
+    @property
+    def refused_count(self) -> int:
+        return sum(1 for reason in self.refused if reason)
 
     def summary(self) -> dict[str, Any]:
         return {"score": self.value, **self.metrics, "parse_rate": self.parse_rate}
@@ -51,8 +58,9 @@ def scoring_requests(task: Task, prompts: list[str], examples: list[Example]) ->
     return requests
 
 
-def score_outputs(task: Task, outputs: list[str], examples: list[Example]) -> Score:
-    """Parses the answers of one prompt and computes the task's metrics."""
+def score_outputs(task: Task, outputs: list[str], examples: list[Example], refused: list[str] | None = None) -> Score:
+    """Parses the answers of one prompt and computes the task's metrics (``refused``: per
+    example, why the endpoint refused its request, "" where it answered)."""
     targets = [example.target for example in examples]
     if task.is_classification:
         predictions = [parse_label(output, task.labels) for output in outputs]
@@ -72,6 +80,7 @@ def score_outputs(task: Task, outputs: list[str], examples: list[Example]) -> Sc
         targets=targets,
         parse_rate=parsed / len(outputs) if outputs else 0.0,
         per_example=per_example,
+        refused=list(refused) if refused and any(refused) else [],
     )
 
 
@@ -88,6 +97,8 @@ def merge_scores(task: Task, parts: list[Score]) -> Score:
     count = len(joined["per_example"])
     if len(joined["notes"]) != count:
         joined["notes"] = []
+    refused = [reason for part in parts for reason in (part.refused or [""] * len(part.per_example))]
+    joined["refused"] = refused if any(refused) else []
     if task.is_classification:
         metrics = classification_scores(joined["predictions"], joined["targets"], task.labels)
         value = metrics["macro_f1"]
@@ -105,10 +116,17 @@ def _weighted(weights: list[int], values: list[float]) -> float:
     return sum(w * v for w, v in zip(weights, values)) / total if total else 0.0
 
 
-def assemble(task: Task, prompts: list[str], examples: list[Example], outputs: list[str]) -> list[Score]:
-    """Splits a flat list of outputs (prompt-major order) into one Score per prompt."""
+def assemble(
+    task: Task, prompts: list[str], examples: list[Example], outputs: list[str], refused: list[str] | None = None
+) -> list[Score]:
+    """Splits a flat list of outputs (prompt-major order), and of the reasons requests were
+    refused for, into one Score per prompt."""
     width = len(examples)
-    return [score_outputs(task, outputs[i * width : (i + 1) * width], examples) for i in range(len(prompts))]
+    refused = refused or [""] * len(outputs)
+    return [
+        score_outputs(task, outputs[i * width : (i + 1) * width], examples, refused[i * width : (i + 1) * width])
+        for i in range(len(prompts))
+    ]
 
 
 class InProcessEvaluator:
@@ -138,8 +156,13 @@ class InProcessEvaluator:
         requests = scoring_requests(self.task, prompts, examples)
         if self.on_requests_planned:
             self.on_requests_planned(len(requests))
+        refused = [""] * len(requests)
+
+        def on_refused(index: int, reason: str) -> None:  # refused for its length or content: a wrong answer
+            refused[index] = reason
+
         outputs = await self.llm.complete_many(
             [request.messages for request in requests], temperature=0.0, max_tokens=self.max_tokens, stage=stage,
-            priority=SCORING, stop=self.stop, send=self.send, on_done=self.on_request_done,
+            priority=SCORING, stop=self.stop, send=self.send, on_done=self.on_request_done, on_refused=on_refused,
         )
-        return assemble(self.task, prompts, examples, outputs)
+        return assemble(self.task, prompts, examples, outputs, refused)

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import json
 import logging
+import tempfile
 import time
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from .data import Task, load_task
 from .errors import UserError
 from .estimate import Estimate, estimate_run
 from .evaluation import Evaluator, InProcessEvaluator, Score
-from .llm import Adaptive, ChatClient, CostGuard, PriorityLimiter, RateBudget, UsageMeter, check_endpoint
+from .llm import Accepts, Adaptive, ChatClient, CostGuard, PriorityLimiter, RateBudget, UsageMeter, check_endpoint
 from .local_llm import LocalServer, bundled_model, custom_model
 from .methods import METHODS, method_for
 from .engine import TEST_SCORING, Callback, Optimizer, RunResult, notify
@@ -141,6 +142,7 @@ def client_options(settings: Settings) -> dict[str, Any]:
         backoff_max=llm.backoff_max,
         price_input=llm.price_input,
         price_output=llm.price_output,
+        reasoning_room=llm.reasoning_tokens,
     )
 
 
@@ -178,7 +180,9 @@ async def open_context(
 
     # The data loads while the endpoints are checked; a data error is reported first, as
     # when one came after the other.
-    loading = asyncio.to_thread(load_task, settings.data, settings.seed, need_train=need_train) if task is None else None
+    loading = asyncio.to_thread(
+        load_task, settings.data, settings.seed, need_train=need_train, context_tokens=settings.llm.known_context
+    ) if task is None else None
     if need_train and settings.optimizer.scoring == "race":
         start_warm_up()  # racing's statistics library, imported in the background
     loaded, checked = await asyncio.gather(loading or asyncio.sleep(0, task), check(), return_exceptions=True)
@@ -196,15 +200,25 @@ async def open_context(
         options, limiter=limiter, meter=meter, cache=cache, n_mode=settings.llm.n_mode, seed=settings.seed
     )
     identity = local.model.identity if local is not None else None
-    target = ChatClient(base_url=target_url, model=target_model, cache_identity=identity, **common)
+    # what the target's endpoint takes (learned from its refusals) holds for the whole run
+    target = ChatClient(base_url=target_url, model=target_model, cache_identity=identity,
+                        accepts=Accepts(target_url.rstrip("/"), target_model, settings.llm.reasoning_tokens), **common)
     stack.push_async_callback(target.aclose)
     if (meta_url, settings.optimizer_model) == (target_url, target_model):
         meta = target
     else:
         meta_identity = identity if meta_url == target_url else None
-        meta = ChatClient(base_url=meta_url, model=settings.optimizer_model, cache_identity=meta_identity, **common)
+        meta = ChatClient(base_url=meta_url, model=settings.optimizer_model, cache_identity=meta_identity,
+                          accepts=Accepts(meta_url.rstrip("/"), settings.optimizer_model, settings.llm.reasoning_tokens),
+                          **common)
         stack.push_async_callback(meta.aclose)
     return RunContext(settings, task, meter, limiter, cache, meta, target, progress)
+
+
+def endpoint_record(context: RunContext) -> dict[str, Any]:
+    """What the run learned its endpoints take (``result.json``'s ``endpoint``; the registered
+    model's config reads the target's)."""
+    return {"target": context.target_llm.accepts.record(), "optimizer": context.meta_llm.accepts.record()}
 
 
 def make_limiter(llm: LLMSettings) -> PriorityLimiter:
@@ -361,6 +375,17 @@ def resume_point(settings: Settings) -> ResumePoint:
     raise UserError("--resume needs the MLflow integration: reinstall the package (pip install -e .)")
 
 
+class EndpointRecorder(Callback):
+    """Puts what the run learned its endpoints take into the result, before the callbacks
+    after it (tracking, registration) read it."""
+
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
+
+    def on_finish(self, result: Any) -> None:
+        result.run_records["endpoint"] = endpoint_record(self.context)
+
+
 class CheckpointWriter(Callback):
     """Saves the run state after every round, so a killed run loses at most the round in progress."""
 
@@ -386,6 +411,7 @@ async def optimize(
     state = resume.state if resume is not None else None
     settings = anchor_paths(with_demo_defaults(resume.settings if resume is not None else settings))
     folder = output_folder(settings)
+    check_output(folder)
     extra = list(callbacks or [])
     succeeded = False
     try:
@@ -409,29 +435,89 @@ async def optimize(
             everyone: list[Callback] = [
                 *([progress] if progress else []),
                 CheckpointWriter(folder / "state.json"),
+                EndpointRecorder(context),
                 # an executor the run opened may follow it too (to wind down early)
                 *(follower for follower in [executor.callback() if owned else None] if follower is not None),
                 *extra,
             ]
             optimizer = make_optimizer(settings, context, executor.evaluator(context), everyone, state)
-            result = await optimizer.run(settings.optimizer.initial_prompt)
+            try:
+                result = await optimizer.run(settings.optimizer.initial_prompt)
+            except BaseException as error:
+                keep_what_was_paid_for(optimizer, error, settings, context, estimate, folder)
+                raise
             task = context.task
-            if context.cache is not None:
-                result.run_records["cache"] = context.cache.stats()
-            if estimate is not None:
-                result.run_records["estimate"] = estimate.to_dict()
-        result.run_records["settings"] = settings.public_dict()
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = pareto.candidate_rows(result, task, settings.llm.price_input, settings.llm.price_output)
-        result.run_records["pareto"] = {"summary": pareto.summary(rows, len(task.train)),
-                                        "front": [row["id"] for row in rows if row["on_front"]]}
-        (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
-        pareto.write(rows, folder, f"{task.name}: score against prompt length")
+            add_run_records(result, context, estimate)
+        write_result(result, settings, task, folder)
         succeeded = result.failure is None
         return result, folder
     finally:
         for callback in extra:
             callback.on_end(succeeded)
+
+
+def check_output(folder: Path) -> None:
+    """Refuses, before the first request, an output folder that cannot be written: the
+    folder, or the nearest folder above it that exists (where it would be made), takes a
+    file. Nothing is made here: a run stopped by bad data leaves no empty folder behind."""
+    where = folder
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        if not where.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        with tempfile.TemporaryFile(dir=where, prefix=".distillprompt-check-"):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"cannot write result.json to {folder} ({where}: {error.strerror or type(error).__name__}): pass --output "
+            "a folder you can write to"
+        ) from None
+
+
+def add_run_records(result: RunResult, context: RunContext, estimate: Estimate | None) -> None:
+    """What the run adds to its result beside the loop's: the cache's figures, the estimate."""
+    if context.cache is not None:
+        result.run_records["cache"] = context.cache.stats()
+    if estimate is not None:
+        result.run_records["estimate"] = estimate.to_dict()
+    result.run_records.setdefault("endpoint", endpoint_record(context))
+
+
+def write_result(result: RunResult, settings: Settings, task: Task, folder: Path) -> None:
+    """``result.json``, ``candidates.csv`` and ``pareto.png`` in the output folder."""
+    result.run_records["settings"] = settings.public_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = pareto.candidate_rows(result, task, settings.llm.price_input, settings.llm.price_output)
+    result.run_records["pareto"] = {"summary": pareto.summary(rows, len(task.train)),
+                                    "front": [row["id"] for row in rows if row["on_front"]]}
+    (folder / "result.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
+    pareto.write(rows, folder, f"{task.name}: score against prompt length")
+
+
+def keep_what_was_paid_for(
+    optimizer: Optimizer, error: BaseException, settings: Settings, context: RunContext, estimate: Estimate | None,
+    folder: Path,
+) -> None:
+    """A run that an error (a setting found wrong mid-run, Ctrl-C, a bug) ends after it has
+    spent writes ``result.json`` all the same: every candidate so far, the best prompt of the
+    finished rounds, the usage, the refusals, with stop reason ``error`` or ``interrupted``
+    and the error as ``failure``."""
+    usage = context.meter.total()
+    if not (usage.requests or usage.cache_hits or usage.failed):
+        return  # nothing paid for: the error line is all there is to say
+    try:
+        result = optimizer.result_so_far(error)
+        if result is None:
+            return
+        add_run_records(result, context, estimate)
+        write_result(result, settings, context.task, folder)
+    except Exception as failure:  # noqa: BLE001 - the run's own error is the one to report
+        log.warning("could not write result.json for the run that stopped (%s: %s)", type(failure).__name__, failure)
+        return
+    log.warning("the run stopped before its end: what it paid for (%d requests, $%.4f; %d candidates, the best of "
+                "the finished rounds as final_prompt) is in %s", usage.requests, usage.cost, len(result.history),
+                folder / "result.json")
 
 
 async def optimize_task(

@@ -111,6 +111,20 @@ class LLMSettings(Group):
         description="max_tokens of a scoring answer (default: 256 on an endpoint, room for a short reasoning "
         "before the tagged answer; on the embedded model the longest label + 16 for classification)",
     )
+    context_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="context window of the target model in tokens, when you know it: the data check drops (and "
+        "counts) rows whose input alone is longer, estimated at 4 characters a token (default: unknown, and such "
+        "rows are refused by the endpoint and counted as wrong answers; the embedded model's is --local-context)",
+    )
+    reasoning_tokens: int = Field(
+        8192,
+        ge=0,
+        description="room for a reasoning model's hidden reasoning: once the endpoint asks for max_completion_tokens "
+        "instead of max_tokens (OpenAI's o-series and gpt-5 family), every request's token limit is its answer or "
+        "meta budget plus this many tokens (a ceiling: only the tokens the model uses are paid)",
+    )
 
     @field_validator("concurrency")
     @classmethod
@@ -128,6 +142,11 @@ class LLMSettings(Group):
     @property
     def adaptive(self) -> bool:
         return self.concurrency == "auto"
+
+    @property
+    def known_context(self) -> int | None:
+        """The target model's context in tokens, if known: set, or the embedded server's."""
+        return self.context_tokens or (self.local_context if self.backend == "local" else None)
 
     @property
     def max_in_flight(self) -> int:

@@ -36,6 +36,7 @@ class Candidate:
     # parent's): the instruction they follow, and the train-split rows they are (Example.index)
     instruction: str | None = None
     demos: list[int] = field(default_factory=list)
+    refused: int = 0  # of its train examples, those whose request the endpoint refused (too long, a content filter)
 
     @property
     def bare_instruction(self) -> str:
@@ -69,7 +70,7 @@ def dedup_key(prompt: str) -> str:
 # Raise it when a saved state's fields change meaning or are added (an older distillprompt
 # then refuses the state instead of failing on a field it does not know), and add the step
 # that turns the previous version into the new one to MIGRATIONS.
-STATE_SCHEMA_VERSION = 3
+STATE_SCHEMA_VERSION = 4
 
 
 @dataclass
@@ -90,6 +91,8 @@ class RunState:
     # the best prompt's train record (``paired.record_of``: predicted label codes, or the
     # per-example metric), for racing
     best_record: list[float] | None = None
+    # the examples whose scoring request the endpoint refused (``engine.scoring.RefusedExamples``)
+    refused: list[dict[str, Any]] = field(default_factory=list)
 
     def rng(self) -> random.Random:
         rng = random.Random(f"{self.seed}:optimizer")
@@ -166,4 +169,10 @@ def _from_version_2(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-MIGRATIONS = {1: _from_version_1, 2: _from_version_2}  # version -> the step to the next one
+def _from_version_3(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 4 counts the requests the endpoint refused for what they hold: per candidate
+    (``refused``) and per example (the state's ``refused``); an older state refused none."""
+    return dict(data)
+
+
+MIGRATIONS = {1: _from_version_1, 2: _from_version_2, 3: _from_version_3}  # version -> the step to the next one

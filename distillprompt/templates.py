@@ -8,7 +8,7 @@ model may echo back, so that candidate hygiene can strip them.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .data import Example, Task
@@ -28,6 +28,9 @@ class MetaPrompt:
     messages: list[dict[str, str]]
     echo_fragments: list[str] = field(default_factory=list)
     example_texts: list[str] = field(default_factory=list)
+    # the same meta-prompt showing one example fewer (its longest), for an endpoint that
+    # refused this one as too long for its context; None: nothing to leave out
+    fewer: Callable[[], MetaPrompt] | None = field(default=None, compare=False, repr=False)
 
 
 # ----- the task template ---------------------------------------------------------------
@@ -218,7 +221,17 @@ def distill(
     lines = fixed[:3] + ["Examples:\n" + "\n\n".join(shown), *counted, f"Instruction:\n{prompt}"] + fixed[3:]
     texts = [value for example in examples for value in example.inputs.values()]
     labels = [f"{label}:" for _, label in OBSERVED_LINES] if observed else []
-    return _meta("distill", lines, fixed + ["Correct answer:", *labels, *counted], texts)
+    meta = _meta("distill", lines, fixed + ["Correct answer:", *labels, *counted], texts)
+    if len(examples) < 2:
+        return meta
+    longest = max(range(len(examples)), key=lambda i: len(shown[i]))
+    kept = [i for i in range(len(examples)) if i != longest]
+
+    def fewer() -> MetaPrompt:
+        seen = [observed[i] if i < len(observed) else {} for i in kept] if observed else observed
+        return distill(task, prompt, [examples[i] for i in kept], seen, mistakes)
+
+    return replace(meta, fewer=fewer)
 
 
 def compress(task: Task, prompt: str) -> MetaPrompt:

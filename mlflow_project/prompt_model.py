@@ -7,7 +7,11 @@ task's input columns and returns one answer per row: a label for classification 
 the reply names none), the answer text for generation.
 
 The endpoint is the one of the run, unless ``OPENAI_BASE_URL`` is set where the model is
-served; the key comes from ``OPENAI_API_KEY`` there.
+served; the key comes from ``OPENAI_API_KEY`` there. A request carries what the run learned
+the endpoint takes: the token limit under the name it takes (``token_limit``:
+``max_completion_tokens`` for OpenAI's reasoning models, with their room to reason in
+``max_tokens``), and none of the parameters it refused (``left_out``: a temperature, stop
+sequences).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class PromptModel(PythonModel):
         self.model: str = config["model"]
         self.labels: list[str] = list(config.get("labels") or [])
         self.max_tokens = int(config.get("max_tokens", 64))
+        self.token_limit = str(config.get("token_limit") or "max_tokens")
+        self.left_out = set(config.get("left_out") or [])
         self.concurrency = int(config.get("concurrency", 8))
         base_url = os.environ.get("OPENAI_BASE_URL") or config["base_url"]
         if base_url == "local":
@@ -71,12 +77,12 @@ class PromptModel(PythonModel):
         from distillprompt.metrics import answer_text, parse_label
         from distillprompt.templates import ANSWER_STOP
 
+        optional = {"temperature": 0.0, "stop": list(ANSWER_STOP)}
         reply = self.client.chat.completions.create(
             model=self.model,
             messages=[{"role": "user", "content": self.fill(row)}],
-            temperature=0.0,
-            max_tokens=self.max_tokens,
-            stop=list(ANSWER_STOP),
+            **{self.token_limit: self.max_tokens},
+            **{name: value for name, value in optional.items() if name not in self.left_out},
         )
         text = reply.choices[0].message.content or ""
         return parse_label(text, self.labels) if self.labels else answer_text(text)

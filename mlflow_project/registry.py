@@ -89,7 +89,11 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
     from mlflow.types import ColSpec, Schema
 
     name = check_name(settings.mlflow.prompt_name or default_name(task))
-    max_tokens = templates.answer_budget(task, settings.llm)
+    # what the run learned the target's endpoint takes: the model sends the same
+    takes = (result.run_records.get("endpoint") or {}).get("target") or {}
+    token_limit = takes.get("token_limit") or "max_tokens"
+    left_out = list(takes.get("left_out") or [])
+    max_tokens = templates.answer_budget(task, settings.llm) + int(takes.get("reasoning_room") or 0)
     metric = "macro_f1" if task.is_classification else task.generation_metric
     scores = {
         "train_score": result.final_scores["train"]["score"],
@@ -127,12 +131,14 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
         model_config={
             "provider": "openai",
             "model_name": settings.llm.model,
-            "temperature": 0.0,
+            **({} if "temperature" in left_out else {"temperature": 0.0}),
             "max_tokens": max_tokens,
             "extra_params": {
                 "base_url": base_url,
                 "labels": task.labels,
                 "task": task.task_type,
+                "token_limit": token_limit,  # the name the endpoint takes max_tokens by
+                "left_out": left_out,  # parameters the endpoint does not take
             },
         },
     )
@@ -152,6 +158,8 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
         "labels": task.labels,
         "task": task.task_type,
         "max_tokens": max_tokens,
+        "token_limit": token_limit,
+        "left_out": left_out,
         "concurrency": min(settings.llm.max_in_flight, 16),
     }
     made = client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")

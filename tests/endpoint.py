@@ -15,6 +15,13 @@ kind (``rates``) decided by a hash of the request body and how often it was seen
 run under faults is as reproducible as a clean one. ``latency`` and ``capacity`` make it a
 slow endpoint that serves at most ``capacity`` requests at once (for benchmarks).
 
+Refusals, with the 400 bodies OpenAI documents: ``reasoning`` answers as OpenAI's reasoning
+models do (``max_tokens`` and any temperature but 1 refused; hidden reasoning tokens that
+count against ``max_completion_tokens`` and in ``usage.completion_tokens_details``, an empty
+reply when they leave no room for the answer), ``refuse_n`` refuses ``n``, ``context``
+refuses messages longer than that many tokens (``context_length_exceeded``) and ``flagged``
+words trip a content filter (``content_filter``).
+
 Run it alone with ``python -m tests.endpoint --port 8001 --latency 0.2 --capacity 32``.
 """
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -245,6 +253,23 @@ class Logged:
     temperature: float | None = None
     max_tokens: int | None = None
     content: str = ""
+    parameters: tuple[str, ...] = ()  # the request's fields, sorted
+    refused: str = ""  # a 400's parameter (max_tokens, temperature, n) or reason (context_length, content_filter)
+    arrived: int = 0  # order of arrival, and of the answer, on one counter shared by every request
+    answered: int = 0
+    max_completion_tokens: int | None = None
+
+
+# what a reasoning model thinks before it answers, in tokens, by kind of request
+REASONING_TOKENS = {"scoring": 300, "meta": 1200, "other": 20}
+UNSUPPORTED_MAX_TOKENS = ("Unsupported parameter: 'max_tokens' is not supported with this model. "
+                          "Use 'max_completion_tokens' instead.")
+CONTENT_FILTER_MESSAGE = ("The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
+                          "Please modify your prompt and retry.")
+
+
+def openai_error(message: str, param: str | None, code: str, kind: str | None = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 @dataclass
@@ -264,6 +289,10 @@ class ScriptedEndpoint:
     host: str = "127.0.0.1"
     port: int = 0
     tls: Any = None  # an ssl.SSLContext: serve HTTPS
+    reasoning: bool = False  # refuse and answer as OpenAI's reasoning models do (module docstring)
+    refuse_n: bool = False  # 400 for a request that carries n
+    context: int = 0  # tokens (characters / 4) of messages beyond which a request is refused (0: no limit)
+    flagged: tuple[str, ...] = ()  # words a content filter refuses a request for
 
     def __post_init__(self) -> None:
         self.log: list[Logged] = []
@@ -277,6 +306,7 @@ class ScriptedEndpoint:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.served: list[tuple[float, float, str]] = []  # (start, end, stage) of every request served, 429s included
+        self._order = itertools.count(1)  # arrivals and answers, in order
 
     # ----- lifecycle ---------------------------------------------------------------------
 
@@ -371,7 +401,7 @@ class ScriptedEndpoint:
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, status: int, payload: Any, extra: dict[str, str] | None = None) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        reasons = {200: "OK", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}
+        reasons = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}
         head = [f"HTTP/1.1 {status} {reasons.get(status, 'Status')}", "Content-Type: application/json", f"Content-Length: {len(data)}"]
         head += [f"{k}: {v}" for k, v in (extra or {}).items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
@@ -397,10 +427,11 @@ class ScriptedEndpoint:
         if request.get("model") not in self.models:
             await self._send(writer, 404, {"error": {"message": f"model {request.get('model')} not found"}})
             return True
+        arrived = next(self._order)
         if self._limit is not None:
             async with self._limit:
-                return await self._complete(request, body, writer)
-        return await self._complete(request, body, writer)
+                return await self._complete(request, body, writer, arrived)
+        return await self._complete(request, body, writer, arrived)
 
     def _fault(self, body: bytes) -> str:
         body_hash = hashlib.sha256(body).hexdigest()
@@ -441,14 +472,38 @@ class ScriptedEndpoint:
             "last_end": max((finish for _, finish, _ in spans), default=None), "peak_in_flight": self.peak_in_flight,
         }
 
-    async def _complete(self, request: dict[str, Any], body: bytes, writer: asyncio.StreamWriter) -> bool:
+    def _refusal(self, request: dict[str, Any], content: str) -> tuple[str, dict[str, Any]] | None:
+        """What the endpoint refuses this request for, and the 400 body it answers (OpenAI's
+        documented ones; Azure's for the content filter), or None."""
+        if self.reasoning and "max_tokens" in request:
+            return "max_tokens", openai_error(UNSUPPORTED_MAX_TOKENS, "max_tokens", "unsupported_parameter")
+        temperature = request.get("temperature")
+        if self.reasoning and temperature is not None and float(temperature) != 1.0:
+            message = (f"Unsupported value: 'temperature' does not support {float(temperature)} with this model. "
+                       "Only the default (1) value is supported.")
+            return "temperature", openai_error(message, "temperature", "unsupported_value")
+        if self.refuse_n and "n" in request:
+            return "n", openai_error("Unsupported parameter: 'n' is not supported with this model.", "n",
+                                     "unsupported_parameter")
+        tokens = max(1, len(content) // 4)
+        if self.context and tokens > self.context:
+            message = (f"This model's maximum context length is {self.context} tokens. However, your messages resulted "
+                       f"in {tokens} tokens. Please reduce the length of the messages.")
+            return "context_length", openai_error(message, "messages", "context_length_exceeded")
+        words = set(re.findall(r"[a-z']+", content.lower()))
+        if any(word in words for word in self.flagged):
+            return "content_filter", {"error": {**openai_error(CONTENT_FILTER_MESSAGE, "prompt", "content_filter", None)[
+                "error"], "status": 400}}
+        return None
+
+    async def _complete(self, request: dict[str, Any], body: bytes, writer: asyncio.StreamWriter, arrived: int = 0) -> bool:
         started = time.time()
         content = "\n".join(str(m.get("content", "")) for m in request.get("messages", []))
         kind, stage = request_kind(content)
         if self.throttle and self.in_flight >= self.throttle:
             extra = {"Retry-After": self.throttle_retry_after} if self.throttle_retry_after else None
             await self._send(writer, 429, {"error": {"message": "too many requests in flight"}}, extra)
-            self._record(kind, stage, int(request.get("n") or 1), 429, body, request, content)
+            self._record(kind, stage, int(request.get("n") or 1), 429, body, request, content, arrived=arrived)
             with self._lock:
                 self.served.append((started, time.time(), stage))
             return True
@@ -457,6 +512,11 @@ class ScriptedEndpoint:
         try:
             if self.latency:
                 await asyncio.sleep(self.latency)
+            refusal = self._refusal(request, content)
+            if refusal is not None:
+                self._record(kind, stage, int(request.get("n") or 1), 400, body, request, content, refusal[0], arrived)
+                await self._send(writer, 400, refusal[1])
+                return True
             fault = self._fault(body)
             n = int(request.get("n") or 1)
             status = 200
@@ -469,7 +529,7 @@ class ScriptedEndpoint:
                 await self._send(writer, 500, {"error": {"message": "boom"}})
             elif fault in ("drop", "garbage"):
                 status = 0
-            self._record(kind, stage, n, status, body, request, content)
+            self._record(kind, stage, n, status, body, request, content, arrived=arrived)
             if fault == "garbage":  # not HTTP at all: a broken proxy or server
                 writer.write(b"SPAM 12 not a status line\r\n\r\n")
                 await writer.drain()
@@ -481,6 +541,22 @@ class ScriptedEndpoint:
             count = n if self.support_n else 1
             texts = [self._text(request, content, kind, stage, i, fault) for i in range(count)]
             prompt_tokens = max(1, len(content) // 4)
+            finish = ["stop"] * len(texts)
+            completion = [max(1, len(t) // 4) for t in texts]
+            thought = [0] * len(texts)
+            if self.reasoning:  # hidden reasoning first, within max_completion_tokens: no room left, no answer
+                limit = int(request.get("max_completion_tokens") or 1_000_000)
+                for i, tokens in enumerate(completion):
+                    thought[i] = min(limit, REASONING_TOKENS[kind])
+                    if thought[i] + tokens > limit:
+                        texts[i], finish[i], completion[i] = "", "length", 0
+                    completion[i] += thought[i]
+            usage: dict[str, Any] = {
+                "prompt_tokens": prompt_tokens, "completion_tokens": sum(completion),
+                "total_tokens": prompt_tokens + sum(completion),
+            }
+            if self.reasoning:
+                usage["completion_tokens_details"] = {"reasoning_tokens": sum(thought)}
             await self._send(
                 writer,
                 200,
@@ -490,14 +566,10 @@ class ScriptedEndpoint:
                     "created": int(time.time()),
                     "model": request.get("model"),
                     "choices": [
-                        {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                        {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": finish[i]}
                         for i, t in enumerate(texts)
                     ],
-                    "usage": {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": sum(max(1, len(t) // 4) for t in texts),
-                        "total_tokens": prompt_tokens + sum(max(1, len(t) // 4) for t in texts),
-                    },
+                    "usage": usage,
                 },
             )
             return True
@@ -506,10 +578,14 @@ class ScriptedEndpoint:
             with self._lock:
                 self.served.append((started, time.time(), stage))
 
-    def _record(self, kind: str, stage: str, n: int, status: int, body: bytes, request: dict[str, Any], content: str) -> None:
+    def _record(
+        self, kind: str, stage: str, n: int, status: int, body: bytes, request: dict[str, Any], content: str,
+        refused: str = "", arrived: int = 0,
+    ) -> None:
         entry = Logged(
             kind, stage, n, status, hashlib.sha256(body).hexdigest(), time.time(),
-            request.get("temperature"), request.get("max_tokens"), content,
+            request.get("temperature"), request.get("max_tokens"), content, tuple(sorted(request)), refused, arrived,
+            next(self._order), request.get("max_completion_tokens"),
         )
         with self._lock:
             self.log.append(entry)
@@ -553,6 +629,11 @@ def main() -> None:
                         help="hidden accuracy: the accuracy of one instruction")
     parser.add_argument("--fresh-prompts", action="store_true", help="hidden accuracy: a new instruction every meta reply")
     parser.add_argument("--capable", action="store_true", help="meta replies in a capable model's style (tests/capable.py)")
+    parser.add_argument("--reasoning", action="store_true",
+                        help="refuse max_tokens and temperatures but 1, and think before answering, as OpenAI's reasoning models do")
+    parser.add_argument("--refuse-n", action="store_true", help="400 for a request that carries n")
+    parser.add_argument("--context", type=int, default=0, help="refuse messages longer than this many tokens (0: no limit)")
+    parser.add_argument("--flag", action="append", default=[], metavar="WORD", help="a word a content filter refuses")
     args = parser.parse_args()
     rates = {name: float(rate) for name, rate in (item.split("=") for item in args.fault)}
     responder = (
@@ -566,7 +647,8 @@ def main() -> None:
     endpoint = ScriptedEndpoint(
         models=args.model or ["test-model"], support_n=not args.no_n, latency=args.latency,
         capacity=args.capacity, rates=rates, port=args.port, throttle=args.throttle,
-        throttle_retry_after=args.throttle_retry_after, responder=responder,
+        throttle_retry_after=args.throttle_retry_after, responder=responder, reasoning=args.reasoning,
+        refuse_n=args.refuse_n, context=args.context, flagged=tuple(args.flag),
     ).start()
     print(f"serving {endpoint.base_url}", flush=True)
     try:

@@ -167,3 +167,25 @@ def test_held_out_test_and_validation_never_share_a_row_with_train(tmp_path):
         texts = {name: {e.inputs["text"] for e in s} for name, s in samples.items()}
         assert not texts["train"] & texts["test"] and not texts["train"] & texts["val"] and not texts["test"] & texts["val"]
         assert task.test_split == "train (held out)" and task.val_split == "train (held out)"
+
+
+def test_rows_longer_than_a_known_context_are_dropped_and_counted(tmp_path):
+    """With --context-tokens (the model's context, when known), a row whose input alone is
+    longer is dropped by the data check and counted, before any request: no prompt could
+    send it. The endpoint, with that context, then refuses nothing."""
+    folder = tmp_path / "long"
+    train, test = review_rows(40, seed=12), review_rows(20, seed=13)
+    for i in (2, 11):
+        train[i]["text"] = "The cast was great and the ending was moving. " * 40  # about 470 tokens
+    test[5]["text"] = "The pacing was dull and the script was lame. " * 40
+    write_jsonl(folder / "train.jsonl", train)
+    write_jsonl(folder / "test.jsonl", test)
+    with ScriptedEndpoint(context=400) as endpoint:
+        completed = run_cli(*small_run(endpoint, folder, tmp_path, "--context-tokens", "400"))
+        refused = [e for e in endpoint.requests(status=None) if e.status != 200]
+    assert completed.returncode == 0, completed.stderr
+    assert "rows dropped: train 2 (2 longer than context); test 1 (1 longer than context)" in completed.stdout
+    assert "split train: 2 rows dropped (2 longer than context)" in completed.stderr
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["task"]["rows_dropped"]["train"] == {"empty_label": 0, "empty_input": 0, "longer_than_context": 2}
+    assert not refused and result["refused"] == []

@@ -412,3 +412,117 @@ def test_runs_of_other_seeds_sharing_a_cache_sample_their_own_replies(endpoint, 
     sent = endpoint.requests()
     assert len(sent) == 3
     assert sorted(entry.temperature for entry in sent) == [0.0, 0.7, 0.7]
+
+
+# ----- what the endpoint takes, learned from its refusals -------------------------------------
+
+
+def test_a_reasoning_model_s_refusals_teach_the_client_what_it_takes_once_for_every_client(caplog):
+    """OpenAI's reasoning models answer 400 to max_tokens and to a temperature but 1: the
+    client learns both, says each once, sends the refused request again as the endpoint
+    takes it, and a second client of the same endpoint and model (sharing what was learned)
+    never meets the refusals."""
+    from distillprompt.llm import Accepts
+
+    with ScriptedEndpoint(reasoning=True) as reasoning:
+        accepts = Accepts(reasoning.base_url, "test-model", reasoning_room=1000)
+        first = make_client(reasoning, accepts=accepts, price_output=10.0)
+        with caplog.at_level("WARNING"):
+            (text,) = complete(first)
+        assert text == answer_scoring(SCORING_MESSAGES[0]["content"])
+        assert [(e.status, e.refused) for e in reasoning.requests(status=None)] == [
+            (400, "max_tokens"), (400, "temperature"), (200, "")]
+        answered = reasoning.requests()[0]
+        assert "temperature" not in answered.parameters and "max_tokens" not in answered.parameters
+        assert answered.max_completion_tokens == 20 + 1000  # the answer budget and room to reason
+        said = [r.getMessage() for r in caplog.records if "does not take" in r.getMessage()]
+        assert len(said) == 2 and "max_completion_tokens" in said[0] and "default" in said[1]
+        total = first.meter.total()
+        assert (total.requests, total.parameter_refusals, total.failed, total.refusals) == (1, 2, 0, 0)
+        # reasoning tokens are output tokens: counted and paid
+        assert total.reasoning_tokens == 300 and total.output_tokens == 300 + len(text) // 4
+        assert total.cost == pytest.approx(total.output_tokens * 10.0 / 1e6)
+
+        reasoning.reset()
+        caplog.clear()
+        other = make_client(reasoning, accepts=accepts)
+        with caplog.at_level("WARNING"):
+            complete(other, [{"role": "user", "content": SCORING_MESSAGES[0]["content"] + " Really."}])
+        assert [e.status for e in reasoning.requests(status=None)] == [200] and not caplog.records
+
+
+def test_no_room_to_reason_is_said_and_scores_as_an_empty_reply(caplog):
+    with ScriptedEndpoint(reasoning=True) as reasoning:
+        client = make_client(reasoning)  # no room beyond the answer budget: 20 tokens, 300 to think
+        with caplog.at_level("WARNING"):
+            assert complete(client) == [""]
+        assert any("--reasoning-tokens" in r.getMessage() for r in caplog.records)
+
+
+def test_an_endpoint_that_refuses_n_gets_the_samples_one_by_one(caplog):
+    with ScriptedEndpoint(refuse_n=True) as plain:
+        client = make_client(plain, seed=1)
+        with caplog.at_level("WARNING"):
+            texts = complete(client, META_MESSAGES, n=3, temperature=0.7)
+        assert len(texts) == 3
+        assert [(e.status, e.n) for e in plain.requests(status=None)] == [(400, 3), (200, 1), (200, 1), (200, 1)]
+        assert sum("does not take 'n'" in r.getMessage() for r in caplog.records) == 1
+    with ScriptedEndpoint(refuse_n=True) as plain:
+        with pytest.raises(UserError, match="--n-mode separate"):
+            complete(make_client(plain, n_mode="native"), META_MESSAGES, n=3, temperature=0.7)
+
+
+def test_a_refusal_that_names_nothing_the_client_can_leave_out_stays_a_user_error():
+    class Strict(ScriptedEndpoint):
+        def _refusal(self, request, content):
+            return "messages", {"error": {"message": "Invalid value for 'messages'.", "type": "invalid_request_error",
+                                          "param": "messages", "code": "invalid_value"}}
+
+    with Strict() as strict:
+        with pytest.raises(UserError, match=r"refused the request \(400: Invalid value for 'messages'"):
+            complete(make_client(strict))
+        assert len(strict.requests(status=None)) == 1
+
+
+def test_requests_refused_for_length_or_content_are_one_request_s_loss(caplog):
+    """Too long for the context, or stopped by a content filter: the client raises
+    RequestRefused for one request (said once per reason); in a stage, the request gets an
+    empty reply and its position is reported, and the others are answered."""
+    from distillprompt.llm import RequestRefused
+
+    long_one = [{"role": "user", "content": "Classify it.\n\nPossible answers: negative, positive.\n\nInput: "
+                 + "a great film " * 200}]
+    flagged = [{"role": "user", "content": SCORING_MESSAGES[0]["content"].replace("great", "forbidden")}]
+    with ScriptedEndpoint(context=300, flagged=("forbidden",)) as strict:
+        with pytest.raises(RequestRefused) as refused:
+            complete(make_client(strict), long_one)
+        assert refused.value.reason == "context_length" and "maximum context length is 300" in refused.value.detail
+        client = make_client(strict)
+        heard: list[tuple[int, str]] = []
+
+        async def stage():
+            try:
+                return await client.complete_many([SCORING_MESSAGES, long_one, flagged], temperature=0.0, max_tokens=20,
+                                                  stage="scoring", on_refused=lambda i, reason: heard.append((i, reason)))
+            finally:
+                await client.aclose()
+
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            replies = asyncio.run(stage())
+        assert replies[0] == answer_scoring(SCORING_MESSAGES[0]["content"]) and replies[1:] == ["", ""]
+        assert sorted(heard) == [(1, "context_length"), (2, "content_filter")]
+        total = client.meter.total()
+        assert (total.requests, total.refusals, total.failed, total.retries) == (1, 2, 0, 0)
+        assert len(strict.requests(status=None)) == 4  # none asked twice
+        assert sum("refused a request" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_failure_carried_back_from_a_ray_actor_keeps_what_the_endpoint_said():
+    from distillprompt.llm import AttemptFailed, Failure
+
+    failure = Failure.of(AttemptFailed(400, None, ": Unsupported parameter", "unsupported_parameter", "max_tokens"))
+    with pytest.raises(AttemptFailed) as raised:
+        failure.raise_()
+    assert (raised.value.code, raised.value.param, raised.value.detail) == (
+        "unsupported_parameter", "max_tokens", ": Unsupported parameter")

@@ -226,7 +226,7 @@ def test_saved_state_carries_its_schema_version(tmp_path):
     state = RunState(seed=3, history=[Candidate(id=0, prompt="Classify.", stage="initial", round=0)])
     state.save(tmp_path / "state.json")
     saved = json.loads((tmp_path / "state.json").read_text())
-    assert saved["schema_version"] == STATE_SCHEMA_VERSION == 3
+    assert saved["schema_version"] == STATE_SCHEMA_VERSION == 4
     assert RunState.load(tmp_path / "state.json").history[0].prompt == "Classify."
     # a state of version 1 (rounds called epochs, no racing) is migrated; one written before
     # the version field existed is version 1
@@ -238,6 +238,7 @@ def test_saved_state_carries_its_schema_version(tmp_path):
     assert (loaded.seed, loaded.round, loaded.stale_rounds, loaded.method_state) == (3, 2, 1, {"grips_deleted": ["a"]})
     assert loaded.history[0].round == 0 and loaded.history[0].examples_scored is None and loaded.best_record is None
     assert loaded.history[0].demos == [] and loaded.history[0].bare_instruction == "Classify."
+    assert loaded.history[0].refused == 0 and loaded.refused == []  # an older state refused nothing
     saved["schema_version"] = STATE_SCHEMA_VERSION + 1
     (tmp_path / "new.json").write_text(json.dumps(saved))
     with pytest.raises(UserError, match="upgrade distillprompt"):

@@ -76,22 +76,28 @@ def test_actors_spread_over_both_nodes_and_score_like_in_process(cluster, endpoi
     assert ray_requests == local_requests  # the same requests, each sent once
 
 
+def optimize_on_actors(settings):
+    """A run whose scoring requests all go to the pool's actors (up before it starts): its
+    result and the requests by who sent them."""
+
+    async def on_ray():
+        executor = RayExecutor(settings)
+        try:
+            await executor.placement()  # the actors are up: they answer every scoring request
+            return (await runner.optimize(settings, executor=executor))[0], dict(executor.answered)
+        finally:
+            await executor.aclose()
+
+    return asyncio.run(on_ray())
+
+
 def test_a_race_through_the_actors_stops_and_selects_as_in_process(cluster, reviews_dir, tmp_path):
     from tests.test_racing import target
 
     with ScriptedEndpoint(responder=target) as endpoint:
         settings = settings_for(endpoint, reviews_dir, tmp_path / "ray", ray_address=cluster.address, ray_actors=2)
         settings.optimizer.race_block = 4
-
-        async def on_ray():
-            executor = RayExecutor(settings)
-            try:
-                await executor.placement()  # the actors are up: they answer every scoring request
-                return (await runner.optimize(settings, executor=executor))[0], dict(executor.answered)
-            finally:
-                await executor.aclose()
-
-        on_cluster, answered = asyncio.run(on_ray())
+        on_cluster, answered = optimize_on_actors(settings)
         ray_requests = Counter(e.body_hash for e in endpoint.requests())
         endpoint.reset()
         local = settings_for(endpoint, reviews_dir, tmp_path / "local", executor="local")
@@ -104,6 +110,24 @@ def test_a_race_through_the_actors_stops_and_selects_as_in_process(cluster, revi
     assert [c.to_dict() for c in on_cluster.history] == [c.to_dict() for c in in_process.history]
     assert on_cluster.race == in_process.race, (on_cluster.race, in_process.race)
     assert ray_requests == local_requests
+
+
+def test_the_actors_send_what_the_endpoint_takes_once_the_run_learned_it(cluster, reviews_dir, tmp_path):
+    """An endpoint that refuses as OpenAI's reasoning models do: the refusals an actor meets
+    teach the driver, and every request after, the actors' included, carries what the
+    endpoint takes; only requests already in flight are refused."""
+    with ScriptedEndpoint(reasoning=True) as endpoint:
+        settings = settings_for(endpoint, reviews_dir, tmp_path, ray_address=cluster.address, ray_actors=2)
+        result, answered = optimize_on_actors(settings)
+        log = endpoint.requests(status=None)
+    assert answered["actors"] > 0 and answered["driver"] == 0, answered
+    refused = Counter(e.refused for e in log if e.status == 400)
+    assert set(refused) == {"max_tokens", "temperature"} and max(refused.values()) <= 8, refused  # --concurrency 8
+    ok = [e for e in log if e.status == 200]
+    assert len(ok) + sum(refused.values()) == len(log)
+    assert all("max_completion_tokens" in e.parameters and "temperature" not in e.parameters for e in ok)
+    assert result.run_records["endpoint"]["target"]["token_limit"] == "max_completion_tokens"
+    assert result.final_scores["train"]["parse_rate"] == 1.0  # room to reason
 
 
 def wider(settings):

@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 from ..errors import UserError
+from ..llm.limits import text_tokens
 from ..settings import DataSettings
 
 from .files import load_splits
@@ -34,15 +35,17 @@ def _pick_test_split(available: list[str], requested: str | None, train_split: s
     return None
 
 
-def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> Task:
+def load_task(settings: DataSettings, seed: int, *, need_train: bool = True, context_tokens: int | None = None) -> Task:
     """Loads the dataset, checks its rows and labels, and draws the seeded samples.
 
     Every check runs here, before any LLM request: rows without an input or a label are
-    dropped and counted, label spellings that differ only in case or surrounding spaces are
-    merged (and reported), numeric labels without names are refused, and a test split that
-    is the train split is refused. With ``need_train=False`` (scoring a given prompt on the
-    test sample) a train size larger than the data is capped instead of refused; the test
-    sample stays the one an optimization run with the same settings would use."""
+    dropped and counted, and so are rows whose input alone is longer than ``context_tokens``
+    (the target model's context, when it is known: no prompt could send them), label
+    spellings that differ only in case or surrounding spaces are merged (and reported),
+    numeric labels without names are refused, and a test split that is the train split is
+    refused. With ``need_train=False`` (scoring a given prompt on the test sample) a train
+    size larger than the data is capped instead of refused; the test sample stays the one an
+    optimization run with the same settings would use."""
     splits, name, source = load_splits(settings)
     available = list(splits.keys())
     train_split = settings.train_split or ("train" if "train" in available else available[0])
@@ -66,9 +69,10 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> 
         )
     label_names = _class_names(train_rows.features[settings.label_column])
     dropped: dict[str, dict[str, int]] = {}
-    pools: dict[str, list[Example]] = {
-        train_split: _examples(train_rows, settings, label_names, f"{name}/{train_split}", dropped.setdefault(train_split, {}))
-    }
+    def examples(rows: Any, split: str) -> list[Example]:
+        return _examples(rows, settings, label_names, f"{name}/{split}", dropped.setdefault(split, {}), context_tokens)
+
+    pools: dict[str, list[Example]] = {train_split: examples(train_rows, train_split)}
     if test_split is not None:
         test_rows = splits[test_split]
         absent = [column for column in wanted if column not in test_rows.column_names]
@@ -77,10 +81,10 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True) -> 
                 f"split {test_split!r} of {name} lacks column {', '.join(map(repr, absent))}: give a --test-split "
                 "with the same columns as the train split"
             )
-        pools[test_split] = _examples(test_rows, settings, label_names, f"{name}/{test_split}", dropped.setdefault(test_split, {}))
+        pools[test_split] = examples(test_rows, test_split)
     spare = _spare_validation_split(settings, splits, available, (train_split, test_split)) if settings.val_size and need_train else None
     if spare is not None:
-        pools[spare] = _examples(splits[spare], settings, label_names, f"{name}/{spare}", dropped.setdefault(spare, {}))
+        pools[spare] = examples(splits[spare], spare)
     labels, pools, label_changes = checked_labels(settings, label_names, pools, train_split, name)
     for line in label_changes:
         log.warning("%s", line)
@@ -197,16 +201,20 @@ def _class_names(feature: Any) -> list[str] | None:
 
 
 def _examples(
-    rows: Any, settings: DataSettings, label_names: list[str] | None, where: str, dropped: dict[str, int]
+    rows: Any, settings: DataSettings, label_names: list[str] | None, where: str, dropped: dict[str, int],
+    context_tokens: int | None = None,
 ) -> list[Example]:
     """The split's rows with an input and a label; the others are counted in ``dropped`` by
     reason (``empty_label``: null, blank or -1 in a hub dataset; ``empty_input``: a blank input
-    column). Class labels keep their spelling here: ``_checked_labels`` merges variants and
-    reports what it changed."""
+    column; ``longer_than_context``: with ``context_tokens``, an input longer than that
+    alone, estimated at 4 characters a token). Class labels keep their spelling here:
+    ``_checked_labels`` merges variants and reports what it changed."""
     if len(rows) == 0:
         raise UserError(f"split {where} is empty: give a split with rows (--train-split/--test-split)")
     examples = []
     dropped.update(empty_label=0, empty_input=0)
+    if context_tokens:
+        dropped["longer_than_context"] = 0
     keep_spelling = settings.task == "classification" and label_names is None
     # One columnar read: indexing a datasets column row by row costs milliseconds a row.
     columns = rows.select_columns(list(dict.fromkeys([*settings.text_column, settings.label_column]))).to_dict()
@@ -224,6 +232,9 @@ def _examples(
         inputs = {column: _as_text(columns[column][index]) for column in settings.text_column}
         if not all(inputs.values()):
             dropped["empty_input"] += 1
+            continue
+        if context_tokens and sum(text_tokens(value) for value in inputs.values()) > context_tokens:
+            dropped["longer_than_context"] += 1  # no prompt could send it: every request would be refused
             continue
         examples.append(Example(index=index, inputs=inputs, target=target))
     if not examples:

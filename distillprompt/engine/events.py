@@ -27,6 +27,8 @@ ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
 MAX_COST = "max_cost"  # --max-cost was spent
 FLAT_SIGNAL = "flat_signal"  # two rounds in a row showed no signal
 ROUNDS_DONE = "rounds"  # the method's rounds ran out
+STOPPED_BY_ERROR = "error"  # an error ended the run (result.json then holds what it paid for)
+INTERRUPTED = "interrupted"  # Ctrl-C or a cancelled task
 
 
 @dataclass
@@ -132,6 +134,8 @@ class RunResult:
     verdict: Verdict | None = None  # did the final prompt beat the initial one on test
     diagnosis: str | None = None  # why the run could not improve, when a round showed no signal
     race: dict[str, Any] = field(default_factory=dict)  # how train scores were paid for, over all rounds
+    # examples whose scoring request the endpoint refused (too long, a content filter), scored as wrong
+    refused: list[dict[str, Any]] = field(default_factory=list)
     # what the front door adds to result.json: the settings, the cache's and the executor's records
     run_records: dict[str, Any] = field(default_factory=dict)
 
@@ -165,6 +169,7 @@ class RunResult:
             "verdict": self.verdict.to_dict() if self.verdict else None,
             "diagnosis": self.diagnosis,
             "race": self.race,
+            "refused": self.refused,
             **self.run_records,
         }
 

@@ -28,7 +28,10 @@ from ..settings import OptimizerSettings
 from ..state import Candidate, RunState
 from ..verdict import judge
 from .budgets import Budgets
-from .events import ENDPOINT_UNAVAILABLE, MAX_COST, ROUNDS_DONE, TEST_SCORING, Callback, Events, RoundResult, RoundSummary, RunResult
+from .events import (
+    ENDPOINT_UNAVAILABLE, INTERRUPTED, MAX_COST, ROUNDS_DONE, STOPPED_BY_ERROR, TEST_SCORING, Callback, Events, RoundResult,
+    RoundSummary, RunResult,
+)
 from .history import History
 from .policies import FlatSignal, HighestScore, Method, Patience, StopRule
 from .racing import start_warm_up
@@ -84,6 +87,9 @@ class Optimizer:
         self.budgets = Budgets(settings, meter, self.scoring, cost_guard)
         self._use_state(state or RunState(seed=seed))
         self.failure: str | None = None
+        self.summaries: list[RoundSummary] = []  # the rounds this process finished
+        self.result: RunResult | None = None  # once the run has its result
+        self._started = time.perf_counter()
 
     @property
     def rounds(self) -> int:
@@ -95,7 +101,7 @@ class Optimizer:
         return self.rounds > 0
 
     async def run(self, initial_prompt: str | None = None) -> RunResult:
-        started = time.perf_counter()
+        self._started = time.perf_counter()
         state = self.state
         if not state.history:
             prompt = (initial_prompt or "").strip() or templates.default_initial_prompt(self.task)
@@ -104,14 +110,16 @@ class Optimizer:
         initial = state.history[0]
         self.events.emit("on_start", self.task, initial)
         scoring = self.scoring
+        scoring.refused.load(state.refused)
         if scoring.racing:
             start_warm_up()
         initial_test = asyncio.create_task(scoring.score_test(initial.prompt))
-        rounds: list[RoundSummary] = []
+        rounds = self.summaries
         try:
             try:
                 if initial.score is None:
                     await scoring.score_now([initial])
+                    _check_not_all_refused(initial)
                 if state.best_record is None:
                     state.best_record = scoring.record(state.best.prompt)
                 if self.validating and initial.val_score is None:
@@ -155,35 +163,60 @@ class Optimizer:
             if not initial_test.done():
                 initial_test.cancel()
             await scoring.cancel()
-        result = RunResult(
+        result = self._result(stop_reason, initial_test_score, final_test_score)
+        result.diagnosis = next(
+            (r.diagnosis.sentence for r in reversed(rounds) if r.diagnosis and r.diagnosis.flat), None
+        )
+        result.verdict = judge(
+            metric=self.task.metric,
+            labels=self.task.labels if self.task.is_classification else None,
+            kept_initial=final.id == initial.id and self.searches,
+            initial_test=initial_test_score,
+            final_test=final_test_score,
+            seed=self.seed,
+        )
+        self.result = result
+        self.events.emit("on_finish", result)
+        return result
+
+    def _result(self, stop_reason: str, initial_test: Score | None, final_test: Score | None) -> RunResult:
+        """The run's result from its state: the best prompt so far is the final one."""
+        state = self.state
+        initial, final = state.history[0], state.best
+        return RunResult(
             task=self.task.describe(),
             initial=initial,
             final=final,
-            initial_scores=self._scores(initial, initial_test_score),
-            final_scores=self._scores(final, final_test_score),
-            initial_test=initial_test_score,
-            final_test=final_test_score,
+            initial_scores=self._scores(initial, initial_test),
+            final_scores=self._scores(final, final_test),
+            initial_test=initial_test,
+            final_test=final_test,
             history=list(state.history),
-            rounds=rounds,
+            rounds=list(self.summaries),
             usage=self.meter.total(),
             usage_by_stage=self.meter.snapshot(),
             rejections=state.rejections,
-            wall_time=time.perf_counter() - started,
+            wall_time=time.perf_counter() - self._started,
             stop_reason=stop_reason,
             failure=self.failure,
-            diagnosis=next((r.diagnosis.sentence for r in reversed(rounds) if r.diagnosis and r.diagnosis.flat), None),
-            verdict=judge(
-                metric=self.task.metric,
-                labels=self.task.labels if self.task.is_classification else None,
-                kept_initial=final.id == initial.id and self.searches,
-                initial_test=initial_test_score,
-                final_test=final_test_score,
-                seed=self.seed,
-            ),
-            race=scoring.race_record(state.history),
+            race=self.scoring.race_record(state.history),
+            refused=self.scoring.refused.to_list(),
         )
-        self.events.emit("on_finish", result)
-        return result
+
+    def result_so_far(self, error: BaseException) -> RunResult | None:
+        """For a run that ``error`` ended: its result, if it had one (a callback's deliberate
+        stop after it), else what it paid for: every candidate made so far (those of the
+        unfinished round too, scored or not), the best prompt of the finished rounds as the
+        final one, the usage and the refusals, no test scores. None before the initial prompt
+        exists."""
+        if self.result is not None:
+            return self.result
+        if not self.state.history:
+            return None
+        interrupted = isinstance(error, (KeyboardInterrupt, asyncio.CancelledError))
+        said = "interrupted" if interrupted else " ".join(str(error).split()) or type(error).__name__
+        self.failure = self.failure or said
+        return self._result(INTERRUPTED if interrupted else STOPPED_BY_ERROR, None, None)
 
     async def _round(self, number: int) -> RoundResult:
         """One round: the method proposes candidates (sent to scoring as they come), then the
@@ -227,6 +260,7 @@ class Optimizer:
         state.flat_rounds = state.flat_rounds + 1 if diagnosis.flat else 0
         state.round = number
         state.keep_rng(rng)
+        state.refused = self.scoring.refused.to_list()
 
         # Test-sample scoring runs beside the rounds; it belongs to the run, not to a round.
         by_stage = UsageMeter.since(self.meter.snapshot(), usage_before)
@@ -288,6 +322,19 @@ def _copy_score(duplicate: Candidate, original: Candidate) -> None:
     duplicate.parse_rate = original.parse_rate
     duplicate.examples_scored = original.examples_scored
     duplicate.eliminated_by = original.eliminated_by
+    duplicate.refused = original.refused
+
+
+def _check_not_all_refused(initial: Candidate) -> None:
+    """An endpoint that refuses every train request of the initial prompt is not refusing
+    examples but the run's requests (a budget beyond the model's context, an instruction a
+    content filter stops): nothing could be scored, so it is a setting to fix."""
+    if initial.refused and initial.refused == initial.examples_scored:
+        raise UserError(
+            f"the endpoint refused the initial prompt's request for every one of the {initial.refused} train examples "
+            "(too long for the model's context, or stopped by a content filter; the warning above says which): "
+            "shorten the initial prompt or the inputs, or lower --answer-max-tokens"
+        )
 
 
 def _train_metrics(candidate: Candidate) -> dict[str, float]:

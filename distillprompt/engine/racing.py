@@ -149,7 +149,7 @@ def _in_train_order(score: Score, positions: list[int]) -> Score:
     return Score(
         value=score.value, metrics=dict(score.metrics), outputs=reorder(score.outputs),
         predictions=reorder(score.predictions), targets=reorder(score.targets), parse_rate=score.parse_rate,
-        per_example=reorder(score.per_example), notes=reorder(score.notes),
+        per_example=reorder(score.per_example), notes=reorder(score.notes), refused=reorder(score.refused),
     )
 
 

@@ -12,7 +12,7 @@ from .. import templates
 from ..candidates import Extraction
 from ..data import Example, Task
 from ..evaluation import Score
-from ..llm import text_tokens
+from ..llm import CONTEXT_LENGTH, RequestRefused, text_tokens
 from ..settings import OptimizerSettings
 from ..state import Candidate, RunState, dedup_key
 from .budgets import Budgets
@@ -108,10 +108,24 @@ class Round:
         cache (the same key on a rerun gets the same reply). A reply that repeats a parent is
         asked again at the copy-retry temperature (``copy_retries`` times at most, each a
         request of its own, counted as ``<stage>_copy_retry``); a retry that is unusable keeps
-        the copy."""
+        the copy.
+
+        A meta-prompt the endpoint refuses as too long for the model's context is asked again
+        with one example fewer (its longest) while it shows any (``MetaPrompt.fewer``: the
+        distill stage); one refused otherwise (or for its content) gives ``n`` replies dropped
+        with the refusal's reason (``context_length``, ``content_filter``)."""
         writer = self._tools.writer
         salt = f"{self.number}:{key}"
-        extractions = [writer.extract(reply, meta) for reply in await writer.ask(meta, temperature, n, salt)]
+        while True:
+            try:
+                replies = await writer.ask(meta, temperature, n, salt)
+                break
+            except RequestRefused as refusal:
+                if refusal.reason == CONTEXT_LENGTH and meta.fewer is not None:
+                    meta = meta.fewer()
+                    continue
+                return [Extraction(None, refusal.reason) for _ in range(n)]
+        extractions = [writer.extract(reply, meta) for reply in replies]
         parent_keys = {dedup_key(parent.prompt) for parent in parents}
         for attempt in range(self.settings.copy_retries):
             copies = [
@@ -124,7 +138,11 @@ class Round:
                 writer.ask(meta, self.settings.copy_retry_temperature, 1, f"{salt}:copy{i}:{attempt}",
                            stage=f"{meta.stage}_copy_retry")
                 for i in copies
-            ))
+            ), return_exceptions=True)
+            for again in retried:  # a retry refused keeps the copy, as an unusable one does
+                if isinstance(again, BaseException) and not isinstance(again, RequestRefused):
+                    raise again
+            retried = [[] if isinstance(again, RequestRefused) else again for again in retried]
             for i, again in zip(copies, retried):
                 extraction = writer.extract(again[0] if again else "", meta)
                 if extraction.prompt is not None:
@@ -132,14 +150,22 @@ class Round:
         return extractions
 
     async def ask_text(self, meta: templates.MetaPrompt, temperature: float, key: str) -> str:
-        """One raw reply of the optimizer model (no cleaning), e.g. a rewritten phrase."""
-        replies = await self._tools.writer.ask(meta, temperature, 1, f"{self.number}:{key}")
+        """One raw reply of the optimizer model (no cleaning), e.g. a rewritten phrase; empty
+        when the endpoint refused the request (counted in the stage's usage)."""
+        try:
+            replies = await self._tools.writer.ask(meta, temperature, 1, f"{self.number}:{key}")
+        except RequestRefused:
+            return ""
         return replies[0] if replies else ""
 
     async def chat(self, messages: list[dict[str, Any]], temperature: float, key: str, stage: str) -> str:
         """One raw reply of the optimizer model to any messages (an outside optimizer's own
-        meta-prompts), through the run's cache, retries, limiter and usage meter."""
-        return await self._tools.writer.chat(messages, temperature, f"{self.number}:{key}", stage)
+        meta-prompts), through the run's cache, retries, limiter and usage meter; empty when the
+        endpoint refused the request (counted in the stage's usage)."""
+        try:
+            return await self._tools.writer.chat(messages, temperature, f"{self.number}:{key}", stage)
+        except RequestRefused:
+            return ""
 
     # ----- candidates ----------------------------------------------------------------------
 
@@ -238,8 +264,11 @@ class Round:
     def _best_answers(self, record: list[float]) -> list[Answered]:
         """The best prompt's answers on the train sample, from its saved record (label codes)."""
         labels = self.task.labels
+        refused = self._tools.scoring.refused.rows("train")  # no answer: nothing to learn from
         entries: list[Answered] = []
         for example, code in zip(self.task.train, record):
+            if example.index in refused:
+                continue
             label = labels[int(code)] if code >= 0 else None
             entries.append((example, float(label == example.target), {"output": label or "no label"}))
         return entries

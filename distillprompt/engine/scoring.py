@@ -21,6 +21,46 @@ from .racing import Race, RaceSummary, race_order
 log = logging.getLogger(__name__)
 
 
+class RefusedExamples:
+    """The examples whose scoring request the endpoint refused (longer than the model's
+    context, stopped by a content filter): by sample and row (``Example.index``, its position
+    in its split), how many prompts' requests for it were refused and why. Each such request
+    scored as an unparsed answer; the record says which examples the scores lost."""
+
+    def __init__(self) -> None:
+        self._by_example: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def load(self, saved: list[dict[str, Any]]) -> None:
+        """Goes on from a saved record (a resumed run's state)."""
+        for entry in saved:
+            key = (entry["sample"], entry["example"])
+            self._by_example[key] = {**entry, "reasons": dict(entry["reasons"])}
+
+    def add(self, sample: str, examples: list[Example], score: Score) -> int:
+        """Records a score's refused requests (``examples`` in the score's order); their count."""
+        count = 0
+        sample = "train" if sample == TRAIN_SCORING else sample
+        for example, reason in zip(examples, score.refused):
+            if not reason:
+                continue
+            count += 1
+            entry = self._by_example.setdefault(
+                (sample, example.index), {"sample": sample, "example": example.index, "requests": 0, "reasons": {}})
+            entry["requests"] += 1
+            entry["reasons"][reason] = entry["reasons"].get(reason, 0) + 1
+        return count
+
+    def rows(self, sample: str) -> set[int]:
+        """The rows of a sample ("train", ...) that some request for was refused."""
+        return {row for kind, row in self._by_example if kind == sample}
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """By sample (train, validation, test) and row."""
+        order = {"train": 0, VAL_SCORING: 1, TEST_SCORING: 2}
+        keys = sorted(self._by_example, key=lambda key: (order.get(key[0], 3), key))
+        return [{**self._by_example[key], "reasons": dict(self._by_example[key]["reasons"])} for key in keys]
+
+
 class Scoring:
     """The run's scoring. Train scoring of a batch of candidates starts at once and runs in
     the background (``score_soon``), beside the meta-prompts the round writes meanwhile;
@@ -45,6 +85,7 @@ class Scoring:
         self._records: dict[str, list[float]] = {}
         self._labels = task.labels if task.is_classification else None
         self._race_order = race_order(len(task.train), seed)
+        self.refused = RefusedExamples()
 
     # ----- train ---------------------------------------------------------------------------
 
@@ -91,6 +132,7 @@ class Scoring:
         self._train_scores[key] = (score, positions)
         if len(positions) == len(self.task.train):
             self._records[key] = record_of(score, self._labels)
+        candidate.refused = self.refused.add(TRAIN_SCORING, [self.task.train[p] for p in positions], score)
         candidate.score = score.value
         candidate.metrics = dict(score.metrics)
         candidate.parse_rate = score.parse_rate
@@ -123,15 +165,18 @@ class Scoring:
         await asyncio.gather(*pending, return_exceptions=True)
 
     def answered(self, prompt: str) -> list[tuple[Example, float, dict[str, str]]]:
-        """Every train example ``prompt`` was scored on (train order), with its per-example
-        score and what the target answered: the label it gave (classification), else the
-        answer and its score, and the judges' notes where there are some."""
+        """Every train example ``prompt`` was scored on and answered (train order; not those
+        the endpoint refused: they say nothing of the prompt), with its per-example score and
+        what the target answered: the label it gave (classification), else the answer and its
+        score, and the judges' notes where there are some."""
         found = self._train_scores.get(dedup_key(prompt))
         if found is None:
             return []
         score, positions = found
         entries = []
         for i, position in sorted(enumerate(positions), key=lambda pair: pair[1]):
+            if i < len(score.refused) and score.refused[i]:
+                continue
             entries.append((self.task.train[position], score.per_example[i], self._shown(score, i)))
         return entries
 
@@ -169,16 +214,21 @@ class Scoring:
         scores = await self.evaluator.score([c.prompt for c in candidates], self.task.val, stage=VAL_SCORING)
         for candidate, score in zip(candidates, scores):
             candidate.val_score = score.value
+            self.refused.add(VAL_SCORING, self.task.val, score)
 
     async def score_test(self, prompt: str) -> Score | None:
         if not self.task.test:
             return None  # a task without a test sample (an app's train data only): no verdict
         (score,) = await self.evaluator.score([prompt], self.task.test, stage=TEST_SCORING)
+        self.refused.add(TEST_SCORING, self.task.test, score)
         return score
 
     async def evaluate(self, prompts: list[str], examples: list[Example], stage: str) -> list[Score]:
         """Scores prompts on any examples (counted under ``stage``), with per-example outputs."""
-        return await self.evaluator.score(prompts, examples, stage=stage)
+        scores = await self.evaluator.score(prompts, examples, stage=stage)
+        for score in scores:
+            self.refused.add(stage, examples, score)
+        return scores
 
     # ----- what it costs ---------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 ``ChatClient.complete`` looks the request up in the response cache, waits for a slot under
 the run's one bound on requests in flight, retries what is worth retrying (``retry.py``),
-turns what is not into a one-line ``UserError``, and counts requests, cache hits, tokens
+sends again as the endpoint takes it a request refused for a parameter the model does not
+take, raises ``RequestRefused`` for one refused for what it holds (``refusals.py``), turns
+any other failure into a one-line ``UserError``, and counts requests, cache hits, tokens
 and cost per stage (``ReplyBook``).
 """
 
@@ -16,6 +18,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from ..cache import CachedReply, ResponseCache, request_key
 from ..errors import CostLimitReached, EndpointUnavailable, UserError
 from .limits import META, PriorityLimiter, request_tokens
+from .refusals import Accepts, RequestRefused
 from .retry import Retries, describe_error, retry_after, retryable, status_of
 from .transport import AttemptFailed, Endpoint, Reply, status_error
 from .usage import LLMCall, Messages, Usage, UsageMeter
@@ -55,6 +58,7 @@ class LLM(Protocol):
         stop: tuple[str, ...] = (),
         send: Send | None = None,
         on_done: Callable[[int], None] | None = None,
+        on_refused: Callable[[int, str], None] | None = None,
     ) -> list[str]: ...
 
 
@@ -177,6 +181,8 @@ class ChatClient:
         price_output: float = 0.0,
         seed: int | None = None,
         cache_identity: str | None = None,
+        accepts: Accepts | None = None,
+        reasoning_room: int = 0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -187,6 +193,8 @@ class ChatClient:
         self.book = ReplyBook(cache_identity or self.base_url, model, meter, cache, self.cost)
         self.retries = Retries(max_retries, backoff_base, backoff_max, random.Random())
         self.native_n: bool | None = {"native": True, "separate": False}.get(n_mode)
+        # what the endpoint takes (learned from its refusals): shared by the run's clients of this endpoint and model
+        self.accepts = accepts or Accepts(self.base_url, model, reasoning_room)
         self.price_input = price_input
         self.price_output = price_output
         self.seed = seed
@@ -251,10 +259,14 @@ class ChatClient:
         stop: tuple[str, ...] = (),
         send: Send | None = None,
         on_done: Callable[[int], None] | None = None,
+        on_refused: Callable[[int, str], None] | None = None,
     ) -> list[str]:
         """One reply each (n=1, no salt) to a stage's worth of requests: the cache is asked
         once for all of them, and only the misses go to the endpoint, at once under the
-        limiter. ``on_done`` hears of every request answered (cached ones in one call)."""
+        limiter. ``on_done`` hears of every request answered (cached ones in one call).
+        With ``on_refused``, a request the endpoint refuses for what it holds gets an empty
+        reply, and ``on_refused`` hears its position and the reason (without it, the
+        ``RequestRefused`` is raised)."""
         if self.guard is not None:
             self.guard.check(stage)
         if self.book.cache is None:  # no keys to compute
@@ -268,18 +280,24 @@ class ChatClient:
         if found and on_done:
             on_done(sum(key in found for key in keys))
 
-        async def miss(key: str, messages: Messages) -> str:
-            texts = await self.fetch_and_store(
-                key, messages, temperature=temperature, n=1, max_tokens=max_tokens, stage=stage, salt=0,
-                priority=priority, stop=stop, send=send,
-            )
+        async def miss(index: int, key: str, messages: Messages) -> str:
+            try:
+                texts = await self.fetch_and_store(
+                    key, messages, temperature=temperature, n=1, max_tokens=max_tokens, stage=stage, salt=0,
+                    priority=priority, stop=stop, send=send,
+                )
+            except RequestRefused as refusal:
+                if on_refused is None:
+                    raise
+                on_refused(index, refusal.reason)  # not cached: asked again, it is refused again, for nothing
+                texts = []
             if on_done:
                 on_done(1)
             return texts[0] if texts else ""
 
         misses = [(i, key, messages) for i, (key, messages) in enumerate(zip(keys, requests)) if key not in found]
         replies = [(found[key].texts or [""])[0] if key in found else "" for key in keys]
-        answered = await asyncio.gather(*(miss(key, messages) for _, key, messages in misses))
+        answered = await asyncio.gather(*(miss(i, key, messages) for i, key, messages in misses))
         for (i, _, _), text in zip(misses, answered):
             replies[i] = text
         return replies
@@ -337,7 +355,11 @@ class ChatClient:
 
         if n == 1:  # no task of its own for the common case
             return (await ask(1, _offset(seed, 0)))[:1]
-        if self.native_n is False:
+        if self.native_n is True and not self.accepts.takes("n"):
+            raise UserError(
+                f"the endpoint {self.base_url} does not take n for model {self.model!r}: use --n-mode separate or auto"
+            )
+        if self.native_n is False or not self.accepts.takes("n"):
             replies = await asyncio.gather(*(ask(1, _offset(seed, i)) for i in range(n)))
         else:
             first = await ask(n, seed)
@@ -366,24 +388,23 @@ class ChatClient:
         send: Send | None = None,
         stage: str = "",
     ) -> list[str]:
-        arguments: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temperature,
-                                     "max_tokens": max_tokens}
-        if n > 1:
-            arguments["n"] = n
-        if seed is not None:
-            arguments["seed"] = seed
-        if stop:
-            arguments["stop"] = list(stop)
-        tokens = request_tokens(messages, max_tokens * n) if self.limiter.rate is not None else 0
+        accepts = self.accepts
+        sent: dict[str, Any] = {}
+        tokens = request_tokens(messages, accepts.budget(max_tokens) * n) if self.limiter.rate is not None else 0
 
         async def attempt() -> Reply:
+            nonlocal sent
             await self.limiter.acquire(priority, tokens)
             started = time.monotonic()
             latency = None
             try:
                 if self.guard is not None:
                     self.guard.check(stage)  # a request that waited for its slot while the budget ran out
-                response = await (send(arguments) if send is not None else self.post(arguments))
+                # built once it has its slot: what the endpoint takes may have been learned meanwhile
+                sent = accepts.arguments(
+                    messages, temperature=temperature, n=n, max_tokens=max_tokens, seed=seed, stop=stop
+                )
+                response = await (send(sent) if send is not None else self.post(sent))
                 # The endpoint's time as the process that sent it saw it: for a Ray actor's
                 # attempt, the wait for its batch and the trip back are not the endpoint queueing.
                 latency = response.latency if response.latency is not None else time.monotonic() - started
@@ -396,18 +417,29 @@ class ChatClient:
             finally:
                 self.limiter.release(latency, priority)  # the slot is free while the retry waits
 
-        try:
-            response = await self.retries.run(attempt, spent)
-        except AttemptFailed as error:
-            spent.failed += 1
-            if not retryable(error):
-                raise status_error(error.status_code, error.detail, self.base_url, self.model) from None
-            raise EndpointUnavailable(
-                f"{self.base_url} kept failing after {self.retries.most} retries ({describe_error(error)})"
-            ) from None
+        while True:
+            try:
+                response = await self.retries.run(attempt, spent)
+                break
+            except AttemptFailed as error:
+                if accepts.learn(error, sent):  # a parameter the model does not take: sent again without it
+                    spent.parameter_refusals += 1
+                    continue
+                refusal = accepts.refused(error)
+                if refusal is not None:  # too long, or a content filter: this request's loss, not the run's
+                    spent.refusals += 1
+                    raise refusal from None
+                spent.failed += 1
+                if not retryable(error):
+                    raise status_error(error.status_code, error.detail, self.base_url, self.model) from None
+                raise EndpointUnavailable(
+                    f"{self.base_url} kept failing after {self.retries.most} retries ({describe_error(error)})"
+                ) from None
+        accepts.ran_out(response.ran_out)
         spent.requests += 1
         spent.input_tokens += response.input_tokens
         spent.output_tokens += response.output_tokens
+        spent.reasoning_tokens += response.reasoning_tokens
         spent.cost += self.cost(response.input_tokens, response.output_tokens)
         return response.texts
 

@@ -36,6 +36,8 @@ class Reply:
     input_tokens: int
     output_tokens: int
     latency: float | None = None
+    reasoning_tokens: int = 0  # of output_tokens, hidden reasoning (usage.completion_tokens_details)
+    ran_out: int = 0  # choices with no content because the token limit ended them (finish_reason "length")
 
 
 @dataclass(frozen=True)
@@ -47,18 +49,20 @@ class Failure:
     status: int = 0
     retry_after: float | None = None
     detail: str = ""
+    code: str = ""
+    param: str = ""
 
     @classmethod
     def of(cls, error: BaseException) -> Failure:
         if isinstance(error, AttemptFailed):
-            return cls("attempt", error.status_code, error.retry_after_s, error.detail)
+            return cls("attempt", error.status_code, error.retry_after_s, error.detail, error.code, error.param)
         if isinstance(error, UserError):
             return cls("user_error", detail=str(error))
         return cls("unexpected", detail=f"{type(error).__name__}: {error}")
 
     def raise_(self) -> NoReturn:
         if self.kind == "attempt":
-            raise AttemptFailed(self.status, self.retry_after, self.detail)
+            raise AttemptFailed(self.status, self.retry_after, self.detail, self.code, self.param)
         if self.kind == "user_error":
             raise UserError(self.detail)
         raise RuntimeError(f"a scoring actor failed on a request: {self.detail}")
@@ -66,14 +70,25 @@ class Failure:
 
 class AttemptFailed(Exception):
     """A failed attempt, wherever it was made: the HTTP status (0: no response, e.g. a lost
-    connection or a timeout), the Retry-After it carried, the endpoint's words. Plain data,
-    so that a Ray actor can send it back to the driver, whose retry rules read it."""
+    connection or a timeout), the Retry-After it carried, the endpoint's words, and the
+    ``code`` and ``param`` of an OpenAI-style error body (``unsupported_parameter`` and
+    ``max_tokens``, ``context_length_exceeded`` …). Plain data, so that a Ray actor can send
+    it back to the driver, whose retry rules and adaptation (``accepts.py``) read it."""
 
-    def __init__(self, status: int, retry_after: float | None = None, detail: str = "") -> None:
+    def __init__(
+        self, status: int, retry_after: float | None = None, detail: str = "", code: str = "", param: str = ""
+    ) -> None:
         super().__init__(f"HTTP {status}" if status else detail or "no response")
         self.status_code = status
         self.retry_after_s = retry_after
         self.detail = detail
+        self.code = code
+        self.param = param
+
+    @property
+    def message(self) -> str:
+        """The endpoint's own words, without the leading ": " of ``detail``."""
+        return self.detail.removeprefix(": ")
 
 
 class Endpoint:
@@ -110,11 +125,17 @@ class Endpoint:
                 f"the endpoint {self.base_url} did not answer like an OpenAI-compatible API: "
                 "point --base-url at the API root (usually ending in /v1)"
             )
-        texts = [
-            str(((choice or {}).get("message") or {}).get("content") or "") for choice in choices if isinstance(choice, dict)
-        ]
+        choices = [choice for choice in choices if isinstance(choice, dict)]
+        texts = [str((choice.get("message") or {}).get("content") or "") for choice in choices]
+        ran_out = sum(1 for choice, text in zip(choices, texts) if not text and choice.get("finish_reason") == "length")
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        return Reply(texts, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+        details = usage.get("completion_tokens_details")
+        reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0
+        # OpenAI counts the reasoning in completion_tokens; an endpoint that reports it apart
+        # (fewer completion than reasoning tokens) has it added, so that it is paid as output
+        output = _count(usage.get("completion_tokens"))
+        output = output if output >= reasoning else output + reasoning
+        return Reply(texts, _count(usage.get("prompt_tokens")), output, reasoning_tokens=reasoning, ran_out=ran_out)
 
     async def models(self) -> list[str]:
         """The model ids the endpoint lists (AttemptFailed for an error status)."""
@@ -132,7 +153,8 @@ class Endpoint:
             ) as response:
                 raw = await response.read()
                 if response.status >= 400:
-                    raise AttemptFailed(response.status, _retry_after_header(response.headers), _body_message(raw))
+                    detail, code, param = _body_error(raw)
+                    raise AttemptFailed(response.status, _retry_after_header(response.headers), detail, code, param)
         except aiohttp.ClientConnectorCertificateError as error:  # not transient: no retry
             reason = getattr(error, "certificate_error", None) or error
             raise UserError(
@@ -184,19 +206,26 @@ def _trusting(cafile: str | None, capath: str | None) -> ssl.SSLContext:
         raise UserError(f"cannot load the CA certificates SSL_CERT_FILE/SSL_CERT_DIR name ({error}): fix or unset them") from None
 
 
-def _body_message(raw: bytes) -> str:
-    """The endpoint's own words in an error reply (OpenAI's ``{"error": {"message": …}}``)."""
+def _body_error(raw: bytes) -> tuple[str, str, str]:
+    """The endpoint's own words in an error reply (OpenAI's ``{"error": {"message": …,
+    "code": …, "param": …}}``) as ``": words"``, with the error's code and parameter ("" when
+    it gives none)."""
     try:
         body = json.loads(raw)
     except ValueError:
         body = None
     message = body.get("message") if isinstance(body, dict) else None
+    code = param = ""
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        message = body["error"].get("message")
+        error = body["error"]
+        message = error.get("message")
+        code = error.get("code") if isinstance(error.get("code"), str) else ""  # llama.cpp's is the status
+        code = code or str(error.get("type") or "")
+        param = str(error.get("param") or "")
     elif isinstance(body, dict) and isinstance(body.get("error"), str):
         message = body["error"]
-    text = " ".join(str(message or "").split())[:200]
-    return f": {text}" if text else ""
+    text = " ".join(str(message or "").split())[:300]
+    return (f": {text}" if text else ""), code, param
 
 
 def _retry_after_header(headers: Any) -> float | None:

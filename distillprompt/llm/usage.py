@@ -25,6 +25,9 @@ class Usage:
     throttled: int = 0  # 429 replies (each one also counted in retries or failed)
     cached_cost: float = 0.0  # what the replies the cache served cost at today's prices (not paid again)
     cached_output_tokens: int = 0  # of cached_tokens, the replies' own (the rest: their requests')
+    reasoning_tokens: int = 0  # of output_tokens, a reasoning model's hidden reasoning (paid as output)
+    refusals: int = 0  # requests the endpoint refused for what they hold (too long, a content filter): not sent again
+    parameter_refusals: int = 0  # requests refused for a parameter the model does not take, sent again without it
 
     @property
     def all_cost(self) -> float:

@@ -36,6 +36,7 @@ def log_round(mlflow: Any, result: RoundResult) -> None:
             "duplicate_of": c.duplicate_of,
             "examples_scored": c.examples_scored,
             "eliminated_by": c.eliminated_by,
+            "refused": c.refused,
         }
         for c in result.candidates
     ]
