@@ -2,8 +2,9 @@
 
     python -m mlflow_project optimize --dataset {dataset} --rounds {rounds} ...
 
-An empty parameter means "not set" (the settings' own default, environment or config file
-applies); whole numbers given as floats ("3.0") are passed as integers.
+An empty parameter means "not set" (the config file, the environment or the settings' own
+default applies); whole numbers given as floats ("3.0") are passed as integers; "true" and
+"false" turn a boolean setting's flag on or off (``--cache`` / ``--no-cache``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,17 @@ import re
 import sys
 
 from distillprompt.cli import main as cli_main
+from distillprompt.settings import setting_specs
 
 COMMANDS = {"optimize", "evaluate", "promote", "compare"}
-FLAG_FOR = {"resume_run_id": "--resume"}
-SWITCHES = {"--register", "--cache", "--trace", "--dry-run", "--prefer-shorter"}  # --x / --no-x flags
-ON_ONLY = {"--force", "--budget-match"}  # flags without a --no- form: "false" leaves them out
+FLAG_FOR = {"resume_run_id": "--resume"}  # the MLproject's own name of a flag
+ON_ONLY = {"--force", "--budget-match"}  # commands' flags without a --no- form: "false" leaves them out
+
+
+def switches() -> set[str]:
+    """The flags of the boolean settings, which have a --no- form."""
+    return {flag for spec in setting_specs() if spec.info.annotation is bool
+            for flag in (spec.flag, spec.former_flag) if flag}
 
 
 def to_cli(argv: list[str]) -> list[str]:
@@ -24,6 +31,7 @@ def to_cli(argv: list[str]) -> list[str]:
         raise SystemExit(f"usage: python -m mlflow_project {{{'|'.join(sorted(COMMANDS))}}} --name value ...")
     out = [argv[0]]
     rest = argv[1:]
+    on_off = switches()
     for index in range(0, len(rest), 2):
         flag = rest[index]
         value = rest[index + 1] if index + 1 < len(rest) else ""
@@ -31,10 +39,10 @@ def to_cli(argv: list[str]) -> list[str]:
         flag = FLAG_FOR.get(name, "--" + name.replace("_", "-"))
         if value.strip() == "":
             continue
-        if value.lower() in ("true", "false") and flag in SWITCHES | ON_ONLY:
+        if value.lower() in ("true", "false") and flag in on_off | ON_ONLY:
             if value.lower() == "true":
                 out.append(flag)
-            elif flag in SWITCHES:
+            elif flag in on_off:
                 out.append(flag.replace("--", "--no-", 1))
             continue
         if re.fullmatch(r"-?\d+\.0+", value):

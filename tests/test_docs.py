@@ -1,7 +1,7 @@
 """The documentation matches the code: the settings reference lists every setting as the
 code defines it, every relative link resolves, and no example needs a file outside a clone.
 
-    python -m tests.test_docs     # writes the settings reference again from the code
+    python -m tests.test_docs     # writes the settings reference (and the MLproject) again from the code
 """
 
 from __future__ import annotations
@@ -87,3 +87,6 @@ if __name__ == "__main__":
     tail = rest.split(END, 1)[1]
     SETTINGS_PAGE.write_text(f"{head}{BEGIN}\n{settings_table()}\n{END}{tail}", encoding="utf-8")
     print(f"wrote {SETTINGS_PAGE}")
+    from mlflow_project.mlproject import write
+
+    print(f"wrote {write()}")

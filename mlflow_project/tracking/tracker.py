@@ -123,19 +123,22 @@ class MlflowTracker(Callback):
         mlflow.log_dict(task.describe(), "method/task.json")
 
     def _log_params(self, params: dict[str, Any]) -> None:
-        """Logs the effective settings. Inside `mlflow run`, MLflow has logged the raw MLproject
-        parameters under the same names already; where the effective value differs (an empty
-        parameter left to a default), it goes in as ``effective_<name>``."""
+        """Logs the effective settings. Inside `mlflow run`, MLflow has logged the MLproject's
+        parameters under the same names already, as given (empty: left to the config file,
+        the environment or the default); the value used goes in as ``effective_<name>``, for
+        every parameter, so that any two such runs share their param names."""
         values = {
             name: "" if value is None else json.dumps(value) if isinstance(value, list) else str(value)
             for name, value in params.items()
         }
-        existing = self.mlflow.get_run(self.run_id).data.params
+        run = self.mlflow.get_run(self.run_id)
+        existing = run.data.params
+        from_project = "mlflow.project.entryPoint" in run.data.tags  # the tag `mlflow run` sets
         fresh, changed = {}, {}
         for name, value in values.items():
             if name not in existing:
                 fresh[name] = value
-            elif existing[name] == value or existing[name].strip("'\"") == value:
+            elif not from_project and existing[name] == value:
                 continue
             elif f"effective_{name}" not in existing:
                 fresh[f"effective_{name}"] = value
