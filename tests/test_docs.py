@@ -21,18 +21,21 @@ GROUP_TITLES = {"llm": "Endpoint and models", "data": "Task and data", "optimize
 
 
 def settings_table() -> str:
-    """Every setting, by group: its flag (and former flag), variable, default and meaning."""
+    """Every setting, by group: its flag (and former flag), variable, default, meaning, and
+    whether a --resume takes it given again or keeps the run's."""
     lines: list[str] = []
     group: object = object()
     for spec in setting_specs():
         if spec.group != group:
             group = spec.group
-            lines += ["", f"### {GROUP_TITLES[spec.group]}", "", "| flag | variable | default | what it sets |", "|---|---|---|---|"]
+            lines += ["", f"### {GROUP_TITLES[spec.group]}", "", "| flag | variable | default | what it sets | `--resume` |",
+                      "|---|---|---|---|---|"]
         default = spec.info.get_default(call_default_factory=True)
         shown = "" if default is None or spec.secret else ",".join(default) if isinstance(default, list) else str(default)
         flags = f"`{spec.flag}`" + (f" (`{spec.former_flag}`)" if spec.former_flag else "")
         text = (spec.info.description or spec.name.replace("_", " ")).replace("|", "\\|")
-        lines.append(f"| {flags} | `{spec.env}` | {f'`{shown}`' if shown else ''} | {text} |")
+        on_resume = "given" if spec.operational else "recorded"
+        lines.append(f"| {flags} | `{spec.env}` | {f'`{shown}`' if shown else ''} | {text} | {on_resume} |")
     return "\n".join(lines).strip("\n")
 
 

@@ -223,7 +223,7 @@ def test_saved_state_carries_its_schema_version(tmp_path):
     state = RunState(seed=3, history=[Candidate(id=0, prompt="Classify.", stage="initial", round=0)])
     state.save(tmp_path / "state.json")
     saved = json.loads((tmp_path / "state.json").read_text())
-    assert saved["schema_version"] == STATE_SCHEMA_VERSION == 2
+    assert saved["schema_version"] == STATE_SCHEMA_VERSION == 3
     assert RunState.load(tmp_path / "state.json").history[0].prompt == "Classify."
     # a state of version 1 (rounds called epochs, no racing) is migrated; one written before
     # the version field existed is version 1
@@ -233,8 +233,13 @@ def test_saved_state_carries_its_schema_version(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     loaded = RunState.load(tmp_path / "old.json")
     assert (loaded.seed, loaded.round, loaded.stale_rounds, loaded.method_state) == (3, 2, 1, {"grips_deleted": ["a"]})
-    assert loaded.history[0].round == 0 and loaded.history[0].examples_scored is None and loaded.best_per_example is None
+    assert loaded.history[0].round == 0 and loaded.history[0].examples_scored is None and loaded.best_record is None
     saved["schema_version"] = STATE_SCHEMA_VERSION + 1
     (tmp_path / "new.json").write_text(json.dumps(saved))
     with pytest.raises(UserError, match="upgrade distillprompt"):
         RunState.load(tmp_path / "new.json")
+    # a state it cannot read is refused in one line, never read as an empty one
+    for damaged in ('{"schema_version": 3, "seed": 3}', "[1, 2]", '{"seed": 3, "histo'):
+        (tmp_path / "damaged.json").write_text(damaged)
+        with pytest.raises(UserError, match=r"cannot be read .* \(without --resume\)"):
+            RunState.load(tmp_path / "damaged.json")
