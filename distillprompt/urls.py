@@ -2,13 +2,14 @@
 proxy) or a token in the query (``?api-key=…``, ``?token=…``, ``sig=…``).
 
 ``masked`` is the one masking of the package: every URL that is printed, logged or recorded
-(settings, params, tags, artifacts, the registered model's config, error lines) goes through
-it. ``request_parts`` splits a URL for an HTTP client that sends the credentials.
+(settings, params, tags, artifacts, the registered model's config, error lines, log lines)
+goes through it. ``request_parts`` splits a URL for an HTTP client that sends the credentials.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import urllib.request
 from dataclasses import dataclass
@@ -71,3 +72,21 @@ def get_request(url: str, path: str) -> urllib.request.Request:
     query = f"?{urlencode(parts.query)}" if parts.query else ""
     headers = {"Authorization": parts.authorization} if parts.authorization else {}
     return urllib.request.Request(parts.root + path + query, headers=headers)
+
+
+class MaskedLines(logging.Filter):
+    """Masks the URLs of a log record's message (a library's, which names the URL it called)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        shown = masked(message)
+        if shown != message:
+            record.msg, record.args = shown, None
+        return True
+
+
+def mask_log_lines(logger: str | None = None) -> None:
+    """Every line the handlers of ``logger`` (the root logger by default) write has its URLs masked."""
+    for handler in logging.getLogger(logger).handlers:
+        if not any(isinstance(existing, MaskedLines) for existing in handler.filters):
+            handler.addFilter(MaskedLines())

@@ -7,7 +7,8 @@ task's input columns and returns one answer per row: a label for classification 
 the reply names none), the answer text for generation.
 
 The endpoint is the one of the run, unless ``OPENAI_BASE_URL`` is set where the model is
-served; the key comes from ``OPENAI_API_KEY`` there.
+served; the key comes from ``OPENAI_API_KEY`` there, and the credentials of an endpoint whose
+URL had them (recorded masked) from ``OPENAI_BASE_URL``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class PromptModel(PythonModel):
         self.max_tokens = int(config.get("max_tokens", 64))
         self.concurrency = int(config.get("concurrency", 8))
         base_url = os.environ.get("OPENAI_BASE_URL") or config["base_url"]
+        if base_url == config["base_url"] and config.get("base_url_credentials_left_out"):
+            raise RuntimeError(
+                f"the model's endpoint {base_url} needs the credentials its URL had in the run, which the registry "
+                "never records: set OPENAI_BASE_URL to the endpoint's URL with them where the model is served"
+            )
         if base_url == "local":
             base_url = self._start_embedded(config.get("local_model"))
         self.client = openai.OpenAI(

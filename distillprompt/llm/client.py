@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from ..cache import CachedReply, ResponseCache, request_key
 from ..errors import CostLimitReached, EndpointUnavailable, UserError
+from ..urls import masked
 from .limits import META, PriorityLimiter, request_tokens
 from .retry import Retries, describe_error, retry_after, retryable, status_of
 from .transport import AttemptFailed, Endpoint, Reply, status_error
@@ -178,7 +179,7 @@ class ChatClient:
         seed: int | None = None,
         cache_identity: str | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.base_url = masked(base_url.rstrip("/"))  # shown, and the cache's key: credentials change, the endpoint not
         self.model = model
         self.limiter = limiter
         self.meter = meter
@@ -190,7 +191,7 @@ class ChatClient:
         self.price_input = price_input
         self.price_output = price_output
         self.seed = seed
-        self.endpoint = Endpoint(self.base_url, api_key, timeout)
+        self.endpoint = Endpoint(base_url, api_key, timeout)
         self.guard: CostGuard | None = None  # --max-cost: checked before every call, the cache's too
 
     @property

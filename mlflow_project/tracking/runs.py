@@ -14,7 +14,7 @@ from distillprompt.resume import resumed_settings
 from distillprompt.runner import ResumePoint
 from distillprompt.settings import Settings
 from distillprompt.state import RunState
-from distillprompt.urls import get_request, masked
+from distillprompt.urls import get_request, mask_log_lines, masked
 
 from .outbox import error_line
 
@@ -33,6 +33,9 @@ def connect(settings: Settings) -> Any:
     if settings.mlflow.tracking_uri:
         mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
     uri = mlflow.get_tracking_uri()
+    mask_log_lines("mlflow")  # MLflow's warnings name the URL they called
+    if masked(uri) != uri:  # nor does MLflow print the run's address with the URI's credentials
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     check_reachable(uri)
     if uri.startswith(("http://", "https://")):
         bound_http_retries()
