@@ -27,10 +27,10 @@ name: distillprompt
 # `mlflow run .` builds a virtualenv from python_env.yaml; `--env-manager local` uses the
 # current environment instead (pip install -e . first). Every setting is a parameter named
 # like its flag with underscores (docs/settings.md). A parameter left empty (the default)
-# leaves the setting to a config file (-P config=FILE), the environment and the package
-# default. The API key is read from OPENAI_API_KEY, never a parameter; a URL with
-# credentials belongs in OPENAI_BASE_URL or the config file, since MLflow records
-# parameters as given.
+# is not passed on, as a flag not typed: the setting comes from the environment, a config
+# file (-P config=FILE) or the package default. The API key is read from OPENAI_API_KEY,
+# never a parameter; a URL with credentials belongs in OPENAI_BASE_URL or the config file,
+# since MLflow records parameters as given.
 python_env: python_env.yaml
 
 entry_points:"""
