@@ -26,11 +26,12 @@ def resumed_settings(given: Settings, recorded: dict[str, Any]) -> Settings:
     tree = copy.deepcopy(recorded)
     # what was given, with the paths and the demo's dataset resolved as the run resolved its own
     resolved = anchor_paths(with_demo_defaults(given)).model_dump(mode="json")
+    values = given.model_dump()  # a secret as its SecretStr
     changes, masked = [], []
     for spec in setting_specs():
         if _given(given, spec):
             if spec.operational:
-                _put(tree, spec, _at(given.model_dump(), spec))  # a secret keeps its SecretStr
+                _put(tree, spec, _at(values, spec))
             elif _at(resolved, spec) != _at(tree, spec, None):
                 changes.append(f"{spec.flag} {_shown(_at(resolved, spec))} (the run has {_shown(_at(tree, spec, None))})")
         elif spec.url and MASK in str(_at(tree, spec, None) or ""):
