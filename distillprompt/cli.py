@@ -23,6 +23,7 @@ from .errors import EndpointUnavailable, UserError
 from .engine import Callback
 from .progress import ConsoleProgress
 from .settings import ENV_PREFIX, Settings, load_settings, setting_specs
+from .urls import mask_log_lines, masked
 
 GROUP_TITLES = {
     "llm": "endpoint and models",
@@ -327,22 +328,24 @@ def _warn_unfinished(callbacks: list[Any]) -> bool:
     command that finishes it; whether there was any (exit code 3)."""
     unfinished = [text for text in (getattr(c, "incomplete", lambda: None)() for c in callbacks) if text]
     for text in unfinished:
-        print(f"distillprompt: warning: {text}", file=sys.stderr)
+        print(f"distillprompt: warning: {masked(text)}", file=sys.stderr)
     return bool(unfinished)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    mask_log_lines()
     for noisy in ("httpx", "httpx2", "openai", "datasets", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except UserError as error:
-        print(f"distillprompt: error: {error}", file=sys.stderr)
+        print(f"distillprompt: error: {masked(str(error))}", file=sys.stderr)
         return error.exit_code
     except EndpointUnavailable as error:
-        print(f"distillprompt: error: the endpoint gave up: {error}; try again later or lower --concurrency", file=sys.stderr)
+        print(f"distillprompt: error: the endpoint gave up: {masked(str(error))}; try again later or lower --concurrency",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("distillprompt: interrupted; replies received so far are in the response cache", file=sys.stderr)

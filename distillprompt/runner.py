@@ -33,6 +33,7 @@ from .engine.racing import start_warm_up
 from .progress import ConsoleProgress
 from .settings import AUTO_START_CONCURRENCY, LLMSettings, Settings
 from .state import RunState
+from .urls import request_parts
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,9 @@ async def open_context(
     target_model = settings.llm.model if with_target else settings.optimizer_model
     options = client_options(settings)
     checks = {(target_url, target_model), (meta_url, settings.optimizer_model)}
+    if options["api_key"] and any(request_parts(url).authorization for url in {target_url, meta_url}):
+        log.warning("an endpoint URL carries a user and password: they go as HTTP basic auth, in the Authorization "
+                    "header, and the API key is not sent to that endpoint")
 
     async def check() -> None:
         if local is not None:

@@ -27,14 +27,22 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from .errors import UserError
+from .urls import masked
 
 DEFAULT_CACHE_PATH = Path("~/.cache/distillprompt/cache.sqlite")
 ENV_PREFIX = "DISTILLPROMPT_"
 
 
 def flag(name: str) -> dict[str, Any]:
-    """Marks a field whose CLI flag is not simply ``--field-name``."""
+    """Marks a field whose CLI flag is not simply ``--field-name`` (marks combine with ``|``)."""
     return {"flag": name}
+
+
+# How a run is carried out (where, how fast, what it may spend, where it is recorded), not
+# what it finds: --resume takes it as given again; any other setting keeps the run's value.
+OPERATIONAL: dict[str, Any] = {"operational": True}
+# A URL, which may carry credentials: shown and recorded masked (``urls.masked``).
+URL: dict[str, Any] = {"url": True}
 
 
 def alias(former: str) -> dict[str, Any]:
@@ -56,6 +64,7 @@ class LLMSettings(Group):
         None,
         description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (also read from OPENAI_BASE_URL; "
         "none: the embedded local model)",
+        json_schema_extra=URL | OPERATIONAL,
     )
     backend: Literal["auto", "local", "endpoint"] = Field(
         "auto",
@@ -65,45 +74,58 @@ class LLMSettings(Group):
     local_model: Path | None = Field(
         None, description="GGUF file for the embedded llama.cpp server (default: the bundled SmolLM2-135M-Instruct)"
     )
-    local_threads: int = Field(0, ge=0, description="threads of the embedded server (0: every core this process may use)")
+    local_threads: int = Field(0, ge=0, description="threads of the embedded server (0: every core this process may use)",
+                               json_schema_extra=OPERATIONAL)
     local_context: int = Field(4096, ge=512, description="context size of the embedded server, in tokens")
     api_key: SecretStr | None = Field(
-        None, description="API key of the endpoint; prefer the OPENAI_API_KEY variable to the flag"
+        None, description="API key of the endpoint; prefer the OPENAI_API_KEY variable to the flag",
+        json_schema_extra=OPERATIONAL,
     )
     model: str = Field("gpt-4o-mini", description="target model: the one whose prompt is optimized and scored")
     optimizer_model: str | None = Field(
         None, description="model that writes candidate prompts (default: the target model)"
     )
     optimizer_base_url: str | None = Field(
-        None, description="endpoint of the optimizer model (default: --base-url)"
+        None, description="endpoint of the optimizer model (default: --base-url)",
+        json_schema_extra=URL | OPERATIONAL,
     )
     concurrency: int | str = Field(
         "auto",
         description="LLM requests in flight at once, over the whole run: a number, or auto (start at 16, grow while "
         "replies come as fast and no 429 arrives, back off on 429s, Retry-After and slower replies; up to "
         "--max-concurrency; the embedded model gets 16)",
+        json_schema_extra=OPERATIONAL,
     )
-    max_concurrency: int = Field(256, gt=0, description="the most requests in flight that --concurrency auto may reach")
+    max_concurrency: int = Field(256, gt=0, description="the most requests in flight that --concurrency auto may reach",
+                                 json_schema_extra=OPERATIONAL)
     rpm: float | None = Field(
-        None, gt=0, description="requests per minute the endpoint allows (the run stays under it, over all Ray actors)"
+        None, gt=0, description="requests per minute the endpoint allows (the run stays under it, over all Ray actors)",
+        json_schema_extra=OPERATIONAL,
     )
     tpm: float | None = Field(
         None,
         gt=0,
         description="tokens per minute the endpoint allows, counted as providers do before answering: input "
         "characters / 4 + max_tokens",
+        json_schema_extra=OPERATIONAL,
     )
-    timeout: float = Field(120.0, gt=0, description="seconds before one request is abandoned and retried")
-    max_retries: int = Field(8, ge=0, description="retries of a request after 429, 5xx, timeouts or lost connections")
-    backoff_base: float = Field(0.5, ge=0, description="first retry delay in seconds; doubles on each retry, with jitter")
-    backoff_max: float = Field(30.0, ge=0, description="longest delay between two retries, in seconds")
+    timeout: float = Field(120.0, gt=0, description="seconds before one request is abandoned and retried",
+                           json_schema_extra=OPERATIONAL)
+    max_retries: int = Field(8, ge=0, description="retries of a request after 429, 5xx, timeouts or lost connections",
+                             json_schema_extra=OPERATIONAL)
+    backoff_base: float = Field(0.5, ge=0, description="first retry delay in seconds; doubles on each retry, with jitter",
+                                json_schema_extra=OPERATIONAL)
+    backoff_max: float = Field(30.0, ge=0, description="longest delay between two retries, in seconds",
+                               json_schema_extra=OPERATIONAL)
     n_mode: Literal["auto", "native", "separate"] = Field(
         "auto",
         description="how several samples of one meta-prompt are asked for: one call with n (native), "
         "n calls (separate), or native with a fallback when the endpoint returns fewer (auto)",
     )
-    price_input: float = Field(0.0, ge=0, description="USD per 1M input tokens, for the cost report")
-    price_output: float = Field(0.0, ge=0, description="USD per 1M output tokens, for the cost report")
+    price_input: float = Field(0.0, ge=0, description="USD per 1M input tokens, for the cost report",
+                               json_schema_extra=OPERATIONAL)
+    price_output: float = Field(0.0, ge=0, description="USD per 1M output tokens, for the cost report",
+                                json_schema_extra=OPERATIONAL)
     meta_max_tokens: int = Field(1024, gt=0, description="max_tokens of a meta-prompt reply (a new candidate)")
     answer_max_tokens: int | None = Field(
         None,
@@ -255,11 +277,14 @@ class OptimizerSettings(Group):
                               "a candidate as worse than the best prompt")
     max_scoring_calls: int = Field(
         0, ge=0, description="budget: scoring requests (train and validation) the search may spend; a method that "
-        "can size its rounds (grips) stops before a candidate would pass it; compare --budget-match sets it (0: none)"
+        "can size its rounds (grips) stops before a candidate would pass it; compare --budget-match sets it (0: none)",
+        json_schema_extra=OPERATIONAL,
     )
-    max_calls: int = Field(0, ge=0, description="budget: stop after the stage that reaches this many LLM requests (0: none)")
+    max_calls: int = Field(0, ge=0, description="budget: stop after the stage that reaches this many LLM requests (0: none)",
+                           json_schema_extra=OPERATIONAL)
     max_total_tokens: int = Field(
-        0, ge=0, description="budget: stop after the stage that reaches this many tokens in+out (0: none)"
+        0, ge=0, description="budget: stop after the stage that reaches this many tokens in+out (0: none)",
+        json_schema_extra=OPERATIONAL,
     )
     max_cost: float | None = Field(
         None, gt=0,
@@ -267,6 +292,7 @@ class OptimizerSettings(Group):
         "request goes out once the run's calls (the cache's included) cost this much, less the test scoring's "
         "estimated cost, held back for the end; the best prompt so far is kept; stop reason max_cost (needs "
         "--price-input and --price-output; in compare, each run's own)",
+        json_schema_extra=OPERATIONAL,
     )
     prefer_shorter: bool = Field(
         False, description="pick the shortest prompt among those within one example's worth of the best score the run "
@@ -319,8 +345,10 @@ PAPER_SETTINGS: dict[str, Any] = {"demos": 0, "distill_from": "random", "scoring
 
 
 class CacheSettings(Group):
-    enabled: bool = Field(True, description="reuse earlier LLM replies from the response cache", json_schema_extra=flag("--cache"))
-    path: Path = Field(DEFAULT_CACHE_PATH, description="response cache file (sqlite)", json_schema_extra=flag("--cache-path"))
+    enabled: bool = Field(True, description="reuse earlier LLM replies from the response cache",
+                          json_schema_extra=flag("--cache") | OPERATIONAL)
+    path: Path = Field(DEFAULT_CACHE_PATH, description="response cache file (sqlite)",
+                       json_schema_extra=flag("--cache-path") | OPERATIONAL)
 
 
 class TrackingSettings(Group):
@@ -328,20 +356,24 @@ class TrackingSettings(Group):
         None,
         description="MLflow tracking server or store, e.g. sqlite:///mlflow.db (default: MLFLOW_TRACKING_URI; "
         "runs are tracked when either is set, or inside `mlflow run`)",
+        json_schema_extra=URL | OPERATIONAL,
     )
     experiment: str = Field("distillprompt", description="MLflow experiment of runs started here")
     run_name: str | None = Field(None, description="name of the MLflow run (default: dataset and date)")
     prompt_name: str | None = Field(
-        None, description="registry name of the final prompt and its model (default: derived from the dataset)"
+        None, description="registry name of the final prompt and its model (default: derived from the dataset)",
+        json_schema_extra=OPERATIONAL,
     )
     register_result: bool = Field(
-        True, description="register the final prompt and a model applying it", json_schema_extra=flag("--register")
+        True, description="register the final prompt and a model applying it",
+        json_schema_extra=flag("--register") | OPERATIONAL
     )
-    trace: bool = Field(False, description="record every LLM call as an MLflow trace")
+    trace: bool = Field(False, description="record every LLM call as an MLflow trace", json_schema_extra=OPERATIONAL)
     tracking_wait: float = Field(
         20.0, ge=0,
         description="seconds the end of a run waits for a tracking server that stopped answering to come back; "
         "then the record is left incomplete, with the command that completes it (exit 3)",
+        json_schema_extra=OPERATIONAL,
     )
 
 
@@ -393,28 +425,35 @@ class Settings(BaseSettings):
     seed: int = Field(0, description="seed of every random choice; the same seed reproduces a run")
     dry_run: bool = Field(
         False, description="load and check the data and the endpoint, print what the run would send and cost "
-        "(requests, tokens, USD, what the cache holds), and send no completion request"
+        "(requests, tokens, USD, what the cache holds), and send no completion request",
+        json_schema_extra=OPERATIONAL,
     )
     output: Path | None = Field(
-        None, description="folder for result.json (default: ./distillprompt-output/<timestamp>)"
+        None, description="folder for result.json (default: ./distillprompt-output/<timestamp>)",
+        json_schema_extra=OPERATIONAL,
     )
     executor: Literal["ray", "local"] = Field(
-        "ray", description="where scoring runs: ray (actors on a local instance or a cluster) or local (this process)"
+        "ray", description="where scoring runs: ray (actors on a local instance or a cluster) or local (this process)",
+        json_schema_extra=OPERATIONAL,
     )
     ray_address: str | None = Field(
-        None, description="Ray cluster to use, e.g. ray://head:10001 or auto (also RAY_ADDRESS; default: start a local one)"
+        None, description="Ray cluster to use, e.g. ray://head:10001 or auto (also RAY_ADDRESS; default: start a local one)",
+        json_schema_extra=URL | OPERATIONAL,
     )
-    ray_actors: int = Field(0, ge=0, description="scoring actors in the Ray pool (0: two per node)")
+    ray_actors: int = Field(0, ge=0, description="scoring actors in the Ray pool (0: two per node)",
+                            json_schema_extra=OPERATIONAL)
     ray_start: Literal["auto", "now"] = Field(
         "auto",
         description="when a local Ray instance starts: auto (once the driver is busy answering requests most of the "
         "time, so runs an endpoint limits never pay Ray's seconds of start-up) or now (at the start of the run); "
         "a cluster (--ray-address) is joined at the start either way",
+        json_schema_extra=OPERATIONAL,
     )
     resume: str | None = Field(
         None,
         description="MLflow run id of a run to continue from its last finished round, with its own settings "
         "(replies it already received come from the response cache)",
+        json_schema_extra=OPERATIONAL,
     )
 
     @classmethod
@@ -447,16 +486,24 @@ class Settings(BaseSettings):
     def optimizer_base_url(self) -> str | None:
         return self.llm.optimizer_base_url or self.llm.base_url
 
-    def public_dict(self) -> dict[str, Any]:
-        """Every setting as ``flag_name -> value`` (the CLI flag with underscores), secrets left out."""
-        dumped = self.model_dump(mode="json")
-        flat: dict[str, Any] = {}
+    def recorded_tree(self) -> dict[str, Any]:
+        """The settings as a tree, as they may be shown and recorded: secrets left out, URLs
+        masked (what ``--resume`` restarts from)."""
+        tree = self.model_dump(mode="json")
         for spec in setting_specs():
+            holder = tree[spec.group] if spec.group else tree
             if spec.secret:
-                continue
-            value = dumped[spec.group][spec.name] if spec.group else dumped[spec.name]
-            flat[spec.flag.lstrip("-").replace("-", "_")] = value
-        return flat
+                del holder[spec.name]
+            elif spec.url and holder[spec.name]:
+                holder[spec.name] = masked(holder[spec.name])
+        return tree
+
+    def public_dict(self) -> dict[str, Any]:
+        """Every setting as ``flag_name -> value`` (the CLI flag with underscores), as the
+        recorded tree holds it."""
+        tree = self.recorded_tree()
+        return {spec.flag.lstrip("-").replace("-", "_"): (tree[spec.group] if spec.group else tree)[spec.name]
+                for spec in setting_specs() if not spec.secret}
 
 
 @dataclass(frozen=True)
@@ -469,17 +516,25 @@ class SettingSpec:
 
     @property
     def flag(self) -> str:
-        extra = self.info.json_schema_extra
-        if isinstance(extra, dict) and "flag" in extra:
-            return str(extra["flag"])
-        return "--" + self.name.replace("_", "-")
+        return str(self._mark("flag") or "--" + self.name.replace("_", "-"))
 
     @property
     def former_flag(self) -> str | None:
         """The flag of the field's former name, still accepted (``alias``)."""
-        extra = self.info.json_schema_extra
-        former = extra.get("alias") if isinstance(extra, dict) else None
+        former = self._mark("alias")
         return "--" + str(former).replace("_", "-") if former else None
+
+    @property
+    def operational(self) -> bool:
+        return bool(self._mark("operational"))
+
+    @property
+    def url(self) -> bool:
+        return bool(self._mark("url"))
+
+    def _mark(self, name: str) -> Any:
+        extra = self.info.json_schema_extra
+        return extra.get(name) if isinstance(extra, dict) else None
 
     @property
     def env(self) -> str:

@@ -120,17 +120,34 @@ class RunState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunState:
-        data = dict(data)
-        version = data.pop("schema_version", 1)  # states saved before the field existed are version 1
-        if not isinstance(version, int) or version > STATE_SCHEMA_VERSION:
+        """The state a checkpoint holds; one this distillprompt cannot read (a newer schema, a
+        damaged file) is refused in one line, never read as something else."""
+        try:
+            data = dict(data)
+            version = data.pop("schema_version", 1)  # states saved before the field existed are version 1
+            if not isinstance(version, int) or version > STATE_SCHEMA_VERSION:
+                raise UserError(
+                    f"the saved run state has schema version {version}, newer than this distillprompt reads "
+                    f"({STATE_SCHEMA_VERSION}): upgrade distillprompt to resume it"
+                )
+            for older in range(version, STATE_SCHEMA_VERSION):
+                data = MIGRATIONS[older](data)
+            data["history"] = [Candidate.from_dict(item) for item in data["history"]]
+            return cls(**data)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
             raise UserError(
-                f"the saved run state has schema version {version}, newer than this distillprompt reads "
-                f"({STATE_SCHEMA_VERSION}): upgrade distillprompt to resume it"
-            )
-        for older in range(version, STATE_SCHEMA_VERSION):
-            data = MIGRATIONS[older](data)
-        data["history"] = [Candidate.from_dict(item) for item in data["history"]]
-        return cls(**data)
+                f"the saved run state cannot be read ({reason}): it is damaged or was not written by distillprompt; "
+                "start a new run (without --resume)"
+            ) from None
+
+    @classmethod
+    def from_json(cls, text: str) -> RunState:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None  # refused below, as any state that is not one
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
         """Writes atomically: a reader never sees half a checkpoint."""
@@ -142,7 +159,7 @@ class RunState:
 
     @classmethod
     def load(cls, path: str | Path) -> RunState:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_json(Path(path).read_text())
 
 
 def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,8 @@ the endpoint takes: the token limit under the name it takes (``token_limit``:
 ``max_completion_tokens`` for OpenAI's reasoning models, with their room to reason in
 ``max_tokens``), and none of the parameters it refused (``left_out``: a temperature, stop
 sequences).
+The credentials of an endpoint whose URL had them (recorded masked) come from
+``OPENAI_BASE_URL``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class PromptModel(PythonModel):
         self.left_out = set(config.get("left_out") or [])
         self.concurrency = int(config.get("concurrency", 8))
         base_url = os.environ.get("OPENAI_BASE_URL") or config["base_url"]
+        if base_url == config["base_url"] and config.get("base_url_credentials_left_out"):
+            raise RuntimeError(
+                f"the model's endpoint {base_url} needs the credentials its URL had in the run, which the registry "
+                "never records: set OPENAI_BASE_URL to the endpoint's URL with them where the model is served"
+            )
         if base_url == "local":
             base_url = self._start_embedded(config.get("local_model"))
         self.client = openai.OpenAI(

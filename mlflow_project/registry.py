@@ -25,6 +25,7 @@ from distillprompt.data import Example, Task
 from distillprompt.errors import UserError
 from distillprompt.engine import RunResult
 from distillprompt.settings import Settings
+from distillprompt.urls import masked
 
 CANDIDATE = "candidate"
 PRODUCTION = "production"
@@ -118,8 +119,10 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
         )
     template = prompt_template(task, result.final_prompt)
     local = settings.llm.backend == "local"
-    # the embedded server's port lives as long as the run: a model using it starts its own
-    base_url = LOCAL if local else settings.llm.base_url
+    # the embedded server's port lives as long as the run: a model using it starts its own;
+    # a URL's credentials are never recorded (where the model serves, OPENAI_BASE_URL has them)
+    base_url = LOCAL if local else masked(settings.llm.base_url or "") or None
+    credentials_left_out = not local and base_url != settings.llm.base_url
     client = MlflowClient()
     # a registration made again (its answer lost to a server that went away, or --resume after
     # one) finds what the first made, instead of a version N+1 of the same prompt
@@ -153,6 +156,7 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
         "template": template,
         "prompt_uri": f"prompts:/{name}/{version.version}",
         "base_url": base_url,
+        "base_url_credentials_left_out": credentials_left_out,
         "local_model": str(settings.llm.local_model) if local and settings.llm.local_model else None,
         "model": settings.llm.model,
         "labels": task.labels,

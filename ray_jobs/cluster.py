@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillprompt.errors import UserError
+from distillprompt.urls import masked
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,9 @@ def connect(address: str | None) -> Connection:
         try:
             ray.init(address=address, **runtime_env, **common)
         except Exception as error:  # ConnectionError, RuntimeError, TimeoutError… depending on the address form
-            reason = " ".join(str(error).split())[:200]
+            reason = masked(" ".join(str(error).split()))[:200]
             raise UserError(
-                f"cannot connect to the Ray cluster at {address} ({reason}): check --ray-address / RAY_ADDRESS, "
+                f"cannot connect to the Ray cluster at {masked(address)} ({reason}): check --ray-address / RAY_ADDRESS, "
                 "or use --executor local"
             ) from None
         return Connection(address, owned=True)

@@ -4,7 +4,9 @@ The run's settings travel as a config file in the job's working directory, with 
 package beside it (``py_modules``); the entry point is ``python -m distillprompt optimize
 --config …`` on the cluster, where Ray Jobs sets ``RAY_ADDRESS`` so that scoring uses the
 cluster's actors. The API key is never part of the job: set ``OPENAI_API_KEY`` on the
-cluster's nodes.
+cluster's nodes; nor are the credentials of an endpoint's URL (the job holds it masked): set
+their ``DISTILLPROMPT_…`` variable there (``DISTILLPROMPT_LLM__BASE_URL``), which wins over the
+job's config file.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from distillprompt.errors import UserError
-from distillprompt.settings import Settings
+from distillprompt.settings import Settings, setting_specs
+from distillprompt.urls import masked
 
 from .cluster import PACKAGE_DIRS
 
@@ -41,8 +44,10 @@ def job_address(explicit: str | None) -> str:
 
 
 def job_config(settings: Settings) -> dict[str, Any]:
-    """The run's settings without secrets and without where this machine would run them."""
-    config = json.loads(settings.model_dump_json(exclude={"llm": {"api_key"}, "ray_address": True}))
+    """The run's settings as recorded (no secret, URLs masked), without where this machine
+    would run them."""
+    config = settings.recorded_tree()
+    del config["ray_address"]
     config["executor"] = "ray"
     return config
 
@@ -101,12 +106,12 @@ def submit(settings: Settings, address: str, *, follow: bool = True, python: str
     try:
         client = JobSubmissionClient(address)
     except Exception as error:
-        reason = " ".join(str(error).split())[:200]
-        raise UserError(f"cannot reach the Ray Jobs API at {address} ({reason}): check --job-address") from None
+        reason = masked(" ".join(str(error).split()))[:200]
+        raise UserError(f"cannot reach the Ray Jobs API at {masked(address)} ({reason}): check --job-address") from None
     with tempfile.TemporaryDirectory(prefix="distillprompt-job-") as folder:
         entrypoint, runtime_env = build_job(settings, Path(folder), python)
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata={"tool": "distillprompt"})
-    print(f"submitted Ray job {job_id} to {address}", flush=True)
+    print(f"submitted Ray job {job_id} to {masked(address)}", flush=True)
     if not follow:
         return 0
     asyncio.run(_follow(client, job_id))  # the log stream ends with the job
@@ -145,4 +150,10 @@ class SubmitCommand:
                 "note: the API key is not sent with the job; the cluster's nodes must have OPENAI_API_KEY set",
                 file=sys.stderr,
             )
+        values = settings.model_dump()
+        for spec in setting_specs():
+            value = (values[spec.group] if spec.group else values)[spec.name] if spec.url else None
+            if value and masked(value) != value and spec.name != "ray_address":  # the job gets the cluster's
+                print(f"note: the credentials in {spec.flag} are not sent with the job (it holds {masked(value)}); "
+                      f"the cluster's nodes must have {spec.env} set to the URL with them", file=sys.stderr)
         return submit(settings, address, follow=not args.no_follow, python=args.job_python)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import itertools
 import json
@@ -36,6 +37,7 @@ import math
 import re
 import threading
 import time
+import urllib.parse
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,6 +295,10 @@ class ScriptedEndpoint:
     refuse_n: bool = False  # 400 for a request that carries n
     context: int = 0  # tokens (characters / 4) of messages beyond which a request is refused (0: no limit)
     flagged: tuple[str, ...] = ()  # words a content filter refuses a request for
+    # (user, password) that every request's Authorization header must carry as HTTP basic
+    # auth, as a proxy in front of an endpoint asks (in place of the key's bearer token)
+    basic_auth: tuple[str, str] | None = None
+    query: dict[str, str] = field(default_factory=dict)  # parameters every request's URL must carry (a token)
 
     def __post_init__(self) -> None:
         self.log: list[Logged] = []
@@ -407,11 +413,19 @@ class ScriptedEndpoint:
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         await writer.drain()
 
-    def _authorized(self, headers: dict[str, str]) -> bool:
-        return self.api_key is None or headers.get("authorization") == f"Bearer {self.api_key}"
+    def _authorized(self, headers: dict[str, str], query: str) -> bool:
+        if self.basic_auth is not None:
+            expected = "Basic " + base64.b64encode(":".join(self.basic_auth).encode()).decode()
+            if headers.get("authorization") != expected:
+                return False
+        elif self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            return False
+        given = dict(urllib.parse.parse_qsl(query))
+        return all(given.get(name) == value for name, value in self.query.items())
 
     async def _respond(self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter) -> bool:
-        if not self._authorized(headers):
+        path, _, query = path.partition("?")
+        if not self._authorized(headers, query):
             await self._send(writer, 401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
             return True
         if method == "GET" and path.rstrip("/").endswith("/stats"):

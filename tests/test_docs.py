@@ -1,7 +1,7 @@
 """The documentation matches the code: the settings reference lists every setting as the
 code defines it, every relative link resolves, and no example needs a file outside a clone.
 
-    python -m tests.test_docs     # writes the settings reference again from the code
+    python -m tests.test_docs     # writes the settings reference (and the MLproject) again from the code
 """
 
 from __future__ import annotations
@@ -21,18 +21,21 @@ GROUP_TITLES = {"llm": "Endpoint and models", "data": "Task and data", "optimize
 
 
 def settings_table() -> str:
-    """Every setting, by group: its flag (and former flag), variable, default and meaning."""
+    """Every setting, by group: its flag (and former flag), variable, default, meaning, and
+    whether a --resume takes it given again or keeps the run's."""
     lines: list[str] = []
     group: object = object()
     for spec in setting_specs():
         if spec.group != group:
             group = spec.group
-            lines += ["", f"### {GROUP_TITLES[spec.group]}", "", "| flag | variable | default | what it sets |", "|---|---|---|---|"]
+            lines += ["", f"### {GROUP_TITLES[spec.group]}", "", "| flag | variable | default | what it sets | `--resume` |",
+                      "|---|---|---|---|---|"]
         default = spec.info.get_default(call_default_factory=True)
         shown = "" if default is None or spec.secret else ",".join(default) if isinstance(default, list) else str(default)
         flags = f"`{spec.flag}`" + (f" (`{spec.former_flag}`)" if spec.former_flag else "")
         text = (spec.info.description or spec.name.replace("_", " ")).replace("|", "\\|")
-        lines.append(f"| {flags} | `{spec.env}` | {f'`{shown}`' if shown else ''} | {text} |")
+        on_resume = "given" if spec.operational else "recorded"
+        lines.append(f"| {flags} | `{spec.env}` | {f'`{shown}`' if shown else ''} | {text} | {on_resume} |")
     return "\n".join(lines).strip("\n")
 
 
@@ -87,3 +90,6 @@ if __name__ == "__main__":
     tail = rest.split(END, 1)[1]
     SETTINGS_PAGE.write_text(f"{head}{BEGIN}\n{settings_table()}\n{END}{tail}", encoding="utf-8")
     print(f"wrote {SETTINGS_PAGE}")
+    from mlflow_project.mlproject import write
+
+    print(f"wrote {write()}")

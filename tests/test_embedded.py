@@ -60,7 +60,7 @@ def test_mlflow_run_main_on_the_embedded_model(mlflow_server):
     (run,) = mlflow.search_runs(experiment_names=["embedded"], output_format="list")
     assert run.info.status == "FINISHED"
     params, metrics = run.data.params, run.data.metrics
-    assert params["llm"] == "local"
+    assert params["effective_llm"] == "local"
     assert params["effective_model"] == "smollm2-135m-instruct"  # the MLproject parameter was left empty
     client = MlflowClient(mlflow_server["uri"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "best_train_score")] == [1]

@@ -69,7 +69,9 @@ def test_run_records_settings_rounds_and_artifacts(first_run, mlflow_server):
     client = MlflowClient(mlflow_server["uri"])
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["epochs"] == "2" and params["model"] == "test-model" and params["rewrites"] == "4"
+    # the MLproject's parameters as given, and the values used (a parameter left empty: the default)
+    assert params["epochs"] == "2" and params["model"] == "test-model" and params["rewrites"] == "''"
+    assert params["effective_rounds"] == "2" and params["effective_rewrites"] == "4"
     assert params["dataset_digest"] and params["train_examples"] == "12" and params["val_examples"] == "10"
     assert "api_key" not in params
     history = client.get_metric_history(run.info.run_id, "best_train_score")
@@ -109,7 +111,7 @@ def test_run_records_settings_rounds_and_artifacts(first_run, mlflow_server):
     assert 0 < spent <= int(params["estimated_requests_max"])
     table = mlflow.artifacts.load_dict(run.info.artifact_uri + "/candidates/round_001.json")
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
-    assert {row["stage"] for row in rows} == {"rewrite", "distill", "compress", "aggregate", "paraphrase"}
+    assert {row["stage"] for row in rows} == {"demos", "rewrite", "distill", "compress", "aggregate", "paraphrase"}
     assert {"round", "parents", "prompt", "train_score", "val_score", "examples_scored"} <= set(table["columns"])
     assert "candidates/round_001.json" in run.data.tags["mlflow.loggedArtifacts"]  # shown as a table in the UI
     note = run.data.tags["mlflow.note.content"]  # the run's description on its Overview page
@@ -227,6 +229,30 @@ def test_two_runs_compare_on_the_same_metrics(first_run, mlflow_server, keyed_en
     assert shared <= set(first.data.metrics) & set(second.data.metrics)
     assert set(first.data.params) == set(second.data.params)
     assert first.data.params["dataset_digest"] != second.data.params["dataset_digest"]  # another seed, another sample
+
+
+def test_mlflow_run_takes_the_settings_of_a_config_file(mlflow_server, keyed_endpoint, reviews_dir, tmp_path):
+    """A parameter left empty leaves the setting to the file; one given, and a variable, beat it."""
+    import mlflow
+
+    config = tmp_path / "cfg.toml"
+    config.write_text("seed = 7\n[data]\ntrain_size = 24\ntest_size = 16\n[optimizer]\nrounds = 3\npatience = 1\n"
+                      "[cache]\nenabled = true\n[mlflow]\nregister_result = false\n")
+    completed = mlflow_run(mlflow_server, keyed_endpoint, reviews_dir, f"config={config}", "rounds=1",
+                           experiment="config-file")
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    mlflow.set_tracking_uri(mlflow_server["uri"])
+    (run,) = mlflow.search_runs(experiment_names=["config-file"], output_format="list")
+    params = run.data.params
+    assert (params["train_examples"], params["test_examples"]) == ("24", "16")  # the samples drawn
+    used = {name: params[f"effective_{name}"] for name in ("train_size", "test_size", "seed", "patience", "rounds",
+                                                           "cache", "register")}
+    assert used == {"train_size": "24", "test_size": "16", "seed": "7", "patience": "1",
+                    "rounds": "1",  # -P rounds=1 beats the file's 3
+                    "cache": "False",  # DISTILLPROMPT_CACHE__ENABLED=false beats the file's true
+                    "register": "False"}
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "best_train_score")] == [1]
+    assert "distillprompt.prompt_uri" not in run.data.tags  # register_result = false in the file
 
 
 def test_evaluate_entry_point_scores_a_registered_prompt(first_run, mlflow_server, keyed_endpoint, reviews_dir):

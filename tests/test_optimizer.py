@@ -243,3 +243,8 @@ def test_saved_state_carries_its_schema_version(tmp_path):
     (tmp_path / "new.json").write_text(json.dumps(saved))
     with pytest.raises(UserError, match="upgrade distillprompt"):
         RunState.load(tmp_path / "new.json")
+    # a state it cannot read is refused in one line, never read as an empty one
+    for damaged in ('{"schema_version": 3, "seed": 3}', "[1, 2]", '{"seed": 3, "histo'):
+        (tmp_path / "damaged.json").write_text(damaged)
+        with pytest.raises(UserError, match=r"cannot be read .* \(without --resume\)"):
+            RunState.load(tmp_path / "damaged.json")

@@ -242,9 +242,12 @@ def test_submit_without_a_jobs_address_names_the_fix(reviews_dir, tmp_path):
 def test_job_config_carries_no_secret(reviews_dir, tmp_path):
     from ray_jobs.submit import build_job
 
-    settings = load_settings({"llm": {"api_key": "sk-planted-secret", "base_url": "http://x/v1"}, "data": {"dataset": str(reviews_dir)}})
+    settings = load_settings({"llm": {"api_key": "sk-planted-secret", "base_url": "http://proxy:pw-planted@x/v1"},
+                              "data": {"dataset": str(reviews_dir)}})
     entrypoint, runtime_env = build_job(settings, tmp_path)
     shipped = (tmp_path / "distillprompt-job.json").read_text()
-    assert "sk-planted-secret" not in shipped + entrypoint + json.dumps(runtime_env)
+    for secret in ("sk-planted-secret", "pw-planted"):
+        assert secret not in shipped + entrypoint + json.dumps(runtime_env)
+    assert json.loads(shipped)["llm"]["base_url"] == "http://***@x/v1"  # the cluster's variable gives it whole
     assert json.loads(shipped)["data"]["dataset"] == "data/" + reviews_dir.name
     assert (tmp_path / "data" / reviews_dir.name / "train.jsonl").is_file()

@@ -68,25 +68,31 @@ def test_content_faults_complete_and_are_counted(reviews_dir, tmp_path):
     assert result["usage"]["total"]["retries"] == statuses[429] + statuses[500] + statuses[0]
 
 
+def fail_after_round_one(endpoint: ScriptedEndpoint, args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Runs ``distillprompt`` with ``args``; round 1 runs clean, and from the first request of
+    round 2 on the endpoint answers 500. The exit code and stderr."""
+    process = subprocess.Popen([sys.executable, "-m", "distillprompt", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=venv_env(env), cwd=ROOT)
+    progress = []
+    assert process.stderr is not None
+    for line in process.stderr:  # the progress display reports each finished round
+        progress.append(line)
+        if line.startswith("round 1 done"):
+            break
+    endpoint.rates = {"500": 1.0}
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, "".join(progress) + stderr
+
+
 def test_an_outage_stops_the_run_cleanly_and_mlflow_run_resumes_it(mlflow_server, reviews_dir, tmp_path):
     import mlflow
 
     env = {"MLFLOW_TRACKING_URI": mlflow_server["uri"]}
     with ScriptedEndpoint() as endpoint:
-        # round 1 runs clean; from the first request of round 2 on, everything answers 500
         args = optimize_args(endpoint, reviews_dir, tmp_path, "--epochs", "3", "--max-retries", "2",
                              "--experiment", "outage", "--prompt-name", "outage-prompt", "--output", str(tmp_path / "out"))
-        process = subprocess.Popen([sys.executable, "-m", "distillprompt", *args], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=venv_env(env), cwd=ROOT)
-        progress = []
-        for line in process.stderr:  # the progress display reports each finished round
-            progress.append(line)
-            if line.startswith("round 1 done"):
-                break
-        endpoint.rates = {"500": 1.0}
-        stdout, stderr = process.communicate(timeout=300)
-        stderr = "".join(progress) + stderr
-        assert process.returncode == 1, stderr[-2000:]
+        code, stderr = fail_after_round_one(endpoint, args, env)
+        assert code == 1, stderr[-2000:]
         lines = [line for line in stderr.splitlines() if line.startswith("distillprompt: error")]
         assert len(lines) == 1 and "gave up" in lines[0] and "result.json" in lines[0], stderr[-3000:]
         result = result_of(tmp_path / "out")
@@ -187,6 +193,58 @@ def test_a_run_killed_in_round_two_resumes_to_the_same_result(mlflow_server, slo
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "best_train_score")]
     assert steps == [1, 2, 3]  # the same MLflow run, every round once
     assert finished.data.tags["distillprompt.resumed_from_round"] == "1"
+
+
+RESUME_KEY = "sk-resume-only-by-flag-4b7e"
+
+
+def test_resume_takes_the_key_and_the_flags_that_keep_the_run_and_refuses_the_others(mlflow_server, reviews_dir,
+                                                                                       tmp_path):
+    """The key is in no environment: the first run and its resume get it by --api-key."""
+    import mlflow
+
+    env = {"MLFLOW_TRACKING_URI": mlflow_server["uri"]}
+    mlflow.set_tracking_uri(mlflow_server["uri"])
+    client = mlflow.MlflowClient()
+    with ScriptedEndpoint(api_key=RESUME_KEY) as endpoint:
+        args = optimize_args(endpoint, reviews_dir, tmp_path, "--epochs", "2", "--max-retries", "1", "--no-register",
+                             "--experiment", "resume-flags", "--api-key", RESUME_KEY, "--output", str(tmp_path / "out"))
+        code, stderr = fail_after_round_one(endpoint, args, env)
+        assert code == 1, stderr[-2000:]
+        (run,) = mlflow.search_runs(experiment_names=["resume-flags"], output_format="list")
+        run_id = run.info.run_id
+        endpoint.rates = {}
+        endpoint.reset()
+
+        # settings that would change the recorded run: refused, all in one line; nothing sent
+        refused = run_cli("optimize", "--resume", run_id, "--api-key", RESUME_KEY, "--train-size", "30",
+                          "--seed", "9", env=env)
+        one_line_error(refused, "--train-size 30 (the run has 12)", "--seed 9 (the run has 3)", "without --resume")
+
+        # a checkpoint this version cannot read is refused, never started again from round 0
+        checkpoint = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/checkpoints/state.json")
+        for unreadable, fragment in (({**checkpoint, "schema_version": 99}, "upgrade distillprompt"),
+                                     ({"schema_version": 3, "seed": 3}, "cannot be read")):
+            client.log_dict(run_id, unreadable, "checkpoints/state.json")
+            one_line_error(run_cli("optimize", "--resume", run_id, "--api-key", RESUME_KEY, env=env), fragment)
+        client.log_dict(run_id, checkpoint, "checkpoints/state.json")
+        assert not endpoint.requests(status=None)
+        assert "distillprompt.resumed_from_round" not in mlflow.get_run(run_id).data.tags
+
+        # the key, budgets, concurrency, tracking and output given again are taken; a setting
+        # given with the run's own value is no change
+        resumed = run_cli("optimize", "--resume", run_id, "--api-key", RESUME_KEY, "--seed", "3", "--max-calls",
+                          "100000", "--concurrency", "4", "--tracking-wait", "5", "--output", str(tmp_path / "resumed"),
+                          env=env)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert endpoint.requests()  # round 2 answered: the endpoint answers 401 to a request without the key
+    assert RESUME_KEY not in resumed.stdout + resumed.stderr
+    settings = result_of(tmp_path / "resumed")["settings"]
+    assert (settings["max_calls"], settings["concurrency"], settings["tracking_wait"]) == (100000, 4, 5.0)
+    assert (settings["train_size"], settings["seed"], settings["rounds"]) == (12, 3, 2)  # the run's own
+    finished = mlflow.get_run(run_id)
+    assert finished.info.status == "FINISHED" and finished.data.tags["distillprompt.resumed_from_round"] == "1"
+    assert [m.step for m in client.get_metric_history(run_id, "best_train_score")] == [1, 2]
 
 
 # ----- bad input: one line naming the fix, exit code 2 ------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from ..cache import CachedReply, ResponseCache, request_key
 from ..errors import CostLimitReached, EndpointUnavailable, UserError
+from ..urls import masked
 from .limits import META, PriorityLimiter, request_tokens
 from .refusals import Accepts, RequestRefused
 from .retry import Retries, describe_error, retry_after, retryable, status_of
@@ -184,7 +185,7 @@ class ChatClient:
         accepts: Accepts | None = None,
         reasoning_room: int = 0,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.base_url = masked(base_url.rstrip("/"))  # shown, and the cache's key: credentials change, the endpoint not
         self.model = model
         self.limiter = limiter
         self.meter = meter
@@ -198,7 +199,7 @@ class ChatClient:
         self.price_input = price_input
         self.price_output = price_output
         self.seed = seed
-        self.endpoint = Endpoint(self.base_url, api_key, timeout)
+        self.endpoint = Endpoint(base_url, api_key, timeout)
         self.guard: CostGuard | None = None  # --max-cost: checked before every call, the cache's too
 
     @property

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import aiohttp
 
 from ..errors import UserError
+from ..urls import MASK, masked, request_parts
 
 # Failures with no usable HTTP reply (refused, reset, dropped, timed out, a malformed reply,
 # a proxy that failed): worth another attempt, as the openai client's APIConnectionError was.
@@ -101,8 +102,13 @@ class Endpoint:
     (docs/decisions.md). Retries, limits and accounting are the client's (``client.py``)."""
 
     def __init__(self, base_url: str, api_key: str | None, timeout: float = 120.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {api_key or 'not-needed'}", "Content-Type": "application/json"}
+        self.base_url = masked(base_url.rstrip("/"))  # what messages show
+        # credentials in the URL (``user:password@``) go as HTTP basic auth, in the one
+        # Authorization header, where the key's bearer token would go (as httpx and requests
+        # do); a query (``?api-key=…``) goes with every request
+        self._target = request_parts(base_url)
+        authorization = self._target.authorization or f"Bearer {api_key or 'not-needed'}"
+        self.headers = {"Authorization": authorization, "Content-Type": "application/json"}
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -111,7 +117,7 @@ class Endpoint:
             # No TLS context for a plain-HTTP endpoint (a local vLLM, Ollama, llama.cpp): loading
             # the certificate bundle delays the first request. The bound on connections is the
             # run's limiter, not the connector's.
-            tls: ssl.SSLContext | bool = False if self.base_url.startswith("http://") else _tls_context()
+            tls: ssl.SSLContext | bool = False if self._target.root.startswith("http://") else _tls_context()
             connector = aiohttp.TCPConnector(limit=0, ssl=tls)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, trust_env=True)
         return self._session
@@ -148,7 +154,7 @@ class Endpoint:
     async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
         try:
             async with self._open().request(
-                method, self.base_url + path, headers=self.headers,
+                method, self._target.root + path, headers=self.headers, params=self._target.query or None,
                 data=None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8"),
             ) as response:
                 raw = await response.read()
@@ -247,6 +253,8 @@ def _retry_after_header(headers: Any) -> float | None:
 
 
 def status_error(status: int, detail: str, base_url: str, model: str) -> UserError:
+    if status == 401 and f"{MASK}@" in base_url:  # the URL's user and password went instead of the key
+        return UserError(f"the endpoint {base_url} rejected the user and password in its URL (401{detail}): fix them")
     if status == 401:
         return UserError(
             f"the endpoint {base_url} rejected the API key (401{detail}): set OPENAI_API_KEY (or --api-key) to a valid key"
@@ -267,6 +275,7 @@ async def check_endpoint(base_url: str, api_key: str | None, model: str, timeout
     """Fails fast, with the fix in one line, when the endpoint is unreachable, rejects the key
     or does not serve the model. Endpoints without a model list are let through."""
     endpoint = Endpoint(base_url, api_key, timeout)
+    base_url = endpoint.base_url  # masked: what the lines below show
     try:
         served = await endpoint.models()
     except AttemptFailed as error:

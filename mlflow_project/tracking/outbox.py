@@ -26,6 +26,7 @@ import urllib.request
 from typing import Callable
 
 from distillprompt.errors import UserError
+from distillprompt.urls import get_request, masked
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ _outages: dict[str, float] = {}
 
 
 def error_line(error: BaseException) -> str:
-    """An error on one short line: its type and message, white space folded, at most 200 characters."""
-    return " ".join(f"{type(error).__name__}: {error}".split())[:200]
+    """An error on one short line: its type and message, white space folded, URLs masked, at
+    most 200 characters."""
+    return masked(" ".join(f"{type(error).__name__}: {error}".split()))[:200]
 
 
 def answers(uri: str) -> bool:
@@ -49,7 +51,7 @@ def answers(uri: str) -> bool:
         time.sleep(PROBE_EVERY)
         return True
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_EVERY):
+        with urllib.request.urlopen(get_request(uri, "/health"), timeout=PROBE_EVERY):
             return True
     except urllib.error.HTTPError as error:
         # it answers, if not on that route (404) or not to us (401, 403); a 5xx is a proxy or

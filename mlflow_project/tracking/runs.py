@@ -10,9 +10,13 @@ import urllib.request
 from typing import Any
 
 from distillprompt.errors import UserError
+from distillprompt.resume import resumed_settings
 from distillprompt.runner import ResumePoint
-from distillprompt.settings import Settings, load_settings
+from distillprompt.settings import Settings
 from distillprompt.state import RunState
+from distillprompt.urls import get_request, mask_log_lines, masked
+
+from .outbox import error_line
 
 CHECKPOINT = "checkpoints/state.json"
 SETTINGS_TREE = "settings_tree.json"  # the settings as a tree, secrets left out: what --resume restarts from
@@ -29,6 +33,9 @@ def connect(settings: Settings) -> Any:
     if settings.mlflow.tracking_uri:
         mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
     uri = mlflow.get_tracking_uri()
+    mask_log_lines("mlflow")  # MLflow's warnings name the URL they called
+    if masked(uri) != uri:  # nor does MLflow print the run's address with the URI's credentials
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     check_reachable(uri)
     if uri.startswith(("http://", "https://")):
         bound_http_retries()
@@ -67,23 +74,27 @@ def start_run(mlflow: Any, settings: Settings, parent_run_id: str | None, run_na
         mlflow.set_experiment(settings.mlflow.experiment)
         return mlflow.start_run(run_name=settings.mlflow.run_name)
     except Exception as error:
-        reason = " ".join(str(error).split())[:200]
+        reason = masked(" ".join(str(error).split()))[:200]
         raise UserError(
-            f"cannot reach the MLflow tracking store {mlflow.get_tracking_uri()} ({reason}): start the server or fix "
-            "--tracking-uri / MLFLOW_TRACKING_URI"
+            f"cannot reach the MLflow tracking store {masked(mlflow.get_tracking_uri())} ({reason}): start the server or "
+            "fix --tracking-uri / MLFLOW_TRACKING_URI"
         ) from None
 
 
 def resume_point(given: Settings) -> ResumePoint:
     """Entry point ``distillprompt.resume_sources: mlflow``: the settings the run ``--resume``
-    names started with (secrets from this environment) and its last checkpoint."""
+    names started with, the operational ones given again in their place (``resumed_settings``),
+    and its last checkpoint; a checkpoint it cannot read is refused, never started over."""
     if not tracking_requested(given):
         raise UserError("--resume needs MLflow tracking: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    # the record is read in a moment: no download progress bars before the run's own display
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow = connect(given)
+    where = masked(mlflow.get_tracking_uri())
     try:
         artifacts = mlflow.get_run(given.resume).info.artifact_uri
     except Exception:
-        raise UserError(f"there is no MLflow run {given.resume} at {mlflow.get_tracking_uri()}: check the run id given to --resume") from None
+        raise UserError(f"there is no MLflow run {given.resume} at {where}: check the run id given to --resume") from None
     try:
         tree = mlflow.artifacts.load_dict(f"{artifacts}/{SETTINGS_TREE}")
     except Exception:
@@ -93,15 +104,29 @@ def resume_point(given: Settings) -> ResumePoint:
         ) from None
     if tree["llm"].get("backend") == "local":
         tree["llm"]["base_url"] = None  # the embedded server of the killed run is gone; a new one starts
-    tree["resume"] = given.resume
-    tree["output"] = str(given.output) if given.output else None
-    settings = load_settings(tree)
-    try:
-        state: RunState | None = RunState.from_dict(mlflow.artifacts.load_dict(f"{artifacts}/{CHECKPOINT}"))
-    except Exception:
-        state = None  # killed before its first round finished: it starts again, from the cache
+    tree["output"] = None  # a folder of its own, unless --output is given again: the first run's result.json stays
+    tree["mlflow"]["tracking_uri"] = given.mlflow.tracking_uri  # where the run was found
+    settings = resumed_settings(given, tree)
+    state = last_checkpoint(mlflow, given.resume)
     mlflow.MlflowClient().set_tag(given.resume, "distillprompt.resumed_from_round", state.round if state else 0)
     return ResumePoint(settings, state)
+
+
+def last_checkpoint(mlflow: Any, run_id: str) -> RunState | None:
+    """The run's last checkpoint; None when it has none (stopped before its first round
+    finished: it starts again, from the cache)."""
+    folder = CHECKPOINT.rpartition("/")[0]
+    try:
+        listed = [entry.path for entry in mlflow.MlflowClient().list_artifacts(run_id, folder)]
+        if CHECKPOINT not in listed:
+            return None
+        text = mlflow.artifacts.load_text(f"{mlflow.get_run(run_id).info.artifact_uri}/{CHECKPOINT}")
+    except Exception as error:  # noqa: BLE001 - whatever the store or the network did
+        raise UserError(
+            f"cannot read the checkpoint {CHECKPOINT} of run {run_id} ({error_line(error)}): check the tracking "
+            "server and run the same --resume again"
+        ) from None
+    return RunState.from_json(text)
 
 
 def check_reachable(uri: str) -> None:
@@ -110,12 +135,13 @@ def check_reachable(uri: str) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+        with urllib.request.urlopen(get_request(uri, "/health"), timeout=10):
             return
     except urllib.error.HTTPError:
         return  # it answers (a server with another health route, or auth in front): let MLflow tell
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise UserError(
-            f"cannot reach the MLflow tracking server {uri} ({reason}): start it or fix --tracking-uri / MLFLOW_TRACKING_URI"
+            f"cannot reach the MLflow tracking server {masked(uri)} ({masked(str(reason))}): start it or fix "
+            "--tracking-uri / MLFLOW_TRACKING_URI"
         ) from None

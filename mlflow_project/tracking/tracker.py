@@ -28,6 +28,7 @@ from distillprompt.errors import UserError
 from distillprompt.engine import FLAT_SIGNAL, Callback, RoundResult, RunResult
 from distillprompt.settings import Settings
 from distillprompt.state import Candidate
+from distillprompt.urls import masked
 
 from .artifacts import CANDIDATE_ALIAS, describe, log_evaluation, log_result, log_round, round_table
 from .outbox import Outbox, error_line
@@ -87,7 +88,7 @@ class MlflowTracker(Callback):
         self.settings = settings  # what the run really uses: demo defaults, embedded endpoint, a resumed run's
         # what --resume restarts from, at once and not through the outbox: a run killed before
         # the outbox got to it could not be resumed (the server answered a moment ago)
-        tree = json.loads(settings.model_dump_json(exclude={"llm": {"api_key"}}))
+        tree = settings.recorded_tree()
         try:
             self.mlflow.log_dict(tree, SETTINGS_TREE)
         except Exception:  # noqa: BLE001 - the server went away already: the outbox holds it
@@ -123,19 +124,22 @@ class MlflowTracker(Callback):
         mlflow.log_dict(task.describe(), "method/task.json")
 
     def _log_params(self, params: dict[str, Any]) -> None:
-        """Logs the effective settings. Inside `mlflow run`, MLflow has logged the raw MLproject
-        parameters under the same names already; where the effective value differs (an empty
-        parameter left to a default), it goes in as ``effective_<name>``."""
+        """Logs the effective settings. Inside `mlflow run`, MLflow has logged the MLproject's
+        parameters under the same names already, as given (empty: left to the config file,
+        the environment or the default); the value used goes in as ``effective_<name>``, for
+        every parameter, so that any two such runs share their param names."""
         values = {
             name: "" if value is None else json.dumps(value) if isinstance(value, list) else str(value)
             for name, value in params.items()
         }
-        existing = self.mlflow.get_run(self.run_id).data.params
+        run = self.mlflow.get_run(self.run_id)
+        existing = run.data.params
+        from_project = "mlflow.project.entryPoint" in run.data.tags  # the tag `mlflow run` sets
         fresh, changed = {}, {}
         for name, value in values.items():
             if name not in existing:
                 fresh[name] = value
-            elif existing[name] == value or existing[name].strip("'\"") == value:
+            elif not from_project and existing[name] == value:
                 continue
             elif f"effective_{name}" not in existing:
                 fresh[f"effective_{name}"] = value
@@ -318,11 +322,13 @@ class MlflowTracker(Callback):
         if self.task is None:  # an evaluation: nothing to resume, the same command records it
             return (f"MLflow tracking was lost at {self.outbox.failed or 'the run'} ({self.lost}); run the same "
                     "command again once the server answers (the response cache answers what was paid for)")
+        uri = self.mlflow.get_tracking_uri()
         return (
             f"MLflow tracking was lost at {self.outbox.failed or 'the run'}, with {self.rounds_recorded} round(s) recorded "
             f"({self.lost}); the result is in "
             f"result.json. Once the server answers, complete the MLflow record (rounds, artifacts, registration) with: "
-            f"distillprompt optimize --resume {self.run_id} --tracking-uri {self.mlflow.get_tracking_uri()} "
+            f"distillprompt optimize --resume {self.run_id} --tracking-uri {masked(uri)} "
+            + ("(the tracking URI's credentials put back where *** stands) " if masked(uri) != uri else "")
             + ("(the response cache answers what the run already paid for)" if self.settings.cache.enabled else
                "(this run had no response cache (--no-cache), so that command sends again the requests of the "
                "rounds after the last one recorded)")
