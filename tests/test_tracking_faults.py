@@ -198,12 +198,14 @@ def run_id_of(uri: str) -> str:
 
 class RegistryGateway(http.server.ThreadingHTTPServer):
     """A proxy in front of the tracking server whose registry routes answer 503 while
-    ``refusing`` is set (a gateway or a permission layer in trouble); everything else passes."""
+    ``refusing`` is set (a gateway or a permission layer in trouble), or with ``status`` 400 as
+    MLflow answers a request it will never accept; everything else passes."""
 
     daemon_threads = True
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, status: int = 503) -> None:
         self.upstream_port = upstream_port
+        self.status = status
         self.refusing = True
         self.refused = 0
         super().__init__(("127.0.0.1", 0), GatewayHandler)
@@ -220,9 +222,12 @@ class GatewayHandler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.server.refusing and ("registered-models" in self.path or "model-versions" in self.path):
             self.server.refused += 1
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
+            body = b"" if self.server.status >= 500 else json.dumps(
+                {"error_code": "INVALID_PARAMETER_VALUE", "message": "the registry does not take this name"}).encode()
+            self.send_response(self.server.status)
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            self.wfile.write(body)
             return
         upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "transfer-encoding")}
@@ -268,6 +273,38 @@ def test_a_registry_that_refuses_keeps_the_result_and_resume_registers_it(tmp_pa
         assert completed.returncode == 0, completed.stderr[-3000:]
         assert "--resume goes on from the response cache" in completed.stderr
         whole_record(uri, run_id, result["final_prompt"])
+    finally:
+        gateway.shutdown()
+        stop_group(server)
+
+
+def test_an_error_that_is_no_outage_is_reported_once_and_the_rest_of_the_record_goes_out(tmp_path):
+    """A registry that answers 400 (a request it will never take) is no server away: the
+    registration is reported with its traceback and left out at once, the calls after it
+    (the run's description) are made, and the exit says the record is incomplete."""
+    import mlflow
+
+    data = reviews(tmp_path)
+    store = tmp_path / "mlflow"
+    store.mkdir()
+    port = free_port()
+    server = start_mlflow_server(store, port)
+    gateway = RegistryGateway(port, status=400)
+    threading.Thread(target=gateway.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{gateway.server_address[1]}"
+    try:
+        with ScriptedEndpoint() as endpoint:
+            status, stderr = run_with(optimize_command(tmp_path, data, endpoint, uri, "--epochs", "1"), lambda line: None)
+        assert status == 3, stderr[-3000:]
+        refused = gateway.refused
+        assert refused >= 1 and "MLflow tracking failed in registration" in stderr
+        assert stderr.count("Traceback") == 1  # reported once, with its traceback
+        assert "is incomplete" in stderr and "left out: registration" in stderr
+        assert "waits until the server answers again" not in stderr and "tracking was lost" not in stderr
+        client = mlflow.MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("blink").experiment_id])
+        assert run.info.status == "FINISHED" and "final_test_score" in run.data.metrics
+        assert run.data.tags.get("mlflow.note.content")  # the description, queued after the registration
     finally:
         gateway.shutdown()
         stop_group(server)

@@ -7,6 +7,11 @@ schedule on every call; once the server answers, the held call is made again and
 follow. At the run's end ``close`` waits for the calls left, and for a server that stopped
 answering at most ``wait`` seconds from when it stopped; then it gives up, and ``lost`` says why.
 
+Only an outage is waited for: a call that could not reach the server or got a 5xx
+(``is_outage``). Any other error (a call the server refused, a bug in the call itself) is
+reported once with its traceback, that one call is left out (``faults``), and the calls
+after it still go out: waiting would not change its answer.
+
 Why a queue of our own and not MLflow's asynchronous logging (``MLFLOW_ENABLE_ASYNC_LOGGING``):
 that covers metrics, params and tags only, while a round also logs a candidate table and a
 checkpoint, and the run's end plots, artifacts and registry calls; it retries each batch on the
@@ -25,6 +30,8 @@ import urllib.error
 import urllib.request
 from typing import Callable
 
+import requests
+
 from distillprompt.errors import UserError
 from distillprompt.urls import get_request, masked
 
@@ -33,15 +40,25 @@ log = logging.getLogger(__name__)
 PROBE_EVERY = 2.0  # seconds between two probes of a server that stopped answering
 ATTEMPTS = 3  # a call that fails this often while the server answers is a fault of its own (the registry refuses)
 
-# When each tracking server stopped answering, shared by every outbox of the process: the
-# children of a `compare` do not wait for the same outage again, one after the other.
-_outages: dict[str, float] = {}
-
 
 def error_line(error: BaseException) -> str:
     """An error on one short line: its type and message, white space folded, URLs masked, at
     most 200 characters."""
     return masked(" ".join(f"{type(error).__name__}: {error}".split()))[:200]
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether a failed MLflow call means the server is away: the call did not reach it (a
+    connection or a timeout failed, or MLflow's HTTP retries ran out on them or on 5xx
+    answers, which it reports as an internal error), or the server answered with a 5xx."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                          TimeoutError, urllib.error.URLError)):
+        return True
+    if isinstance(error, MlflowException):
+        return error.get_http_status_code() >= 500
+    return False
 
 
 def answers(uri: str) -> bool:
@@ -75,6 +92,8 @@ class Outbox:
         self._ready = threading.Condition()
         self._closing = False
         self._busy_since: float | None = None  # when the call being made started (None: none is)
+        self._stopped: float | None = None  # when the server stopped answering (None: it answers)
+        self.faults: list[tuple[str, str]] = []  # (call, error) of the calls left out: not an outage
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -98,7 +117,7 @@ class Outbox:
             # hangs while the server's /health does not answer either (a server that takes
             # connections and never replies: each attempt would wait out MLflow's timeout); a
             # call that is only slow (a large artifact) on a server that answers is waited for
-            stopped = _outages.get(self.uri)
+            stopped = self._stopped
             busy = self._busy_since
             if stopped is None and busy is not None and time.monotonic() - busy > self.wait and not answers(self.uri):
                 stopped = busy
@@ -139,8 +158,18 @@ class Outbox:
                 if isinstance(error, UserError):
                     self._give_up(str(error))
                     return
-                if self.uri not in _outages:
-                    _outages[self.uri] = time.monotonic()
+                if not is_outage(error):
+                    # the server answered, and would answer the same again: report it with its
+                    # traceback, leave this call out and go on with the rest of the record
+                    log.error("MLflow tracking failed in %s (%s); that part of the record is left out, the rest "
+                              "goes on", name, reason, exc_info=error)
+                    self.faults.append((name, reason))
+                    self.failed = None
+                    with self._ready:
+                        self._calls.popleft()
+                    continue
+                if self._stopped is None:
+                    self._stopped = time.monotonic()
                     log.warning("MLflow tracking failed in %s (%s); the run goes on, and its record waits until "
                                 "the server answers again", name, reason)
                 if not self._await_server(reason):
@@ -151,7 +180,8 @@ class Outbox:
                     return
                 continue
             self._busy_since = None
-            if _outages.pop(self.uri, None) is not None:
+            if self._stopped is not None:
+                self._stopped = None
                 log.warning("MLflow tracking is back; recording what it missed")
             failures = 0
             self.failed = None
@@ -162,7 +192,7 @@ class Outbox:
         """Probes the server until it answers (True), or until the run has ended and it has not
         answered for ``wait`` seconds (False: tracking is lost)."""
         while True:
-            stopped = _outages.get(self.uri, time.monotonic())
+            stopped = self._stopped if self._stopped is not None else time.monotonic()
             if self._closing and time.monotonic() - stopped > self.wait:
                 self._give_up(reason)
                 return False

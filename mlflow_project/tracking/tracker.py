@@ -317,6 +317,11 @@ class MlflowTracker(Callback):
         stack[:] = [run for run in stack if run.info.run_id != self.run_id]
 
     def incomplete(self) -> str | None:
+        if self.lost is None and self.outbox.faults:
+            left_out = "; ".join(f"{call} ({error})" for call, error in self.outbox.faults)
+            return (f"the MLflow record of run {self.run_id} is incomplete: the server refused or a call failed, so "
+                    f"these parts were left out: {left_out} (traceback above); everything else was recorded, and "
+                    "result.json holds the whole result")
         if self.lost is None:
             return None
         if self.task is None:  # an evaluation: nothing to resume, the same command records it
