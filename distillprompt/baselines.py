@@ -26,6 +26,7 @@ directly.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,18 @@ class Grips(Method):
 
     def patience(self, settings: OptimizerSettings) -> int:
         return settings.grips_patience
+
+    def with_scoring_budget(self, settings: OptimizerSettings, budget: int, train_size: int) -> OptimizerSettings:
+        """No candidate past the budget, and as many iterations as it pays for (the patience,
+        which would stop the search short of it, off)."""
+        # a candidate costs the train sample, or one block when a race stops it at once
+        per_candidate = min(train_size, settings.race_block) if settings.scoring == "race" else train_size
+        per_iteration = max(1, settings.grips_candidates * per_candidate)
+        # duplicates are not rescored, so an iteration may cost less: room for twice as many
+        # (the budget, not the count, ends the search)
+        iterations = max(1, 2 * math.ceil(budget / per_iteration))
+        return settings.model_copy(update={"max_scoring_calls": budget, "grips_iterations": iterations,
+                                           "grips_patience": 0})
 
     async def propose(self, current: Round) -> None:
         base = current.best
@@ -175,6 +188,9 @@ class FewShot(Method):
     def selection(self, settings: OptimizerSettings) -> Selection:
         return LatestCandidate()
 
+    def with_scoring_budget(self, settings: OptimizerSettings, budget: int, train_size: int) -> OptimizerSettings:
+        return settings  # one prompt built, not searched for
+
     async def propose(self, current: Round) -> None:
         base = current.initial
         examples = current.draw_examples(current.settings.fewshot_examples)
@@ -194,6 +210,9 @@ class InitialOnly(Method):
 
     def selection(self, settings: OptimizerSettings) -> Selection:
         return LatestCandidate()  # never asked: there are no rounds (and no validation scoring)
+
+    def with_scoring_budget(self, settings: OptimizerSettings, budget: int, train_size: int) -> OptimizerSettings:
+        return settings  # no search
 
     async def propose(self, current: Round) -> None:
         return None

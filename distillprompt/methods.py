@@ -120,12 +120,8 @@ class DistillPrompt(Method):
         return admitted
 
 
-METHODS: dict[str, type[Method]] = {
-    "distillprompt": DistillPrompt,
-    "grips": Grips,
-    "fewshot": FewShot,
-    "initial": InitialOnly,
-}
+# the built-in methods by name (settings.METHOD_NAMES lists these and the plugins)
+METHODS: dict[str, type[Method]] = {method.name: method for method in (DistillPrompt, Grips, FewShot, InitialOnly)}
 METHOD_PLUGINS = "distillprompt.methods"  # entry points: methods that need more than the core (MLflow's optimizers)
 
 

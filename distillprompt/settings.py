@@ -20,7 +20,7 @@ import tomllib
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -228,8 +228,14 @@ class DataSettings(Group):
         return value
 
 
+# The methods --method names, the one list of them: built in (``methods.METHODS``) or plugins
+# (entry points ``distillprompt.methods``: MLflow's optimizers, ``mlflow_project``).
+MethodName = Literal["distillprompt", "grips", "fewshot", "initial", "mlflow-gepa", "mlflow-metaprompt"]
+METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
+
+
 class OptimizerSettings(Group):
-    method: Literal["distillprompt", "grips", "fewshot", "initial", "mlflow-gepa", "mlflow-metaprompt"] = Field(
+    method: MethodName = Field(
         "distillprompt",
         description="distillprompt; grips (edit search, Prasad et al. 2022); fewshot (initial prompt + train "
         "examples); initial (no optimization); mlflow-gepa, mlflow-metaprompt (MLflow's optimizers through "

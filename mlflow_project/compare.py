@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import math
 import statistics
 import sys
 import time
@@ -32,14 +31,14 @@ from distillprompt.cli import INCOMPLETE
 from distillprompt.errors import UserError
 from distillprompt.engine import TEST_SCORING, TRAIN_SCORING, VAL_SCORING
 from distillprompt.progress import ConsoleProgress
-from distillprompt.settings import Settings
+from distillprompt.methods import METHODS, method_for
+from distillprompt.settings import METHOD_NAMES, Settings
 from distillprompt.paired import label_codes, paired_interval, record_of
 
 from .tracking import MlflowTracker
 
 REFERENCE = "distillprompt"
-KNOWN = ("distillprompt", "grips", "fewshot", "initial", "mlflow-gepa", "mlflow-metaprompt")
-DEFAULT_METHODS = ("distillprompt", "grips", "fewshot", "initial")
+DEFAULT_METHODS = tuple(METHODS)  # the built-in ones; MLflow's optimizers when named
 
 
 @dataclass
@@ -74,9 +73,10 @@ def test_record(score: Any, labels: list[str] | None) -> dict[str, Any]:
 
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in KNOWN]
+    unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
-        raise UserError(f"unknown method {', '.join(unknown) or '(none)'}: --methods takes a comma list of {', '.join(KNOWN)}")
+        raise UserError(f"unknown method {', '.join(unknown) or '(none)'}: --methods takes a comma list of "
+                        f"{', '.join(METHOD_NAMES)}")
     return list(dict.fromkeys(methods))
 
 
@@ -155,21 +155,20 @@ def _split_usage(result: Any) -> tuple[int, int]:
     return scoring, meta
 
 
-def budget_matched(child: Settings, method: str, budget: int, train_size: int) -> None:
-    """Gives a searching method DistillPrompt's scoring budget: no candidate past it, and as
-    many iterations as it pays for (GrIPS's patience would stop it short of it)."""
-    if method in ("distillprompt", "fewshot", "initial", "mlflow-metaprompt"):
-        return  # the reference itself; the others do not search (MetaPrompt is one pass)
-    child.optimizer.max_scoring_calls = budget  # MLflow's optimizers get it as their max_metric_calls
-    if method == "grips":
-        # a candidate costs the train sample, or one block when a race stops it at once
-        racing = child.optimizer.scoring == "race"
-        per_candidate = min(train_size, child.optimizer.race_block) if racing else train_size
-        per_iteration = max(1, child.optimizer.grips_candidates * per_candidate)
-        # duplicates are not rescored, so an iteration may cost less: room for twice as many
-        # (the budget, not the count, ends the search)
-        child.optimizer.grips_iterations = max(1, 2 * math.ceil(budget / per_iteration))
-        child.optimizer.grips_patience = 0
+def child_settings(settings: Settings, method: str, offset: int, budget: tuple[int, int] | None = None) -> Settings:
+    """One child run's settings: the method, the seed ``offset`` after the comparison's, an
+    output folder of its own, nothing registered; with ``budget`` (--budget-match: the
+    reference's scoring requests and train size, this seed) as many scoring requests as the
+    reference spent, as the method fits them (``Method.with_scoring_budget``)."""
+    seed = settings.seed + offset
+    optimizer = settings.optimizer.model_copy(update={"method": method})
+    if budget is not None and method != REFERENCE:
+        optimizer = method_for(method).with_scoring_budget(optimizer, *budget)
+    changes: dict[str, Any] = {"seed": seed, "optimizer": optimizer,
+                               "mlflow": settings.mlflow.model_copy(update={"register_result": False})}
+    if settings.output is not None:
+        changes["output"] = Path(settings.output) / f"{method}-seed{seed}"
+    return settings.model_copy(update=changes)
 
 
 def compare(
@@ -198,14 +197,7 @@ def compare(
         for offset in range(seeds):
             budget: tuple[int, int] | None = None  # the reference's scoring requests and train size, this seed
             for method in order:
-                child = settings.model_copy(deep=True)
-                child.seed = settings.seed + offset
-                child.optimizer.method = method
-                child.mlflow.register_result = False
-                if budget is not None:
-                    budget_matched(child, method, *budget)
-                if child.output is not None:
-                    child.output = Path(child.output) / f"{method}-seed{child.seed}"
+                child = child_settings(settings, method, offset, budget)
                 name = f"{method}-seed{child.seed}"
                 try:
                     tracker: MlflowTracker | None = MlflowTracker(child, parent_run_id=parent.run_id, run_name=name)
@@ -305,11 +297,7 @@ def dry_run(settings: Settings, methods: list[str], seeds: int, *, budget_match:
     for offset in range(seeds):
         budget: tuple[int, int] | None = None
         for method in order:
-            child = settings.model_copy(deep=True)
-            child.seed = settings.seed + offset
-            child.optimizer.method = method
-            if budget is not None:
-                budget_matched(child, method, *budget)
+            child = child_settings(settings, method, offset, budget)
             estimate = asyncio.run(runner.dry_run(child))
             if estimate is None:
                 unestimated.append(f"{method} (seed {child.seed})")
@@ -339,7 +327,7 @@ class CompareCommand:
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                            help=f"comma list of {', '.join(KNOWN)} (default {','.join(DEFAULT_METHODS)})")
+                            help=f"comma list of {', '.join(METHOD_NAMES)} (default {','.join(DEFAULT_METHODS)})")
         parser.add_argument("--seeds", type=int, default=3, help="seeds per method, starting at --seed (default 3)")
         parser.add_argument(
             "--budget-match", action="store_true",

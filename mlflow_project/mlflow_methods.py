@@ -210,6 +210,9 @@ class MlflowMetaPrompt(MlflowOptimizerMethod):
     name = "mlflow-metaprompt"
     stage = "metaprompt"
 
+    def with_scoring_budget(self, settings: OptimizerSettings, budget: int, train_size: int) -> OptimizerSettings:
+        return settings  # one pass of its meta-prompt: nothing to bound
+
     def make_optimizer(self, current: Round, bridge: Bridge) -> Any:
         from mlflow.genai.optimize.optimizers import MetaPromptOptimizer
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distillprompt.errors import UserError
-from distillprompt.settings import load_settings
+from distillprompt.settings import METHOD_NAMES, load_settings
 
 SECRET = "sk-test-very-secret-0123456789"
 
@@ -346,3 +346,14 @@ def test_public_dict_uses_flag_names() -> None:
     assert public["train_size"] == 33
     assert public["cache"] is True  # the --cache flag
     assert public["rounds"] == 5
+
+
+def test_every_method_the_settings_accept_is_installed_and_compare_offers_them() -> None:
+    """--method and compare's --methods take the one list of names; each is a method that runs."""
+    from distillprompt.methods import method_for
+    from mlflow_project.compare import parse_methods
+
+    assert [method_for(name).name for name in METHOD_NAMES] == list(METHOD_NAMES)
+    assert parse_methods(",".join(METHOD_NAMES)) == list(METHOD_NAMES)
+    with pytest.raises(UserError, match="unknown method nothing"):
+        parse_methods("distillprompt,nothing")

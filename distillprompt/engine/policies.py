@@ -138,6 +138,12 @@ class Method:
     def selection(self, settings: OptimizerSettings) -> Selection:
         return HighestScore(settings.val_top, settings.prefer_shorter)
 
+    def with_scoring_budget(self, settings: OptimizerSettings, budget: int, train_size: int) -> OptimizerSettings:
+        """The settings that hold the method to ``budget`` scoring requests (compare's
+        ``--budget-match``): a search stops before a candidate would pass it. A method that
+        builds its one result rather than searching keeps its settings."""
+        return settings.model_copy(update={"max_scoring_calls": budget})
+
     async def propose(self, current: Round) -> None:
         """Adds the round's candidates (``current.ask``, ``current.admit``, ``current.add``) and
         closes each stage with ``current.end_stage``; returns early when that says stop."""
