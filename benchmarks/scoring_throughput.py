@@ -79,7 +79,7 @@ def measure_in(
     if name != "reference":
         result = read_result(folder / "out")
         by_stage = result["usage"]["by_stage"]
-        scored = sum(usage["requests"] for stage, usage in by_stage.items() if stage in ("scoring", "validation", "test"))
+        scored = sum(usage["requests"] for stage, usage in by_stage.items() if stage in ("train", "validation", "test"))
         chain = STAGES_PER_ROUND * len(result["rounds"])
         row.update(
             ideal_s=args.latency * (chain + scored / args.capacity),

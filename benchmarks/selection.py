@@ -39,11 +39,12 @@ sys.path.insert(0, str(ROOT))
 
 from distillprompt import runner, templates  # noqa: E402
 from distillprompt.cli import build_parser, settings_from_args  # noqa: E402
+from distillprompt.engine import TRAIN_SCORING, VAL_SCORING  # noqa: E402
 from distillprompt.settings import load_settings  # noqa: E402
 from tests.endpoint import HiddenAccuracy, ScriptedEndpoint  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2"
-SCORING_STAGES = ("scoring", "validation")
+SCORING_STAGES = (TRAIN_SCORING, VAL_SCORING)
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

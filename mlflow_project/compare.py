@@ -42,7 +42,7 @@ DEFAULT_METHODS = tuple(METHODS)  # the built-in ones; MLflow's optimizers when 
 
 
 @dataclass
-class Outcome:
+class ComparedRun:
     method: str
     seed: int
     run_id: str
@@ -64,7 +64,7 @@ class Outcome:
 
 
 def test_record(score: Any, labels: list[str] | None) -> dict[str, Any]:
-    """An ``Outcome``'s test record, targets and label count, from its final test ``Score``."""
+    """A ``ComparedRun``'s test record, targets and label count, from its final test ``Score``."""
     if labels is None:
         return {"record": record_of(score, None)}
     return {"record": record_of(score, labels), "targets": [float(c) for c in label_codes(labels, score.targets)],
@@ -84,7 +84,7 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def comparison_tables(outcomes: list[Outcome], methods: list[str], seed: int = 0) -> tuple[list[dict[str, Any]], str, str]:
+def comparison_tables(outcomes: list[ComparedRun], methods: list[str], seed: int = 0) -> tuple[list[dict[str, Any]], str, str]:
     rows = []
     for method in methods:
         mine = [o for o in outcomes if o.method == method]
@@ -181,7 +181,7 @@ def compare(
 
     parent = MlflowTracker(settings)
     succeeded = False
-    outcomes: list[Outcome] = []
+    outcomes: list[ComparedRun] = []
     children: list[MlflowTracker] = []
     untracked: list[str] = []  # children that ran without a run of their own: the server was away
     try:
@@ -222,7 +222,7 @@ def compare(
                 if budget_match and method == REFERENCE:
                     budget = (scoring, int(result.task.get("train_size") or 1))
                 outcomes.append(
-                    Outcome(
+                    ComparedRun(
                         method=method,
                         seed=child.seed,
                         run_id=tracker.run_id if tracker is not None else "",
@@ -262,7 +262,7 @@ def compare(
     return table, timing, parent.run_id, unfinished
 
 
-def record_table(rows: list[dict[str, Any]], table: str, timing: str, outcomes: list[Outcome], stamp: int) -> None:
+def record_table(rows: list[dict[str, Any]], table: str, timing: str, outcomes: list[ComparedRun], stamp: int) -> None:
     """The parent run's table. Made again after a call whose answer was lost, it is the same
     record: the table is written once (``log_table`` adds to a table there) and the metrics
     carry the time the comparison ended."""

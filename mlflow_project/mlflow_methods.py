@@ -9,7 +9,7 @@ task's per-example measure (correctness for labels), so MLflow's optimizer ranks
 mean (accuracy) where the loop's methods rank by the task metric (macro-F1). Its result is the round's one candidate (scored on train like any other) and the
 run's result, as for ``fewshot``. The optimizer model's calls go through the run's LLM
 client too (cache, retries, limiter, usage by stage): GEPA's through its reflection
-strategy, MetaPrompt's through a loopback OpenAI-compatible relay, since MLflow calls that
+strategy, MetaPrompt's through a loopback OpenAI-compatible endpoint, since MLflow calls that
 model over HTTP itself.
 """
 
@@ -38,9 +38,9 @@ INPUT = "input"  # the one input MLflow's optimizers see: the example as the tas
 NOMINAL_CANDIDATES = 16  # candidates a DistillPrompt round scores with the default counts (4+4+4+1+3)
 
 
-class Bridge:
-    """Runs the loop's coroutines from MLflow's threads (predict_fn, the reflection model)
-    and waits for them."""
+class LoopCaller:
+    """Calls into the run's event loop from MLflow's threads (predict_fn, the reflection
+    model): runs one of the loop's coroutines there and waits for its result."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -49,7 +49,7 @@ class Bridge:
         return asyncio.run_coroutine_threadsafe(work, self.loop).result()
 
 
-class Keys:
+class OccurrenceKeys:
     """Cache keys for an outside optimizer's requests: the k-th time one exact request is
     made in a run gets key k, so a rerun meets the same replies in the same order."""
 
@@ -89,16 +89,16 @@ class MlflowOptimizerMethod(Method):
         return current.settings.rounds * NOMINAL_CANDIDATES * train
 
     async def propose(self, current: Round) -> None:
-        bridge = Bridge(asyncio.get_running_loop())
+        on_loop = LoopCaller(asyncio.get_running_loop())
         initial = current.initial
-        prompt, note = await asyncio.to_thread(self._optimize, current, bridge)
+        prompt, note = await asyncio.to_thread(self._optimize, current, on_loop)
         current.add(prompt, self.name, [initial], note=note)
         await current.end_stage(self.name, list(current.new))
 
-    def make_optimizer(self, current: Round, bridge: Bridge) -> Any:
+    def make_optimizer(self, current: Round, on_loop: LoopCaller) -> Any:
         raise NotImplementedError
 
-    def _optimize(self, current: Round, bridge: Bridge) -> tuple[str, str]:
+    def _optimize(self, current: Round, on_loop: LoopCaller) -> tuple[str, str]:
         import mlflow
 
         from .genai import _settle_prompt_links
@@ -125,7 +125,7 @@ class MlflowOptimizerMethod(Method):
             if example is None:
                 raise UserError("the optimizer asked for an input that is not in the train sample")
             try:
-                (score,) = bridge(current.evaluate([instruction], [example]))
+                (score,) = on_loop(current.evaluate([instruction], [example]))
             except EndpointUnavailable as error:  # MLflow would score it 0 and go on: the run must stop
                 unavailable.append(error)
                 raise
@@ -146,7 +146,7 @@ class MlflowOptimizerMethod(Method):
         # this is a worker thread; the loop's tracker records the round as for every method
         result = mlflow.genai.optimize_prompts(
             predict_fn=predict_fn, train_data=train_data, prompt_uris=[prompt.uri],
-            optimizer=self.make_optimizer(current, bridge), scorers=[task_metric], enable_tracking=False,
+            optimizer=self.make_optimizer(current, on_loop), scorers=[task_metric], enable_tracking=False,
         )
         if unavailable:
             raise unavailable[0]
@@ -183,17 +183,17 @@ class MlflowGepa(MlflowOptimizerMethod):
     name = "mlflow-gepa"
     stage = "gepa_reflection"
 
-    def make_optimizer(self, current: Round, bridge: Bridge) -> Any:
+    def make_optimizer(self, current: Round, on_loop: LoopCaller) -> Any:
         from gepa.proposer.reflective_mutation.reflection_lm import StatelessReflectionLM
         from mlflow.genai.optimize.optimizers import GepaPromptOptimizer
 
         GepaPromptOptimizer = _settled(GepaPromptOptimizer)  # noqa: N806 - keeps MLflow's name in its records
 
-        keys = Keys(self.stage)
+        keys = OccurrenceKeys(self.stage)
 
         def reflection_model(prompt: str | list[dict[str, Any]]) -> str:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            return bridge(current.chat(messages, current.settings.temperature_rewrite, keys(messages), self.stage))
+            return on_loop(current.chat(messages, current.settings.temperature_rewrite, keys(messages), self.stage))
 
         return GepaPromptOptimizer(
             reflection_model=f"openai:/{current.optimizer_model}",
@@ -205,7 +205,7 @@ class MlflowGepa(MlflowOptimizerMethod):
 class MlflowMetaPrompt(MlflowOptimizerMethod):
     """MLflow's ``MetaPromptOptimizer`` (one pass of its own meta-prompt over the train
     sample's results). MLflow sends its model requests over HTTP to ``OPENAI_API_BASE``, so
-    a loopback relay takes them into the run's LLM client for the run's duration."""
+    a loopback endpoint takes them into the run's LLM client for the run's duration."""
 
     name = "mlflow-metaprompt"
     stage = "metaprompt"
@@ -213,34 +213,34 @@ class MlflowMetaPrompt(MlflowOptimizerMethod):
     def with_scoring_budget(self, settings: OptimizerSettings, budget: int, train_size: int) -> OptimizerSettings:
         return settings  # one pass of its meta-prompt: nothing to bound
 
-    def make_optimizer(self, current: Round, bridge: Bridge) -> Any:
+    def make_optimizer(self, current: Round, on_loop: LoopCaller) -> Any:
         from mlflow.genai.optimize.optimizers import MetaPromptOptimizer
 
         return _settled(MetaPromptOptimizer)(reflection_model=f"openai:/{current.optimizer_model}")
 
-    def _optimize(self, current: Round, bridge: Bridge) -> tuple[str, str]:
-        keys = Keys(self.stage)
+    def _optimize(self, current: Round, on_loop: LoopCaller) -> tuple[str, str]:
+        keys = OccurrenceKeys(self.stage)
 
         def answer(body: dict[str, Any]) -> str:
             messages = body.get("messages") or []
             temperature = float(body.get("temperature", current.settings.temperature_rewrite))
-            return bridge(current.chat(messages, temperature, keys(messages), self.stage))
+            return on_loop(current.chat(messages, temperature, keys(messages), self.stage))
 
         # the environment is restored on the way out, OPENAI_BASE_URL included
-        with Relay(answer) as relay, mock.patch.dict(os.environ, {"OPENAI_API_BASE": relay.base_url,
-                                                                  "OPENAI_API_KEY": "relay"}):
-            os.environ.pop("OPENAI_BASE_URL", None)  # no other client of the run reaches past the relay
-            return super()._optimize(current, bridge)
+        with LoopbackEndpoint(answer) as loopback, mock.patch.dict(os.environ, {"OPENAI_API_BASE": loopback.base_url,
+                                                                  "OPENAI_API_KEY": "loopback"}):
+            os.environ.pop("OPENAI_BASE_URL", None)  # no other client of the run reaches past the loopback
+            return super()._optimize(current, on_loop)
 
 
-class Relay:
+class LoopbackEndpoint:
     """A loopback OpenAI-compatible chat endpoint that answers through ``answer`` (the run's
     LLM client). Written here because it must hand each request to the run's event loop;
     only ``/chat/completions`` is served."""
 
     def __init__(self, answer: Callable[[dict[str, Any]], str]) -> None:
         self.answer = answer
-        relay = self
+        loopback = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - the http.server hook name
@@ -249,12 +249,12 @@ class Relay:
                     return
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 try:
-                    text = relay.answer(body)
+                    text = loopback.answer(body)
                 except Exception as error:  # noqa: BLE001 - the caller sees a 502 naming the failure
                     self._send(502, {"error": {"message": f"{type(error).__name__}: {error}"}})
                     return
                 self._send(200, {
-                    "id": "relay", "object": "chat.completion", "created": int(time.time()), "model": body.get("model", ""),
+                    "id": "loopback", "object": "chat.completion", "created": int(time.time()), "model": body.get("model", ""),
                     "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
                     "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
                 })
@@ -272,9 +272,9 @@ class Relay:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, name="distillprompt-relay", daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="distillprompt-loopback", daemon=True)
 
-    def __enter__(self) -> Relay:
+    def __enter__(self) -> LoopbackEndpoint:
         self.thread.start()
         return self
 

@@ -62,7 +62,7 @@ def test_each_grips_edit_does_what_it_claims(endpoint, reviews_dir, tmp_path):
             context = await runner.open_context(settings, stack, None)
             loop = Optimizer(context.task, context.meta_llm, LocalExecutor().evaluator(context), settings.optimizer,
                              seed=0, meter=UsageMeter(), method=Grips())
-            return await Grips().apply(Round(1, random.Random(0), loop.state, loop.tools), BASE, plan, pool, "t")
+            return await Grips().apply(Round(1, random.Random(0), loop.state, loop.parts), BASE, plan, pool, "t")
 
     first, second, third = chunks(BASE)
     text, notes, removed, added = asyncio.run(apply([Edit("delete", 1)], []))

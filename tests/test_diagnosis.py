@@ -118,13 +118,13 @@ def test_the_summary_and_mlflow_say_why_nothing_was_learned(reviews_dir, tmp_pat
 
 
 def test_the_compare_table_counts_runs_without_signal():
-    from mlflow_project.compare import Outcome, comparison_tables
+    from mlflow_project.compare import ComparedRun, comparison_tables
 
     why = "Round 2 shows no signal: under every one of its 9 candidates the target answered 'negative' to 12 of 12 inputs"
     outcomes = [
-        Outcome("distillprompt", seed, f"r{seed}", 0.5, 100, 1000, 100, 1.0, [1.0, 0.0], "macro-F1", why if seed else None)
+        ComparedRun("distillprompt", seed, f"r{seed}", 0.5, 100, 1000, 100, 1.0, [1.0, 0.0], "macro-F1", why if seed else None)
         for seed in (0, 1)
-    ] + [Outcome("initial", seed, f"i{seed}", 0.5, 10, 100, 10, 0.1, [1.0, 0.0], "macro-F1") for seed in (0, 1)]
+    ] + [ComparedRun("initial", seed, f"i{seed}", 0.5, 10, 100, 10, 0.1, [1.0, 0.0], "macro-F1") for seed in (0, 1)]
     rows, table, _ = comparison_tables(outcomes, ["distillprompt", "initial"])
     assert "runs without signal" in table.splitlines()[0]
     assert [row["no_signal_runs"] for row in rows] == [1, 0]

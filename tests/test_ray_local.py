@@ -39,7 +39,7 @@ def test_default_ray_executor_matches_local_and_leaves_nothing_running(endpoint,
     assert results["ray-now"]["ray"]["started"] is True
     # the default waits for a busy driver: a 12-example run never pays Ray's start-up
     assert results["ray"]["ray"]["started"] is False
-    scoring = sum(results["local"]["usage"]["by_stage"][stage]["requests"] for stage in ("scoring", "test"))
+    scoring = sum(results["local"]["usage"]["by_stage"][stage]["requests"] for stage in ("train", "test"))
     assert results["ray"]["ray"]["requests"] == {"actors": 0, "driver": scoring}
     assert ray_processes() <= before  # the local instance is gone with the run
 

@@ -18,8 +18,8 @@ from .racing import RaceSummary
 
 log = logging.getLogger(__name__)
 
-# usage stages of the loop's own scoring
-TRAIN_SCORING = "scoring"
+# usage stages of the loop's own scoring, named by the sample scored
+TRAIN_SCORING = "train"
 VAL_SCORING = "validation"
 TEST_SCORING = "test"
 # stop reasons the loop itself gives

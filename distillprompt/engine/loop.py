@@ -35,7 +35,7 @@ from .events import (
 from .history import History
 from .policies import FlatSignal, HighestScore, Method, Patience, StopRule
 from .racing import start_warm_up
-from .round import Round, RoundTools
+from .round import Round, LoopParts
 from .scoring import Scoring
 from .writer import MetaWriter
 
@@ -118,7 +118,7 @@ class Optimizer:
         try:
             try:
                 if initial.score is None:
-                    await scoring.score_now([initial])
+                    await scoring.score_train([initial])
                     _check_not_all_refused(initial)
                 if state.best_record is None:
                     state.best_record = scoring.record(state.best.prompt)
@@ -226,7 +226,7 @@ class Optimizer:
         usage_before = self.meter.snapshot()
         self.limiter.window()
         rng = state.rng()
-        current = Round(number, rng, state, self.tools)
+        current = Round(number, rng, state, self.parts)
         try:
             await self.method.propose(current)
             current.send_to_scoring()
@@ -234,7 +234,7 @@ class Optimizer:
         except CostLimitReached:
             # --max-cost ran out inside a stage: the round ends as a budget ends it, with the
             # candidates scored so far (those cut short stay unscored, never selected)
-            await self.scoring.settle()
+            await self.scoring.wait_ignoring_failures()
             current.stop_reason = MAX_COST
         new = current.new
         for candidate in new:
@@ -243,7 +243,7 @@ class Optimizer:
         try:
             chosen = await self.selection.choose(current, new)
         except CostLimitReached:  # the validation of the round's top candidates was cut: keep the best
-            await self.scoring.settle()
+            await self.scoring.wait_ignoring_failures()
             current.stop_reason = MAX_COST
             chosen = state.best
         improved = chosen.id != state.best_id
@@ -293,7 +293,7 @@ class Optimizer:
     def _use_state(self, state: RunState) -> None:
         """Makes ``state`` the run's state (a new one, or the checkpoint of a round rolled back)."""
         self.state = state
-        self.tools = RoundTools(
+        self.parts = LoopParts(
             task=self.task, settings=self.settings, seed=self.seed, validating=self.validating, writer=self.writer,
             history=History(state), scoring=self.scoring, budgets=self.budgets, events=self.events,
         )

@@ -67,7 +67,7 @@ def _import_statistics() -> None:
 
 
 @dataclass
-class Outcome:
+class RaceOutcome:
     """How one candidate left the race."""
 
     score: Score  # on the examples it was scored on; in train order when it finished
@@ -94,7 +94,7 @@ class Race:
         self.label_count = len(task.labels) if task.is_classification else None
         self.targets = label_codes(task.labels, [e.target for e in task.train]) if task.is_classification else None
 
-    async def run(self, prompts: list[str]) -> list[Outcome]:
+    async def run(self, prompts: list[str]) -> list[RaceOutcome]:
         parts: list[list[Score]] = [[] for _ in prompts]
         so_far: list[list[float]] = [[] for _ in prompts]  # records on ``seen``
         seen: list[int] = []
@@ -129,9 +129,9 @@ class Race:
             positions = seen[: len(so_far[i])]
             merged = merge_scores(self.task, own)
             if i in stopped:
-                outcomes.append(Outcome(merged, positions, stopped=True, by=stopped[i]))
+                outcomes.append(RaceOutcome(merged, positions, stopped=True, by=stopped[i]))
             else:
-                outcomes.append(Outcome(_in_train_order(merged, positions), sorted(positions), stopped=False))
+                outcomes.append(RaceOutcome(_in_train_order(merged, positions), sorted(positions), stopped=False))
         return outcomes
 
     def _metric(self, record: list[float], targets: list[int] | None) -> float:

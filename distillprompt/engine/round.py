@@ -23,9 +23,9 @@ from .writer import MetaWriter
 
 
 @dataclass
-class RoundTools:
-    """The run's parts a round works through: the optimizer model, the candidates, scoring,
-    budgets and the callbacks."""
+class LoopParts:
+    """The parts of the loop a round works through: the optimizer model (``writer``), the
+    candidates (``history``), scoring, budgets and the callbacks (``events``)."""
 
     task: Task
     settings: OptimizerSettings
@@ -43,13 +43,13 @@ class Round:
     optimizer model (``ask``), candidates it adds (``admit``, ``add``, sent to scoring at
     once) and the end of each stage (``end_stage``, where budgets are checked)."""
 
-    def __init__(self, number: int, rng: random.Random, state: RunState, tools: RoundTools) -> None:
+    def __init__(self, number: int, rng: random.Random, state: RunState, parts: LoopParts) -> None:
         self.number = number  # 1 for the run's first round
         self.rng = rng  # the run's random state; saved after the round, so a resumed run draws the same
         self.new: list[Candidate] = []  # the round's candidates, duplicates included, in creation order
         self.stop_reason: str | None = None  # set when a budget ran out at the end of a stage
         self._state = state
-        self._tools = tools
+        self._parts = parts
         self._rejections_before = {stage: dict(reasons) for stage, reasons in state.rejections.items()}
         self._queued: list[Candidate] = []
 
@@ -57,15 +57,15 @@ class Round:
 
     @property
     def task(self) -> Task:
-        return self._tools.task
+        return self._parts.task
 
     @property
     def settings(self) -> OptimizerSettings:
-        return self._tools.settings
+        return self._parts.settings
 
     @property
     def seed(self) -> int:
-        return self._tools.seed
+        return self._parts.seed
 
     @property
     def best(self) -> Candidate:
@@ -86,17 +86,17 @@ class Round:
 
     @property
     def validating(self) -> bool:
-        return self._tools.validating
+        return self._parts.validating
 
     @property
     def optimizer_model(self) -> str:
         """The optimizer model's name at its endpoint."""
-        return self._tools.writer.model
+        return self._parts.writer.model
 
     @property
     def rejections(self) -> dict[str, dict[str, int]]:
         """The replies and candidates dropped during this round, by stage and reason."""
-        return self._tools.history.rejections_since(self._rejections_before)
+        return self._parts.history.rejections_since(self._rejections_before)
 
     # ----- the optimizer model -------------------------------------------------------------
 
@@ -114,7 +114,7 @@ class Round:
         with one example fewer (its longest) while it shows any (``MetaPrompt.fewer``: the
         distill stage); one refused otherwise (or for its content) gives ``n`` replies dropped
         with the refusal's reason (``context_length``, ``content_filter``)."""
-        writer = self._tools.writer
+        writer = self._parts.writer
         salt = f"{self.number}:{key}"
         while True:
             try:
@@ -153,7 +153,7 @@ class Round:
         """One raw reply of the optimizer model (no cleaning), e.g. a rewritten phrase; empty
         when the endpoint refused the request (counted in the stage's usage)."""
         try:
-            replies = await self._tools.writer.ask(meta, temperature, 1, f"{self.number}:{key}")
+            replies = await self._parts.writer.ask(meta, temperature, 1, f"{self.number}:{key}")
         except RequestRefused:
             return ""
         return replies[0] if replies else ""
@@ -163,7 +163,7 @@ class Round:
         meta-prompts), through the run's cache, retries, limiter and usage meter; empty when the
         endpoint refused the request (counted in the stage's usage)."""
         try:
-            return await self._tools.writer.chat(messages, temperature, f"{self.number}:{key}", stage)
+            return await self._parts.writer.chat(messages, temperature, f"{self.number}:{key}", stage)
         except RequestRefused:
             return ""
 
@@ -211,7 +211,7 @@ class Round:
         instruction = None
         if demos:
             instruction, prompt = prompt, templates.with_examples(self.task, prompt, demos)
-        candidate = self._tools.history.record(
+        candidate = self._parts.history.record(
             prompt, stage, self.number, parents, note, instruction, [example.index for example in demos or []]
         )
         self.new.append(candidate)
@@ -222,15 +222,15 @@ class Round:
     def send_to_scoring(self) -> None:
         """Starts scoring the queued candidates on the train sample (in one batch)."""
         queued, self._queued = self._queued, []
-        self._tools.scoring.score_soon(queued, self.best, self._state.best_record)
+        self._parts.scoring.start_train_scoring(queued, self.best, self._state.best_record)
 
     def reject(self, stage: str, reason: str) -> None:
         """Counts a dropped reply or candidate (reported per stage and reason)."""
-        self._tools.history.reject(stage, reason)
+        self._parts.history.reject(stage, reason)
 
     def original(self, candidate: Candidate) -> Candidate:
         """The first candidate with this prompt (itself unless it is a duplicate)."""
-        return self._tools.history.original(candidate)
+        return self._parts.history.original(candidate)
 
     def draw_examples(self, wanted: int) -> list[Example]:
         """``wanted`` random train examples (all of them if fewer), in sample order."""
@@ -264,7 +264,7 @@ class Round:
     def _best_answers(self, record: list[float]) -> list[Answered]:
         """The best prompt's answers on the train sample, from its saved record (label codes)."""
         labels = self.task.labels
-        refused = self._tools.scoring.refused.rows("train")  # no answer: nothing to learn from
+        refused = self._parts.scoring.refused.rows(TRAIN_SCORING)  # no answer: nothing to learn from
         entries: list[Answered] = []
         for example, code in zip(self.task.train, record):
             if example.index in refused:
@@ -291,7 +291,7 @@ class Round:
         what the run state saved, draws as the first run did."""
         original = self.original(candidate)
         if original.round == self.number:
-            answered = self._tools.scoring.answered(original.prompt)
+            answered = self._parts.scoring.train_answers(original.prompt)
         elif original.id == self._state.best_id and self._state.best_record and self.task.is_classification:
             answered = self._best_answers(self._state.best_record)
         else:
@@ -316,38 +316,38 @@ class Round:
         budgets are checked. True means a budget ran out: the method should return."""
         self.send_to_scoring()
         kept = [candidate for candidate in candidates if candidate is not None]
-        self._tools.events.emit("on_stage", StageEvent(self.number, stage, kept, self.rejections.get(stage, {})))
-        self.stop_reason = await self._tools.budgets.reached()
+        self._parts.events.emit("on_stage", StageEvent(self.number, stage, kept, self.rejections.get(stage, {})))
+        self.stop_reason = await self._parts.budgets.reached()
         return self.stop_reason is not None
 
     # ----- scores --------------------------------------------------------------------------
 
     async def scored(self) -> None:
         """Waits until every candidate sent to scoring has its train score."""
-        await self._tools.scoring.wait()
+        await self._parts.scoring.wait()
 
     async def evaluate(self, prompts: list[str], examples: list[Example], stage: str = TRAIN_SCORING) -> list[Score]:
         """Scores prompts on any examples through the run's evaluator (counted under ``stage``),
         with per-example outputs; for a method that needs scores of its own making."""
-        return await self._tools.scoring.evaluate(prompts, examples, stage)
+        return await self._parts.scoring.evaluate(prompts, examples, stage)
 
     def observed(self, prompt: str, examples: list[Example]) -> list[dict[str, str]] | None:
         """What the app answered with ``prompt`` on each example, its score and the judges'
         notes, when the task shows outputs (the MLflow path) and ``prompt`` was scored."""
-        return self._tools.scoring.observed(prompt, examples)
+        return self._parts.scoring.observed(prompt, examples)
 
     async def score_validation(self, candidates: list[Candidate]) -> None:
-        await self._tools.scoring.score_validation(candidates)
+        await self._parts.scoring.score_validation(candidates)
 
     def scoring_left(self) -> int | None:
         """Scoring requests left under ``max_scoring_calls`` (None when there is no such
         budget). Counts finished scoring only: call after ``scored()`` to be exact."""
-        return self._tools.budgets.scoring_left()
+        return self._parts.budgets.scoring_left()
 
     def candidate_cost(self, candidates: int) -> int:
         """Scoring requests that ``candidates`` new distinct candidates may cost at most: the
         train sample each, and the validation sample for those the selection will validate."""
-        return self._tools.scoring.candidate_cost(candidates)
+        return self._parts.scoring.candidate_cost(candidates)
 
 
 Answered = tuple[Example, float, dict[str, str]]  # an example, its score, what the target answered on it

@@ -39,7 +39,6 @@ class RefusedExamples:
     def add(self, sample: str, examples: list[Example], score: Score) -> int:
         """Records a score's refused requests (``examples`` in the score's order); their count."""
         count = 0
-        sample = "train" if sample == TRAIN_SCORING else sample
         for example, reason in zip(examples, score.refused):
             if not reason:
                 continue
@@ -56,14 +55,14 @@ class RefusedExamples:
 
     def to_list(self) -> list[dict[str, Any]]:
         """By sample (train, validation, test) and row."""
-        order = {"train": 0, VAL_SCORING: 1, TEST_SCORING: 2}
+        order = {TRAIN_SCORING: 0, VAL_SCORING: 1, TEST_SCORING: 2}
         keys = sorted(self._by_example, key=lambda key: (order.get(key[0], 3), key))
         return [{**self._by_example[key], "reasons": dict(self._by_example[key]["reasons"])} for key in keys]
 
 
 class Scoring:
     """The run's scoring. Train scoring of a batch of candidates starts at once and runs in
-    the background (``score_soon``), beside the meta-prompts the round writes meanwhile;
+    the background (``start_train_scoring``), beside the meta-prompts the round writes meanwhile;
     ``wait`` is where the round waits for it."""
 
     def __init__(
@@ -89,14 +88,15 @@ class Scoring:
 
     # ----- train ---------------------------------------------------------------------------
 
-    def score_soon(self, candidates: list[Candidate], incumbent: Candidate, known: list[float] | None) -> None:
+    def start_train_scoring(self, candidates: list[Candidate], incumbent: Candidate,
+                            incumbent_record: list[float] | None) -> None:
         """Starts scoring ``candidates`` on the train sample: raced against ``incumbent``
-        (``known``: its train record, if the run state kept it) or in full."""
+        (``incumbent_record``: its train record, if the run state kept it) or in full."""
         if candidates:
-            scoring = self._race(candidates, incumbent, known) if self.racing else self.score_now(candidates)
+            scoring = self._race(candidates, incumbent, incumbent_record) if self.racing else self.score_train(candidates)
             self._pending.append(asyncio.ensure_future(scoring))
 
-    async def score_now(self, candidates: list[Candidate]) -> None:
+    async def score_train(self, candidates: list[Candidate]) -> None:
         """Scores candidates on every train example."""
         scores = await self.evaluator.score([c.prompt for c in candidates], self.task.train, stage=TRAIN_SCORING)
         everywhere = list(range(len(self.task.train)))
@@ -107,18 +107,18 @@ class Scoring:
         """A prompt's train record (``paired.record_of``), if it was scored on the whole sample."""
         return self._records.get(dedup_key(prompt))
 
-    async def _race(self, candidates: list[Candidate], incumbent: Candidate, known: list[float] | None) -> None:
+    async def _race(self, candidates: list[Candidate], incumbent: Candidate, incumbent_record: list[float] | None) -> None:
         """Scores new candidates block by block against the best prompt so far (``racing.py``)."""
-        known = self.record(incumbent.prompt) or known
-        if known is None or len(known) != len(self.task.train):
+        record = self.record(incumbent.prompt) or incumbent_record
+        if record is None or len(record) != len(self.task.train):
             # a state saved before its best prompt's train record was kept: the record is
             # scored once more (the response cache answers it)
             log.info("scoring the best prompt once more for its train record")
-            await self.score_now([Candidate(id=incumbent.id, prompt=incumbent.prompt, stage=incumbent.stage,
+            await self.score_train([Candidate(id=incumbent.id, prompt=incumbent.prompt, stage=incumbent.stage,
                                             round=incumbent.round)])
-            known = self._records[dedup_key(incumbent.prompt)]
+            record = self._records[dedup_key(incumbent.prompt)]
         settings = self.settings
-        race = Race(self.evaluator, self.task, self._race_order, settings.race_block, settings.race_alpha, known,
+        race = Race(self.evaluator, self.task, self._race_order, settings.race_block, settings.race_alpha, record,
                     TRAIN_SCORING)
         outcomes = await race.run([c.prompt for c in candidates])
         for candidate, outcome in zip(candidates, outcomes):
@@ -142,7 +142,7 @@ class Scoring:
 
     async def wait(self) -> None:
         """Waits until every scoring started so far is done; the first failure is raised, and
-        the scoring started stays pending for ``settle`` or ``cancel``."""
+        the scoring started stays pending for ``wait_ignoring_failures`` or ``cancel``."""
         pending, self._pending = self._pending, []
         if pending:
             try:
@@ -151,7 +151,7 @@ class Scoring:
                 self._pending = pending + self._pending
                 raise
 
-    async def settle(self) -> None:
+    async def wait_ignoring_failures(self) -> None:
         """Lets every scoring started end, failed or not: once ``--max-cost`` is spent each new
         request is refused at once, and the replies already on their way, which are paid for,
         reach the response cache (a batch that finished keeps its scores)."""
@@ -164,7 +164,7 @@ class Scoring:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    def answered(self, prompt: str) -> list[tuple[Example, float, dict[str, str]]]:
+    def train_answers(self, prompt: str) -> list[tuple[Example, float, dict[str, str]]]:
         """Every train example ``prompt`` was scored on and answered (train order; not those
         the endpoint refused: they say nothing of the prompt), with its per-example score and
         what the target answered: the label it gave (classification), else the answer and its

@@ -5,7 +5,7 @@ the run's one bound on requests in flight, retries what is worth retrying (``ret
 sends again as the endpoint takes it a request refused for a parameter the model does not
 take, raises ``RequestRefused`` for one refused for what it holds (``refusals.py``), turns
 any other failure into a one-line ``UserError``, and counts requests, cache hits, tokens
-and cost per stage (``ReplyBook``).
+and cost per stage (``ReplyRecorder``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class LLM(Protocol):
     ) -> list[str]: ...
 
 
-class ReplyBook:
+class ReplyRecorder:
     """Where replies are looked up and recorded: the response cache (keyed by the whole
     request and, for the endpoint, ``identity``), the usage meter and the per-call observers."""
 
@@ -191,7 +191,7 @@ class ChatClient:
         self.meter = meter
         # the cache keys on ``cache_identity`` instead of the URL for endpoints whose URL
         # changes from run to run while the model behind it does not (a local server on a free port)
-        self.book = ReplyBook(cache_identity or self.base_url, model, meter, cache, self.cost)
+        self.recorder = ReplyRecorder(cache_identity or self.base_url, model, meter, cache, self.cost)
         self.retries = Retries(max_retries, backoff_base, backoff_max, random.Random())
         self.native_n: bool | None = {"native": True, "separate": False}.get(n_mode)
         # what the endpoint takes (learned from its refusals): shared by the run's clients of this endpoint and model
@@ -204,12 +204,12 @@ class ChatClient:
 
     @property
     def cache(self) -> ResponseCache | None:
-        return self.book.cache
+        return self.recorder.cache
 
     @property
     def observers(self) -> list[Callable[[LLMCall], None]]:
         """Callables told about every answered call (per-request tracing)."""
-        return self.book.observers
+        return self.recorder.observers
 
     async def aclose(self) -> None:
         await self.endpoint.close()
@@ -239,9 +239,9 @@ class ChatClient:
         ``send`` makes each attempt elsewhere (``fetch_and_store``)."""
         if self.guard is not None:
             self.guard.check(stage)
-        key = self.book.key(messages, temperature=temperature, max_tokens=max_tokens, n=n, salt=salt, stop=stop,
+        key = self.recorder.key(messages, temperature=temperature, max_tokens=max_tokens, n=n, salt=salt, stop=stop,
                             seed=sampling_seed(self.seed, temperature, salt))
-        cached = self.book.lookup(key, stage)
+        cached = self.recorder.lookup(key, stage)
         if cached is not None:
             return cached
         return await self.fetch_and_store(
@@ -270,14 +270,14 @@ class ChatClient:
         ``RequestRefused`` is raised)."""
         if self.guard is not None:
             self.guard.check(stage)
-        if self.book.cache is None:  # no keys to compute
+        if self.recorder.cache is None:  # no keys to compute
             keys = [str(i) for i in range(len(requests))]
             found: dict[str, CachedReply] = {}
         else:
             seed = sampling_seed(self.seed, temperature, 0)
-            keys = [self.book.key(messages, temperature=temperature, max_tokens=max_tokens, n=1, salt=0, stop=stop,
+            keys = [self.recorder.key(messages, temperature=temperature, max_tokens=max_tokens, n=1, salt=0, stop=stop,
                                   seed=seed) for messages in requests]
-            found = self.book.lookup_many(keys, stage)
+            found = self.recorder.lookup_many(keys, stage)
         if found and on_done:
             on_done(sum(key in found for key in keys))
 
@@ -330,7 +330,7 @@ class ChatClient:
         except BaseException:
             self.meter.record(stage, spent)
             raise
-        self.book.store(key, texts, spent, stage, messages, started)
+        self.recorder.store(key, texts, spent, stage, messages, started)
         return texts
 
     async def fetch(

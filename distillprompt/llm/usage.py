@@ -11,7 +11,10 @@ Messages = list[dict[str, str]]
 
 @dataclass
 class Usage:
-    """What a set of LLM calls cost. ``requests`` counts calls that reached the endpoint."""
+    """What a set of LLM calls cost. Three counts: ``requests``, the HTTP requests the
+    endpoint received; ``answered``, the calls it answered (a call for n samples of an
+    endpoint that does not take n is n requests); ``calls``, those and the calls the response
+    cache answered (``cache_hits``)."""
 
     requests: int = 0
     cache_hits: int = 0
