@@ -20,7 +20,6 @@ from typing import Any, NoReturn, Sequence
 
 from .data import count_text
 from .errors import EndpointUnavailable, UserError
-from .engine import Callback
 from .progress import ConsoleProgress
 from .settings import ENV_PREFIX, Settings, load_settings, setting_specs
 from .urls import mask_log_lines, masked
@@ -150,7 +149,7 @@ def _format_scores(scores: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.4f}" for name, value in scores.items()) or "not scored"
 
 
-def _print_result(result: Any, folder: Path) -> None:
+def _print_result(result: Any, folder: Path, settings: Settings) -> None:
     usage = result.usage
     lines = [
         "",
@@ -168,7 +167,7 @@ def _print_result(result: Any, folder: Path) -> None:
         f"LLM requests: {usage.requests} sent, {usage.cache_hits} from cache, {usage.retries} retried; "
         f"tokens {usage.input_tokens} in, {usage.output_tokens} out"
         + (f" ({usage.reasoning_tokens} of them reasoning)" if usage.reasoning_tokens else "")
-        + f"; cost ${usage.cost:.4f}" + _budget(result),
+        + f"; cost ${usage.cost:.4f}" + _budget(result, settings.optimizer.max_cost),
         f"result: {folder / 'result.json'}",
     ]
     dropped = {stage: reasons for stage, reasons in result.rejections.items() if sum(reasons.values())}
@@ -183,12 +182,12 @@ def _print_result(result: Any, folder: Path) -> None:
     if race.get("scoring") == "race" and race.get("full_requests"):
         lines.insert(-1, f"racing: {race['stopped']} of {race['candidates']} candidates stopped early; train scoring "
                          f"{race['requests']} of {race['full_requests']} requests ({race['saved_fraction']:.0%} saved)")
-    estimate = result.run_records.get("estimate")
+    estimate = result.records.estimate
     if estimate:
         lines.insert(-1, f"estimated before the run: {estimate['estimated_requests']} requests"
                          + (f" (at most {estimate['estimated_requests_max']})" if estimate["scoring"] == "race" else "")
                          + (f", ${estimate['estimated_cost_usd']:.4f}" if usage.cost or estimate["estimated_cost_usd"] else ""))
-    summary = (result.run_records.get("pareto") or {}).get("summary")
+    summary = (result.records.pareto or {}).get("summary")
     if summary:
         lines.insert(-1, f"score against length: {summary} (pareto.png, candidates.csv)")
     lines[-1:-1] = _data_lines(result.task)
@@ -214,10 +213,9 @@ def refused_line(refused: list[dict[str, Any]]) -> str:
             "wrong answers (refused in result.json)")
 
 
-def _budget(result: Any) -> str:
+def _budget(result: Any, budget: float | None) -> str:
     """With --max-cost: what every call cost (the cache's included, as the budget counts them)
     against the budget."""
-    budget = (result.run_records.get("settings") or {}).get("max_cost")
     if not budget:
         return ""
     return f" (every call, the cache's included: ${result.usage.all_cost:.4f} of the --max-cost budget ${budget:g})"
@@ -251,62 +249,65 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return prompt.strip()
 
 
-class ImportAhead(Callback):
-    """Imports NumPy (the test verdict's bootstrap needs it at the very end) in a thread once
-    the rounds are over, while the test scoring is out, so that the run's last moments do not
-    go to an import. Only on the command line: beside ``optimize_prompts``' import hooks a
-    second importing thread deadlocks (docs/decisions.md)."""
-
-    def on_rounds_done(self, state: Any) -> None:
-        if "numpy" not in sys.modules:
-            import importlib
-            import threading
-
-            threading.Thread(target=importlib.import_module, args=("numpy",), name="import-ahead", daemon=True).start()
-
-
 def _run(args: argparse.Namespace) -> int:
-    from . import runner
-
     if args.command not in ("optimize", "evaluate"):
         plugin = command_plugins()[args.command]
         settings = settings_from_args(args) if getattr(plugin, "takes_settings", True) else None
         return plugin.run(args, settings)
-    settings = settings_from_args(args)
+    given = settings_from_args(args)
     progress = None if args.quiet else ConsoleProgress()
     if args.command == "optimize":
-        runner.check_max_cost(settings)
-        if settings.dry_run:
-            estimate = asyncio.run(runner.dry_run(settings))
-            if estimate is not None and os.environ.get("MLFLOW_RUN_ID"):
-                # inside `mlflow run` the run exists already: it holds the estimate (params estimated_*)
-                for callback in callback_plugins(settings):
-                    callback.on_estimate(estimate)
-                    callback.on_end(True)
-            print(estimate.text() if estimate is not None else
-                  f"no estimate for {settings.optimizer.method}: MLflow's optimizers choose their own calls "
-                  "(--max-scoring-calls bounds their scoring)")
-            print("dry run: no completion request was sent")
-            return 0
-        resume = runner.resume_point(settings) if settings.resume else None
-        callbacks = callback_plugins(settings)
-        result, folder = asyncio.run(
-            runner.optimize(settings, progress=progress, callbacks=[ImportAhead(), *callbacks], resume=resume)
+        return _optimize(given, progress)
+    return _evaluate(resolve_prompt(_read_prompt(args)), given, progress)
+
+
+def _optimize(given: Settings, progress: ConsoleProgress | None) -> int:
+    from . import runner
+    from .cost import require_prices
+    from .resolution import recorded_run, resolve
+
+    require_prices(given)
+    if given.dry_run:
+        return _dry_run(resolve(given))
+    plan = resolve(given, recorded_run(given) if given.resume else None)
+    callbacks = callback_plugins(plan.settings)
+    result, folder = asyncio.run(runner.optimize(plan, progress=progress, callbacks=callbacks))
+    _print_result(result, folder, plan.settings)
+    unfinished = _warn_unfinished(callbacks)
+    if result.failure:
+        print(
+            f"distillprompt: error: the endpoint gave up ({result.failure}); the best prompt of the finished rounds "
+            f"is in {folder / 'result.json'}; rerun the same command later to continue from the cache",
+            file=sys.stderr,
         )
-        _print_result(result, folder)
-        unfinished = _warn_unfinished(callbacks)
-        if result.failure:
-            print(
-                f"distillprompt: error: the endpoint gave up ({result.failure}); the best prompt of the finished rounds "
-                f"is in {folder / 'result.json'}; rerun the same command later to continue from the cache",
-                file=sys.stderr,
-            )
-            return 1
-        return INCOMPLETE if unfinished else 0
-    prompt = resolve_prompt(_read_prompt(args))
-    callbacks = callback_plugins(settings)
+        return 1
+    return INCOMPLETE if unfinished else 0
+
+
+def _dry_run(plan: Any) -> int:
+    from . import runner
+
+    estimate = asyncio.run(runner.dry_run(plan))
+    if estimate is not None and os.environ.get("MLFLOW_RUN_ID"):
+        # inside `mlflow run` the run exists already: it holds the estimate (params estimated_*)
+        for callback in callback_plugins(plan.settings):
+            callback.on_estimate(estimate)
+            callback.on_end(True)
+    print(estimate.text() if estimate is not None else
+          f"no estimate for {plan.settings.optimizer.method}: MLflow's optimizers choose their own calls "
+          "(--max-scoring-calls bounds their scoring)")
+    print("dry run: no completion request was sent")
+    return 0
+
+
+def _evaluate(prompt: str, given: Settings, progress: ConsoleProgress | None) -> int:
+    from . import runner
+    from .resolution import resolve
+
+    plan = resolve(given)
+    callbacks = callback_plugins(plan.settings)
     try:
-        score, task, usage = asyncio.run(runner.evaluate(settings, prompt, progress=progress))
+        score, task, usage = asyncio.run(runner.evaluate(plan, prompt, progress=progress))
         for callback in callbacks:
             getattr(callback, "on_evaluation", lambda *a: None)(task, prompt, score, usage)
     except BaseException:

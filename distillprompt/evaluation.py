@@ -10,6 +10,11 @@ from .llm import LLM, SCORING, Send
 from .metrics import answer_text, classification_scores, generation_scores, parse_label
 from .templates import ANSWER_STOP, message_maker
 
+# the usage stages of the loop's own scoring, named by the sample scored
+TRAIN_SCORING = "train"
+VAL_SCORING = "validation"
+TEST_SCORING = "test"
+
 
 @dataclass
 class Score:
@@ -47,7 +52,7 @@ class ScoringRequest:
 class Evaluator(Protocol):
     """Scores each prompt on every example; ``stage`` names the work in usage reports."""
 
-    async def score(self, prompts: list[str], examples: list[Example], stage: str = "scoring") -> list[Score]: ...
+    async def score(self, prompts: list[str], examples: list[Example], stage: str = TRAIN_SCORING) -> list[Score]: ...
 
 
 def scoring_requests(task: Task, prompts: list[str], examples: list[Example]) -> list[ScoringRequest]:
@@ -152,7 +157,7 @@ class InProcessEvaluator:
         self.on_request_done = on_request_done
         self.on_requests_planned = on_requests_planned
 
-    async def score(self, prompts: list[str], examples: list[Example], stage: str = "scoring") -> list[Score]:
+    async def score(self, prompts: list[str], examples: list[Example], stage: str = TRAIN_SCORING) -> list[Score]:
         requests = scoring_requests(self.task, prompts, examples)
         if self.on_requests_planned:
             self.on_requests_planned(len(requests))

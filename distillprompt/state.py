@@ -192,4 +192,17 @@ def _from_version_3(data: dict[str, Any]) -> dict[str, Any]:
     return dict(data)
 
 
+@dataclass(frozen=True)
+class RecordedRun:
+    """What a run leaves for ``--resume``: its settings as it recorded them
+    (``Settings.recorded_tree``: secrets left out, URLs masked) and its last checkpoint (None:
+    it stopped before its first round finished, and starts again, from the response cache)."""
+
+    tree: dict[str, Any]
+    state: RunState | None
+    # the MLflow run the resumed run records into (None: a run resumed from its output folder,
+    # which, when tracked, records into a new run)
+    tracked_run: str | None = None
+
+
 MIGRATIONS = {1: _from_version_1, 2: _from_version_2, 3: _from_version_3}  # version -> the step to the next one

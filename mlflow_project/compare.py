@@ -28,6 +28,7 @@ from typing import Any
 
 from distillprompt import runner
 from distillprompt.cli import INCOMPLETE
+from distillprompt.cost import require_prices
 from distillprompt.errors import UserError
 from distillprompt.engine import TEST_SCORING, TRAIN_SCORING, VAL_SCORING
 from distillprompt.progress import ConsoleProgress
@@ -338,7 +339,7 @@ class CompareCommand:
         if args.seeds < 1:
             raise UserError("--seeds must be at least 1")
         methods = parse_methods(args.methods)
-        runner.check_max_cost(settings)  # each child run has the whole --max-cost of its own
+        require_prices(settings)  # each child run has the whole --max-cost of its own
         if settings.dry_run:
             print(dry_run(settings, methods, args.seeds, budget_match=args.budget_match))
             return 0

@@ -30,7 +30,8 @@ from distillprompt.errors import EndpointUnavailable
 from distillprompt.evaluation import InProcessEvaluator
 from distillprompt.llm import Endpoint, Failure, Reply
 from distillprompt.engine import Callback
-from distillprompt.runner import RunContext, client_options, evaluator_options
+from distillprompt.context import RunContext, client_options
+from distillprompt.executors import evaluator_options
 from distillprompt.settings import Settings
 
 from .cluster import Connection, connect, disconnect
@@ -144,7 +145,7 @@ class PoolFollower(Callback):
         self.executor.wind_down()
 
     def on_finish(self, result: Any) -> None:
-        result.run_records["ray"] = self.executor.record()
+        result.records.executor["ray"] = self.executor.record()
 
 
 class RayExecutor:

@@ -15,7 +15,8 @@ from distillprompt import runner
 from distillprompt.baselines import Edit, Grips, chunks, join, plan_edits
 from distillprompt.llm import UsageMeter
 from distillprompt.optimizer import Optimizer, Round
-from distillprompt.runner import LocalExecutor
+from distillprompt.context import open_context
+from distillprompt.executors import LocalExecutor
 from distillprompt.settings import load_settings
 from tests.conftest import run_cli
 from tests.endpoint import ScriptedEndpoint, fraction, true_label
@@ -59,7 +60,7 @@ def test_each_grips_edit_does_what_it_claims(endpoint, reviews_dir, tmp_path):
 
     async def apply(plan, pool):
         async with AsyncExitStack() as stack:
-            context = await runner.open_context(settings, stack, None)
+            context = await open_context(settings, stack)
             loop = Optimizer(context.task, context.meta_llm, LocalExecutor().evaluator(context), settings.optimizer,
                              seed=0, meter=UsageMeter(), method=Grips())
             return await Grips().apply(Round(1, random.Random(0), loop.state, loop.parts), BASE, plan, pool, "t")

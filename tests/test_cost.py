@@ -70,12 +70,12 @@ def test_a_full_scoring_run_spends_within_ten_percent_of_its_estimate_and_a_race
     assert again.cached == full.usage.calls
     assert again.tokens == (full.usage.input_tokens, full.usage.output_tokens)
     assert again.cached_cost == pytest.approx(full.usage.cost)
-    estimate, usage = full.run_records["estimate"], full.usage
+    estimate, usage = full.records.estimate, full.usage
     assert usage.requests == pytest.approx(estimate["estimated_requests"], rel=0.10)
     spent = usage.input_tokens + usage.output_tokens
     assert spent == pytest.approx(estimate["estimated_input_tokens"] + estimate["estimated_output_tokens"], rel=0.10)
     assert usage.cost == pytest.approx(estimate["estimated_cost_usd"], rel=0.10)
-    bound = raced.run_records["estimate"]
+    bound = raced.records.estimate
     assert bound["scoring"] == "race" and raced.race["stopped"] > 0
     assert raced.usage.requests <= bound["estimated_requests_max"]
     assert raced.usage.input_tokens + raced.usage.output_tokens <= (
@@ -89,15 +89,16 @@ def test_a_capable_models_run_sends_the_requests_the_estimate_counted(reviews_di
     (the dry run says so), but the requests are the run's structure: within 10%."""
     with ScriptedEndpoint(responder=CapableModel()) as endpoint:
         result, _ = asyncio.run(runner.optimize(settings_for(endpoint, reviews_dir, tmp_path, scoring="full")))
-    assert result.usage.requests == pytest.approx(result.run_records["estimate"]["estimated_requests"], rel=0.10)
+    assert result.usage.requests == pytest.approx(result.records.estimate["estimated_requests"], rel=0.10)
 
 
 def test_max_cost_stops_at_its_budget_keeps_the_best_prompt_and_a_rerun_stops_at_the_same_place(reviews_dir, tmp_path):
     with ScriptedEndpoint(responder=fresh_model(reviews_dir), latency=0.01) as endpoint:
         planned = asyncio.run(runner.dry_run(settings_for(endpoint, reviews_dir, tmp_path, scoring="full")))
         budget = planned.cost / 2
-        capped = settings_for(endpoint, reviews_dir, tmp_path, scoring="full", max_cost=budget)
-        capped.llm.concurrency = 4  # a bound on the requests in flight that the overrun is held to
+        # a bound on the requests in flight that the overrun is held to
+        capped = settings_for(endpoint, reviews_dir, tmp_path, scoring="full", max_cost=budget).with_changes(
+            llm={"concurrency": 4})
         result, folder = asyncio.run(runner.optimize(capped))
         rerun, _ = asyncio.run(runner.optimize(capped))
     assert result.stop_reason == "max_cost"
@@ -168,7 +169,7 @@ def test_every_candidate_gets_its_length_and_cost_and_the_front_is_drawn(reviews
     assert (folder / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the capable model's longer prompts were refused, under a reason of their own
     assert sum(reasons.get("too_many_tokens", 0) for reasons in result.rejections.values()) > 0
-    assert result.run_records["pareto"]["summary"]
+    assert result.records.pareto["summary"]
 
 
 def test_prefer_shorter_picks_the_shortest_prompt_within_one_example_of_the_best(reviews_dir, tmp_path):

@@ -95,8 +95,7 @@ def test_without_spare_rows_no_demos_candidate_is_made_and_the_run_says_why(revi
     """The 80-row train split of reviews_dir taken whole by the train sample: no row is left
     that no candidate is scored on, so no demos candidate is made; the drop is counted."""
     with ScriptedEndpoint(responder=target) as endpoint:
-        settings = settings_for(endpoint, reviews_dir, tmp_path, rounds=1, demos=2)
-        settings.data.train_size = 80
+        settings = settings_for(endpoint, reviews_dir, tmp_path, rounds=1, demos=2).with_changes(data={"train_size": 80})
         result, _ = asyncio.run(runner.optimize(settings))
     assert not [c for c in result.history if c.stage == "demos"]
     assert result.rejections["demos"] == {"no_spare_rows": 1}

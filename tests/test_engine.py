@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack
 
-from distillprompt import runner, templates
+from distillprompt import templates
 from distillprompt.llm import UsageMeter
 from distillprompt.optimizer import Callback, HighestScore, Method, Optimizer, Round, StopRule
-from distillprompt.runner import LocalExecutor
+from distillprompt.context import open_context
+from distillprompt.executors import LocalExecutor
 from tests.test_baselines import settings_for
 
 
@@ -60,7 +61,7 @@ def run_method(endpoint, reviews_dir, tmp_path, stop_rules=None):
 
     async def go():
         async with AsyncExitStack() as stack:
-            context = await runner.open_context(settings, stack, None)
+            context = await open_context(settings, stack)
             loop = Optimizer(context.task, context.meta_llm, LocalExecutor().evaluator(context), settings.optimizer,
                              seed=0, meter=UsageMeter(), callbacks=[recorder], method=RewriteTwice(),
                              stop_rules=stop_rules)

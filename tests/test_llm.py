@@ -10,7 +10,7 @@ import pytest
 
 from distillprompt.cache import CachedReply, ResponseCache, request_key
 from distillprompt.errors import EndpointUnavailable, UserError
-from distillprompt.llm import META, SCORING, ChatClient, PriorityLimiter, UsageMeter, check_endpoint
+from distillprompt.llm import META, SCORING, ChatClient, Prices, PriorityLimiter, UsageMeter, check_endpoint
 from tests.endpoint import ScriptedEndpoint, answer_scoring
 
 SCORING_MESSAGES = [
@@ -178,7 +178,7 @@ def test_native_n_mode_refuses_an_endpoint_that_ignores_n():
 
 
 def test_usage_and_cost_come_from_the_response(endpoint):
-    client = make_client(endpoint, price_input=2.0, price_output=10.0)
+    client = make_client(endpoint, prices=Prices(2.0, 10.0))
     (text,) = complete(client)
     total = client.meter.total()
     expected_in = len(SCORING_MESSAGES[0]["content"]) // 4  # the endpoint's token rule
@@ -426,7 +426,7 @@ def test_a_reasoning_model_s_refusals_teach_the_client_what_it_takes_once_for_ev
 
     with ScriptedEndpoint(reasoning=True) as reasoning:
         accepts = Accepts(reasoning.base_url, "test-model", reasoning_room=1000)
-        first = make_client(reasoning, accepts=accepts, price_output=10.0)
+        first = make_client(reasoning, accepts=accepts, prices=Prices(output=10.0))
         with caplog.at_level("WARNING"):
             (text,) = complete(first)
         assert text == answer_scoring(SCORING_MESSAGES[0]["content"])

@@ -94,7 +94,7 @@ def test_a_boolean_setting_added_in_one_place_is_a_flag_variable_config_key_and_
     copy = tmp_path / "project"
     for package in ("distillprompt", "mlflow_project", "ray_jobs"):
         shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
-    settings = copy / "distillprompt" / "settings.py"
+    settings = copy / "distillprompt" / "setting_groups.py"
     text = settings.read_text(encoding="utf-8")
     anchor = "class CacheSettings(Group):\n"
     assert anchor in text

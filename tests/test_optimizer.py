@@ -248,3 +248,38 @@ def test_saved_state_carries_its_schema_version(tmp_path):
         (tmp_path / "damaged.json").write_text(damaged)
         with pytest.raises(UserError, match=r"cannot be read .* \(without --resume\)"):
             RunState.load(tmp_path / "damaged.json")
+
+
+def test_every_callback_hears_the_one_final_settings_and_nothing_changes_them(endpoint, reviews_dir, tmp_path,
+                                                                             monkeypatch):
+    """Resolved once (a relative dataset and cache path made absolute), frozen, and the very
+    settings result.json records."""
+    import pydantic
+
+    from distillprompt.optimizer import Callback
+
+    heard: list = []
+
+    class Listener(Callback):
+        def on_settings(self, settings):
+            heard.append(settings)
+
+        def on_finish(self, result):
+            try:
+                heard[0].optimizer.rounds = 9
+            except pydantic.ValidationError as error:
+                heard.append(error)
+
+    monkeypatch.chdir(reviews_dir.parent)
+    given = load_settings({
+        "llm": {"base_url": endpoint.base_url, "model": "test-model"},
+        "data": {"dataset": reviews_dir.name, "train_size": 12, "test_size": 10},
+        "optimizer": {"epochs": 1},
+        "cache": {"path": "cache.sqlite"}, "output": str(tmp_path / "out"), "executor": "local",
+    })
+    result, folder = asyncio.run(runner.optimize(given, callbacks=[Listener()]))
+    final, refused = heard
+    assert final.data.dataset == str(reviews_dir) and final.cache.path == reviews_dir.parent / "cache.sqlite"
+    assert given.data.dataset == reviews_dir.name  # what was given stays as given
+    assert "frozen" in str(refused) and final.optimizer.rounds == 1
+    assert json.loads((folder / "result.json").read_text())["settings"] == final.public_dict()

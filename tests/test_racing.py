@@ -200,29 +200,25 @@ def slow_target():
         yield server
 
 
-def test_a_run_killed_mid_race_resumes_to_the_same_result(mlflow_server, slow_target, reviews, tmp_path):
-    import mlflow
+def race_args(endpoint, reviews, tmp_path, output: str, cache: str, *extra: str) -> list[str]:
+    return ["optimize", "--dataset", str(reviews), "--base-url", endpoint.base_url, "--model", "test-model",
+            "--train-size", str(TRAIN), "--test-size", str(TEST), "--epochs", "2", "--scoring", "race",
+            "--race-block", str(BLOCK), "--race-alpha", "0.05", "--executor", "local", "--no-register",
+            "--cache-path", str(tmp_path / cache), "--output", str(tmp_path / output), *extra]
 
-    endpoint = slow_target
-    mlflow.set_tracking_uri(mlflow_server["uri"])
-    env = {"MLFLOW_TRACKING_URI": mlflow_server["uri"]}
 
-    def args(output: str, cache: str, experiment: str) -> list[str]:
-        return ["optimize", "--dataset", str(reviews), "--base-url", endpoint.base_url, "--model", "test-model",
-                "--train-size", str(TRAIN), "--test-size", str(TEST), "--epochs", "2", "--scoring", "race",
-                "--race-block", str(BLOCK), "--race-alpha", "0.05", "--executor", "local", "--no-register",
-                "--cache-path", str(tmp_path / cache), "--experiment", experiment, "--output", str(tmp_path / output)]
-
-    straight = run_cli(*args("straight", "straight.sqlite", "race-straight"), env=env)
+def straight_then_killed(endpoint, args_for, tmp_path, env=None) -> dict:
+    """The run straight through (its result), then again with a cache of its own, killed half-way
+    through round 2's train scoring (the initial prompt's train and test scoring and round 1's
+    come first); the killed run's output folder is ``killed``."""
+    straight = run_cli(*args_for("straight", "straight.sqlite"), env=env)
     assert straight.returncode == 0, straight.stderr[-3000:]
     expected = json.loads((tmp_path / "straight" / "result.json").read_text())
     round_one, round_two = (r["race"]["requests"] for r in expected["rounds"])
     assert expected["rounds"][1]["race"]["stopped"] >= 1  # round 2 races too
-    # killed half-way through round 2's train scoring (the initial prompt's train and test
-    # scoring and round 1's come first)
     kill_at = TRAIN + TEST + round_one + round_two // 2
     endpoint.reset()
-    process = subprocess.Popen([sys.executable, "-m", "distillprompt", *args("killed", "cache.sqlite", "race-resume")],
+    process = subprocess.Popen([sys.executable, "-m", "distillprompt", *args_for("killed", "cache.sqlite")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=venv_env(env), cwd=ROOT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(endpoint.requests(kind="scoring")) < kill_at:
@@ -231,6 +227,21 @@ def test_a_run_killed_mid_race_resumes_to_the_same_result(mlflow_server, slow_ta
     process.wait(30)
     state = json.loads((tmp_path / "killed" / "state.json").read_text())
     assert state["round"] == 1  # round 2 had not finished
+    return expected
+
+
+def test_a_run_killed_mid_race_resumes_to_the_same_result(mlflow_server, slow_target, reviews, tmp_path):
+    import mlflow
+
+    endpoint = slow_target
+    mlflow.set_tracking_uri(mlflow_server["uri"])
+    env = {"MLFLOW_TRACKING_URI": mlflow_server["uri"]}
+    experiments = {"straight.sqlite": "race-straight", "cache.sqlite": "race-resume"}
+
+    def args_for(output: str, cache: str) -> list[str]:
+        return race_args(endpoint, reviews, tmp_path, output, cache, "--experiment", experiments[cache])
+
+    expected = straight_then_killed(endpoint, args_for, tmp_path, env)
     (run,) = mlflow.search_runs(experiment_names=["race-resume"], output_format="list")
 
     resumed = run_cli("optimize", "--resume", run.info.run_id, "--output", str(tmp_path / "resumed"), env=env)
@@ -241,3 +252,25 @@ def test_a_run_killed_mid_race_resumes_to_the_same_result(mlflow_server, slow_ta
     # the resumed run ran round 2 (and round 1 again, from the cache, when the tracker's queue
     # had not yet recorded round 1's checkpoint when the run was killed)
     assert [r["race"] for r in got["rounds"]][-1] == expected["rounds"][1]["race"]
+
+
+def test_an_untracked_run_killed_mid_race_resumes_from_its_output_folder(slow_target, reviews, tmp_path):
+    """No MLflow: ``--resume FOLDER`` reads the settings and the checkpoint the run left in its
+    output folder, runs round 2 only, and finishes in that folder as the straight run did."""
+    endpoint = slow_target
+    expected = straight_then_killed(endpoint, lambda output, cache: race_args(endpoint, reviews, tmp_path, output, cache),
+                                    tmp_path)
+    killed = tmp_path / "killed"
+    assert json.loads((killed / "settings_tree.json").read_text())["optimizer"]["race_block"] == BLOCK
+    endpoint.reset()
+
+    changed = run_cli("optimize", "--resume", str(killed), "--seed", "9")
+    assert changed.returncode == 2 and "--seed 9 (the run has 0)" in changed.stderr, changed.stderr[-2000:]
+    resumed = run_cli("optimize", "--resume", str(killed))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = json.loads((killed / "result.json").read_text())
+    assert got["final_prompt"] == expected["final_prompt"]
+    assert got["history"] == expected["history"]
+    assert [r["round"] for r in got["rounds"]] == [2]  # round 1 came from the checkpoint
+    assert got["rounds"][0]["race"] == expected["rounds"][1]["race"]
+    assert got["settings"]["resume"] is None  # nothing to take up in MLflow: a folder's run is untracked

@@ -13,7 +13,8 @@ from contextlib import AsyncExitStack
 import pytest
 
 from distillprompt import runner
-from distillprompt.runner import LocalExecutor
+from distillprompt.context import open_context
+from distillprompt.executors import LocalExecutor
 from distillprompt.settings import load_settings
 from ray_jobs.executor import RayExecutor
 from tests.conftest import run_cli
@@ -96,12 +97,12 @@ def test_a_race_through_the_actors_stops_and_selects_as_in_process(cluster, revi
 
     with ScriptedEndpoint(responder=target) as endpoint:
         settings = settings_for(endpoint, reviews_dir, tmp_path / "ray", ray_address=cluster.address, ray_actors=2)
-        settings.optimizer.race_block = 4
+        settings = settings.with_changes(optimizer={"race_block": 4})
         on_cluster, answered = optimize_on_actors(settings)
         ray_requests = Counter(e.body_hash for e in endpoint.requests())
         endpoint.reset()
-        local = settings_for(endpoint, reviews_dir, tmp_path / "local", executor="local")
-        local.optimizer.race_block = 4
+        local = settings_for(endpoint, reviews_dir, tmp_path / "local", executor="local").with_changes(
+            optimizer={"race_block": 4})
         in_process, _ = asyncio.run(runner.optimize(local, executor=LocalExecutor()))
         local_requests = Counter(e.body_hash for e in endpoint.requests())
 
@@ -126,13 +127,13 @@ def test_the_actors_send_what_the_endpoint_takes_once_the_run_learned_it(cluster
     ok = [e for e in log if e.status == 200]
     assert len(ok) + sum(refused.values()) == len(log)
     assert all("max_completion_tokens" in e.parameters and "temperature" not in e.parameters for e in ok)
-    assert result.run_records["endpoint"]["target"]["token_limit"] == "max_completion_tokens"
+    assert result.records.endpoint["target"]["token_limit"] == "max_completion_tokens"
     assert result.final_scores["train"]["parse_rate"] == 1.0  # room to reason
 
 
 def wider(settings):
     """32 requests in flight: 2 actors get batches of 8."""
-    return settings.model_copy(update={"llm": settings.llm.model_copy(update={"concurrency": 32})})
+    return settings.with_changes(llm={"concurrency": 32})
 
 
 def test_requests_reach_the_actors_in_batches(cluster, reviews_dir, tmp_path):
@@ -173,7 +174,7 @@ def test_an_actor_killed_mid_scoring_loses_and_repeats_nothing(cluster, reviews_
             try:
                 pids = [actor["pid"] for actor in await executor.placement()]
                 async with AsyncExitStack() as stack:
-                    context = await runner.open_context(settings, stack, None)
+                    context = await open_context(settings, stack)
                     scoring = asyncio.create_task(executor.evaluator(context).score(prompts, context.task.train))
                     while len(slow.requests()) < 20:
                         await asyncio.sleep(0.01)
@@ -190,7 +191,7 @@ def test_an_actor_killed_mid_scoring_loses_and_repeats_nothing(cluster, reviews_
 
         async def score_in_process():
             async with AsyncExitStack() as stack:
-                context = await runner.open_context(settings.model_copy(update={"executor": "local"}), stack, None)
+                context = await open_context(settings.with_changes(executor="local"), stack)
                 context.cache = None
                 return await LocalExecutor().evaluator(context).score(prompts, context.task.train)
 

@@ -45,7 +45,7 @@ def test_a_gain_in_macro_f1_is_a_gain_though_accuracy_barely_moves(tmp_path):
         "executor": "local",
     })
     with ScriptedEndpoint(responder=leaning_target) as endpoint:
-        settings.llm.base_url = endpoint.base_url
+        settings = settings.with_changes(llm={"base_url": endpoint.base_url})
         result, folder = asyncio.run(runner.optimize(settings))
     assert result.final.bare_instruction == BALANCED  # the race kept it, selection chose it
     verdict = result.verdict

@@ -4,7 +4,7 @@ typed events and results that ``Callback``s hear."""
 
 from .events import (
     ENDPOINT_UNAVAILABLE, FLAT_SIGNAL, MAX_COST, ROUNDS_DONE, TEST_SCORING, TRAIN_SCORING, VAL_SCORING, Callback, Events,
-    RoundResult, RoundSummary, RunResult, StageEvent, notify,
+    RoundResult, RoundSummary, RunRecords, RunResult, StageEvent, notify,
 )
 from .loop import Optimizer
 from .policies import FlatSignal, HighestScore, LatestCandidate, Method, Patience, Selection, StopRule
@@ -13,6 +13,6 @@ from .round import Round
 
 __all__ = [
     "ENDPOINT_UNAVAILABLE", "FLAT_SIGNAL", "MAX_COST", "ROUNDS_DONE", "TEST_SCORING", "TRAIN_SCORING", "VAL_SCORING", "Callback",
-    "Events", "RoundResult", "RoundSummary", "RunResult", "StageEvent", "notify", "Optimizer", "FlatSignal",
+    "Events", "RoundResult", "RoundSummary", "RunRecords", "RunResult", "StageEvent", "notify", "Optimizer", "FlatSignal",
     "HighestScore", "LatestCandidate", "Method", "Patience", "Selection", "StopRule", "RaceSummary", "Round",
 ]

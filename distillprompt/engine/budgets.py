@@ -1,8 +1,10 @@
-"""The run's budgets: LLM calls, tokens, scoring requests and dollars (``--max-cost``)."""
+"""The run's budgets: LLM calls, tokens, scoring requests and dollars (``--max-cost``, kept by
+``cost.CostCap``)."""
 
 from __future__ import annotations
 
-from ..llm import CostGuard, Usage, UsageMeter, text_tokens
+from ..cost import CostCap
+from ..llm import Usage, UsageMeter
 from ..settings import OptimizerSettings
 from .events import MAX_COST, TEST_SCORING
 from .scoring import Scoring
@@ -14,33 +16,26 @@ class Budgets:
     same stage; scoring in flight is counted once it has finished."""
 
     def __init__(self, settings: OptimizerSettings, meter: UsageMeter, scoring: Scoring,
-                 cost_guard: CostGuard | None = None) -> None:
+                 cost_cap: CostCap | None = None) -> None:
         self.settings = settings
         self.meter = meter
         self.scoring = scoring
-        # --max-cost: the guard refuses any request past the budget (``llm/client.py``); here a
-        # round stops at the end of a stage when the next stage, as costly as the costliest so
-        # far, would not fit, so that the run ends on finished stages, where a rerun ends too
-        self.cost_guard = cost_guard
-        self._spent_at_mark = 0.0
-        self._costliest_stage = 0.0
+        self.cost_cap = cost_cap
 
     @property
     def any(self) -> bool:
         settings = self.settings
-        return bool(settings.max_calls or settings.max_total_tokens or settings.max_scoring_calls or self.cost_guard)
+        return bool(settings.max_calls or settings.max_total_tokens or settings.max_scoring_calls or self.cost_cap)
 
     def mark(self) -> None:
         """A round starts: what a stage costs is counted from here."""
-        if self.cost_guard is not None:
-            self._spent_at_mark = self.cost_guard.spent()
+        if self.cost_cap is not None:
+            self.cost_cap.round_started()
 
     def new_best(self, prompt: str, initial: str) -> None:
-        """``--max-cost``: the best prompt's test scoring, at the end, carries its length; what
-        it has more than the initial prompt (the estimate's) is held back from the search."""
-        if self.cost_guard is not None:
-            more = text_tokens(prompt) - text_tokens(initial)
-            self.cost_guard.hold_back_tokens(more * len(self.scoring.task.test))
+        """``--max-cost``: the best prompt's test scoring, at the end, carries its length."""
+        if self.cost_cap is not None:
+            self.cost_cap.reserve_for_best(prompt, initial, len(self.scoring.task.test))
 
     async def reached(self) -> str | None:
         if not self.any:
@@ -57,13 +52,8 @@ class Budgets:
             return "budget_scoring"  # not even one more candidate fits
         if settings.max_total_tokens and spent.tokens + spent.cached_tokens >= settings.max_total_tokens:
             return "budget_tokens"
-        guard = self.cost_guard
-        if guard is not None:
-            cost = guard.spent()
-            self._costliest_stage = max(self._costliest_stage, cost - self._spent_at_mark)
-            self._spent_at_mark = cost
-            if cost + self._costliest_stage >= guard.limit:
-                return MAX_COST
+        if self.cost_cap is not None and not self.cost_cap.next_stage_fits():
+            return MAX_COST
         return None
 
     def scoring_left(self) -> int | None:

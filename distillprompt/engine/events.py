@@ -10,7 +10,7 @@ from typing import Any
 from ..data import Task
 from ..diagnosis import RoundDiagnosis
 from ..errors import UserError
-from ..evaluation import Score
+from ..evaluation import TEST_SCORING, TRAIN_SCORING, VAL_SCORING, Score  # noqa: F401 - the stages, named here too
 from ..llm import LLMCall, Usage
 from ..state import Candidate, RunState
 from ..verdict import Verdict
@@ -18,10 +18,6 @@ from .racing import RaceSummary
 
 log = logging.getLogger(__name__)
 
-# usage stages of the loop's own scoring, named by the sample scored
-TRAIN_SCORING = "train"
-VAL_SCORING = "validation"
-TEST_SCORING = "test"
 # stop reasons the loop itself gives
 ENDPOINT_UNAVAILABLE = "endpoint_unavailable"
 MAX_COST = "max_cost"  # --max-cost was spent
@@ -112,6 +108,26 @@ class RoundSummary:
 
 
 @dataclass
+class RunRecords:
+    """What the front door adds to ``result.json`` beside the loop's own result, each as
+    ``result.json`` holds it: the settings (flag name -> value, secrets left out), what the
+    run learned its endpoints take, the response cache's figures, the estimate made before the
+    run, the score-against-length summary and the executor's own record, by its name."""
+
+    settings: dict[str, Any] = field(default_factory=dict)
+    endpoint: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] | None = None
+    estimate: dict[str, Any] | None = None
+    pareto: dict[str, Any] | None = None
+    executor: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        written = {"settings": self.settings, "endpoint": self.endpoint, "cache": self.cache,
+                   "estimate": self.estimate, "pareto": self.pareto, **self.executor}
+        return {key: value for key, value in written.items() if value is not None and value != {}}
+
+
+@dataclass
 class RunResult:
     """A finished run: both prompts with their scores by sample, every candidate, every round
     this process ran, what it cost, why it stopped and the test-sample verdict."""
@@ -136,8 +152,13 @@ class RunResult:
     race: dict[str, Any] = field(default_factory=dict)  # how train scores were paid for, over all rounds
     # examples whose scoring request the endpoint refused (too long, a content filter), scored as wrong
     refused: list[dict[str, Any]] = field(default_factory=list)
-    # what the front door adds to result.json: the settings, the cache's and the executor's records
-    run_records: dict[str, Any] = field(default_factory=dict)
+    records: RunRecords = field(default_factory=RunRecords)  # what the front door adds to result.json
+
+    @property
+    def run_records(self) -> dict[str, Any]:
+        """The records as ``result.json`` holds them (``mlflow_project/registry.py`` reads the
+        endpoint's here)."""
+        return self.records.to_dict()
 
     @property
     def initial_prompt(self) -> str:
@@ -170,7 +191,7 @@ class RunResult:
             "diagnosis": self.diagnosis,
             "race": self.race,
             "refused": self.refused,
-            **self.run_records,
+            **self.records.to_dict(),
         }
 
 

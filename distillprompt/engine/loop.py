@@ -23,7 +23,8 @@ from ..data import Task
 from ..diagnosis import diagnose
 from ..errors import CostLimitReached, EndpointUnavailable, UserError
 from ..evaluation import Evaluator, Score
-from ..llm import LLM, CostGuard, Usage, UsageMeter
+from ..cost import CostCap
+from ..llm import LLM, Usage, UsageMeter
 from ..settings import OptimizerSettings
 from ..state import Candidate, RunState
 from ..verdict import judge
@@ -62,7 +63,7 @@ class Optimizer:
         meta_max_tokens: int = 1024,
         state: RunState | None = None,
         stop_rules: list[StopRule] | None = None,
-        cost_guard: CostGuard | None = None,
+        cost_cap: CostCap | None = None,
     ) -> None:
         self.task = task
         self.settings = settings
@@ -84,7 +85,7 @@ class Optimizer:
             validation_top=self.selection.top if validated else None,  # type: ignore[attr-defined]
         )
         self.limiter = llm.limiter
-        self.budgets = Budgets(settings, meter, self.scoring, cost_guard)
+        self.budgets = Budgets(settings, meter, self.scoring, cost_cap)
         self._use_state(state or RunState(seed=seed))
         self.failure: str | None = None
         self.summaries: list[RoundSummary] = []  # the rounds this process finished
@@ -125,7 +126,7 @@ class Optimizer:
                 if self.validating and initial.val_score is None:
                     await scoring.score_validation([initial])
             except CostLimitReached as error:
-                # the estimate let the budget through (runner.guard_cost), but the initial
+                # the estimate let the budget through (cost.cost_cap), but the initial
                 # prompt's own scoring cost more: there is nothing to optimize from
                 raise UserError(f"{error} before the initial prompt was scored: raise --max-cost (a rerun pays "
                                 "nothing twice: the replies are in the response cache)") from None

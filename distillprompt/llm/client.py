@@ -16,13 +16,13 @@ import time
 from typing import Any, Awaitable, Callable, Protocol
 
 from ..cache import CachedReply, ResponseCache, request_key
-from ..errors import CostLimitReached, EndpointUnavailable, UserError
+from ..errors import EndpointUnavailable, UserError
 from ..urls import masked
 from .limits import META, PriorityLimiter, request_tokens
 from .refusals import Accepts, RequestRefused
 from .retry import Retries, describe_error, retry_after, retryable, status_of
 from .transport import AttemptFailed, Endpoint, Reply, status_error
-from .usage import LLMCall, Messages, Usage, UsageMeter
+from .usage import LLMCall, Messages, Prices, Usage, UsageMeter
 
 # one attempt made elsewhere: the request's arguments in, a Reply out (or AttemptFailed)
 Send = Callable[[dict[str, Any]], Awaitable[Reply]]
@@ -68,12 +68,12 @@ class ReplyRecorder:
     request and, for the endpoint, ``identity``), the usage meter and the per-call observers."""
 
     def __init__(self, identity: str, model: str, meter: UsageMeter, cache: ResponseCache | None,
-                 price: Callable[[int, int], float] = lambda tokens_in, tokens_out: 0.0) -> None:
+                 prices: Prices = Prices()) -> None:
         self.identity = identity
         self.model = model
         self.meter = meter
         self.cache = cache
-        self.price = price  # what a reply's tokens cost (for the cache's replies: --max-cost counts them)
+        self.prices = prices  # what a reply's tokens cost (for the cache's replies: --max-cost counts them)
         self.observers: list[Callable[[LLMCall], None]] = []
 
     def key(
@@ -109,7 +109,7 @@ class ReplyRecorder:
             cache_hits=len(replies),
             cached_tokens=sum(r.input_tokens + r.output_tokens for r in replies),
             cached_output_tokens=sum(r.output_tokens for r in replies),
-            cached_cost=sum(self.price(r.input_tokens, r.output_tokens) for r in replies),
+            cached_cost=sum(self.prices.cost(r.input_tokens, r.output_tokens) for r in replies),
         )
 
     def store(
@@ -127,38 +127,21 @@ class ReplyRecorder:
                 observe(call)
 
 
-class CostGuard:
-    """``--max-cost``: refuses a new call once what the run's calls cost (the cache's replies
-    included) reaches ``limit``: the budget less what is held back for the test scoring. Stages
-    in ``spare`` are not refused: the test scoring, whose estimated cost (``held_back``) is kept
-    out of the search's share so that the best prompt gets its test score. A best prompt longer
-    than the one the estimate assumed holds back what its test requests carry more
-    (``hold_back_tokens``)."""
-
-    def __init__(self, meter: UsageMeter, budget: float, *, held_back: float = 0.0, spare: tuple[str, ...] = (),
-                 price_input: float = 0.0) -> None:
-        self.meter = meter
-        self.budget = budget
-        self.held_back = held_back
-        self.spare = spare
-        self.price_input = price_input  # USD per 1M input tokens
-        self.more = 0.0  # held back beyond the estimate, for a longer best prompt's test scoring
-
-    @property
-    def limit(self) -> float:
-        """What the search may spend."""
-        return self.budget - self.held_back - self.more
-
-    def hold_back_tokens(self, tokens: int) -> None:
-        """The final prompt's test scoring will carry ``tokens`` input tokens more than estimated."""
-        self.more = max(0, tokens) * self.price_input / 1e6
-
-    def spent(self) -> float:
-        return sum(usage.all_cost for stage, usage in self.meter.by_stage.items() if stage not in self.spare)
+class SpendingCheck(Protocol):
+    """What the client asks before every call, a call the cache answers too (``--max-cost``:
+    ``cost.CostCap``)."""
 
     def check(self, stage: str) -> None:
-        if stage not in self.spare and self.spent() >= self.limit:
-            raise CostLimitReached(f"--max-cost is spent (${self.spent():.4f} of ${self.limit:.4f} for the search)")
+        """Raises ``CostLimitReached`` when no new call for ``stage`` may go out."""
+
+
+class Transport(Protocol):
+    """One attempt at a chat completion (``transport.Endpoint``; the estimate's dry-run
+    endpoint answers without a model)."""
+
+    async def post_chat(self, arguments: dict[str, Any]) -> Reply: ...
+
+    async def close(self) -> None: ...
 
 
 class ChatClient:
@@ -178,12 +161,13 @@ class ChatClient:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         n_mode: str = "auto",
-        price_input: float = 0.0,
-        price_output: float = 0.0,
+        prices: Prices = Prices(),
         seed: int | None = None,
         cache_identity: str | None = None,
         accepts: Accepts | None = None,
         reasoning_room: int = 0,
+        cost_cap: SpendingCheck | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.base_url = masked(base_url.rstrip("/"))  # shown, and the cache's key: credentials change, the endpoint not
         self.model = model
@@ -191,16 +175,15 @@ class ChatClient:
         self.meter = meter
         # the cache keys on ``cache_identity`` instead of the URL for endpoints whose URL
         # changes from run to run while the model behind it does not (a local server on a free port)
-        self.recorder = ReplyRecorder(cache_identity or self.base_url, model, meter, cache, self.cost)
+        self.recorder = ReplyRecorder(cache_identity or self.base_url, model, meter, cache, prices)
         self.retries = Retries(max_retries, backoff_base, backoff_max, random.Random())
         self.native_n: bool | None = {"native": True, "separate": False}.get(n_mode)
         # what the endpoint takes (learned from its refusals): shared by the run's clients of this endpoint and model
         self.accepts = accepts or Accepts(self.base_url, model, reasoning_room)
-        self.price_input = price_input
-        self.price_output = price_output
+        self.prices = prices
         self.seed = seed
-        self.endpoint = Endpoint(base_url, api_key, timeout)
-        self.guard: CostGuard | None = None  # --max-cost: checked before every call, the cache's too
+        self.endpoint: Transport = transport or Endpoint(base_url, api_key, timeout)
+        self.cost_cap = cost_cap  # --max-cost: asked before every call, the cache's too
 
     @property
     def cache(self) -> ResponseCache | None:
@@ -218,9 +201,6 @@ class ChatClient:
         """One attempt at a chat completion from this process (no cache, limiter or retry)."""
         return await self.endpoint.post_chat(arguments)
 
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        return (input_tokens * self.price_input + output_tokens * self.price_output) / 1_000_000
-
     async def complete(
         self,
         messages: Messages,
@@ -237,8 +217,8 @@ class ChatClient:
         """The cached reply, else the endpoint's. ``salt`` tells apart requests that are
         otherwise identical (several takes on one meta-prompt) in the cache and in the seed;
         ``send`` makes each attempt elsewhere (``fetch_and_store``)."""
-        if self.guard is not None:
-            self.guard.check(stage)
+        if self.cost_cap is not None:
+            self.cost_cap.check(stage)
         key = self.recorder.key(messages, temperature=temperature, max_tokens=max_tokens, n=n, salt=salt, stop=stop,
                             seed=sampling_seed(self.seed, temperature, salt))
         cached = self.recorder.lookup(key, stage)
@@ -268,8 +248,8 @@ class ChatClient:
         With ``on_refused``, a request the endpoint refuses for what it holds gets an empty
         reply, and ``on_refused`` hears its position and the reason (without it, the
         ``RequestRefused`` is raised)."""
-        if self.guard is not None:
-            self.guard.check(stage)
+        if self.cost_cap is not None:
+            self.cost_cap.check(stage)
         if self.recorder.cache is None:  # no keys to compute
             keys = [str(i) for i in range(len(requests))]
             found: dict[str, CachedReply] = {}
@@ -399,8 +379,8 @@ class ChatClient:
             started = time.monotonic()
             latency = None
             try:
-                if self.guard is not None:
-                    self.guard.check(stage)  # a request that waited for its slot while the budget ran out
+                if self.cost_cap is not None:
+                    self.cost_cap.check(stage)  # a request that waited for its slot while the budget ran out
                 # built once it has its slot: what the endpoint takes may have been learned meanwhile
                 sent = accepts.arguments(
                     messages, temperature=temperature, n=n, max_tokens=max_tokens, seed=seed, stop=stop
@@ -441,7 +421,7 @@ class ChatClient:
         spent.input_tokens += response.input_tokens
         spent.output_tokens += response.output_tokens
         spent.reasoning_tokens += response.reasoning_tokens
-        spent.cost += self.cost(response.input_tokens, response.output_tokens)
+        spent.cost += self.prices.cost(response.input_tokens, response.output_tokens)
         return response.texts
 
 

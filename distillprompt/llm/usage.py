@@ -9,6 +9,23 @@ from typing import Any
 Messages = list[dict[str, str]]
 
 
+@dataclass(frozen=True)
+class Prices:
+    """What a request costs: its input and output tokens at USD per 1M tokens (``--price-input``,
+    ``--price-output``). The one price model of a run: paid requests, the replies the cache
+    serves, the estimate and ``--max-cost`` all count with it."""
+
+    input: float = 0.0
+    output: float = 0.0
+
+    def cost(self, input_tokens: float, output_tokens: float) -> float:
+        return (input_tokens * self.input + output_tokens * self.output) / 1_000_000
+
+    def __bool__(self) -> bool:
+        """Whether the run is priced at all."""
+        return bool(self.input or self.output)
+
+
 @dataclass
 class Usage:
     """What a set of LLM calls cost. Three counts: ``requests``, the HTTP requests the

@@ -10,16 +10,14 @@ import urllib.request
 from typing import Any
 
 from distillprompt.errors import UserError
-from distillprompt.resume import resumed_settings
-from distillprompt.runner import ResumePoint
+from distillprompt.output import SETTINGS_TREE
 from distillprompt.settings import Settings
-from distillprompt.state import RunState
+from distillprompt.state import RecordedRun, RunState
 from distillprompt.urls import get_request, mask_log_lines, masked
 
 from .outbox import error_line
 
 CHECKPOINT = "checkpoints/state.json"
-SETTINGS_TREE = "settings_tree.json"  # the settings as a tree, secrets left out: what --resume restarts from
 
 
 def tracking_requested(settings: Settings) -> bool:
@@ -62,6 +60,9 @@ def start_run(mlflow: Any, settings: Settings, parent_run_id: str | None, run_na
             run = mlflow.start_run(run_id=settings.resume)
             if run_id and run_id != settings.resume:  # `mlflow run` made a run of its own: point it here
                 mlflow.MlflowClient().set_tag(run_id, "distillprompt.resumed_run", settings.resume)
+            # tagged once the resume is accepted (the settings resolved), when the run is taken up again
+            state = last_checkpoint(mlflow, settings.resume)
+            mlflow.MlflowClient().set_tag(settings.resume, "distillprompt.resumed_from_round", state.round if state else 0)
             return run
         if parent_run_id:  # a child of a comparison (created by id: MLFLOW_RUN_ID names the parent)
             parent = mlflow.get_run(parent_run_id)
@@ -73,6 +74,8 @@ def start_run(mlflow: Any, settings: Settings, parent_run_id: str | None, run_na
             return mlflow.start_run(run_id=run_id)
         mlflow.set_experiment(settings.mlflow.experiment)
         return mlflow.start_run(run_name=settings.mlflow.run_name)
+    except UserError:
+        raise
     except Exception as error:
         reason = masked(" ".join(str(error).split()))[:200]
         raise UserError(
@@ -81,10 +84,11 @@ def start_run(mlflow: Any, settings: Settings, parent_run_id: str | None, run_na
         ) from None
 
 
-def resume_point(given: Settings) -> ResumePoint:
+def resume_point(given: Settings) -> RecordedRun:
     """Entry point ``distillprompt.resume_sources: mlflow``: the settings the run ``--resume``
-    names started with, the operational ones given again in their place (``resumed_settings``),
-    and its last checkpoint; a checkpoint it cannot read is refused, never started over."""
+    names recorded and its last checkpoint (``resolution.resumed_settings`` puts the
+    operational ones given again in their place); a checkpoint it cannot read is refused,
+    never started over."""
     if not tracking_requested(given):
         raise UserError("--resume needs MLflow tracking: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     # the record is read in a moment: no download progress bars before the run's own display
@@ -102,14 +106,9 @@ def resume_point(given: Settings) -> ResumePoint:
             f"run {given.resume} has no recorded settings ({SETTINGS_TREE}): it was not started by distillprompt; "
             "check the run id given to --resume"
         ) from None
-    if tree["llm"].get("backend") == "local":
-        tree["llm"]["base_url"] = None  # the embedded server of the killed run is gone; a new one starts
     tree["output"] = None  # a folder of its own, unless --output is given again: the first run's result.json stays
     tree["mlflow"]["tracking_uri"] = given.mlflow.tracking_uri  # where the run was found
-    settings = resumed_settings(given, tree)
-    state = last_checkpoint(mlflow, given.resume)
-    mlflow.MlflowClient().set_tag(given.resume, "distillprompt.resumed_from_round", state.round if state else 0)
-    return ResumePoint(settings, state)
+    return RecordedRun(tree, last_checkpoint(mlflow, given.resume), tracked_run=given.resume)
 
 
 def last_checkpoint(mlflow: Any, run_id: str) -> RunState | None:

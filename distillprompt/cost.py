@@ -1,23 +1,27 @@
-"""What a run will cost, before it sends anything: ``--dry-run``, and the estimate every run
-records beside what it spent.
+"""What a run costs and may spend, in one place, with one price model (``llm.Prices``: a
+request's input and output tokens at USD per 1M tokens; tokens the endpoint has not counted
+are estimated at 4 characters each, ``llm.text_tokens``).
 
-The run's own loop runs once, at once, against a stand-in model: every request the run
-would build (the initial prompt, the sampled examples, the meta-prompts' own text, the
-answer budget) is built by the run's own code and counted, and none is sent. What the
-response cache already holds is answered from it, as the real run would be (and counted as
-what a rerun does not pay again); the cache is only read. The stand-in answers a
-meta-prompt with a new candidate as long as the initial prompt (every candidate distinct, so
-none is a duplicate), and a scoring request with an answer as long as the task's answers
-(a label, or a reference of average length).
+**The estimate** (``estimate``, ``Estimate``): what a run will send and spend, before it sends
+anything (``--dry-run``, and the line every run starts with). The run's own loop runs once,
+at once, against an endpoint that answers without a model (``DryRunEndpoint``): every
+request the run would build (the initial prompt, the sampled examples, the meta-prompts' own
+text, the answer budget) is built by the run's own code and counted, and none is sent. What
+the response cache already holds is answered from it, as the real run would be (and counted
+as what a rerun does not pay again); the cache is only read (``ReadOnlyCache``). The
+dry-run endpoint answers a meta-prompt with a new candidate as long as the initial prompt
+(every candidate distinct, so none is a duplicate), and a scoring request with an answer as
+long as the task's answers (a label, or a reference of average length). Why a replay and not
+a formula: docs/decisions.md.
 
-Tokens are counted as the endpoints' usage reports count them only with the model's own
-tokenizer, which is not available offline for an arbitrary model: here 4 characters make a
-token (what providers use to budget a request before answering it).
-
-Racing: the simulation scores in full (the upper bound: no candidate stopped early), and
-the expected figure takes the candidates' train scoring at the fraction of full scoring that
+Racing: the replay scores in full (the upper bound: no candidate stopped early), and the
+expected figure takes the candidates' train scoring at the fraction of full scoring that
 racing spent in ``benchmarks/selection.py`` (block 5, alpha 0.1, 24 seeds: 75% at train 20,
 56% at 50, 44% at 100, 36% at 200), interpolated on the train size.
+
+**--max-cost** (``CostCap``): the budget, less the test scoring's estimated cost (held back so
+that the best prompt gets its test score), is what the search may spend; it is kept before
+every call, at the end of every stage, and for a best prompt longer than the estimate's.
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ from typing import Any, Callable
 
 from . import templates
 from .data import Task
-from .engine import TEST_SCORING, TRAIN_SCORING, VAL_SCORING
-from .llm import ChatClient, PriorityLimiter, Usage, UsageMeter, text_tokens
-from .llm.transport import Reply
-from .settings import Settings
+from .errors import CostLimitReached, UserError
+from .evaluation import TEST_SCORING, TRAIN_SCORING, VAL_SCORING
+from .llm import ChatClient, PriorityLimiter, Prices, Reply, Usage, UsageMeter, text_tokens
+from .settings import LLMSettings, Settings
 
 SCORING_STAGES = (TRAIN_SCORING, VAL_SCORING, TEST_SCORING)
 # racing's scoring requests as a fraction of full scoring's, by train size (benchmarks/selection.py)
@@ -75,7 +79,7 @@ class Estimate:
     scoring_other: StageFigures  # validation and test samples
     race_share: float  # of the candidates' train scoring, expected with racing (1.0 in full)
     initial_train: int  # train scoring requests of the initial prompt (never raced)
-    prices: tuple[float, float]
+    prices: Prices
     # for the upper bound on tokens: requests that carry a candidate's prompt, the initial
     # prompt's tokens, and the most tokens a candidate may have (--max-prompt-tokens, else the
     # meta reply's budget --meta-max-tokens)
@@ -132,8 +136,7 @@ class Estimate:
 
     @property
     def cost_max(self) -> float:
-        tokens_in, tokens_out = self.tokens_max
-        return (tokens_in * self.prices[0] + tokens_out * self.prices[1]) / 1e6
+        return self.prices.cost(*self.tokens_max)
 
     @property
     def cost(self) -> float:
@@ -195,15 +198,14 @@ class Estimate:
 
     def line(self) -> str:
         """One line, for the start of a run."""
-        priced = self.prices[0] or self.prices[1]
-        cost = f", ${self.cost:,.4f} (at most ${self.cost_max:,.4f})" if priced else ""
+        cost = f", ${self.cost:,.4f} (at most ${self.cost_max:,.4f})" if self.prices else ""
         bound = f" (at most {self.requests_max:,})" if self.scoring == "race" else ""
         cached = f"; the cache holds {self.cached:,} of them" if self.cached else ""
         return f"estimate: {self.requests:,} requests{bound}{cost}{cached} (--dry-run shows the details)"
 
     def text(self) -> str:
         """The estimate as the dry run prints it."""
-        price_in, price_out = self.prices
+        prices = self.prices
         tokens_in, tokens_out = self.tokens
         max_in, max_out = self.tokens_max
         lines = [
@@ -225,14 +227,14 @@ class Estimate:
         lines.append(f"    of which test {test.calls:,}, validation {val.calls:,}")
         lines.append(f"  total requests     {self.requests:>9,}" + (f"   (at most {self.requests_max:,})" if self.scoring == "race" else ""))
         lines.append(f"  total tokens       in {tokens_in:,}, out {tokens_out:,}   (at most in {max_in:,}, out {max_out:,})")
-        if price_in or price_out:
+        if prices:
             lines.append(f"  cost               ${self.cost:,.4f}   (at most ${self.cost_max:,.4f})"
-                         f"   at ${price_in:g} / ${price_out:g} per 1M tokens in / out")
+                         f"   at ${prices.input:g} / ${prices.output:g} per 1M tokens in / out")
         else:
             lines.append("  cost               not priced: give --price-input and --price-output (USD per 1M tokens)")
         if self.cached:
             lines.append(f"  response cache     holds {self.cached:,} of these calls"
-                         + (f" (${self.cached_cost:,.4f})" if price_in or price_out else "")
+                         + (f" (${self.cached_cost:,.4f})" if prices else "")
                          + ": the run answers them from the cache and does not pay them again")
         else:
             lines.append("  response cache     holds none of these calls")
@@ -243,8 +245,8 @@ class Estimate:
         return "\n".join(lines)
 
 
-class Peek:
-    """The response cache, read and never written (the stand-in's replies must not enter it)."""
+class ReadOnlyCache:
+    """The response cache, read and never written (the dry-run endpoint's replies must not enter it)."""
 
     def __init__(self, cache: Any) -> None:
         self.cache = cache
@@ -259,7 +261,7 @@ class Peek:
         pass
 
 
-class StandIn:
+class DryRunEndpoint:
     """An endpoint that answers at once, without a model: a candidate prompt for a
     meta-prompt (``meta``), an answer of the task's length for a scoring request."""
 
@@ -293,37 +295,42 @@ class StandIn:
 
 # the run's loop over given clients, in this process (the runner's): settings, meter,
 # limiter, cache, optimizer client, target client
-LoopMaker = Callable[[Settings, UsageMeter, PriorityLimiter, Any, ChatClient, ChatClient], Any]
+Replay = Callable[[Settings, UsageMeter, PriorityLimiter, Any, ChatClient, ChatClient], Any]
 
 
-async def estimate_run(settings: Settings, task: Task, cache: Any, identity: str | None,
-                       urls: tuple[str, str], make_loop: LoopMaker) -> Estimate:
-    """Runs the settings' loop against the stand-in (``urls``: the target's and the optimizer's
-    endpoint, for the cache keys) and returns what the real run would spend."""
-    simulated = settings.model_copy(deep=True)
-    optimizer = simulated.optimizer
-    optimizer.scoring = "full"  # the upper bound; racing's expected figure is taken from it
-    optimizer.max_cost = None
-    optimizer.stop_when_flat = False  # the stand-in's answers carry no signal
-    optimizer.patience = 0
+async def estimate(settings: Settings, task: Task, cache: Any, identity: str | None,
+                   urls: tuple[str, str], replay: Replay) -> Estimate:
+    """Replays the settings' loop against the dry-run endpoint (``urls``: the target's and the
+    optimizer's endpoint, for the cache keys) and returns what the real run would spend."""
+    optimizer = settings.optimizer
+    simulated = settings.with_changes(optimizer={
+        "scoring": "full",  # the upper bound; racing's expected figure is taken from it
+        "max_cost": None,
+        "stop_when_flat": False,  # the dry-run endpoint's answers carry no signal
+        "patience": 0,
+    })
     initial_prompt = (optimizer.initial_prompt or "").strip() or templates.default_initial_prompt(task)
     meter = UsageMeter()
     limiter = PriorityLimiter(1_000_000)  # nothing waits: nothing is sent
     llm = settings.llm
     common: dict[str, Any] = dict(
-        api_key=None, limiter=limiter, meter=meter, cache=Peek(cache) if cache is not None else None,
-        n_mode=llm.n_mode, seed=settings.seed, price_input=llm.price_input, price_output=llm.price_output,
-        max_retries=0,
+        api_key=None, limiter=limiter, meter=meter, cache=ReadOnlyCache(cache) if cache is not None else None,
+        n_mode=llm.n_mode, seed=settings.seed, prices=prices_of(llm), max_retries=0,
     )
     target_url, meta_url = urls
-    target = ChatClient(base_url=target_url, model=llm.model, cache_identity=identity, **common)
+    target = ChatClient(base_url=target_url, model=llm.model, cache_identity=identity,
+                        transport=DryRunEndpoint(task, initial_prompt, meta=False), **common)
     meta = ChatClient(base_url=meta_url, model=settings.optimizer_model,
-                      cache_identity=identity if meta_url == target_url else None, **common)
-    target.endpoint = StandIn(task, initial_prompt, meta=False)  # type: ignore[assignment]
-    meta.endpoint = StandIn(task, initial_prompt, meta=True)  # type: ignore[assignment]
-    loop = make_loop(simulated, meter, limiter, common["cache"], meta, target)
+                      cache_identity=identity if meta_url == target_url else None,
+                      transport=DryRunEndpoint(task, initial_prompt, meta=True), **common)
+    loop = replay(simulated, meter, limiter, common["cache"], meta, target)
     result = await loop.run(optimizer.initial_prompt)
+    return _estimate_of(settings, task, meter, loop, result, initial_prompt)
 
+
+def _estimate_of(settings: Settings, task: Task, meter: UsageMeter, loop: Any, result: Any,
+                 initial_prompt: str) -> Estimate:
+    """The estimate from what the replay counted, stage by stage."""
     by_stage: dict[str, StageFigures] = {}
     for stage, usage in meter.snapshot().items():
         by_stage[stage] = _figures(usage)
@@ -333,9 +340,9 @@ async def estimate_run(settings: Settings, task: Task, cache: Any, identity: str
         for name in asdict(figures):
             setattr(into, name, getattr(into, name) + getattr(figures, name))
     candidates = sum(1 for c in result.history if c.stage != "initial")
+    optimizer, llm = settings.optimizer, settings.llm
     # as the loop decides it: a method whose selection races, on more train examples than a block
-    racing = (settings.optimizer.scoring == "race" and loop.selection.races
-              and len(task.train) > settings.optimizer.race_block)
+    racing = optimizer.scoring == "race" and loop.selection.races and len(task.train) > optimizer.race_block
     notes = [
         "tokens are estimated at 4 characters a token (no offline tokenizer for the endpoint's model)",
         f"candidates are taken as long as the initial prompt ({text_tokens(initial_prompt)} tokens); each 100 tokens "
@@ -350,12 +357,12 @@ async def estimate_run(settings: Settings, task: Task, cache: Any, identity: str
         candidates=candidates, meta=meta_figures, scoring_train=train, scoring_other=other,
         race_share=race_fraction(len(task.train)) if racing else 1.0, initial_train=len(task.train),
         initial_val=len(task.val) if loop.validating else 0, answer_tokens=templates.answer_budget(task, llm),
-        prices=(llm.price_input, llm.price_output), by_stage=by_stage, notes=notes,
+        prices=prices_of(llm), by_stage=by_stage, notes=notes,
     )
 
 
 def _figures(usage: Usage) -> StageFigures:
-    """A stage's figures: the stand-in's requests, and the calls the cache answered (their
+    """A stage's figures: the dry-run endpoint's requests, and the calls the cache answered (their
     tokens as the cache recorded them)."""
     return StageFigures(
         calls=usage.requests + usage.cache_hits,
@@ -364,3 +371,91 @@ def _figures(usage: Usage) -> StageFigures:
         output_tokens=usage.output_tokens + usage.cached_output_tokens,
         cost=usage.cost + usage.cached_cost,
     )
+
+
+def prices_of(llm: LLMSettings) -> Prices:
+    """The run's prices (``--price-input``, ``--price-output``)."""
+    return Prices(llm.price_input, llm.price_output)
+
+
+def require_prices(settings: Settings) -> None:
+    """``--max-cost`` counts dollars: it needs the prices."""
+    if settings.optimizer.max_cost and not prices_of(settings.llm):
+        raise UserError("--max-cost needs prices: give --price-input and --price-output (USD per 1M tokens)")
+
+
+class CostCap:
+    """``--max-cost``. The search may spend the budget less ``test_reserve``, the test
+    scoring's estimated cost, held back so that the best prompt gets its test score (the test
+    scoring itself is never refused). Every call counts, the cache's at today's prices, so
+    that a rerun from the cache stops where the first run stopped. Kept three ways:
+
+    * before every call (``check``: the client asks): none goes out once the search's share
+      is spent;
+    * at the end of every stage (``next_stage_fits``): a round stops when the next stage, as
+      costly as the costliest so far, would not fit, so that the run ends on finished stages,
+      where a rerun ends too;
+    * for a new best prompt (``reserve_for_best``): its test scoring carries its length, and
+      what it has more than the initial prompt (the estimate's) is held back too."""
+
+    def __init__(self, meter: UsageMeter, budget: float, prices: Prices, test_reserve: float = 0.0) -> None:
+        self.meter = meter
+        self.budget = budget
+        self.prices = prices
+        self.test_reserve = test_reserve
+        self.longer_prompt_reserve = 0.0
+        self._spent_at_mark = 0.0
+        self._costliest_stage = 0.0
+
+    @property
+    def limit(self) -> float:
+        """What the search may spend."""
+        return self.budget - self.test_reserve - self.longer_prompt_reserve
+
+    def spent(self) -> float:
+        """What the search's calls cost so far (the test scoring's are not the search's)."""
+        return sum(usage.all_cost for stage, usage in self.meter.by_stage.items() if stage != TEST_SCORING)
+
+    def check(self, stage: str) -> None:
+        if stage != TEST_SCORING and self.spent() >= self.limit:
+            raise CostLimitReached(f"--max-cost is spent (${self.spent():.4f} of ${self.limit:.4f} for the search)")
+
+    def round_started(self) -> None:
+        """What a stage costs is counted from here."""
+        self._spent_at_mark = self.spent()
+
+    def next_stage_fits(self) -> bool:
+        """At the end of a stage: whether a stage as costly as the costliest so far still fits."""
+        cost = self.spent()
+        self._costliest_stage = max(self._costliest_stage, cost - self._spent_at_mark)
+        self._spent_at_mark = cost
+        return cost + self._costliest_stage < self.limit
+
+    def reserve_for_best(self, prompt: str, initial: str, test_examples: int) -> None:
+        """The best prompt is now ``prompt``: its test scoring will carry its tokens more than
+        the initial prompt's on each test example."""
+        longer = max(0, text_tokens(prompt) - text_tokens(initial))
+        self.longer_prompt_reserve = self.prices.cost(longer * test_examples, 0)
+
+
+def cost_cap(settings: Settings, meter: UsageMeter, planned: Estimate | None) -> CostCap | None:
+    """The run's ``--max-cost`` cap (None without one), with the test scoring's estimated cost
+    held back; a budget that cannot pay for the test scoring, or for it and the initial
+    prompt's scores, is refused before any request."""
+    budget = settings.optimizer.max_cost
+    if not budget:
+        return None
+    require_prices(settings)
+    test_reserve = planned.test_cost if planned is not None else 0.0
+    if test_reserve >= budget:
+        raise UserError(
+            f"--max-cost {budget:g} does not cover the test scoring alone (about ${test_reserve:.4f}): raise --max-cost "
+            "or lower --test-size"
+        )
+    floor = test_reserve + (planned.initial_cost if planned is not None else 0.0)
+    if floor >= budget:
+        raise UserError(
+            f"--max-cost {budget:g} does not cover scoring the initial prompt and the test sample (about "
+            f"${floor:.4f}), before any candidate: raise --max-cost or lower --train-size"
+        )
+    return CostCap(meter, budget, prices_of(settings.llm), test_reserve)
