@@ -113,6 +113,8 @@ class Optimizer:
         scoring = self.scoring
         scoring.refused.load(state.refused)
         if scoring.racing:
+            # the race's test imports scipy.stats (0.7-1.0 s); imported at the first test it held
+            # the event loop and the run for that long (docs/decisions.md): now, beside the scoring
             start_warm_up()
         initial_test = asyncio.create_task(scoring.score_test(initial.prompt))
         rounds = self.summaries
