@@ -29,6 +29,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from .errors import UserError
+# the groups, and the names that go with them, handed on: the package imports them from here
 from .setting_groups import (
     AUTO_START_CONCURRENCY, DEFAULT_CACHE_PATH, METHOD_NAMES, OPERATIONAL, PAPER_SETTINGS, URL, CacheSettings, DataSettings,
     Group, LLMSettings, MethodName, OptimizerSettings, TrackingSettings, alias, flag,

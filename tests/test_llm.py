@@ -167,7 +167,7 @@ def test_n_samples_fall_back_to_separate_calls():
         assert len(texts) == 3
         # one try with n=3 (answered with one sample), then the two missing samples alone
         assert [entry.n for entry in plain.requests()] == [3, 1, 1]
-        assert client.native_n is False
+        assert client.requester.native_n is False
 
 
 def test_native_n_mode_refuses_an_endpoint_that_ignores_n():

@@ -96,11 +96,6 @@ class Optimizer:
     def rounds(self) -> int:
         return self.method.rounds(self.settings)
 
-    @property
-    def searches(self) -> bool:
-        """Whether the method looks for a better prompt (``initial`` does not)."""
-        return self.rounds > 0
-
     async def run(self, initial_prompt: str | None = None) -> RunResult:
         self._started = time.perf_counter()
         state = self.state
@@ -117,43 +112,10 @@ class Optimizer:
             # the event loop and the run for that long (docs/decisions.md): now, beside the scoring
             start_warm_up()
         initial_test = asyncio.create_task(scoring.score_test(initial.prompt))
-        rounds = self.summaries
         try:
-            try:
-                if initial.score is None:
-                    await scoring.score_train([initial])
-                    _check_not_all_refused(initial)
-                if state.best_record is None:
-                    state.best_record = scoring.record(state.best.prompt)
-                if self.validating and initial.val_score is None:
-                    await scoring.score_validation([initial])
-            except CostLimitReached as error:
-                # the estimate let the budget through (cost.cost_cap), but the initial
-                # prompt's own scoring cost more: there is nothing to optimize from
-                raise UserError(f"{error} before the initial prompt was scored: raise --max-cost (a rerun pays "
-                                "nothing twice: the replies are in the response cache)") from None
-            stop_reason = state.stop_reason
-            while stop_reason is None and self.state.round < self.rounds:
-                checkpoint = copy.deepcopy(self.state)
-                self.budgets.mark()
-                try:
-                    result = await self._round(self.state.round + 1)
-                except EndpointUnavailable as error:
-                    # The endpoint gave up beyond every retry (or --max-cost was spent outside a
-                    # round's stages): forget the unfinished round (its replies are in the
-                    # cache) and stop with the best prompt of the finished ones.
-                    await scoring.cancel()
-                    self._use_state(checkpoint)
-                    if isinstance(error, CostLimitReached):
-                        stop_reason = MAX_COST
-                    else:
-                        self.failure = str(error)
-                        stop_reason = ENDPOINT_UNAVAILABLE
-                    break
-                rounds.append(result.summary())
-                stop_reason = result.stop_reason
+            await self._score_initial(initial)
+            stop_reason = await self._rounds()
             state = self.state
-            stop_reason = stop_reason or ROUNDS_DONE
             state.stop_reason = stop_reason
             self.events.emit("on_rounds_done", state)
             final = state.best
@@ -167,20 +129,57 @@ class Optimizer:
                 initial_test.cancel()
             await scoring.cancel()
         result = self._result(stop_reason, initial_test_score, final_test_score)
-        result.diagnosis = next(
-            (r.diagnosis.sentence for r in reversed(rounds) if r.diagnosis and r.diagnosis.flat), None
-        )
+        flat = [r.diagnosis.sentence for r in self.summaries if r.diagnosis and r.diagnosis.flat]
+        result.diagnosis = flat[-1] if flat else None
         result.verdict = judge(
-            metric=self.task.metric,
-            labels=self.task.labels if self.task.is_classification else None,
-            kept_initial=final.id == initial.id and self.searches,
-            initial_test=initial_test_score,
-            final_test=final_test_score,
-            seed=self.seed,
+            metric=self.task.metric, labels=self.task.labels if self.task.is_classification else None,
+            # the initial prompt kept by a method that looked for a better one (``initial`` does not)
+            kept_initial=final.id == initial.id and self.rounds > 0, initial_test=initial_test_score,
+            final_test=final_test_score, seed=self.seed,
         )
         self.result = result
         self.events.emit("on_finish", result)
         return result
+
+    async def _score_initial(self, initial: Candidate) -> None:
+        """The initial prompt on the train sample (and the validation sample, when the run
+        selects on one), unless a resumed state holds its scores."""
+        state, scoring = self.state, self.scoring
+        try:
+            if initial.score is None:
+                await scoring.score_train([initial])
+                _check_not_all_refused(initial)
+            if state.best_record is None:
+                state.best_record = scoring.record(state.best.prompt)
+            if self.validating and initial.val_score is None:
+                await scoring.score_validation([initial])
+        except CostLimitReached as error:
+            # the estimate let the budget through (cost.cost_cap), but the initial
+            # prompt's own scoring cost more: there is nothing to optimize from
+            raise UserError(f"{error} before the initial prompt was scored: raise --max-cost (a rerun pays "
+                            "nothing twice: the replies are in the response cache)") from None
+
+    async def _rounds(self) -> str:
+        """The method's rounds, until a stop rule, a budget or the last round; the stop reason."""
+        stop_reason = self.state.stop_reason
+        while stop_reason is None and self.state.round < self.rounds:
+            checkpoint = copy.deepcopy(self.state)
+            self.budgets.mark()
+            try:
+                result = await self._round(self.state.round + 1)
+            except EndpointUnavailable as error:
+                # The endpoint gave up beyond every retry (or --max-cost was spent outside a
+                # round's stages): forget the unfinished round (its replies are in the
+                # cache) and stop with the best prompt of the finished ones.
+                await self.scoring.cancel()
+                self._use_state(checkpoint)
+                if isinstance(error, CostLimitReached):
+                    return MAX_COST
+                self.failure = str(error)
+                return ENDPOINT_UNAVAILABLE
+            self.summaries.append(result.summary())
+            stop_reason = result.stop_reason
+        return stop_reason or ROUNDS_DONE
 
     def _result(self, stop_reason: str, initial_test: Score | None, final_test: Score | None) -> RunResult:
         """The run's result from its state: the best prompt so far is the final one."""
@@ -190,8 +189,8 @@ class Optimizer:
             task=self.task.describe(),
             initial=initial,
             final=final,
-            initial_scores=self._scores(initial, initial_test),
-            final_scores=self._scores(final, final_test),
+            initial_scores=_by_sample(initial, initial_test, self.validating),
+            final_scores=_by_sample(final, final_test, self.validating),
             initial_test=initial_test,
             final_test=final_test,
             history=list(state.history),
@@ -265,27 +264,12 @@ class Optimizer:
         state.keep_rng(rng)
         state.refused = self.scoring.refused.to_list()
 
-        # Test-sample scoring runs beside the rounds; it belongs to the run, not to a round.
-        by_stage = UsageMeter.since(self.meter.snapshot(), usage_before)
-        by_stage.pop(TEST_SCORING, None)
-        round_usage = Usage()
-        for usage in by_stage.values():
-            round_usage.add(usage)
+        round_usage, by_stage = _round_usage(self.meter, usage_before)
         result = RoundResult(
-            round=number,
-            candidates=new,
-            best=state.best,
-            improved=improved,
-            stage_stats=_stage_stats(new),
-            usage=round_usage,
-            usage_by_stage=by_stage,
-            rejections=current.rejections,
-            wall_time=time.perf_counter() - started,
-            state=state,
-            stop_reason=current.stop_reason,
-            diagnosis=diagnosis,
-            concurrency=self.limiter.window(),
-            race=self.scoring.race_summary(new),
+            round=number, candidates=new, best=state.best, improved=improved, stage_stats=_stage_stats(new),
+            usage=round_usage, usage_by_stage=by_stage, rejections=current.rejections,
+            wall_time=time.perf_counter() - started, state=state, stop_reason=current.stop_reason,
+            diagnosis=diagnosis, concurrency=self.limiter.window(), race=self.scoring.race_summary(new),
         )
         for rule in self.stop_rules:
             result.stop_reason = result.stop_reason or rule.check(state, result)
@@ -300,14 +284,6 @@ class Optimizer:
             task=self.task, settings=self.settings, seed=self.seed, validating=self.validating, writer=self.writer,
             history=History(state), scoring=self.scoring, budgets=self.budgets, events=self.events,
         )
-
-    def _scores(self, candidate: Candidate, test: Score | None) -> dict[str, dict[str, float]]:
-        """A candidate's scores by sample: train, validation (when the run selects on one), test."""
-        scores: dict[str, dict[str, float]] = {"train": _train_metrics(candidate)}
-        if self.validating:
-            scores["val"] = {"score": candidate.val_score} if candidate.val_score is not None else {}
-        scores["test"] = test.summary() if test is not None else {}
-        return scores
 
     async def _unless_unavailable(self, scoring: Any) -> Score | None:
         try:
@@ -340,8 +316,25 @@ def _check_not_all_refused(initial: Candidate) -> None:
         )
 
 
-def _train_metrics(candidate: Candidate) -> dict[str, float]:
-    return {"score": candidate.score or 0.0, **candidate.metrics, "parse_rate": candidate.parse_rate or 0.0}
+def _by_sample(candidate: Candidate, test: Score | None, validating: bool) -> dict[str, dict[str, float]]:
+    """A candidate's scores by sample: train, validation (when the run selects on one), test."""
+    train = {"score": candidate.score or 0.0, **candidate.metrics, "parse_rate": candidate.parse_rate or 0.0}
+    scores: dict[str, dict[str, float]] = {"train": train}
+    if validating:
+        scores["val"] = {"score": candidate.val_score} if candidate.val_score is not None else {}
+    scores["test"] = test.summary() if test is not None else {}
+    return scores
+
+
+def _round_usage(meter: UsageMeter, before: dict[str, Usage]) -> tuple[Usage, dict[str, Usage]]:
+    """A round's usage, in all and by stage; the test-sample scoring, which runs beside the
+    rounds, belongs to the run, not to a round."""
+    by_stage = UsageMeter.since(meter.snapshot(), before)
+    by_stage.pop(TEST_SCORING, None)
+    total = Usage()
+    for usage in by_stage.values():
+        total.add(usage)
+    return total, by_stage
 
 
 def _stage_stats(candidates: list[Candidate]) -> dict[str, dict[str, float]]:

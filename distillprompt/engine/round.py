@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,11 +10,12 @@ from .. import templates
 from ..candidates import Extraction
 from ..data import Example, Task
 from ..evaluation import Score
-from ..llm import CONTEXT_LENGTH, RequestRefused, text_tokens
+from ..llm import RequestRefused, text_tokens
 from ..settings import OptimizerSettings
-from ..state import Candidate, RunState, dedup_key
+from ..state import Candidate, RunState
 from .budgets import Budgets
 from .events import TRAIN_SCORING, Events, StageEvent
+from .examples import Mistakes, carried_demos, mistakes_in, random_examples, recorded_answers, stratified_demos
 from .history import History
 from .scoring import Scoring
 from .writer import MetaWriter
@@ -104,50 +103,15 @@ class Round:
         self, meta: templates.MetaPrompt, temperature: float, n: int, key: str, parents: list[Candidate]
     ) -> list[Extraction]:
         """``n`` replies of the optimizer model, each cleaned into a candidate prompt or a reason
-        to drop it. ``key`` tells this request apart from others of the round in the response
-        cache (the same key on a rerun gets the same reply). A reply that repeats a parent is
-        asked again at the copy-retry temperature (``copy_retries`` times at most, each a
-        request of its own, counted as ``<stage>_copy_retry``); a retry that is unusable keeps
-        the copy.
-
-        A meta-prompt the endpoint refuses as too long for the model's context is asked again
-        with one example fewer (its longest) while it shows any (``MetaPrompt.fewer``: the
-        distill stage); one refused otherwise (or for its content) gives ``n`` replies dropped
-        with the refusal's reason (``context_length``, ``content_filter``)."""
-        writer = self._parts.writer
-        salt = f"{self.number}:{key}"
-        while True:
-            try:
-                replies = await writer.ask(meta, temperature, n, salt)
-                break
-            except RequestRefused as refusal:
-                if refusal.reason == CONTEXT_LENGTH and meta.fewer is not None:
-                    meta = meta.fewer()
-                    continue
-                return [Extraction(None, refusal.reason) for _ in range(n)]
-        extractions = [writer.extract(reply, meta) for reply in replies]
-        parent_keys = {dedup_key(parent.prompt) for parent in parents}
-        for attempt in range(self.settings.copy_retries):
-            copies = [
-                i for i, extraction in enumerate(extractions)
-                if extraction.prompt is not None and dedup_key(extraction.prompt) in parent_keys
-            ]
-            if not copies:
-                break
-            retried = await asyncio.gather(*(
-                writer.ask(meta, self.settings.copy_retry_temperature, 1, f"{salt}:copy{i}:{attempt}",
-                           stage=f"{meta.stage}_copy_retry")
-                for i in copies
-            ), return_exceptions=True)
-            for again in retried:  # a retry refused keeps the copy, as an unusable one does
-                if isinstance(again, BaseException) and not isinstance(again, RequestRefused):
-                    raise again
-            retried = [[] if isinstance(again, RequestRefused) else again for again in retried]
-            for i, again in zip(copies, retried):
-                extraction = writer.extract(again[0] if again else "", meta)
-                if extraction.prompt is not None:
-                    extractions[i] = extraction
-        return extractions
+        to drop it (``MetaWriter.candidates``: a reply that repeats a parent is asked again up
+        to ``--copy-retries`` times; a meta-prompt too long for the context is asked with fewer
+        examples). ``key`` tells this request apart from others of the round in the response
+        cache (the same key on a rerun gets the same reply)."""
+        settings = self.settings
+        return await self._parts.writer.candidates(
+            meta, temperature, n, f"{self.number}:{key}", [parent.prompt for parent in parents],
+            settings.copy_retries, settings.copy_retry_temperature,
+        )
 
     async def ask_text(self, meta: templates.MetaPrompt, temperature: float, key: str) -> str:
         """One raw reply of the optimizer model (no cleaning), e.g. a rewritten phrase; empty
@@ -234,82 +198,31 @@ class Round:
 
     def draw_examples(self, wanted: int) -> list[Example]:
         """``wanted`` random train examples (all of them if fewer), in sample order."""
-        train = self.task.train
-        count = min(wanted, len(train))
-        return [train[i] for i in sorted(self.rng.sample(range(len(train)), count))]
+        return random_examples(self.task.train, self.rng, wanted)
 
     def draw_demos(self, wanted: int) -> list[Example]:
-        """``wanted`` solved examples for a prompt, from the train-split rows outside every
-        sample (``task.demo_pool``; none when there are none), stratified by label: one of
-        each label in a random order before a second of any; in a random order."""
-        pool = self.task.demo_pool
-        if not self.task.is_classification:
-            picked = self.rng.sample(pool, min(wanted, len(pool)))
-        else:
-            by_label: dict[str, list[Example]] = {}
-            for example in pool:
-                by_label.setdefault(example.target, []).append(example)
-            for examples in by_label.values():
-                self.rng.shuffle(examples)
-            labels = [label for label in self.task.labels if by_label.get(label)]
-            self.rng.shuffle(labels)
-            picked = []
-            while len(picked) < wanted and any(by_label.get(label) for label in labels):
-                for label in labels:
-                    if by_label.get(label) and len(picked) < wanted:
-                        picked.append(by_label[label].pop())
-            self.rng.shuffle(picked)
-        return picked
-
-    def _best_answers(self, record: list[float]) -> list[Answered]:
-        """The best prompt's answers on the train sample, from its saved record (label codes)."""
-        labels = self.task.labels
-        refused = self._parts.scoring.refused.rows(TRAIN_SCORING)  # no answer: nothing to learn from
-        entries: list[Answered] = []
-        for example, code in zip(self.task.train, record):
-            if example.index in refused:
-                continue
-            label = labels[int(code)] if code >= 0 else None
-            entries.append((example, float(label == example.target), {"output": label or "no label"}))
-        return entries
+        """``wanted`` solved examples for a prompt, stratified by label (``examples.stratified_demos``)."""
+        return stratified_demos(self.task, self.rng, wanted)
 
     def demos_of(self, candidate: Candidate) -> list[Example]:
         """The solved examples a candidate's prompt carries (none for a bare instruction)."""
-        if not candidate.demos:
-            return []
-        by_index = {example.index: example for example in self.task.demo_pool}
-        return [by_index[index] for index in candidate.demos if index in by_index]
+        return carried_demos(self.task, candidate)
 
     def mistakes(self, candidate: Candidate, wanted: int) -> Mistakes:
-        """Train examples for a distillation that studies what went wrong: mostly ones the
-        candidate's prompt got wrong (at most three in five), then ones it got right, each
-        chosen to cover the labels (classification) before repeating one, with what the target
-        answered on each. Only from scores paid for already: the examples the candidate was
-        scored on (its race's blocks, or the whole sample): a candidate of this round, or the
-        best prompt (from its saved train record: classification only). Call after
-        ``scored()``; none for another candidate, so that a resumed round, which holds only
-        what the run state saved, draws as the first run did."""
+        """Train examples for a distillation that studies what went wrong
+        (``examples.mistakes_in``), only from scores paid for already: the examples the
+        candidate was scored on (its race's blocks, or the whole sample): a candidate of this
+        round, or the best prompt (from its saved train record: classification only). Call
+        after ``scored()``; none for another candidate, so that a resumed round, which holds
+        only what the run state saved, draws as the first run did."""
         original = self.original(candidate)
+        scoring = self._parts.scoring
+        answered = []
         if original.round == self.number:
-            answered = self._parts.scoring.train_answers(original.prompt)
+            answered = scoring.train_answers(original.prompt)
         elif original.id == self._state.best_id and self._state.best_record and self.task.is_classification:
-            answered = self._best_answers(self._state.best_record)
-        else:
-            answered = []
-        if not answered:
-            return Mistakes([], [], None)
-        wrong = [entry for entry in answered if entry[1] < 1.0]
-        right = [entry for entry in answered if entry[1] >= 1.0]
-        # the worst first for a graded metric; equal scores (classification) in a random order
-        self.rng.shuffle(wrong)
-        wrong.sort(key=lambda entry: entry[1])
-        self.rng.shuffle(right)
-        picked = _covering(wrong, min(len(wrong), max(1, (3 * wanted) // 5)), [])
-        picked += _covering(right, wanted - len(picked), picked)
-        picked += _covering(wrong, wanted - len(picked), picked)
-        picked.sort(key=lambda entry: entry[0].index)
-        return Mistakes([entry[0] for entry in picked], [entry[2] for entry in picked],
-                        _confusions(answered, wrong) if self.task.is_classification else None)
+            answered = recorded_answers(self.task, self._state.best_record, scoring.refused.rows(TRAIN_SCORING))
+        return mistakes_in(answered, self.rng, wanted, self.task.is_classification)
 
     async def end_stage(self, stage: str, candidates: list[Candidate | None]) -> bool:
         """Ends a stage: scoring of its candidates starts, callbacks hear ``on_stage``, and the
@@ -348,44 +261,3 @@ class Round:
         """Scoring requests that ``candidates`` new distinct candidates may cost at most: the
         train sample each, and the validation sample for those the selection will validate."""
         return self._parts.scoring.candidate_cost(candidates)
-
-
-Answered = tuple[Example, float, dict[str, str]]  # an example, its score, what the target answered on it
-
-
-@dataclass(frozen=True)
-class Mistakes:
-    """What a distillation studies of a prompt's answers: the examples, what the target
-    answered on each, and (classification) a line that counts its most frequent mistakes."""
-
-    examples: list[Example]
-    answers: list[dict[str, str]]
-    summary: str | None
-
-
-def _confusions(answered: list[Answered], wrong: list[Answered], most: int = 3) -> str:
-    """One line over every example the prompt was scored on: how many it got right, and its
-    most frequent mistakes (the correct label and the answer given instead, counted)."""
-    pairs = Counter((entry[0].target, entry[2].get("output", "")) for entry in wrong)
-    text = f"With this instruction the model was right on {len(answered) - len(wrong)} of {len(answered)} examples"
-    if not pairs:
-        return text + "."
-    listed = "; ".join(
-        f'"{given}" where the correct answer is "{correct}" ({count} {"time" if count == 1 else "times"})'
-        for (correct, given), count in sorted(pairs.items(), key=lambda item: (-item[1], item[0]))[:most]
-    )
-    return f"{text}. Its most frequent mistakes: {listed}."
-
-
-def _covering(entries: list[Answered], count: int, taken: list[Answered]) -> list[Answered]:
-    """``count`` of ``entries`` (in their order) not in ``taken``, a target not yet covered
-    (by ``taken`` or the ones chosen) first."""
-    left = [entry for entry in entries if all(entry[0] is not other[0] for other in taken)]
-    covered = {entry[0].target for entry in taken}
-    chosen: list[Answered] = []
-    for entry in left:
-        if len(chosen) < count and entry[0].target not in covered:
-            chosen.append(entry)
-            covered.add(entry[0].target)
-    chosen += [entry for entry in left if all(entry is not other for other in chosen)][: max(0, count - len(chosen))]
-    return chosen
