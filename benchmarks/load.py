@@ -104,17 +104,7 @@ def measure(
     cluster = TreeMonitor(head.raylet, args.poll) if head and head.raylet else None
     try:
         endpoint_before = proc_stat(server.pid)
-        command = [
-            sys.executable, "-m", "distillprompt", "optimize", "--quiet",
-            "--dataset", str(args.dataset), "--base-url", base_url, "--model", "test-model",
-            "--rounds", str(args.rounds), "--train-size", str(args.train_size), "--test-size", str(args.test_size),
-            "--concurrency", str(args.concurrency), "--executor", flag,
-            *(["--cache-path", str(folder / "cache.sqlite")] if args.cache else ["--no-cache"]),
-            "--seed", str(args.seed), "--scoring", args.scoring,
-            # the actors' path from the start (by default a local instance waits for 5 busy seconds)
-            *(["--ray-start", "now"] if executor == "ray" else []),
-            "--output", str(folder / "out"),
-        ]
+        command = optimize_command(args, executor, folder, flag, base_url)
         with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
             started = time.perf_counter()
             process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, env=env)
@@ -164,23 +154,41 @@ def measure(
     }
     result_file = folder / "out" / "result.json"
     if process.returncode == 0 and result_file.exists():
-        result = json.loads(result_file.read_text())
-        total = result["usage"]["total"]
-        row.update(
-            requests=total["requests"],
-            retries=total["retries"],
-            failed=total["failed"],
-            optimizer_s=result["wall_time_seconds"],
-            rounds=len(result["rounds"]),
-            candidates=len(result["history"]),
-            final_prompt=result["final_prompt"],
-            final_test=result["final_scores"]["test"]["score"],
-            by_actors=result.get("ray", {}).get("requests", {}).get("actors"),
-            ray_calls=result.get("ray", {}).get("calls"),
-            cache_writes=result.get("cache", {}).get("write_transactions"),
-            stop_reason=result.get("stop_reason"),
-        )
+        row.update(result_figures(json.loads(result_file.read_text())))
     return row
+
+
+def optimize_command(args: argparse.Namespace, executor: str, folder: Path, flag: str, base_url: str) -> list[str]:
+    return [
+        sys.executable, "-m", "distillprompt", "optimize", "--quiet",
+        "--dataset", str(args.dataset), "--base-url", base_url, "--model", "test-model",
+        "--rounds", str(args.rounds), "--train-size", str(args.train_size), "--test-size", str(args.test_size),
+        "--concurrency", str(args.concurrency), "--executor", flag,
+        *(["--cache-path", str(folder / "cache.sqlite")] if args.cache else ["--no-cache"]),
+        "--seed", str(args.seed), "--scoring", args.scoring,
+        # the actors' path from the start (by default a local instance waits for 5 busy seconds)
+        *(["--ray-start", "now"] if executor == "ray" else []),
+        "--output", str(folder / "out"),
+    ]
+
+
+def result_figures(result: dict) -> dict:
+    """What a finished run's result.json says of it."""
+    total = result["usage"]["total"]
+    return dict(
+        requests=total["requests"],
+        retries=total["retries"],
+        failed=total["failed"],
+        optimizer_s=result["wall_time_seconds"],
+        rounds=len(result["rounds"]),
+        candidates=len(result["history"]),
+        final_prompt=result["final_prompt"],
+        final_test=result["final_scores"]["test"]["score"],
+        by_actors=result.get("ray", {}).get("requests", {}).get("actors"),
+        ray_calls=result.get("ray", {}).get("calls"),
+        cache_writes=result.get("cache", {}).get("write_transactions"),
+        stop_reason=result.get("stop_reason"),
+    )
 
 
 def by_name(cpu: dict[int, float], names: dict[int, str]) -> dict[str, float]:
@@ -209,6 +217,23 @@ def fmt(value: object, pattern: str = "{:.1f}") -> str:
 
 
 def main() -> None:
+    args = arguments()
+    rows = []
+    with tempfile.TemporaryDirectory() as temp:
+        base = args.keep or Path(temp)
+        for attempt in range(args.repeat):
+            for executor in args.executors.split(","):
+                row = run_once(args, executor, base / f"{attempt}-{executor}")
+                rows.append(row)
+                state = "ok" if row["exit"] == 0 else f"FAILED (exit {row['exit']})"
+                print(f"{executor}: {state} in {row['wall_s']:.1f}s", file=sys.stderr, flush=True)
+
+    over = print_tables(args, rows)
+    print_notes(args, rows)
+    sys.exit(1 if over else 0)
+
+
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds the endpoint waits per request")
@@ -229,18 +254,12 @@ def main() -> None:
     parser.add_argument("--rss-limit-mb", type=float, default=1024, help="the requirement on the driver's peak RSS")
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between two polls of /proc")
     parser.add_argument("--keep", type=Path, default=None, help="keep outputs and logs in this folder instead of a temp dir")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    rows = []
-    with tempfile.TemporaryDirectory() as temp:
-        base = args.keep or Path(temp)
-        for attempt in range(args.repeat):
-            for executor in args.executors.split(","):
-                row = run_once(args, executor, base / f"{attempt}-{executor}")
-                rows.append(row)
-                state = "ok" if row["exit"] == 0 else f"FAILED (exit {row['exit']})"
-                print(f"{executor}: {state} in {row['wall_s']:.1f}s", file=sys.stderr, flush=True)
 
+def print_tables(args: argparse.Namespace, rows: list[dict]) -> bool:
+    """The two tables: time, requests and memory; CPU by process. Whether any run failed or
+    went over the RSS limit."""
     print(
         f"latency {args.latency}s, endpoint capacity {args.capacity or 'unbounded'}, --concurrency {args.concurrency}, "
         f"{args.rounds} rounds, train {args.train_size}, test {args.test_size}, faults: {' '.join(args.fault) or 'none'}, "
@@ -277,6 +296,11 @@ def main() -> None:
             f"{fmt(row['endpoint_cpu_s'])} | {row['endpoint_hwm_mb']:.0f} | {busy:.2f} | "
             f"{fmt(row.get('by_actors'), '{}')} | {fmt(row.get('ray_calls'), '{}')} | {fmt(row.get('final_test'), '{:.4f}')} |"
         )
+    return over
+
+
+def print_notes(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The driver's RSS over time, its descendants' CPU, the cache's writes, and failures."""
     print()
     print("driver RSS MB at 10 %, 20 %, … 100 % of each run's wall time:")
     for row in rows:
@@ -301,7 +325,6 @@ def main() -> None:
     for row in rows:
         if row["exit"] != 0 or "requests" not in row:
             print(f"\n{row['executor']} run failed: {' '.join(row['command'])}\n{row['stderr']}")
-    sys.exit(1 if over else 0)
 
 
 if __name__ == "__main__":

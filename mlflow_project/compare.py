@@ -44,6 +44,8 @@ DEFAULT_METHODS = tuple(METHODS)  # the built-in ones; MLflow's optimizers when 
 
 @dataclass
 class ComparedRun:
+    """One (method, seed) child run's figures, for the comparison's tables."""
+
     method: str
     seed: int
     run_id: str
@@ -62,6 +64,7 @@ class ComparedRun:
     record: list[float] = field(default_factory=list)
     targets: list[float] | None = None
     label_count: int | None = None
+    train_size: int = 0  # the run's train sample (--budget-match sizes a method's iterations by it)
 
 
 def test_record(score: Any, labels: list[str] | None) -> dict[str, Any]:
@@ -199,47 +202,15 @@ def compare(
             budget: tuple[int, int] | None = None  # the reference's scoring requests and train size, this seed
             for method in order:
                 child = child_settings(settings, method, offset, budget)
-                name = f"{method}-seed{child.seed}"
-                try:
-                    tracker: MlflowTracker | None = MlflowTracker(child, parent_run_id=parent.run_id, run_name=name)
-                except UserError as error:
-                    # the settings passed for the parent: the server does not answer now. The
-                    # child runs locally all the same (its result.json with --output), and its
-                    # row reaches the parent's table through the parent's queue
-                    print(f"distillprompt: warning: {name} runs without an MLflow run of its own: {error}",
-                          file=sys.stderr, flush=True)
-                    tracker = None
-                    untracked.append(name)
-                else:
+                tracker = child_tracker(child, method, parent.run_id)
+                if tracker is not None:
                     children.append(tracker)
-                progress = None if quiet else ConsoleProgress()
-                print(f"== {method}, seed {child.seed} ==", file=sys.stderr, flush=True)
-                callbacks = [tracker] if tracker is not None else []
-                result, _ = asyncio.run(runner.optimize(child, callbacks=callbacks, progress=progress))
-                if result.failure or result.final_test is None:
-                    raise UserError(f"{method} with seed {child.seed} did not finish ({result.failure}): see its child run")
-                usage = result.usage
-                scoring, meta = _split_usage(result)
+                else:
+                    untracked.append(f"{method}-seed{child.seed}")
+                compared = run_child(child, method, tracker, quiet)
                 if budget_match and method == REFERENCE:
-                    budget = (scoring, int(result.task.get("train_size") or 1))
-                outcomes.append(
-                    ComparedRun(
-                        method=method,
-                        seed=child.seed,
-                        run_id=tracker.run_id if tracker is not None else "",
-                        test_score=result.final_scores["test"]["score"],
-                        calls=usage.calls,
-                        scoring_calls=scoring,
-                        meta_calls=meta,
-                        tokens=usage.tokens + usage.cached_tokens,
-                        sent=usage.requests,
-                        wall_time=result.wall_time,
-                        per_example=result.final_test.per_example,
-                        metric=result.task.get("metric", "score"),
-                        **test_record(result.final_test, result.task.get("labels") if result.task.get("task") == "classification" else None),
-                        diagnosis=result.diagnosis,
-                    )
-                )
+                    budget = (compared.scoring_calls, compared.train_size)
+                outcomes.append(compared)
         rows, table, timing = comparison_tables(outcomes, methods, settings.seed)
         # the parent's table goes through its outbox: a server that is away gets it when it is back
         ended = int(time.time() * 1000)
@@ -261,6 +232,40 @@ def compare(
             "the response cache answers every request, and a new parent run holds the whole table"
         )
     return table, timing, parent.run_id, unfinished
+
+
+def child_tracker(child: Settings, method: str, parent_run_id: str) -> MlflowTracker | None:
+    """A child run's tracker under the parent's run; None when the server does not answer now
+    (the child runs locally all the same, its result.json with --output, and its row reaches
+    the parent's table through the parent's queue)."""
+    name = f"{method}-seed{child.seed}"
+    try:
+        return MlflowTracker(child, parent_run_id=parent_run_id, run_name=name)
+    except UserError as error:
+        print(f"distillprompt: warning: {name} runs without an MLflow run of its own: {error}", file=sys.stderr,
+              flush=True)
+        return None
+
+
+def run_child(child: Settings, method: str, tracker: MlflowTracker | None, quiet: bool) -> ComparedRun:
+    """One (method, seed) run, recorded like any single run; its figures for the table."""
+    progress = None if quiet else ConsoleProgress()
+    print(f"== {method}, seed {child.seed} ==", file=sys.stderr, flush=True)
+    callbacks = [tracker] if tracker is not None else []
+    result, _ = asyncio.run(runner.optimize(child, callbacks=callbacks, progress=progress))
+    if result.failure or result.final_test is None:
+        raise UserError(f"{method} with seed {child.seed} did not finish ({result.failure}): see its child run")
+    usage = result.usage
+    scoring, meta = _split_usage(result)
+    labels = result.task.get("labels") if result.task.get("task") == "classification" else None
+    return ComparedRun(
+        method=method, seed=child.seed, run_id=tracker.run_id if tracker is not None else "",
+        test_score=result.final_scores["test"]["score"], calls=usage.calls, scoring_calls=scoring, meta_calls=meta,
+        tokens=usage.tokens + usage.cached_tokens, sent=usage.requests, wall_time=result.wall_time,
+        per_example=result.final_test.per_example, metric=result.task.get("metric", "score"),
+        **test_record(result.final_test, labels), diagnosis=result.diagnosis,
+        train_size=int(result.task.get("train_size") or 1),
+    )
 
 
 def record_table(rows: list[dict[str, Any]], table: str, timing: str, outcomes: list[ComparedRun], stamp: int) -> None:

@@ -47,63 +47,18 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True, con
     size larger than the data is capped instead of refused; the test sample stays the one an
     optimization run with the same settings would use."""
     splits, name, source = load_splits(settings)
-    available = list(splits.keys())
-    train_split = settings.train_split or ("train" if "train" in available else available[0])
-    test_split = _pick_test_split(available, settings.test_split, train_split)
-    for split in (train_split, test_split):
-        if split is not None and split not in available:
-            raise UserError(f"dataset {name} has no split {split!r}: use one of {', '.join(available)}")
-    if test_split == train_split:
-        raise UserError(
-            f"--test-split {test_split!r} is the train split, so test rows would be train rows: name another split, "
-            "or leave --test-split out to hold test rows out of the train split"
-        )
-    train_rows = splits[train_split]
-    columns = list(train_rows.column_names)
-    wanted = [*settings.text_column, settings.label_column]
-    missing = [column for column in wanted if column not in columns]
-    if missing:
-        raise UserError(
-            f"dataset {name} has no column {', '.join(map(repr, missing))}: set --text-column/--label-column to "
-            f"one of {', '.join(columns)}"
-        )
-    label_names = _class_names(train_rows.features[settings.label_column])
-    dropped: dict[str, dict[str, int]] = {}
-    def examples(rows: Any, split: str) -> list[Example]:
-        return _examples(rows, settings, label_names, f"{name}/{split}", dropped.setdefault(split, {}), context_tokens)
+    train_split, test_split = _chosen_splits(settings, list(splits.keys()), name)
+    rows = _UsableRows(settings, splits, name, context_tokens)
+    rows.read(train_split, test_split, need_train)
+    train_all, test_pool = rows.pools[train_split], rows.pools.get(test_split) if test_split is not None else None
 
-    pools: dict[str, list[Example]] = {train_split: examples(train_rows, train_split)}
-    if test_split is not None:
-        test_rows = splits[test_split]
-        absent = [column for column in wanted if column not in test_rows.column_names]
-        if absent:
-            raise UserError(
-                f"split {test_split!r} of {name} lacks column {', '.join(map(repr, absent))}: give a --test-split "
-                "with the same columns as the train split"
-            )
-        pools[test_split] = examples(test_rows, test_split)
-    spare = _spare_validation_split(settings, splits, available, (train_split, test_split)) if settings.val_size and need_train else None
-    if spare is not None:
-        pools[spare] = examples(splits[spare], spare)
-    labels, pools, label_changes = checked_labels(settings, label_names, pools, train_split, name)
-    for line in label_changes:
-        log.warning("%s", line)
-    for split, counts in dropped.items():
-        if sum(counts.values()):
-            log.warning("split %s: %d rows dropped (%s)", split, sum(counts.values()), count_text(counts))
-    train_all = pools[train_split]
-    test_pool = pools.get(test_split) if test_split is not None else None
-
-    train_size = settings.train_size
-    if train_size > len(train_all) and not need_train:
-        train_size = len(train_all)
+    train_size = min(settings.train_size, len(train_all)) if not need_train else settings.train_size
     if train_size > len(train_all):
         raise UserError(
             f"the train sample of {settings.train_size} is larger than the {len(train_all)} usable rows of split "
             f"{train_split!r}: lower --train-size"
         )
-    train_rng = random.Random(f"{seed}:train")
-    train_indices = sorted(train_rng.sample(range(len(train_all)), train_size))
+    train_indices = sorted(random.Random(f"{seed}:train").sample(range(len(train_all)), train_size))
     train = [train_all[i] for i in train_indices]
     if test_pool is None:
         taken = set(train_indices)
@@ -115,44 +70,103 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True, con
                 "takes it all; lower --train-size or add a test split"
             )
     test = _draw(test_pool, settings.test_size, f"{seed}:test", "test", test_split)
-    if labels:
-        unknown = sorted({example.target for example in test} - set(labels))
-        if unknown:
-            raise UserError(
-                f"split {test_split!r} has labels the train split lacks ({', '.join(unknown[:5])}): "
-                "use splits with the same label set"
-            )
+    unknown = sorted({example.target for example in test} - set(rows.labels)) if rows.labels else []
+    if unknown:
+        raise UserError(
+            f"split {test_split!r} has labels the train split lacks ({', '.join(unknown[:5])}): "
+            "use splits with the same label set"
+        )
+    val: list[Example] = []
+    val_split = None
     if settings.val_size and need_train:
-        if spare is not None:
-            val, val_split = _draw(pools[spare], settings.val_size, f"{seed}:val", "validation", spare), spare
+        if rows.spare is not None:
+            val, val_split = _draw(rows.pools[rows.spare], settings.val_size, f"{seed}:val", "validation", rows.spare), rows.spare
         else:
             val, val_split = _held_out_validation(settings, seed, name, train_split, train_all, train_indices,
                                                   test if test_split.endswith("(held out)") else [])
-    else:
-        val, val_split = [], None
-    used = {id(example) for example in (*train, *val, *test)}
-    spare = [example for example in train_all if id(example) not in used]
-    picked = sorted(random.Random(f"{seed}:demos").sample(range(len(spare)), min(DEMO_POOL_SIZE, len(spare))))
-    demo_pool = [spare[i] for i in picked] if need_train else []
     return Task(
-        name=name,
-        source=source,
-        task_type=settings.task,
-        input_columns=list(settings.text_column),
-        label_column=settings.label_column,
-        labels=labels,
-        train=train,
-        test=test,
-        train_split=train_split,
-        test_split=test_split,
-        generation_metric=settings.generation_metric,
-        sizes={split: len(splits[split]) for split in available},
-        val=val,
-        val_split=val_split,
-        rows_dropped=dropped,
-        label_changes=label_changes,
-        demo_pool=demo_pool,
+        name=name, source=source, task_type=settings.task, input_columns=list(settings.text_column),
+        label_column=settings.label_column, labels=rows.labels, train=train, test=test, train_split=train_split,
+        test_split=test_split, generation_metric=settings.generation_metric,
+        sizes={split: len(splits[split]) for split in splits.keys()}, val=val, val_split=val_split,
+        rows_dropped=rows.dropped, label_changes=rows.label_changes,
+        demo_pool=_demo_pool(train_all, [*train, *val, *test], seed) if need_train else [],
     )
+
+
+def _chosen_splits(settings: DataSettings, available: list[str], name: str) -> tuple[str, str | None]:
+    """The train split and the test split (None: the test sample is held out of train)."""
+    train_split = settings.train_split or ("train" if "train" in available else available[0])
+    test_split = _pick_test_split(available, settings.test_split, train_split)
+    for split in (train_split, test_split):
+        if split is not None and split not in available:
+            raise UserError(f"dataset {name} has no split {split!r}: use one of {', '.join(available)}")
+    if test_split == train_split:
+        raise UserError(
+            f"--test-split {test_split!r} is the train split, so test rows would be train rows: name another split, "
+            "or leave --test-split out to hold test rows out of the train split"
+        )
+    return train_split, test_split
+
+
+class _UsableRows:
+    """The usable rows of the splits a run reads, by split (``pools``), with the labels checked
+    across them, the rows dropped and the label spellings changed, and the spare validation
+    split (``spare``) when the run validates on one."""
+
+    def __init__(self, settings: DataSettings, splits: Any, name: str, context_tokens: int | None) -> None:
+        self.settings = settings
+        self.splits = splits
+        self.name = name
+        self.context_tokens = context_tokens
+        self.wanted = [*settings.text_column, settings.label_column]
+        self.pools: dict[str, list[Example]] = {}
+        self.dropped: dict[str, dict[str, int]] = {}
+        self.labels: list[str] = []
+        self.label_changes: list[str] = []
+        self.spare: str | None = None
+
+    def read(self, train_split: str, test_split: str | None, need_train: bool) -> None:
+        settings, name, splits = self.settings, self.name, self.splits
+        columns = list(splits[train_split].column_names)
+        missing = [column for column in self.wanted if column not in columns]
+        if missing:
+            raise UserError(
+                f"dataset {name} has no column {', '.join(map(repr, missing))}: set --text-column/--label-column to "
+                f"one of {', '.join(columns)}"
+            )
+        label_names = _class_names(splits[train_split].features[settings.label_column])
+        self._add(train_split, label_names)
+        if test_split is not None:
+            absent = [column for column in self.wanted if column not in splits[test_split].column_names]
+            if absent:
+                raise UserError(
+                    f"split {test_split!r} of {name} lacks column {', '.join(map(repr, absent))}: give a --test-split "
+                    "with the same columns as the train split"
+                )
+            self._add(test_split, label_names)
+        if settings.val_size and need_train:
+            self.spare = _spare_validation_split(settings, splits, list(splits.keys()), (train_split, test_split))
+            if self.spare is not None:
+                self._add(self.spare, label_names)
+        self.labels, self.pools, self.label_changes = checked_labels(settings, label_names, self.pools, train_split, name)
+        for line in self.label_changes:
+            log.warning("%s", line)
+        for split, counts in self.dropped.items():
+            if sum(counts.values()):
+                log.warning("split %s: %d rows dropped (%s)", split, sum(counts.values()), count_text(counts))
+
+    def _add(self, split: str, label_names: list[str] | None) -> None:
+        self.pools[split] = _examples(self.splits[split], self.settings, label_names, f"{self.name}/{split}",
+                                      self.dropped.setdefault(split, {}), self.context_tokens)
+
+
+def _demo_pool(train_all: list[Example], used: list[Example], seed: int) -> list[Example]:
+    """Solved examples for demos: seeded train-split rows outside every sample."""
+    taken = {id(example) for example in used}
+    spare = [example for example in train_all if id(example) not in taken]
+    picked = sorted(random.Random(f"{seed}:demos").sample(range(len(spare)), min(DEMO_POOL_SIZE, len(spare))))
+    return [spare[i] for i in picked]
 
 
 def _spare_validation_split(settings: DataSettings, splits: Any, available: list[str], used: tuple[str, str | None]) -> str | None:
