@@ -52,6 +52,8 @@ def connect(address: str | None) -> Connection:
         address="local",
         num_cpus=os.cpu_count() or 1,
         include_dashboard=False,
+        # loopback only: no public argument of ray.init chooses the address a local instance
+        # binds (asked for in ray-project/ray#22732), so Ray's underscore one, on purpose
         _node_ip_address="127.0.0.1",
         **common,
     )

@@ -1,7 +1,9 @@
-"""The default executor: a local Ray instance that the run starts and stops by itself."""
+"""The default executor: a local Ray instance that the run starts and stops by itself; its
+actors score as the process does."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 
@@ -14,33 +16,66 @@ def ray_processes() -> set[int]:
     return {int(pid) for pid in listing.stdout.split()}
 
 
-def test_default_ray_executor_matches_local_and_leaves_nothing_running(endpoint, reviews_dir, tmp_path):
+def test_a_local_instance_s_actors_score_every_request_as_the_process_does_and_stop_with_it(reviews_dir, tmp_path):
+    """A local Ray instance (no address) started at once, its actors up before the run: they
+    send every scoring request, the run ends as an in-process run does, and the instance is
+    gone once the executor closes."""
+    from distillprompt import runner
+    from distillprompt.executors import LocalExecutor
+    from distillprompt.settings import load_settings
+    from ray_jobs.executor import RayExecutor
+
+    before = ray_processes()
+
+    def settings_for(url: str, folder: str, **top):
+        return load_settings({"llm": {"base_url": url, "model": "test-model", "concurrency": 8},
+                              "data": {"dataset": str(reviews_dir), "train_size": 12, "test_size": 10},
+                              "optimizer": {"epochs": 1}, "cache": {"enabled": False},
+                              "output": str(tmp_path / folder), **top})
+
+    async def on_ray(settings):
+        executor = RayExecutor(settings)
+        try:
+            await executor.placement()  # the actors are up: they answer every scoring request
+            return (await runner.optimize(settings, executor=executor))[0], dict(executor.answered)
+        finally:
+            await executor.aclose()
+
+    with ScriptedEndpoint() as endpoint:
+        on_actors, answered = asyncio.run(on_ray(settings_for(endpoint.base_url, "ray", ray_start="now")))
+        local, _ = asyncio.run(runner.optimize(settings_for(endpoint.base_url, "local", executor="local"),
+                                               executor=LocalExecutor()))
+    scoring = sum(usage.requests for stage, usage in local.usage_by_stage.items() if stage in ("train", "test"))
+    assert answered == {"actors": scoring, "driver": 0}  # Ray answered, and only Ray
+    assert [c.to_dict() for c in on_actors.history] == [c.to_dict() for c in local.history]
+    assert (on_actors.initial_scores, on_actors.final_scores) == (local.initial_scores, local.final_scores)
+    assert ray_processes() <= before  # the local instance stopped with the executor
+
+
+def test_the_command_line_starts_a_local_instance_only_when_asked_or_busy_and_leaves_nothing_running(
+    endpoint, reviews_dir, tmp_path
+):
     before = ray_processes()
     results = {}
     # an endpoint that takes its time, as real ones do: the run waits on it, not on the driver
-    slow = ScriptedEndpoint(latency=0.2).start()
-    for executor in ("ray-now", "ray", "local"):
-        options = {"ray-now": ["--ray-start", "now"], "ray": [], "local": ["--executor", "local"]}[executor]
-        url = slow.base_url if executor == "ray" else endpoint.base_url
-        completed = run_cli(
-            "optimize", "--dataset", str(reviews_dir), "--base-url", url, "--model", "test-model",
-            "--epochs", "1", "--train-size", "12", "--test-size", "10", "--no-cache",
-            "--output", str(tmp_path / executor), *options,
-        )
-        assert completed.returncode == 0, completed.stderr
-        results[executor] = json.loads((tmp_path / executor / "result.json").read_text())
-    slow.stop()
+    with ScriptedEndpoint(latency=0.2) as slow:
+        for executor, url, options in (("ray-now", endpoint.base_url, ["--ray-start", "now"]),
+                                       ("ray", slow.base_url, [])):
+            completed = run_cli(
+                "optimize", "--dataset", str(reviews_dir), "--base-url", url, "--model", "test-model",
+                "--epochs", "1", "--train-size", "12", "--test-size", "10", "--no-cache",
+                "--output", str(tmp_path / executor), *options,
+            )
+            assert completed.returncode == 0, completed.stderr
+            results[executor] = json.loads((tmp_path / executor / "result.json").read_text())
     assert results["ray"]["settings"]["executor"] == "ray"
-    for key in ("final_prompt", "initial_scores", "final_scores", "history"):
-        assert results["ray-now"][key] == results["local"][key]
-        assert results["ray"][key] == results["local"][key]
     # --ray-start now: the instance started with the run (the driver answers until its actors
     # are up, which on this short run may be never)
     assert results["ray-now"]["ray"]["started"] is True
     # the default waits for a busy driver: a 12-example run never pays Ray's start-up
-    assert results["ray"]["ray"]["started"] is False
-    scoring = sum(results["local"]["usage"]["by_stage"][stage]["requests"] for stage in ("train", "test"))
-    assert results["ray"]["ray"]["requests"] == {"actors": 0, "driver": scoring}
+    record = results["ray"]["ray"]
+    scoring = sum(results["ray"]["usage"]["by_stage"][stage]["requests"] for stage in ("train", "test"))
+    assert record["started"] is False and record["requests"] == {"actors": 0, "driver": scoring}
     assert ray_processes() <= before  # the local instance is gone with the run
 
 
