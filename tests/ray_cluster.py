@@ -1,4 +1,5 @@
-"""A two-node Ray cluster on this machine, started and stopped with the ``ray`` CLI."""
+"""A two-node Ray cluster on this machine, started and stopped with the ``ray`` CLI, and a run
+scored by a Ray pool's actors alone."""
 
 from __future__ import annotations
 
@@ -139,3 +140,22 @@ class TwoNodeCluster:
     def stop(self) -> None:
         subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def optimize_on_actors(settings):
+    """A run whose scoring requests all go to the pool's actors (up before it starts): its
+    result and the requests by who sent them."""
+    import asyncio
+
+    from distillprompt import runner
+    from ray_jobs.executor import RayExecutor
+
+    async def on_ray():
+        executor = RayExecutor(settings)
+        try:
+            await executor.placement()  # the actors are up: they answer every scoring request
+            return (await runner.optimize(settings, executor=executor))[0], dict(executor.answered)
+        finally:
+            await executor.aclose()
+
+    return asyncio.run(on_ray())

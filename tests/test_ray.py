@@ -19,7 +19,7 @@ from distillprompt.settings import load_settings
 from ray_jobs.executor import RayExecutor
 from tests.conftest import run_cli
 from tests.endpoint import ScriptedEndpoint
-from tests.ray_cluster import TwoNodeCluster
+from tests.ray_cluster import TwoNodeCluster, optimize_on_actors
 
 
 @pytest.fixture(scope="module")
@@ -75,21 +75,6 @@ def test_actors_spread_over_both_nodes_and_score_like_in_process(cluster, endpoi
     assert on_cluster.final_scores == in_process.final_scores
     assert on_cluster.initial_scores == in_process.initial_scores
     assert ray_requests == local_requests  # the same requests, each sent once
-
-
-def optimize_on_actors(settings):
-    """A run whose scoring requests all go to the pool's actors (up before it starts): its
-    result and the requests by who sent them."""
-
-    async def on_ray():
-        executor = RayExecutor(settings)
-        try:
-            await executor.placement()  # the actors are up: they answer every scoring request
-            return (await runner.optimize(settings, executor=executor))[0], dict(executor.answered)
-        finally:
-            await executor.aclose()
-
-    return asyncio.run(on_ray())
 
 
 def test_a_race_through_the_actors_stops_and_selects_as_in_process(cluster, reviews_dir, tmp_path):

@@ -23,7 +23,7 @@ def test_a_local_instance_s_actors_score_every_request_as_the_process_does_and_s
     from distillprompt import runner
     from distillprompt.executors import LocalExecutor
     from distillprompt.settings import load_settings
-    from ray_jobs.executor import RayExecutor
+    from tests.ray_cluster import optimize_on_actors
 
     before = ray_processes()
 
@@ -33,16 +33,8 @@ def test_a_local_instance_s_actors_score_every_request_as_the_process_does_and_s
                               "optimizer": {"epochs": 1}, "cache": {"enabled": False},
                               "output": str(tmp_path / folder), **top})
 
-    async def on_ray(settings):
-        executor = RayExecutor(settings)
-        try:
-            await executor.placement()  # the actors are up: they answer every scoring request
-            return (await runner.optimize(settings, executor=executor))[0], dict(executor.answered)
-        finally:
-            await executor.aclose()
-
     with ScriptedEndpoint() as endpoint:
-        on_actors, answered = asyncio.run(on_ray(settings_for(endpoint.base_url, "ray", ray_start="now")))
+        on_actors, answered = optimize_on_actors(settings_for(endpoint.base_url, "ray", ray_start="now"))
         local, _ = asyncio.run(runner.optimize(settings_for(endpoint.base_url, "local", executor="local"),
                                                executor=LocalExecutor()))
     scoring = sum(usage.requests for stage, usage in local.usage_by_stage.items() if stage in ("train", "test"))
