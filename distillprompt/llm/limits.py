@@ -8,6 +8,7 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from .usage import Messages
 
@@ -22,13 +23,15 @@ class RateBudget:
     far above the provider's per-minute rate; a request larger than a bucket waits for a full
     one and then takes it below zero."""
 
-    def __init__(self, rpm: float | None = None, tpm: float | None = None) -> None:
+    def __init__(self, rpm: float | None = None, tpm: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.buckets = [[limit / 60.0, limit / 60.0, limit / 60.0] for limit in (rpm, tpm) if limit]  # rate, size, level
         self.kinds = [kind for kind, limit in (("requests", rpm), ("tokens", tpm)) if limit]
-        self._time = time.monotonic()
+        self.clock = clock  # seconds, monotonic
+        self._time = clock()
 
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for bucket in self.buckets:
             rate, size, level = bucket
             bucket[2] = min(size, level + rate * (now - self._time))
