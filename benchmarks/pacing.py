@@ -50,7 +50,8 @@ def rpm(data: Path, rate: int, requests: int) -> dict[str, float]:
     per_second = rate / 60
     busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
     least = (len(times) - per_second) / per_second  # the first bucket's worth goes at once
-    return {"busiest second / allowed": busiest / (2 * per_second), "first to last / least": (times[-1] - times[0]) / least}
+    return {"busiest second / allowed": busiest / (2 * per_second),
+            "first to last / least": (times[-1] - times[0]) / least}
 
 
 def retry_after(data: Path, wait: float, in_flight: int) -> dict[str, float]:
@@ -61,7 +62,8 @@ def retry_after(data: Path, wait: float, in_flight: int) -> dict[str, float]:
     later = sorted(entry.time for entry in log if entry.status == 200 and entry.time > refused)
     early = sum(1 for t in later if t < refused + wait) - (in_flight - 1)  # those in flight when the 429 came
     new = later[in_flight - 1] if len(later) >= in_flight else float("nan")
-    return {"new requests before the wait was over": max(0, early), "first new request's wait / asked": (new - refused) / wait}
+    return {"new requests before the wait was over": max(0, early),
+            "first new request's wait / asked": (new - refused) / wait}
 
 
 def client_wait(wait: float) -> dict[str, float]:

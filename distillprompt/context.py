@@ -140,7 +140,8 @@ def open_clients(
     stack.push_async_callback(target.aclose)
     meta = target
     if (meta_url, meta_model) != (target_url, target_model):
-        meta = ChatClient(base_url=meta_url, model=meta_model, cache_identity=identity if meta_url == target_url else None,
+        meta = ChatClient(base_url=meta_url, model=meta_model,
+                          cache_identity=identity if meta_url == target_url else None,
                           accepts=Accepts(meta_url.rstrip("/"), meta_model, room), **common)
         stack.push_async_callback(meta.aclose)
     return RunContext(settings, task, meter, limiter, cache, meta, target, progress)

@@ -91,8 +91,8 @@ def with_demo_defaults(settings: Settings) -> Settings:
 def anchored(settings: Settings) -> Settings:
     """Local paths made absolute, so that nothing that changes the working directory later
     (ray.init inside a Ray Job does) moves them."""
-    dataset = settings.data.dataset
-    data = {"dataset": str(Path(dataset).expanduser().resolve())} if dataset and Path(dataset).expanduser().exists() else {}
+    dataset = Path(settings.data.dataset).expanduser() if settings.data.dataset else None
+    data = {"dataset": str(dataset.resolve())} if dataset is not None and dataset.exists() else {}
     return settings.with_changes(data=data, cache={"path": Path(settings.cache.path).expanduser().resolve()})
 
 

@@ -258,8 +258,10 @@ def test_an_untracked_run_killed_mid_race_resumes_from_its_output_folder(slow_ta
     """No MLflow: ``--resume FOLDER`` reads the settings and the checkpoint the run left in its
     output folder, runs round 2 only, and finishes in that folder as the straight run did."""
     endpoint = slow_target
-    expected = straight_then_killed(endpoint, lambda output, cache: race_args(endpoint, reviews, tmp_path, output, cache),
-                                    tmp_path)
+    def args_for(output: str, cache: str) -> list[str]:
+        return race_args(endpoint, reviews, tmp_path, output, cache)
+
+    expected = straight_then_killed(endpoint, args_for, tmp_path)
     killed = tmp_path / "killed"
     assert json.loads((killed / "settings_tree.json").read_text())["optimizer"]["race_block"] == BLOCK
     endpoint.reset()

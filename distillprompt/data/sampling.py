@@ -79,8 +79,9 @@ def load_task(settings: DataSettings, seed: int, *, need_train: bool = True, con
     val: list[Example] = []
     val_split = None
     if settings.val_size and need_train:
-        if rows.spare is not None:
-            val, val_split = _draw(rows.pools[rows.spare], settings.val_size, f"{seed}:val", "validation", rows.spare), rows.spare
+        if rows.validation_split is not None:
+            val_split = rows.validation_split
+            val = _draw(rows.pools[val_split], settings.val_size, f"{seed}:val", "validation", val_split)
         else:
             val, val_split = _held_out_validation(settings, seed, name, train_split, train_all, train_indices,
                                                   test if test_split.endswith("(held out)") else [])
@@ -111,8 +112,8 @@ def _chosen_splits(settings: DataSettings, available: list[str], name: str) -> t
 
 class _UsableRows:
     """The usable rows of the splits a run reads, by split (``pools``), with the labels checked
-    across them, the rows dropped and the label spellings changed, and the spare validation
-    split (``spare``) when the run validates on one."""
+    across them, the rows dropped and the label spellings changed, and the validation split
+    no other sample uses (``validation_split``), when the run validates on one."""
 
     def __init__(self, settings: DataSettings, splits: Any, name: str, context_tokens: int | None) -> None:
         self.settings = settings
@@ -124,7 +125,7 @@ class _UsableRows:
         self.dropped: dict[str, dict[str, int]] = {}
         self.labels: list[str] = []
         self.label_changes: list[str] = []
-        self.spare: str | None = None
+        self.validation_split: str | None = None
 
     def read(self, train_split: str, test_split: str | None, need_train: bool) -> None:
         settings, name, splits = self.settings, self.name, self.splits
@@ -146,9 +147,9 @@ class _UsableRows:
                 )
             self._add(test_split, label_names)
         if settings.val_size and need_train:
-            self.spare = _spare_validation_split(settings, splits, list(splits.keys()), (train_split, test_split))
-            if self.spare is not None:
-                self._add(self.spare, label_names)
+            self.validation_split = _unused_validation_split(settings, splits, (train_split, test_split))
+            if self.validation_split is not None:
+                self._add(self.validation_split, label_names)
         self.labels, self.pools, self.label_changes = checked_labels(settings, label_names, self.pools, train_split, name)
         for line in self.label_changes:
             log.warning("%s", line)
@@ -164,15 +165,15 @@ class _UsableRows:
 def _demo_pool(train_all: list[Example], used: list[Example], seed: int) -> list[Example]:
     """Solved examples for demos: seeded train-split rows outside every sample."""
     taken = {id(example) for example in used}
-    spare = [example for example in train_all if id(example) not in taken]
-    picked = sorted(random.Random(f"{seed}:demos").sample(range(len(spare)), min(DEMO_POOL_SIZE, len(spare))))
-    return [spare[i] for i in picked]
+    unused = [example for example in train_all if id(example) not in taken]
+    picked = sorted(random.Random(f"{seed}:demos").sample(range(len(unused)), min(DEMO_POOL_SIZE, len(unused))))
+    return [unused[i] for i in picked]
 
 
-def _spare_validation_split(settings: DataSettings, splits: Any, available: list[str], used: tuple[str, str | None]) -> str | None:
+def _unused_validation_split(settings: DataSettings, splits: Any, used: tuple[str, str | None]) -> str | None:
     """A validation split that neither train nor test uses and that has the train columns."""
     for split in ("validation", "valid", "dev"):
-        if split in available and split not in used:
+        if split in splits.keys() and split not in used:
             if all(c in splits[split].column_names for c in (*settings.text_column, settings.label_column)):
                 return split
     return None
@@ -187,7 +188,7 @@ def _held_out_validation(
     train_indices: list[int],
     held_out_test: list[Example],
 ) -> tuple[list[Example], str]:
-    """The validation sample when no spare validation split exists: the train split's rows
+    """The validation sample when no unused validation split exists: the train split's rows
     outside the train sample and outside a held-out test sample."""
     taken, tested = set(train_indices), {id(example) for example in held_out_test}
     pool = [example for i, example in enumerate(train_all) if i not in taken and id(example) not in tested]

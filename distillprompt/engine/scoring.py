@@ -93,7 +93,8 @@ class Scoring:
         """Starts scoring ``candidates`` on the train sample: raced against ``incumbent``
         (``incumbent_record``: its train record, if the run state kept it) or in full."""
         if candidates:
-            scoring = self._race(candidates, incumbent, incumbent_record) if self.racing else self.score_train(candidates)
+            scoring = (self._race(candidates, incumbent, incumbent_record) if self.racing
+                       else self.score_train(candidates))
             self._pending.append(asyncio.ensure_future(scoring))
 
     async def score_train(self, candidates: list[Candidate]) -> None:
@@ -107,7 +108,9 @@ class Scoring:
         """A prompt's train record (``paired.record_of``), if it was scored on the whole sample."""
         return self._records.get(dedup_key(prompt))
 
-    async def _race(self, candidates: list[Candidate], incumbent: Candidate, incumbent_record: list[float] | None) -> None:
+    async def _race(
+        self, candidates: list[Candidate], incumbent: Candidate, incumbent_record: list[float] | None
+    ) -> None:
         """Scores new candidates block by block against the best prompt so far (``racing.py``)."""
         record = self.record(incumbent.prompt) or incumbent_record
         if record is None or len(record) != len(self.task.train):

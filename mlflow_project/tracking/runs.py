@@ -62,7 +62,8 @@ def start_run(mlflow: Any, settings: Settings, parent_run_id: str | None, run_na
                 mlflow.MlflowClient().set_tag(run_id, "distillprompt.resumed_run", settings.resume)
             # tagged once the resume is accepted (the settings resolved), when the run is taken up again
             state = last_checkpoint(mlflow, settings.resume)
-            mlflow.MlflowClient().set_tag(settings.resume, "distillprompt.resumed_from_round", state.round if state else 0)
+            mlflow.MlflowClient().set_tag(settings.resume, "distillprompt.resumed_from_round",
+                                          state.round if state else 0)
             return run
         if parent_run_id:  # a child of a comparison (created by id: MLFLOW_RUN_ID names the parent)
             parent = mlflow.get_run(parent_run_id)
