@@ -210,7 +210,8 @@ class Callback:
     goes on; only a ``UserError`` (a deliberate stop with its fix) ends the run."""
 
     def on_settings(self, settings: Any) -> None:
-        """The settings the run actually uses (demo defaults and the embedded endpoint applied)."""
+        """The run's final settings (``resolution.resolve``: demo defaults, paths, a resumed run's
+        record and the embedded endpoint applied), frozen: the ones every part of the run reads."""
 
     def on_start(self, task: Task, initial: Candidate) -> None:
         """The task is loaded and the initial prompt is about to be scored."""
