@@ -111,7 +111,7 @@ def test_run_records_settings_rounds_and_artifacts(first_run, mlflow_server):
     assert 0 < spent <= int(params["estimated_requests_max"])
     table = mlflow.artifacts.load_dict(run.info.artifact_uri + "/candidates/round_001.json")
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
-    assert {row["stage"] for row in rows} == {"rewrite", "distill", "compress", "aggregate", "paraphrase"}
+    assert {row["stage"] for row in rows} == {"rewrite", "distill", "compress", "aggregate", "paraphrase", "demos"}
     assert {"round", "parents", "prompt", "train_score", "val_score", "examples_scored"} <= set(table["columns"])
     assert "candidates/round_001.json" in run.data.tags["mlflow.loggedArtifacts"]  # shown as a table in the UI
     note = run.data.tags["mlflow.note.content"]  # the run's description on its Overview page
