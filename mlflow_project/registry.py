@@ -8,7 +8,7 @@ Two registry entries per run:
 * a pyfunc model applying it, in the Model Registry under NAME-model ("models from code":
   ``prompt_model.py`` plus a config, nothing pickled); alias ``candidate`` too.
 
-The model cannot share the prompt's name: MLflow 3.17 keeps prompts as registered models,
+The model cannot share the prompt's name: MLflow keeps prompts as registered models,
 so a model registered under the same name would become a version of the prompt.
 """
 
