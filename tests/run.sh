@@ -40,20 +40,7 @@ if [ $# -gt 0 ]; then
 fi
 status=0
 python -m pytest -q || status=$?
-
-# The MLflow-facing tests again at the oldest MLflow the project supports (the lower bound in
-# pyproject.toml), in a virtual environment of their own: about 2 minutes of installs from
-# pip's cache, then the tests (benchmarks/README.md has the timings).
 deactivate
-oldest=$(grep -o '"mlflow>=[0-9.]*' pyproject.toml | cut -d= -f2)
-started=$SECONDS
-[ -x "$venv-mlflow-$oldest/bin/python" ] || python3 -m venv "$venv-mlflow-$oldest"
-. "$venv-mlflow-$oldest/bin/activate"
-python -m pip install -q --upgrade pip
-python -m pip install -q -e ".[dev]" "mlflow==$oldest"
-echo "MLflow $oldest: environment ready in $((SECONDS - started)) s" >&2
-unset REQUIRE_EMBEDDED_MODEL REQUIRE_BROWSER
-python -m pytest -q tests/test_mlflow.py tests/test_genai.py tests/test_mlflow_methods.py tests/test_tracking_faults.py \
-  || status=$?
-echo "MLflow $oldest: $((SECONDS - started)) s in all" >&2
+# the MLflow-facing tests again, at the oldest MLflow the project supports
+VENV="$venv" bash tests/run_oldest_mlflow.sh || status=$?
 exit $status
