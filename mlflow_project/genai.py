@@ -11,9 +11,9 @@ endpoint, or the embedded model when none is configured) through the response ca
 A chat prompt (a JSON list of messages, as MLflow 3.16 and later pass it; earlier versions
 refuse chat prompts) is optimized message by message: every system message and every user
 message's instruction part, each in a loop of its own with the ones before it in place;
-inputs parts, few-shot example pairs and assistant messages stay as written. Every candidate must keep the template's variables
-exactly (``{{question}}``): one that drops or invents a variable is rejected and counted
-(``variable_dropped`` / ``variable_invented``).
+inputs parts, few-shot example pairs and assistant messages stay as written. Every candidate
+must keep the template's variables exactly (``{{question}}``): one that drops or invents a
+variable is rejected and counted (``variable_dropped`` / ``variable_invented``).
 """
 
 from __future__ import annotations
