@@ -7,8 +7,8 @@ from typing import Any, Callable, Protocol
 
 from .data import Example, Task
 from .llm import LLM, SCORING, Send
-from .metrics import answer_text, classification_scores, generation_scores, parse_label
-from .templates import ANSWER_STOP, message_maker
+from .metrics import ANSWER_STOP, answer_text, classification_scores, generation_scores, parse_label
+from .templates import message_maker
 
 # the usage stages of the loop's own scoring, named by the sample scored
 TRAIN_SCORING = "train"

@@ -18,6 +18,14 @@ from pathlib import Path
 
 from .errors import UserError
 
+# The answer's tags: the task template asks for them (templates.py), the parser reads them,
+# and the registered model (mlflow_project/prompt_model.py) stops at the closing one. They
+# live here, with the parser, in a module of the standard library only: that model imports
+# it where only its own requirements are installed.
+ANSWER_OPEN, ANSWER_CLOSE = "<ans>", "</ans>"
+# Stop sequences: a reply is complete once its closing tag is written, so the endpoint
+# stops there instead of generating up to max_tokens (a large saving on local models).
+ANSWER_STOP = (ANSWER_CLOSE,)
 ANSWER_TAG = re.compile(r"<\s*ans\s*>(.*?)(?:<\s*/\s*ans\s*>|$)", re.IGNORECASE | re.DOTALL)
 _PUNCTUATION = str.maketrans({ch: " " for ch in string.punctuation})
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")

@@ -12,14 +12,11 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .data import Example, Task
+from .metrics import ANSWER_CLOSE, ANSWER_OPEN, ANSWER_STOP
 from .settings import LLMSettings
 
 START, END = "<START>", "<END>"
-ANSWER_OPEN, ANSWER_CLOSE = "<ans>", "</ans>"
-# Stop sequences: a reply is complete once its closing tag is written, so the endpoint
-# stops there instead of generating up to max_tokens (a large saving on local models).
-ANSWER_STOP = (ANSWER_CLOSE,)
-META_STOP = (END,)
+META_STOP = (END,)  # a meta reply is complete once the closing tag is written
 
 
 @dataclass(frozen=True)

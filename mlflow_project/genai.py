@@ -8,12 +8,12 @@ class as ``distillprompt optimize`` and ``compare``) with ``eval_fn`` as its sco
 function; its meta-prompts go to the optimizer model of your choice (any OpenAI-compatible
 endpoint, or the embedded model when none is configured) through the response cache.
 
-A chat prompt (a JSON list of messages, as MLflow 3.17 passes it) is optimized message by
-message: every system message and every user message's instruction part, each in a loop of
-its own with the ones before it in place; inputs parts, few-shot example pairs and
-assistant messages stay as written. Every candidate must keep the template's variables
-exactly (``{{question}}``): one that drops or invents a variable is rejected and counted
-(``variable_dropped`` / ``variable_invented``).
+A chat prompt (a JSON list of messages, as MLflow 3.16 and later pass it; earlier versions
+refuse chat prompts) is optimized message by message: every system message and every user
+message's instruction part, each in a loop of its own with the ones before it in place;
+inputs parts, few-shot example pairs and assistant messages stay as written. Every candidate
+must keep the template's variables exactly (``{{question}}``): one that drops or invents a
+variable is rejected and counted (``variable_dropped`` / ``variable_invented``).
 """
 
 from __future__ import annotations
@@ -396,7 +396,11 @@ def _settle_prompt_links() -> None:
     """Waits for MLflow's background threads that link a registered or loaded prompt to the
     experiment or to a trace: one importing while an ``eval_fn`` call sets up autologging
     deadlocks on MLflow's import hooks (docs/decisions.md). Called before each ``eval_fn``
-    call and before ``optimize_prompts`` starts."""
+    call and before ``optimize_prompts`` starts.
+
+    MLflow offers no public call that waits for these threads, so they are known by the names
+    MLflow 3.14 to 3.17 give them; a release that renames them makes this wait for nothing
+    (the deadlock can come back), it never fails."""
     for thread in threading.enumerate():
         if thread.name.startswith(PROMPT_LINK_THREADS) and thread is not threading.current_thread():
             thread.join(PROMPT_LINK_WAIT)

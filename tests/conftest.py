@@ -74,10 +74,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     )
 
 
-def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a child process that must find this venv's `python` and `mlflow`."""
+def venv_env(extra: dict[str, str] | None = None, python: str | Path = sys.executable) -> dict[str, str]:
+    """The environment of a child process that must find the `python` and `mlflow` of this
+    venv (or of the one ``python`` belongs to)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILLPROMPT_", "OPENAI_", "MLFLOW_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["PATH"] = f"{Path(python).parent}:{env.get('PATH', '')}"
     env.update(extra or {})
     return env
 

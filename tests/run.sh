@@ -4,7 +4,8 @@
 # services (the scripted OpenAI-compatible endpoint, a two-node Ray cluster, an mlflow
 # server, the embedded llama.cpp server).
 #
-#   bash tests/run.sh               # every test; extra arguments go to pytest
+#   bash tests/run.sh               # every test, then the MLflow-facing ones at the oldest
+#                                   # supported MLflow; extra arguments go to pytest (one run)
 #   VENV=.ci-venv bash tests/run.sh # another virtual environment folder (default .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,4 +35,12 @@ CMAKE_ARGS="-DLLAVA_BUILD=OFF" python -m pip install -q -e ".[dev,local]"
 
 # Nothing may be skipped for lack of something this script installs.
 export REQUIRE_EMBEDDED_MODEL=1 REQUIRE_BROWSER=1
-exec python -m pytest -q "$@"
+if [ $# -gt 0 ]; then
+  exec python -m pytest -q "$@"
+fi
+status=0
+python -m pytest -q || status=$?
+deactivate
+# the MLflow-facing tests again, at the oldest MLflow the project supports
+VENV="$venv" bash tests/run_oldest_mlflow.sh || status=$?
+exit $status

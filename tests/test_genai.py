@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import re
+from importlib.metadata import version
 from typing import Any
 
 import pytest
+from packaging.version import Version
 
 from tests.conftest import review_rows
 from tests.endpoint import HELPFUL, ScriptedEndpoint, fraction, true_label
@@ -161,6 +163,13 @@ def test_a_rerun_with_the_same_seed_asks_the_optimizer_model_nothing(mlflow_serv
     assert (first.optimized_prompts[0].version, second.optimized_prompts[0].version) == (2, 4)
 
 
+# optimize_prompts takes chat prompts from MLflow 3.16 on; before, MLflow itself refuses one
+# ("Only text prompts can be optimized") before any optimizer sees it (docs/mlflow.md)
+chat_prompts = pytest.mark.skipif(Version(version("mlflow")) < Version("3.16"),
+                                  reason="MLflow before 3.16 optimizes text prompts only")
+
+
+@chat_prompts
 def test_a_chat_prompt_keeps_its_variables_and_changes_only_its_instruction(mlflow_server, app_endpoint, tmp_path):
     chat = [
         {"role": "system", "content": "Say if the review is positive or negative."},
@@ -178,6 +187,7 @@ def test_a_chat_prompt_keeps_its_variables_and_changes_only_its_instruction(mlfl
     assert dropped.get("variable_invented", 0) >= 1  # the system message has no placeholder: one invented is refused
 
 
+@chat_prompts
 def test_a_chat_prompt_is_optimized_message_by_message(mlflow_server, app_endpoint, tmp_path):
     from mlflow import MlflowClient
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, free_port, run_cli, stop_group, venv_env, wait_for_http
-from tests.endpoint import ScriptedEndpoint
+from tests.endpoint import ScriptedEndpoint, scoring_parts, true_label
 
 PLANTED_KEY = "sk-planted-e2e-9f3c1a7b"
 PROMPT_NAME = "e2e-reviews"
+MODEL_URI = f"models:/{PROMPT_NAME}-model@candidate"
 
 
 def mlflow_run(server, endpoint, dataset, *params: str, entry: str = "optimize", experiment: str = "e2e"):
@@ -31,11 +32,12 @@ def mlflow_run(server, endpoint, dataset, *params: str, entry: str = "optimize",
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
-def in_fresh_python(server, code: str) -> str:
+def in_fresh_python(server, code: str, python: str | Path = sys.executable, env: dict[str, str] | None = None,
+                    cwd: Path | None = None) -> str:
     """Runs code in a new interpreter, as production code fetching the prompt would."""
     completed = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, env=venv_env({"MLFLOW_TRACKING_URI": server["uri"]}), timeout=300,
+        [str(python), "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=cwd, timeout=300,
+        env=venv_env({"MLFLOW_TRACKING_URI": server["uri"], **(env or {})}, python),
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed.stdout
@@ -157,7 +159,7 @@ def test_pyfunc_model_returns_labels(first_run, mlflow_server, keyed_endpoint):
         f"""
         import os, pandas, mlflow
         os.environ["OPENAI_API_KEY"] = "{PLANTED_KEY}"
-        model = mlflow.pyfunc.load_model("models:/{PROMPT_NAME}-model@candidate")
+        model = mlflow.pyfunc.load_model("{MODEL_URI}")
         print(list(model.predict(pandas.DataFrame({{"text": ["The film was wonderful.", "The cast was awful."]}}))))
         """,
     )
@@ -165,16 +167,73 @@ def test_pyfunc_model_returns_labels(first_run, mlflow_server, keyed_endpoint):
     assert len(predictions) == 2 and set(predictions) <= {"positive", "negative"}
 
 
-def test_served_model_answers_invocations(first_run, mlflow_server, keyed_endpoint, tmp_path):
+@pytest.fixture(scope="module")
+def model_environment(first_run, mlflow_server, tmp_path_factory) -> Path:
+    """The python of a new virtual environment holding the registered model's requirements.txt
+    and nothing else, as `mlflow models serve --env-manager virtualenv` or a container build
+    makes it (pip, from PyPI: about a minute)."""
+    import mlflow
+
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(MODEL_URI))
+    # the MLflow the model was logged with, and no package of this project's own
+    listed = requirements.read_text().split()
+    assert f"mlflow=={mlflow.__version__}" in listed and not any("distillprompt" in line for line in listed)
+    folder = tmp_path_factory.mktemp("model-env")
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=300)
+    python = folder / "bin" / "python"
+    installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(requirements)],
+                               capture_output=True, text=True, timeout=900)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    return python
+
+
+def test_registered_model_predicts_where_only_its_requirements_are_installed(
+    first_run, mlflow_server, model_environment, tmp_path
+):
+    """Where the model is served, OPENAI_BASE_URL names the endpoint; its replies reason before
+    the tagged answer, and the answer is read as the run read it."""
+    requests = []
+
+    def reasoning_first(request, kind, stage):
+        requests.append(request)
+        _, labels, text = scoring_parts(request["messages"][-1]["content"])
+        label = true_label(text, labels)
+        return f"Some would call it {next(other for other in labels if other != label)}; not me. <ans>{label}</ans>"
+
+    texts = ["The film was wonderful.", "The cast was awful.", "A dull, tedious script.", "Charming and fun."]
+    with ScriptedEndpoint(api_key="sk-serving-key", responder=reasoning_first) as serving:
+        output = in_fresh_python(
+            mlflow_server,
+            f"""
+            import importlib.util, json, mlflow, pandas
+            assert importlib.util.find_spec("distillprompt") is None  # the model brings the code it uses
+            model = mlflow.pyfunc.load_model("{MODEL_URI}")
+            print(json.dumps(list(model.predict(pandas.DataFrame({{"text": {texts!r}}})))))
+            """,
+            python=model_environment, cwd=tmp_path,
+            env={"OPENAI_BASE_URL": serving.base_url, "OPENAI_API_KEY": "sk-serving-key"},
+        )
+    assert json.loads(output.splitlines()[-1]) == ["positive", "negative", "negative", "positive"]
+    assert len(requests) == 4 and {request["model"] for request in requests} == {"test-model"}
+
+
+def test_served_model_answers_invocations(first_run, mlflow_server, keyed_endpoint, model_environment, tmp_path):
+    """`mlflow models serve` in the environment of the model's requirements, on the run's endpoint."""
     port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{PROMPT_NAME}-model@candidate",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=venv_env({"MLFLOW_TRACKING_URI": mlflow_server["uri"], "OPENAI_API_KEY": PLANTED_KEY}),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, start_new_session=True,
-    )
+    answered = len(keyed_endpoint.requests(kind="scoring"))
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            [str(model_environment.with_name("mlflow")), "models", "serve", "-m", MODEL_URI,
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+            env=venv_env({"MLFLOW_TRACKING_URI": mlflow_server["uri"], "OPENAI_API_KEY": PLANTED_KEY}, model_environment),
+            stdout=output, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+        )
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/ping", timeout=120)
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/ping", timeout=120)
+        except RuntimeError:
+            pytest.fail(log.read_text()[-3000:])
         body = json.dumps({"dataframe_split": {"columns": ["text"], "data": [["A delightful, charming story."]]}}).encode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
@@ -184,6 +243,7 @@ def test_served_model_answers_invocations(first_run, mlflow_server, keyed_endpoi
     finally:
         stop_group(server)
     assert answer["predictions"][0] in ("positive", "negative")
+    assert len(keyed_endpoint.requests(kind="scoring")) == answered + 1  # the run's endpoint, with its key
 
 
 def test_promote_refuses_a_worse_version_unless_forced(first_run, mlflow_server, reviews_dir):

@@ -10,6 +10,7 @@ prompts, scores, plots and the winner's lineage, then registers the final prompt
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import functools
 import json
@@ -63,7 +64,13 @@ class MlflowTracker(Callback):
 
             check_name(settings.mlflow.prompt_name)  # before any work: the name is used at the very end
         self.mlflow = connect(settings)
-        self.run = start_run(self.mlflow, settings, parent_run_id, run_name)
+        # MLflow keeps the active run per thread (mlflow.active_run): the run starts in a thread
+        # of its own and is active only in the outbox's (_attach), never in this one. So a run
+        # whose server went away needs no end_run in this thread, which would call that server
+        # for its whole retry budget (and MLflow's exit hook would, marking the run FINISHED),
+        # and a comparison's next child starts beside a lost one.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="distillprompt-start") as starter:
+            self.run = starter.submit(start_run, self.mlflow, settings, parent_run_id, run_name).result()
         self.run_id = self.run.info.run_id
         self.nested = parent_run_id is not None
         self.registered: Any = None
@@ -89,10 +96,11 @@ class MlflowTracker(Callback):
         # what --resume restarts from, at once and not through the outbox: a run killed before
         # the outbox got to it could not be resumed (the server answered a moment ago)
         tree = settings.recorded_tree()
+        record = functools.partial(self.mlflow.MlflowClient().log_dict, self.run_id, tree, SETTINGS_TREE)
         try:
-            self.mlflow.log_dict(tree, SETTINGS_TREE)
+            record()
         except Exception:  # noqa: BLE001 - the server went away already: the outbox holds it
-            self.outbox.submit("settings", functools.partial(self.mlflow.log_dict, tree, SETTINGS_TREE))
+            self.outbox.submit("settings", record)
 
     def on_start(self, task: Task, initial: Candidate) -> None:
         self.task = task  # here, not in the outbox: the run's end decides on it
@@ -303,18 +311,13 @@ class MlflowTracker(Callback):
             )
         if self.lost is None:
             try:
-                self.mlflow.end_run(status="FINISHED" if succeeded else "FAILED")
-                return
+                self.mlflow.MlflowClient().set_terminated(self.run_id, "FINISHED" if succeeded else "FAILED")
             except Exception as error:  # noqa: BLE001 - the server went away after the last queued call
                 self.lost = error_line(error)
                 self.outbox.failed = "the end of the run"
-        # end_run would call the server that went away (for MLflow's full retry budget): the
-        # run leaves this thread's active runs (MLflow's own list: no public call does it
-        # without the server) and stays RUNNING until --resume completes it
-        from mlflow.tracking import fluent
-
-        stack = fluent._active_run_stack.get()
-        stack[:] = [run for run in stack if run.info.run_id != self.run_id]
+        # a run whose tracking was lost stays RUNNING until --resume completes it: nothing calls
+        # the server to end it (MLflow's exit hook ends this thread's active run, and this
+        # thread never had one)
 
     def incomplete(self) -> str | None:
         if self.lost is None and self.outbox.faults:
