@@ -263,8 +263,8 @@ class OptimizerSettings(Group):
         "full (every candidate on the whole train sample, as the paper does)",
     )
     race_block: int = Field(5, gt=0, description="race: train examples per block; the test runs after each block")
-    race_alpha: float = Field(0.1, gt=0, lt=1, description="race: level of the one-sided paired t-test that stops "
-                              "a candidate as worse than the best prompt")
+    race_alpha: float = Field(0.1, gt=0, lt=1, description="race: level of the one-sided paired permutation test "
+                              "of macro-F1 that stops a candidate as worse than the best prompt")
     max_scoring_calls: int = Field(
         0, ge=0, description="budget: scoring requests (train and validation) the search may spend; a method that "
         "can size its rounds (grips) stops before a candidate would pass it; compare --budget-match sets it (0: none)",

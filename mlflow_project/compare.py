@@ -37,6 +37,7 @@ from distillprompt.settings import METHOD_NAMES, Settings
 from distillprompt.paired import label_codes, paired_interval, record_of
 
 from .tracking import MlflowTracker
+from .tracking.params import log_settings
 
 REFERENCE = "distillprompt"
 DEFAULT_METHODS = tuple(METHODS)  # the built-in ones; MLflow's optimizers when named
@@ -194,7 +195,7 @@ def compare(
         def record_start() -> None:
             import mlflow
 
-            parent._log_params(params)
+            log_settings(parent.mlflow, parent.run_id, params)
             mlflow.set_tag("distillprompt.method", "compare")
 
         parent.record("comparison params", record_start)

@@ -42,6 +42,7 @@ from mlflow.genai.optimize.types import PromptOptimizerOutput
 
 from .tracking import round_metrics
 from .tracking.outbox import Outbox
+from .tracking.params import log_settings
 from .tracking.tracker import now_ms
 
 log = logging.getLogger(__name__)
@@ -351,7 +352,8 @@ class DistillPromptOptimizer(BasePromptOptimizer):
 
         tracking = enable_tracking and mlflow.active_run() is not None
         if tracking:
-            _log_settings(mlflow, self.settings)
+            log_settings(mlflow, mlflow.active_run().info.run_id, self.settings.public_dict(),
+                         prefix="distillprompt.", artifact="distillprompt/settings.json")
         optimized: dict[str, str] = {}
         first: RunResult | None = None
         last: RunResult | None = None
@@ -414,14 +416,6 @@ def _settled_call(eval_fn: Callable[..., Any], *args: Any) -> Any:
 
 def _per_scorer(metrics: dict[str, float]) -> dict[str, float]:
     return {name: value for name, value in metrics.items() if name != "score"}
-
-
-def _log_settings(mlflow: Any, settings: Settings) -> None:
-    params = {f"distillprompt.{name}": value for name, value in settings.public_dict().items()}
-    try:
-        mlflow.log_params({key: "" if value is None else str(value)[:6000] for key, value in params.items()})
-    except Exception as error:  # noqa: BLE001 - a param clash must not stop a paid-for run
-        log.warning("settings not logged as params (%s)", error)
 
 
 def _run_async(work: Any) -> Any:

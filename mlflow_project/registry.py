@@ -104,19 +104,37 @@ def model_requirements(embedded: bool, bundled: bool) -> list[str]:
     return [f"{name}=={version(name.partition('[')[0])}" for name in names]
 
 
-def register_result(result: RunResult, task: Task, settings: Settings, run_id: str) -> Registered:
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+@dataclass(frozen=True)
+class Serving:
+    """How the registered prompt and model call the target: what the run learned its
+    endpoint takes, and its address with no credentials."""
 
-    name = check_name(settings.mlflow.prompt_name or default_name(task))
-    # what the run learned the target's endpoint takes: the model sends the same
-    takes = (result.run_records.get("endpoint") or {}).get("target") or {}
-    token_limit = takes.get("token_limit") or "max_tokens"
-    left_out = list(takes.get("left_out") or [])
-    max_tokens = templates.answer_budget(task, settings.llm) + int(takes.get("reasoning_room") or 0)
-    metric = "macro_f1" if task.is_classification else task.generation_metric
+    model: str
+    base_url: str | None  # LOCAL for the embedded server, whose port lives as long as the run
+    credentials_left_out: bool  # the URL had credentials: OPENAI_BASE_URL gives them where the model serves
+    local: bool
+    max_tokens: int
+    token_limit: str  # the name the endpoint takes max_tokens by
+    left_out: list[str]  # parameters the endpoint does not take
+
+    @classmethod
+    def of(cls, result: RunResult, task: Task, settings: Settings) -> Serving:
+        takes = (result.run_records.get("endpoint") or {}).get("target") or {}
+        local = settings.llm.backend == "local"
+        base_url = LOCAL if local else masked(settings.llm.base_url or "") or None
+        return cls(
+            model=settings.llm.model,
+            base_url=base_url,
+            credentials_left_out=not local and base_url != settings.llm.base_url,
+            local=local,
+            max_tokens=templates.answer_budget(task, settings.llm) + int(takes.get("reasoning_room") or 0),
+            token_limit=takes.get("token_limit") or "max_tokens",
+            left_out=list(takes.get("left_out") or []),
+        )
+
+
+def registry_tags(result: RunResult, task: Task, settings: Settings, run_id: str) -> dict[str, str]:
+    """The tags the prompt version and the model version carry: where they came from and how they scored."""
     scores = {
         "train_score": result.final_scores["train"]["score"],
         "test_score": result.final_scores["test"]["score"],
@@ -126,7 +144,7 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
         "run_id": run_id,
         "dataset": task.source,
         "dataset_digest": task.digest(),
-        "metric": metric,
+        "metric": "macro_f1" if task.is_classification else task.generation_metric,
         "method": settings.optimizer.method,
         "target_model": settings.llm.model,
         **{key: f"{value:.6f}" for key, value in scores.items()},
@@ -138,79 +156,103 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
             beat_initial_on_test=str(verdict.beat_initial).lower(),
             test_difference_ci=f"{verdict.difference:+.4f} [{verdict.low:+.4f}, {verdict.high:+.4f}]",
         )
-    template = prompt_template(task, result.final_prompt)
-    local = settings.llm.backend == "local"
-    # the embedded server's port lives as long as the run: a model using it starts its own;
-    # a URL's credentials are never recorded (where the model serves, OPENAI_BASE_URL has them)
-    base_url = LOCAL if local else masked(settings.llm.base_url or "") or None
-    credentials_left_out = not local and base_url != settings.llm.base_url
+    return tags
+
+
+def register_prompt_version(name: str, template: str, task: Task, serving: Serving, tags: dict[str, str],
+                            run_id: str) -> Any:
+    import mlflow
+    from mlflow import MlflowClient
+
     client = MlflowClient()
     # a registration made again (its answer lost to a server that went away, or --resume after
     # one) finds what the first made, instead of a version N+1 of the same prompt
     version = registered_by(client, name, run_id, template) or mlflow.genai.register_prompt(
         name=name,
         template=template,
-        commit_message=f"final prompt of run {run_id} ({metric} on test {scores['test_score']:.4f})",
+        commit_message=f"final prompt of run {run_id} ({tags['metric']} on test {float(tags['test_score']):.4f})",
         tags=dict(tags),  # register_prompt adds its own keys to the dict it is given
         model_config={
             "provider": "openai",
-            "model_name": settings.llm.model,
-            **({} if "temperature" in left_out else {"temperature": 0.0}),
-            "max_tokens": max_tokens,
+            "model_name": serving.model,
+            **({} if "temperature" in serving.left_out else {"temperature": 0.0}),
+            "max_tokens": serving.max_tokens,
             "extra_params": {
-                "base_url": base_url,
+                "base_url": serving.base_url,
                 "labels": task.labels,
                 "task": task.task_type,
-                "token_limit": token_limit,  # the name the endpoint takes max_tokens by
-                "left_out": left_out,  # parameters the endpoint does not take
+                "token_limit": serving.token_limit,
+                "left_out": serving.left_out,
             },
         },
     )
     client.link_prompt_version_to_run(run_id, version)
     mlflow.genai.set_prompt_alias(name, CANDIDATE, version.version)
+    return version
 
-    model_name = name + MODEL_SUFFIX
+
+def register_prompt_model(model_name: str, version: Any, template: str, task: Task, settings: Settings,
+                          serving: Serving, tags: dict[str, str], run_id: str) -> int:
+    """The pyfunc model that applies the registered prompt, logged once per run; its version."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    made = MlflowClient().search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+    if made:
+        return max(int(entry.version) for entry in made)
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", column) for column in task.input_columns]), outputs=Schema([ColSpec("string")])
     )
     model_config = {
         "template": template,
-        "prompt_uri": f"prompts:/{name}/{version.version}",
-        "base_url": base_url,
-        "base_url_credentials_left_out": credentials_left_out,
-        "local_model": str(settings.llm.local_model) if local and settings.llm.local_model else None,
-        "model": settings.llm.model,
+        "prompt_uri": f"prompts:/{version.name}/{version.version}",
+        "base_url": serving.base_url,
+        "base_url_credentials_left_out": serving.credentials_left_out,
+        "local_model": str(settings.llm.local_model) if serving.local and settings.llm.local_model else None,
+        "model": serving.model,
         "labels": task.labels,
         "task": task.task_type,
-        "max_tokens": max_tokens,
-        "token_limit": token_limit,
-        "left_out": left_out,
+        "max_tokens": serving.max_tokens,
+        "token_limit": serving.token_limit,
+        "left_out": serving.left_out,
         "concurrency": min(settings.llm.max_in_flight, 16),
     }
-    made = client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
-    if made:
-        model_version = max(int(entry.version) for entry in made)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # no input example on purpose: it would call the endpoint
-            info = mlflow.pyfunc.log_model(
-                name="prompt_model",
-                python_model=str(Path(__file__).with_name("prompt_model.py")),
-                model_config={CONFIG_KEY: model_config},
-                # the package's code travels with the model, so the parsing it applies is the
-                # one the run scored with: not a copy in prompt_model.py, and not a requirement
-                # (this package is not on PyPI; installing it would bring its settings, data and
-                # Ray dependencies into a serving image). What the model imports of it needs
-                # only its logged requirements (tests/test_mlflow.py builds that environment).
-                code_paths=[str(PACKAGE_DIR)],
-                pip_requirements=model_requirements(local, bundled=not settings.llm.local_model),
-                signature=signature,
-                registered_model_name=model_name,
-                prompts=[version],
-                tags={"prompt_version": str(version.version), **tags},
-            )
-        model_version = int(info.registered_model_version)
-    client.set_registered_model_alias(model_name, CANDIDATE, model_version)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no input example on purpose: it would call the endpoint
+        info = mlflow.pyfunc.log_model(
+            name="prompt_model",
+            python_model=str(Path(__file__).with_name("prompt_model.py")),
+            model_config={CONFIG_KEY: model_config},
+            # the package's code travels with the model, so the parsing it applies is the
+            # one the run scored with: not a copy in prompt_model.py, and not a requirement
+            # (this package is not on PyPI; installing it would bring its settings, data and
+            # Ray dependencies into a serving image). What the model imports of it needs
+            # only its logged requirements (tests/test_mlflow.py builds that environment).
+            code_paths=[str(PACKAGE_DIR)],
+            pip_requirements=model_requirements(serving.local, bundled=not settings.llm.local_model),
+            signature=signature,
+            registered_model_name=model_name,
+            prompts=[version],
+            tags={"prompt_version": str(version.version), **tags},
+        )
+    return int(info.registered_model_version)
+
+
+def register_result(result: RunResult, task: Task, settings: Settings, run_id: str) -> Registered:
+    """Registers the final prompt (alias ``candidate``) and a pyfunc model that applies it."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    name = check_name(settings.mlflow.prompt_name or default_name(task))
+    serving = Serving.of(result, task, settings)
+    tags = registry_tags(result, task, settings, run_id)
+    template = prompt_template(task, result.final_prompt)
+    version = register_prompt_version(name, template, task, serving, tags, run_id)
+    model_name = name + MODEL_SUFFIX
+    model_version = register_prompt_model(model_name, version, template, task, settings, serving, tags, run_id)
+    MlflowClient().set_registered_model_alias(model_name, CANDIDATE, model_version)
     mlflow.genai.set_prompt_version_tag(name, version.version, "model_version", str(model_version))
     registered = Registered(name, int(version.version), model_name, model_version)
     mlflow.set_tags(

@@ -61,21 +61,27 @@ def is_outage(error: BaseException) -> bool:
     return False
 
 
+def unanswered(uri: str, timeout: float) -> str | None:
+    """Why the HTTP tracking server at ``uri`` does not answer its ``/health`` now, or None when
+    it does: the one probe of a server, at the start of a run and while a call is held."""
+    try:
+        with urllib.request.urlopen(get_request(uri, "/health"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError as error:
+        # it answers, if not on that route (404) or not to us (401, 403); a 5xx is a proxy or
+        # a gateway in front of a server that is down (502, 503, 504), or a server that fails
+        return None if error.code < 500 else f"HTTP {error.code}"
+    except (urllib.error.URLError, OSError) as error:
+        return str(getattr(error, "reason", error))
+
+
 def answers(uri: str) -> bool:
     """Whether an HTTP tracking server answers now. A local store (a file, sqlite) has no probe:
     the held call itself is tried again."""
     if not uri.startswith(("http://", "https://")):
         time.sleep(PROBE_EVERY)
         return True
-    try:
-        with urllib.request.urlopen(get_request(uri, "/health"), timeout=PROBE_EVERY):
-            return True
-    except urllib.error.HTTPError as error:
-        # it answers, if not on that route (404) or not to us (401, 403); a 5xx is a proxy or
-        # a gateway in front of a server that is down (502, 503, 504), or a server that fails
-        return error.code < 500
-    except (urllib.error.URLError, OSError):
-        return False
+    return unanswered(uri, PROBE_EVERY) is None
 
 
 class Outbox:

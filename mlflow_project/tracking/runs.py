@@ -5,17 +5,15 @@ run starts again from."""
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
 from typing import Any
 
 from distillprompt.errors import UserError
 from distillprompt.output import SETTINGS_TREE
 from distillprompt.settings import Settings
 from distillprompt.state import RecordedRun, RunState
-from distillprompt.urls import get_request, mask_log_lines, masked
+from distillprompt.urls import mask_log_lines, masked
 
-from .outbox import error_line
+from .outbox import error_line, unanswered
 
 CHECKPOINT = "checkpoints/state.json"
 
@@ -134,14 +132,9 @@ def check_reachable(uri: str) -> None:
     minutes of retries."""
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        with urllib.request.urlopen(get_request(uri, "/health"), timeout=10):
-            return
-    except urllib.error.HTTPError:
-        return  # it answers (a server with another health route, or auth in front): let MLflow tell
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
+    reason = unanswered(uri, timeout=10)
+    if reason is not None:
         raise UserError(
-            f"cannot reach the MLflow tracking server {masked(uri)} ({masked(str(reason))}): start it or fix "
+            f"cannot reach the MLflow tracking server {masked(uri)} ({masked(reason)}): start it or fix "
             "--tracking-uri / MLFLOW_TRACKING_URI"
-        ) from None
+        )

@@ -13,12 +13,10 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import functools
-import json
 import logging
 import os
 import sys
 import time
-import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +32,7 @@ from distillprompt.urls import masked
 from .artifacts import CANDIDATE_ALIAS, describe, log_evaluation, log_result, log_round, round_table
 from .outbox import Outbox, error_line
 from .metrics import final_metrics, param_key, round_metrics
+from .params import log_datasets, log_settings
 from .runs import CHECKPOINT, SETTINGS_TREE, connect, start_run, tracking_requested
 from .tracing import trace_call
 
@@ -122,59 +121,14 @@ class MlflowTracker(Callback):
         )
         if task.label_changes:
             mlflow.set_tag("distillprompt.label_changes", " | ".join(task.label_changes)[:5000])
-        self._log_params(params)
+        log_settings(self.mlflow, self.run_id, params)
         mlflow.set_tags({"distillprompt.method": self.settings.optimizer.method, "distillprompt.dataset": task.name})
         if (self.settings.mlflow.run_name is None and not os.environ.get("MLFLOW_RUN_ID") and not self.nested
                 and not self.settings.resume):  # a resumed run keeps its name
             mlflow.set_tag("mlflow.runName", f"{task.name}-{datetime.now():%Y%m%d-%H%M%S}")
-        self._log_dataset(task)
+        log_datasets(self.mlflow, task)
         mlflow.log_dict(templates.meta_prompt_texts(task), "method/meta_prompts.json")
         mlflow.log_dict(task.describe(), "method/task.json")
-
-    def _log_params(self, params: dict[str, Any]) -> None:
-        """Logs the effective settings. Inside `mlflow run`, MLflow has logged the MLproject's
-        parameters under the same names already, as given (empty: left to the config file,
-        the environment or the default); the value used goes in as ``effective_<name>``, for
-        every parameter, so that any two such runs share their param names."""
-        values = {
-            name: "" if value is None else json.dumps(value) if isinstance(value, list) else str(value)
-            for name, value in params.items()
-        }
-        run = self.mlflow.get_run(self.run_id)
-        existing = run.data.params
-        from_project = "mlflow.project.entryPoint" in run.data.tags  # the tag `mlflow run` sets
-        fresh, changed = {}, {}
-        for name, value in values.items():
-            if name not in existing:
-                fresh[name] = value
-            elif not from_project and existing[name] == value:
-                continue
-            elif f"effective_{name}" not in existing:
-                fresh[f"effective_{name}"] = value
-            elif existing[f"effective_{name}"] != value:
-                # a second --resume with another value (an output folder): MLflow keeps a param's
-                # first value, so the latest goes in a tag (settings.json holds them all)
-                changed[f"distillprompt.resumed.{name}"] = value
-        if fresh:
-            self.mlflow.log_params(fresh)
-        if changed:
-            self.mlflow.set_tags(changed)
-        self.mlflow.log_dict(values, "settings.json")
-
-    def _log_dataset(self, task: Task) -> None:
-        import mlflow.data
-        import pandas
-
-        for context, examples in (("train", task.train), ("validation", task.val), ("test", task.test)):
-            if not examples:
-                continue
-            frame = pandas.DataFrame([{**e.inputs, task.label_column: e.target} for e in examples])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a local path "can be interpreted in multiple ways"
-                dataset = mlflow.data.from_pandas(
-                    frame, source=task.source, name=f"{task.name}-{context}", targets=task.label_column
-                )
-            self.mlflow.log_input(dataset, context=context)
 
     def on_estimate(self, estimate: Any) -> None:
         """The estimate beside what the run will spend: params ``estimated_*``, and the whole of it."""
@@ -284,7 +238,7 @@ class MlflowTracker(Callback):
         mlflow = self.mlflow
         params: dict[str, Any] = dict(self.settings.public_dict())
         params.update(dataset_name=task.name, dataset_digest=task.digest(), test_examples=len(task.test))
-        self._log_params(params)
+        log_settings(self.mlflow, self.run_id, params)
         mlflow.set_tags({"distillprompt.method": "evaluate", "distillprompt.dataset": task.name})
         mlflow.log_metrics({f"test_{name}": value for name, value in score.summary().items()})
         mlflow.log_metrics({"llm_requests": usage["requests"], "cache_hits": usage["cache_hits"]})
