@@ -160,7 +160,7 @@ def registry_tags(result: RunResult, task: Task, settings: Settings, run_id: str
 
 
 def register_prompt_version(name: str, template: str, task: Task, serving: Serving, tags: dict[str, str],
-                            run_id: str) -> Any:
+                            run_id: str, commit_message: str) -> Any:
     import mlflow
     from mlflow import MlflowClient
 
@@ -170,7 +170,7 @@ def register_prompt_version(name: str, template: str, task: Task, serving: Servi
     version = registered_by(client, name, run_id, template) or mlflow.genai.register_prompt(
         name=name,
         template=template,
-        commit_message=f"final prompt of run {run_id} ({tags['metric']} on test {float(tags['test_score']):.4f})",
+        commit_message=commit_message,
         tags=dict(tags),  # register_prompt adds its own keys to the dict it is given
         model_config={
             "provider": "openai",
@@ -249,7 +249,9 @@ def register_result(result: RunResult, task: Task, settings: Settings, run_id: s
     serving = Serving.of(result, task, settings)
     tags = registry_tags(result, task, settings, run_id)
     template = prompt_template(task, result.final_prompt)
-    version = register_prompt_version(name, template, task, serving, tags, run_id)
+    test_score = result.final_scores["test"]["score"]
+    version = register_prompt_version(name, template, task, serving, tags, run_id,
+                                      f"final prompt of run {run_id} ({tags['metric']} on test {test_score:.4f})")
     model_name = name + MODEL_SUFFIX
     model_version = register_prompt_model(model_name, version, template, task, settings, serving, tags, run_id)
     MlflowClient().set_registered_model_alias(model_name, CANDIDATE, model_version)
