@@ -69,6 +69,13 @@ INTRO = re.compile(
 )
 EXAMPLE_LINE = re.compile(r"^\s*correct answer\s*:", re.IGNORECASE)
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
+LIST_MARKER = re.compile(r"\s*(\d{1,3}[.)]|[-*\u2022])\s*")
+# A sentence that borrows a run of this many words from the meta-prompt's own instructions,
+# and is mostly made of such runs, repeats it in other framing: "Make sure to state the
+# general rules that tell the answers apart." (a 1.5B model's distilled candidate, which won
+# its round on sst5 seed 2 with that line in it). Across the 408 sentences of the benchmark's
+# candidates, a 6-word run flagged exactly the three such leftovers and nothing else.
+ECHO_RUN = 6
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,19 @@ class EchoFilter:
             if len(normalize(sentence).split()) >= 3
         }
         self.examples = [normalize(text) for text in meta.example_texts if len(normalize(text)) >= 12]
+        self.runs = {
+            tuple(words[i : i + ECHO_RUN])
+            for words in (fragment.split() for fragment in self.fragments)
+            for i in range(len(words) - ECHO_RUN + 1)
+        }
+
+    def borrowed(self, words: list[str]) -> int:
+        """How many of the words belong to a run of ECHO_RUN words found in the meta-prompt."""
+        covered = [False] * len(words)
+        for i in range(len(words) - ECHO_RUN + 1):
+            if tuple(words[i : i + ECHO_RUN]) in self.runs:
+                covered[i : i + ECHO_RUN] = [True] * ECHO_RUN
+        return sum(covered)
 
     def is_echo(self, sentence: str) -> bool:
         norm = normalize(sentence)
@@ -144,6 +164,8 @@ class EchoFilter:
         if norm in self.fragment_sentences:
             return True
         if len(norm.split()) >= 4 and any(norm in fragment for fragment in self.fragments):
+            return True
+        if 2 * self.borrowed(norm.split()) >= len(norm.split()):
             return True
         return any(example in norm for example in self.examples)
 
@@ -165,6 +187,8 @@ def clean(text: str, meta: MetaPrompt) -> str:
             continue  # an introducing line before the prompt
         sentences = [s for s in SENTENCE.split(line) if s.strip()]
         survivors = [s for s in sentences if not echo.is_echo(s)]
+        if len(survivors) < len(sentences) and all(LIST_MARKER.fullmatch(s) for s in survivors):
+            survivors = []  # "3." is all that is left of an echoed list item
         if len(survivors) == len(sentences):
             kept.append(line.rstrip())
         elif survivors:

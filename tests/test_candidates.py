@@ -254,3 +254,29 @@ def test_a_quote_inside_tags_is_part_of_the_prompt() -> None:
 def test_a_closing_quote_without_an_introduction_is_kept() -> None:
     prompt = f'{NEW} Example: "The pacing was tedious from start to end"'
     assert extract(prompt, stage="rewrite").prompt == prompt
+
+
+# ----- echo in other framing ---------------------------------------------------------------
+
+
+def test_a_meta_instruction_reworded_around_its_words_is_removed_with_its_list_number() -> None:
+    # Qwen2.5-1.5B's distilled candidate that won its round on sst5: its third rule is the
+    # meta-prompt's instruction to the optimizer, not a rule for the model that answers.
+    meta = templates.distill(TASK, PARENT, EXAMPLES, mistakes="")
+    assert "state the general rules that tell the answers apart" in meta.messages[0]["content"]
+    rules = 'Classify the review. If unsure, follow these rules:\n1. "good" means positive.\n2. "bad" means negative.'
+    reply = f"<START>{rules}\n3. Make sure to state the general rules that tell the answers apart.<END>"
+    assert extract_candidate(reply, meta, BOUND) == Extraction(rules, None)
+    reworded = "Avoid copying the examples or their answers into the instruction."
+    assert extract(f"<START>{NEW} {reworded}<END>", "distill") == Extraction(NEW, None)
+
+
+def test_a_rule_that_shares_a_few_words_with_the_meta_prompt_is_kept() -> None:
+    # "the examples or their answers" (5 words) and a long rule that borrows one run of the
+    # meta-prompt's words among more of its own stay: only mostly-borrowed sentences go.
+    short_run = "Never repeat the examples or their answers verbatim when you reply."
+    long_rule = ('If you make a mistake, replace "negative" with "very negative", "positive" with "very positive", '
+                 "and state the general rules that tell the answers apart.")
+    meta = templates.distill(TASK, PARENT, EXAMPLES, mistakes="")
+    for prompt in (short_run, long_rule, "1. Answer with one label.\n2. Use lower case."):
+        assert extract_candidate(f"<START>{prompt}<END>", meta, BOUND) == Extraction(prompt, None)
