@@ -143,7 +143,7 @@ class EchoFilter:
         self.examples = [normalize(text) for text in meta.example_texts if len(normalize(text)) >= 12]
         self.runs = {
             tuple(words[i : i + ECHO_RUN])
-            for words in (fragment.split() for fragment in self.fragments)
+            for words in (normalize(fragment).split() for fragment in meta.instruction_fragments)
             for i in range(len(words) - ECHO_RUN + 1)
         }
 

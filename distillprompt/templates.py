@@ -24,6 +24,10 @@ class MetaPrompt:
     stage: str
     messages: list[dict[str, str]]
     echo_fragments: list[str] = field(default_factory=list)
+    # the meta-prompt's own instructions to the optimizer (a subset of echo_fragments): a
+    # sentence mostly made of runs of their words is echo too. Data it shows (the labels, the
+    # count of the model's mistakes) is not here: a rule may well restate a mistake.
+    instruction_fragments: list[str] = field(default_factory=list)
     example_texts: list[str] = field(default_factory=list)
     # the same meta-prompt showing one example fewer (its longest), for an endpoint that
     # refused this one as too long for its context; None: nothing to leave out
@@ -147,13 +151,18 @@ def _task_summary(task: Task) -> str:
     return f"The model reads a {inputs} and must write an answer."
 
 
-def _meta(stage: str, lines: list[str], fixed: list[str], examples: list[str] | None = None) -> MetaPrompt:
+def _meta(
+    stage: str, lines: list[str], fixed: list[str], examples: list[str] | None = None, shown: list[str] | None = None,
+) -> MetaPrompt:
     # The task summary (fixed[1]) states the task and its labels: a candidate may well say
-    # the same, so it is not treated as an echo.
+    # the same, so it is not treated as an echo. ``shown``: other lines of the meta-prompt
+    # that a candidate should not repeat whole, but whose words it may use.
+    instructions = [fixed[0], *fixed[2:]]
     return MetaPrompt(
         stage=stage,
         messages=[{"role": "user", "content": "\n\n".join(lines)}],
-        echo_fragments=[fixed[0], *fixed[2:]],
+        echo_fragments=instructions + (shown or []),
+        instruction_fragments=instructions,
         example_texts=examples or [],
     )
 
@@ -218,7 +227,7 @@ def distill(
     lines = fixed[:3] + ["Examples:\n" + "\n\n".join(shown), *counted, f"Instruction:\n{prompt}"] + fixed[3:]
     texts = [value for example in examples for value in example.inputs.values()]
     labels = [f"{label}:" for _, label in OBSERVED_LINES] if observed else []
-    meta = _meta("distill", lines, fixed + ["Correct answer:", *labels, *counted], texts)
+    meta = _meta("distill", lines, fixed, texts, shown=["Correct answer:", *labels, *counted])
     if len(examples) < 2:
         return meta
     longest = max(range(len(examples)), key=lambda i: len(shown[i]))
@@ -276,7 +285,7 @@ def paraphrase_phrase(task: Task, phrase: str) -> MetaPrompt:
     ]
     lines = fixed[:2] + [f"Phrase:\n{phrase}"] + fixed[2:]
     return MetaPrompt(stage="grips_paraphrase", messages=[{"role": "user", "content": "\n\n".join(lines)}],
-                      echo_fragments=fixed)
+                      echo_fragments=fixed, instruction_fragments=fixed)
 
 
 def with_examples(task: Task, instruction: str, examples: list[Example]) -> str:

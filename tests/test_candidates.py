@@ -277,6 +277,10 @@ def test_a_rule_that_shares_a_few_words_with_the_meta_prompt_is_kept() -> None:
     short_run = "Never repeat the examples or their answers verbatim when you reply."
     long_rule = ('If you make a mistake, replace "negative" with "very negative", "positive" with "very positive", '
                  "and state the general rules that tell the answers apart.")
-    meta = templates.distill(TASK, PARENT, EXAMPLES, mistakes="")
-    for prompt in (short_run, long_rule, "1. Answer with one label.\n2. Use lower case."):
+    # A rule made of the mistakes the meta-prompt counted is distillation, not echo.
+    counted = ('With this instruction the model was right on 7 of 10 examples. Its most frequent mistakes: '
+               '"positive" where the correct answer is "negative" (3 times).')
+    restated = 'Avoid answering "positive" where the correct answer is "negative": irony reads as praise.'
+    meta = templates.distill(TASK, PARENT, EXAMPLES, mistakes=counted)
+    for prompt in (short_run, long_rule, "1. Answer with one label.\n2. Use lower case.", restated):
         assert extract_candidate(f"<START>{prompt}<END>", meta, BOUND) == Extraction(prompt, None)
