@@ -152,16 +152,16 @@ def _task_summary(task: Task) -> str:
 
 
 def _meta(
-    stage: str, lines: list[str], fixed: list[str], examples: list[str] | None = None, shown: list[str] | None = None,
+    stage: str, lines: list[str], fixed: list[str], examples: list[str] | None = None, data: list[str] | None = None,
 ) -> MetaPrompt:
     # The task summary (fixed[1]) states the task and its labels: a candidate may well say
-    # the same, so it is not treated as an echo. ``shown``: other lines of the meta-prompt
-    # that a candidate should not repeat whole, but whose words it may use.
+    # the same, so it is not treated as an echo. ``data``: what else the meta-prompt shows
+    # (the mistakes it counted): not to be repeated whole, but a candidate may use its words.
     instructions = [fixed[0], *fixed[2:]]
     return MetaPrompt(
         stage=stage,
         messages=[{"role": "user", "content": "\n\n".join(lines)}],
-        echo_fragments=instructions + (shown or []),
+        echo_fragments=instructions + (data or []),
         instruction_fragments=instructions,
         example_texts=examples or [],
     )
@@ -227,7 +227,7 @@ def distill(
     lines = fixed[:3] + ["Examples:\n" + "\n\n".join(shown), *counted, f"Instruction:\n{prompt}"] + fixed[3:]
     texts = [value for example in examples for value in example.inputs.values()]
     labels = [f"{label}:" for _, label in OBSERVED_LINES] if observed else []
-    meta = _meta("distill", lines, fixed, texts, shown=["Correct answer:", *labels, *counted])
+    meta = _meta("distill", lines, fixed, texts, data=["Correct answer:", *labels, *counted])
     if len(examples) < 2:
         return meta
     longest = max(range(len(examples)), key=lambda i: len(shown[i]))
