@@ -73,8 +73,8 @@ LIST_MARKER = re.compile(r"\s*(\d{1,3}[.)]|[-*\u2022])\s*")
 # A sentence that borrows a run of this many words from the meta-prompt's own instructions,
 # and is mostly made of such runs, repeats it in other framing: "Make sure to state the
 # general rules that tell the answers apart." (a 1.5B model's distilled candidate, which won
-# its round on sst5 seed 2 with that line in it). Across the 408 sentences of the benchmark's
-# candidates, a 6-word run flagged exactly the three such leftovers and nothing else.
+# its round on sst5 seed 2 with that line in it). In the real-model benchmark's first runs it
+# took 2 of 254 distinct sentences, both such lines (benchmarks/echo_scan.py).
 ECHO_RUN = 6
 
 
@@ -133,17 +133,18 @@ class EchoFilter:
     """Recognises sentences that repeat a meta-prompt instead of stating a new prompt."""
 
     def __init__(self, meta: MetaPrompt) -> None:
-        self.fragments = [normalize(fragment) for fragment in meta.echo_fragments if normalize(fragment)]
+        shown = [*meta.echo_fragments, *meta.data_fragments]
+        self.fragments = [normalize(fragment) for fragment in shown if normalize(fragment)]
         self.fragment_sentences = {
             normalize(sentence)
-            for fragment in meta.echo_fragments
+            for fragment in shown
             for sentence in SENTENCE.split(fragment)
             if len(normalize(sentence).split()) >= 3
         }
         self.examples = [normalize(text) for text in meta.example_texts if len(normalize(text)) >= 12]
         self.runs = {
             tuple(words[i : i + ECHO_RUN])
-            for words in (normalize(fragment).split() for fragment in meta.instruction_fragments)
+            for words in (normalize(fragment).split() for fragment in meta.echo_fragments)
             for i in range(len(words) - ECHO_RUN + 1)
         }
 
@@ -163,9 +164,10 @@ class EchoFilter:
             return True
         if norm in self.fragment_sentences:
             return True
-        if len(norm.split()) >= 4 and any(norm in fragment for fragment in self.fragments):
+        words = norm.split()
+        if len(words) >= 4 and any(norm in fragment for fragment in self.fragments):
             return True
-        if 2 * self.borrowed(norm.split()) >= len(norm.split()):
+        if 2 * self.borrowed(words) >= len(words):
             return True
         return any(example in norm for example in self.examples)
 

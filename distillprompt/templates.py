@@ -23,11 +23,12 @@ META_STOP = (END,)  # a meta reply is complete once the closing tag is written
 class MetaPrompt:
     stage: str
     messages: list[dict[str, str]]
+    # the meta-prompt's own instructions to the optimizer: a sentence that repeats one, or is
+    # mostly made of runs of their words, is echo
     echo_fragments: list[str] = field(default_factory=list)
-    # the meta-prompt's own instructions to the optimizer (a subset of echo_fragments): a
-    # sentence mostly made of runs of their words is echo too. Data it shows (the labels, the
-    # count of the model's mistakes) is not here: a rule may well restate a mistake.
-    instruction_fragments: list[str] = field(default_factory=list)
+    # what else it shows (a line label, the count of the model's mistakes): echo only when
+    # repeated whole, since a rule may well restate a mistake in its words
+    data_fragments: list[str] = field(default_factory=list)
     example_texts: list[str] = field(default_factory=list)
     # the same meta-prompt showing one example fewer (its longest), for an endpoint that
     # refused this one as too long for its context; None: nothing to leave out
@@ -155,14 +156,12 @@ def _meta(
     stage: str, lines: list[str], fixed: list[str], examples: list[str] | None = None, data: list[str] | None = None,
 ) -> MetaPrompt:
     # The task summary (fixed[1]) states the task and its labels: a candidate may well say
-    # the same, so it is not treated as an echo. ``data``: what else the meta-prompt shows
-    # (the mistakes it counted): not to be repeated whole, but a candidate may use its words.
-    instructions = [fixed[0], *fixed[2:]]
+    # the same, so it is not treated as an echo.
     return MetaPrompt(
         stage=stage,
         messages=[{"role": "user", "content": "\n\n".join(lines)}],
-        echo_fragments=instructions + (data or []),
-        instruction_fragments=instructions,
+        echo_fragments=[fixed[0], *fixed[2:]],
+        data_fragments=data or [],
         example_texts=examples or [],
     )
 
@@ -285,7 +284,7 @@ def paraphrase_phrase(task: Task, phrase: str) -> MetaPrompt:
     ]
     lines = fixed[:2] + [f"Phrase:\n{phrase}"] + fixed[2:]
     return MetaPrompt(stage="grips_paraphrase", messages=[{"role": "user", "content": "\n\n".join(lines)}],
-                      echo_fragments=fixed, instruction_fragments=fixed)
+                      echo_fragments=fixed)
 
 
 def with_examples(task: Task, instruction: str, examples: list[Example]) -> str:
