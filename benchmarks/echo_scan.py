@@ -45,7 +45,7 @@ def main() -> None:
     flagged = 0
     for sentence, labels in sentences.items():
         words = normalize(sentence).split()
-        if any(2 * echo.borrowed(words) >= len(words) > 0 for echo in by_labels[tuple(labels)]):
+        if any(echo.mostly_borrowed(words) for echo in by_labels[tuple(labels)]):
             flagged += 1
             print(f"echo: {sentence}")
     print(f"{flagged} of {len(sentences)} distinct sentences taken for echo by the run rule")

@@ -83,6 +83,16 @@ def outcomes(folder: Path, methods: list[str], seeds: list[int]) -> dict[str, li
     return found
 
 
+def test_sample(run: dict) -> tuple:
+    """What a run's test sample is drawn by: a test split's sample depends on the seed and its
+    size alone, so runs whose validation samples differ (``--val-size``) answered the same
+    examples; one held out of train depends on the train sample too."""
+    task = run["task"]
+    held_out = task["test_split"].endswith("(held out)")
+    return (task["source"], task["test_split"], task["test_size"], run["settings"]["seed"],
+            task["train_size"] if held_out else None)
+
+
 class Pooled:
     """The final prompts' test answers of several runs (one per seed), pooled."""
 
@@ -97,7 +107,8 @@ class Pooled:
             self.record = [float(c) for c in label_codes(self.labels, [row["prediction"] for row in rows])]
             self.targets = [float(c) for c in label_codes(self.labels, [row["target"] for row in rows])]
         self.correct = [float(row["score"]) for row in rows]
-        self.keys = [(run["task"]["digest"], i) for run in runs for i, _ in enumerate(run["test_outputs"]["final"])]
+        self.keys = [(*test_sample(run), i, row["target"])
+                     for run in runs for i, row in enumerate(run["test_outputs"]["final"])]
 
     def minus(self, other: Pooled, seed: int) -> dict[str, float]:
         """self − other on the metric (and accuracy), paired over the same pooled examples."""

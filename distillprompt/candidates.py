@@ -156,6 +156,11 @@ class EchoFilter:
                 covered[i : i + ECHO_RUN] = [True] * ECHO_RUN
         return sum(covered)
 
+    def mostly_borrowed(self, words: list[str]) -> bool:
+        """The run rule: at least half of the words belong to runs of the meta-prompt's own
+        instructions (a line of them reworded around its words)."""
+        return 2 * self.borrowed(words) >= len(words) > 0
+
     def is_echo(self, sentence: str) -> bool:
         norm = normalize(sentence)
         if not norm:
@@ -167,7 +172,7 @@ class EchoFilter:
         words = norm.split()
         if len(words) >= 4 and any(norm in fragment for fragment in self.fragments):
             return True
-        if 2 * self.borrowed(words) >= len(words):
+        if self.mostly_borrowed(words):
             return True
         return any(example in norm for example in self.examples)
 
